@@ -1,0 +1,49 @@
+"""Facts used across embedkit, each stated once: class order, the age boundary, splits, sexes."""
+
+from __future__ import annotations
+
+import math
+
+# NIH ChestX-ray14 classes of the ISBI 2025 study, in alphabetical order (the class index order everywhere).
+NIH_CLASSES: tuple[str, ...] = (
+    "Atelectasis",
+    "Cardiomegaly",
+    "Consolidation",
+    "Edema",
+    "Effusion",
+    "Pneumothorax",
+)
+
+# One age boundary for every age-group computation (cohorts, SQL views, reports): 60 counts as old.
+AGE_OLD_FROM = 60
+AGE_GROUPS: tuple[str, ...] = ("young", "old")
+AGE_MIN, AGE_MAX = 0, 120  # ages outside this range are input errors
+
+SEXES: tuple[str, ...] = ("M", "F")
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+
+# Columns of a cohort (one row per image of a cohort; row_id keys repeated images apart).
+COHORT_COLUMNS: tuple[str, ...] = (
+    "row_id",
+    "image_id",
+    "path",
+    "label",
+    "labels",
+    "age",
+    "age_group",
+    "sex",
+    "view",
+    "patient_id",
+    "split",
+)
+
+DEFAULT_STORE = "embedkit-store"
+STORE_ENV = "EMBEDKIT_STORE"
+WEIGHTS_ENV = "EMBEDKIT_WEIGHTS"
+
+
+def age_group(age: float | int | None, old_from: int = AGE_OLD_FROM) -> str | None:
+    """Return "old" for ages at or above ``old_from``, "young" below it, None for a missing age."""
+    if age is None or (isinstance(age, float) and math.isnan(age)):
+        return None
+    return "old" if age >= old_from else "young"

@@ -1,0 +1,1 @@
+"""Model zoo: a registry of names to specs, one module per model family."""

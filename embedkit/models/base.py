@@ -1,0 +1,53 @@
+"""What every model family provides: the interface the embedding pass, zero-shot and fine-tuning rely on."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+class VisionLanguageModel(nn.Module):
+    """A CLIP-style model: an image tower and a text tower that map into one embedding space.
+
+    Family modules subclass this and keep the authors' module names so checkpoints load 1:1.
+    """
+
+    embed_dim: int
+
+    def image_transform(self) -> Callable:
+        """Return a picklable callable PIL.Image -> float tensor [C, H, W], the authors' preprocessing."""
+        raise NotImplementedError
+
+    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """Tokenize prompts the way the authors did (padding, max length, casing)."""
+        raise NotImplementedError
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Return L2-normalised image embeddings [B, embed_dim]."""
+        raise NotImplementedError
+
+    def encode_text(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Return L2-normalised text embeddings [P, embed_dim]."""
+        raise NotImplementedError
+
+    def zeroshot_logit_scale(self) -> float:
+        """The multiplier applied to cosine similarities in zero-shot scoring (1.0 where none is learned)."""
+        raise NotImplementedError
+
+    def image_tower(self) -> nn.Module:
+        """The image encoder whose parameters LoRA and full fine-tuning adapt."""
+        raise NotImplementedError
+
+
+def state_dict_hash(model: nn.Module) -> str:
+    """Content hash of a model's weights: sha256 over parameter and buffer names and bytes, sorted by name."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        t = tensor.detach().cpu().contiguous()
+        digest.update(str(t.dtype).encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return "sha256:" + digest.hexdigest()[:16]

@@ -1,0 +1,114 @@
+"""Arrow schemas of the store's tables. One place: every writer and reader uses these.
+
+Keys: ``row_id`` identifies one row of one cohort (``<cohort>/<image_id>``, with ``#k`` appended to the k-th
+repeat of an image in a cohort that repeats images, such as nih6x200-paper), so repeated rows survive everywhere.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+# Demographic columns denormalised beside every vector so filtered searches and slices need no join.
+_DEMOGRAPHICS = [
+    pa.field("label", pa.string()),
+    pa.field("age", pa.int32()),
+    pa.field("age_group", pa.string()),
+    pa.field("sex", pa.string()),
+    pa.field("view", pa.string()),
+    pa.field("patient_id", pa.string()),
+    pa.field("split", pa.string()),
+]
+
+IMAGES = pa.schema(
+    [
+        pa.field("row_id", pa.string(), nullable=False),
+        pa.field("cohort", pa.string(), nullable=False),
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("path", pa.string()),
+        pa.field("labels", pa.list_(pa.string())),
+        *_DEMOGRAPHICS,
+        pa.field("extra", pa.string()),  # JSON object of source-specific columns
+    ]
+)
+
+REJECTS = pa.schema(
+    [
+        pa.field("cohort", pa.string()),
+        pa.field("line", pa.int64()),  # 1-based data row of the manifest (header excluded)
+        pa.field("image_id", pa.string()),
+        pa.field("reason", pa.string()),
+        pa.field("created_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+
+
+def embeddings_schema(dim: int) -> pa.Schema:
+    """One embeddings table per model (``emb_<model>``): one row per (row_id, weights_id)."""
+    return pa.schema(
+        [
+            pa.field("row_id", pa.string(), nullable=False),
+            pa.field("cohort", pa.string()),
+            pa.field("image_id", pa.string()),
+            pa.field("model", pa.string()),
+            pa.field("weights_id", pa.string(), nullable=False),
+            pa.field("vector", pa.list_(pa.float32(), dim)),
+            *_DEMOGRAPHICS,
+        ]
+    )
+
+
+def prompts_schema(dim: int) -> pa.Schema:
+    """One prompt table per model (``prompts_<model>``): one row per (weights_id, prompt_set, class, prompt)."""
+    return pa.schema(
+        [
+            pa.field("model", pa.string()),
+            pa.field("weights_id", pa.string()),
+            pa.field("prompt_set", pa.string()),
+            pa.field("class", pa.string()),
+            pa.field("prompt_index", pa.int32()),  # order of the prompt within the set (0-based, over all classes)
+            pa.field("prompt", pa.string()),
+            pa.field("vector", pa.list_(pa.float32(), dim)),
+        ]
+    )
+
+
+# GLoRIA's zero-shot needs word x region similarity, which needs the image's local features (19x19x768 per
+# image, too large to keep). The embedding pass computes, per image and prompt, the local similarity score and
+# stores it here; zero-shot combines it with the global cosine from the stored vectors.
+LOCAL_SIMILARITY = pa.schema(
+    [
+        pa.field("row_id", pa.string(), nullable=False),
+        pa.field("model", pa.string()),
+        pa.field("weights_id", pa.string()),
+        pa.field("prompt_set", pa.string()),
+        pa.field("similarity", pa.list_(pa.float32())),  # one value per prompt, in prompt_index order
+    ]
+)
+
+RUNS = pa.schema(
+    [
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("model", pa.string()),
+        pa.field("weights_id", pa.string()),
+        pa.field("method", pa.string()),  # zeroshot | lp | mlp | logreg | lora | ft
+        pa.field("cohort", pa.string()),
+        pa.field("config", pa.string()),  # JSON: every setting, including "classes" (the class order)
+        pa.field("seed", pa.int64()),
+        pa.field("created_at", pa.timestamp("us", tz="UTC")),
+        pa.field("code_version", pa.string()),
+        pa.field("metrics", pa.string()),  # JSON: summary metrics per split
+        pa.field("study_id", pa.string()),
+    ]
+)
+
+PREDICTIONS = pa.schema(
+    [
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("row_id", pa.string(), nullable=False),
+        pa.field("image_id", pa.string()),
+        pa.field("split", pa.string()),
+        pa.field("y_true", pa.int32()),
+        pa.field("y_pred", pa.int32()),
+        pa.field("probs", pa.list_(pa.float32())),  # softmax, in the run's class order
+    ]
+)
