@@ -12,13 +12,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from embedkit.constants import WEIGHTS_ENV
+from embedkit.errors import EmbedkitError
 
 
-class UnknownModelError(ValueError):
+class UnknownModelError(EmbedkitError, ValueError):
     pass
 
 
-class MissingWeightsError(FileNotFoundError):
+class MissingWeightsError(EmbedkitError, FileNotFoundError):
     pass
 
 
@@ -123,3 +124,28 @@ def get_spec(name: str) -> ModelSpec:
         return MODELS[name]
     except KeyError:
         raise UnknownModelError(f"Unknown model '{name}'. Known models: {', '.join(MODELS)}") from None
+
+
+def random_init_id(name: str, seed: int) -> str:
+    return f"random-init:{name}:{seed}"
+
+
+def instantiate(spec: ModelSpec, weights: str | Path | None = None, random_init: bool = False, seed: int = 0,
+                weights_dir: str | Path | None = None):
+    """Build or load a model; returns ``(model, weights_id, source)``.
+
+    ``random_init`` builds the real architecture with random weights, labelled ``random-init:<model>:<seed>``;
+    otherwise weights come from ``weights``, or ``weights_dir`` / $EMBEDKIT_WEIGHTS ``/<model>/``, and are
+    labelled by a content hash of what was loaded. No weights found is an error that says what to download.
+    """
+    from embedkit.models.base import state_dict_hash
+
+    if random_init:
+        return spec.build(seed), random_init_id(spec.name, seed), "random-init"
+    if spec.tiny:
+        raise MissingWeightsError(f"'{spec.name}' is a test configuration with no released weights: use --random-init")
+    path = Path(weights) if weights else spec.find_weights(weights_dir)
+    if path is None:
+        raise MissingWeightsError(spec.missing_message(None))
+    model = spec.load(path)
+    return model, state_dict_hash(model), str(path)

@@ -112,3 +112,16 @@ PREDICTIONS = pa.schema(
         pa.field("probs", pa.list_(pa.float32())),  # softmax, in the run's class order
     ]
 )
+
+# One row per (model, weights_id) ever embedded: where the weights came from and what zero-shot needs of them.
+WEIGHTS = pa.schema(
+    [
+        pa.field("model", pa.string()),
+        pa.field("weights_id", pa.string()),
+        pa.field("source", pa.string()),  # a file/folder path, or "random-init"
+        pa.field("embed_dim", pa.int32()),
+        pa.field("logit_scale", pa.float64()),  # the multiplier zero-shot applies to cosines
+        pa.field("zeroshot_rule", pa.string()),
+        pa.field("created_at", pa.timestamp("us", tz="UTC")),
+    ]
+)

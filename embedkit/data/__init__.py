@@ -1,0 +1,1 @@
+"""Cohorts: manifests, NIH ChestX-ray14 protocols, image decoding, synthetic images."""

@@ -1,0 +1,661 @@
+"""Synthetic chest X-rays: the demo's embedded default dataset and the test data, with optional planted bias.
+
+Each image is a frontal (PA-like) radiograph drawn from simple shapes: a dark background, a body silhouette,
+two dark lung fields cut by diaphragm domes, a mediastinum and heart shadow, clavicles, rib arcs, vascular
+markings and grain. Age and sex change the anatomy and the image quality (older: lower contrast, more grain,
+a broader chest, lower diaphragms, fainter ribs; female: narrower shoulders, smaller lungs, breast shadows).
+One class pattern per image, loosely after the disease (class order of :data:`NIH_CLASSES`):
+
+- Atelectasis: a wedge and a plate-like linear opacity at one base, with volume loss (raised hemidiaphragm,
+  mediastinum pulled toward that side).
+- Cardiomegaly: an enlarged heart shadow.
+- Consolidation: a dense bright patch in one lobe.
+- Edema: bilateral perihilar ("bat-wing") haze.
+- Effusion: bright fluid with a meniscus at one base, blunting the costophrenic angle.
+- Pneumothorax: a dark, markings-free rim at one apex/lateral edge behind a thin pleural line.
+
+``signal`` scales the class pattern (0 draws exactly the same image whatever the label). All random draws
+come from one generator seeded from (seed, image_id) with a stable hash, so files are byte-identical across
+runs, machines and worker counts.
+
+A :class:`BiasSpec` plants a known unfairness in a subgroup: a weaker signal (``sex=F:signal=0.3``) or a
+fraction of images showing another class's pattern than their label (``age_group=old:label_noise=0.4``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import re
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from PIL import Image
+
+from embedkit.constants import AGE_MAX, AGE_MIN, NIH_CLASSES, SEXES, age_group
+from embedkit.errors import EmbedkitError
+
+if TYPE_CHECKING:  # pandas is imported lazily: pool workers only need numpy and PIL
+    import pandas as pd
+
+N_CLASSES = len(NIH_CLASSES)
+MIN_SIZE, MAX_SIZE = 64, 512
+BIAS_EFFECTS: tuple[str, ...] = ("signal", "label_noise")
+BIAS_SYNTAX = (
+    "expected 'column=value:effect=amount' clauses joined by ';', effect one of "
+    f"{', '.join(BIAS_EFFECTS)}, amount a number in [0, 1], "
+    "e.g. 'sex=F:signal=0.3' or 'sex=F:signal=0.3;age_group=old:label_noise=0.4'"
+)
+
+
+class SynthError(EmbedkitError, ValueError):
+    """Bad input to the synthetic image generator (cohort frame, size, label, age or sex)."""
+
+
+class BiasSpecError(SynthError):
+    """A bias specification string that does not parse."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Planted bias
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _fmt_amount(x: float) -> str:
+    # repr is the shortest string that parses back to the same float; drop a trailing ".0" for readability.
+    text = repr(float(x))
+    return text[:-2] if text.endswith(".0") else text
+
+
+@dataclass(frozen=True)
+class BiasRule:
+    """One clause: rows whose ``column`` equals ``value`` (compared as strings) get ``effect`` of ``amount``."""
+
+    column: str
+    value: str
+    effect: str
+    amount: float
+
+    def __str__(self) -> str:
+        return f"{self.column}={self.value}:{self.effect}={_fmt_amount(self.amount)}"
+
+
+@dataclass(frozen=True)
+class BiasSpec:
+    """A planted, known unfairness: one or more :class:`BiasRule` clauses.
+
+    Rules combine: ``signal`` factors of every matching rule multiply; an image is label-noised when any
+    ``label_noise`` rule selects it.
+    """
+
+    rules: tuple[BiasRule, ...]
+
+    def __str__(self) -> str:
+        return ";".join(str(rule) for rule in self.rules)
+
+
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def parse_bias(spec: str) -> BiasSpec:
+    """Parse ``"column=value:effect=amount[;...]"`` into a :class:`BiasSpec`; ``str()`` of the result parses back.
+
+    Raises :class:`BiasSpecError` (a ValueError) naming the expected syntax when the string does not parse.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise BiasSpecError(f"empty bias spec: {BIAS_SYNTAX}")
+    rules = []
+    for clause in spec.split(";"):
+        clause = clause.strip()
+        parts = clause.split(":")
+        if len(parts) != 2:
+            raise BiasSpecError(f"bad bias clause {clause!r}: {BIAS_SYNTAX}")
+        selector, effect_part = (p.strip() for p in parts)
+        if selector.count("=") != 1 or effect_part.count("=") != 1:
+            raise BiasSpecError(f"bad bias clause {clause!r}: {BIAS_SYNTAX}")
+        column, value = (s.strip() for s in selector.split("="))
+        effect, amount_text = (s.strip() for s in effect_part.split("="))
+        if not _NAME.match(column) or not value:
+            raise BiasSpecError(f"bad selector {selector!r} in {clause!r}: {BIAS_SYNTAX}")
+        if effect not in BIAS_EFFECTS:
+            raise BiasSpecError(f"unknown bias effect {effect!r} in {clause!r}: {BIAS_SYNTAX}")
+        try:
+            amount = float(amount_text)
+        except ValueError:
+            raise BiasSpecError(f"bad amount {amount_text!r} in {clause!r}: {BIAS_SYNTAX}") from None
+        if not (0.0 <= amount <= 1.0):  # also rejects nan
+            raise BiasSpecError(f"amount {amount_text!r} in {clause!r} is outside [0, 1]: {BIAS_SYNTAX}")
+        rules.append(BiasRule(column, value, effect, amount))
+    return BiasSpec(tuple(rules))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stable seeds
+# ---------------------------------------------------------------------------------------------------------
+
+
+def image_seed(seed: int, image_id: str, purpose: str = "image") -> int:
+    """A 64-bit seed from (seed, image_id, purpose) by BLAKE2b: stable across processes, unlike ``hash()``."""
+    digest = hashlib.blake2b(f"{int(seed)}\x1f{image_id}\x1f{purpose}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rendering helpers (canonical, unrotated coordinates in [0, 1]; x to the image right, y down)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _soft(d: np.ndarray, width: float) -> np.ndarray:
+    """Soft inside-mask of a signed distance (negative inside): 1 inside, 0 outside, a sigmoid edge."""
+    return 1.0 / (1.0 + np.exp(np.clip(d / width, -40.0, 40.0)))
+
+
+def _lerp(img: np.ndarray, target: float | np.ndarray, alpha: np.ndarray) -> None:
+    """Blend ``img`` toward ``target`` by ``alpha`` in place (overlaying a denser structure)."""
+    img += (target - img) * alpha
+
+
+@dataclass(frozen=True)
+class _Grid:
+    """Canonical pixel grid: ``n`` pixels per unit, padded by ``margin`` so the final pose jitter never
+    samples outside the drawing."""
+
+    n: int
+    margin: float
+    xs: np.ndarray  # (1, N) x coordinates of pixel centres
+    ys: np.ndarray  # (N, 1) y coordinates
+
+    @classmethod
+    def make(cls, n: int, margin: float) -> _Grid:
+        pad = int(math.ceil(margin * n))
+        coords = ((np.arange(n + 2 * pad, dtype=np.float32) + 0.5) / n - pad / n).astype(np.float32)
+        return cls(n, pad / n, coords[None, :], coords[:, None])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.ys.shape[0], self.xs.shape[1])
+
+    def box(self, x0: float, x1: float, y0: float, y1: float) -> tuple[slice, slice]:
+        """Row and column slices covering the coordinate box [x0, x1] x [y0, y1]."""
+        size = self.xs.shape[1]
+
+        def index(v: float) -> float:
+            return (v + self.margin) * self.n - 0.5
+
+        c0, c1 = max(0, math.floor(index(x0))), min(size, math.ceil(index(x1)) + 1)
+        r0, r1 = max(0, math.floor(index(y0))), min(size, math.ceil(index(y1)) + 1)
+        return slice(r0, max(r0, r1)), slice(c0, max(c0, c1))
+
+
+def _segment(
+    img: np.ndarray, g: _Grid, p0: tuple[float, float], p1: tuple[float, float],
+    width: float, amp: float, amp_end: float | None = None,
+) -> None:
+    """Add a soft line from p0 to p1 (brightness ``amp`` fading linearly to ``amp_end``), in place.
+
+    Only the segment's bounding box is computed: markings are many and thin.
+    """
+    pad = 3 * width
+    rows, cols = g.box(min(p0[0], p1[0]) - pad, max(p0[0], p1[0]) + pad,
+                       min(p0[1], p1[1]) - pad, max(p0[1], p1[1]) + pad)
+    if rows.start >= rows.stop or cols.start >= cols.stop:
+        return
+    x, y = g.xs[:, cols], g.ys[rows, :]
+    dx, dy = p1[0] - p0[0], p1[1] - p0[1]
+    t = np.clip(((x - p0[0]) * dx + (y - p0[1]) * dy) / (dx * dx + dy * dy + 1e-12), 0.0, 1.0)
+    dist2 = (x - p0[0] - t * dx) ** 2 + (y - p0[1] - t * dy) ** 2
+    gain = amp if amp_end is None else amp + (amp_end - amp) * t
+    img[rows, cols] += gain * np.exp(-dist2 / (width * width))
+
+
+def _lowfreq(rng: np.random.Generator, shape: tuple[int, int], cells: int) -> np.ndarray:
+    """Smooth noise of unit-ish amplitude: a cells x cells normal grid upsampled bicubically to ``shape``."""
+    grid = rng.standard_normal((cells, cells)).astype(np.float32)
+    resized = Image.fromarray(grid).resize((shape[1], shape[0]), Image.Resampling.BICUBIC)
+    return np.asarray(resized, dtype=np.float32)
+
+
+def _draw_params(rng: np.random.Generator, age: float, sex: str) -> dict[str, Any]:
+    """Every random draw of one image, in a fixed order that never depends on the label (signal 0 = no info)."""
+    t = min(max((age - 20.0) / 65.0, 0.0), 1.0)  # 0 young adult .. 1 elderly
+    female = sex == "F"
+    u = rng.uniform
+    p: dict[str, Any] = {"t": t, "female": female}
+    # Anatomy: women narrower and smaller lungs; older patients broader chest, hyperinflated, lower domes.
+    p["shoulder"] = (0.405 if female else 0.45) + 0.02 * t + u(-0.012, 0.012)
+    p["waist"] = (0.355 if female else 0.395) + 0.045 * t + u(-0.012, 0.012)
+    p["lung_a"] = (0.148 if female else 0.16) + 0.012 * t + u(-0.008, 0.008)
+    p["lung_b"] = 0.33 + 0.02 * t + u(-0.012, 0.012)
+    p["lung_cy"] = 0.5 + u(-0.01, 0.01)
+    p["dome_y"] = 0.725 + 0.035 * t + u(-0.015, 0.015)
+    p["dome_h"] = 0.065 - 0.02 * t + u(-0.008, 0.008)  # flatter domes with age
+    p["heart_w"] = 0.112 + 0.008 * t + u(-0.008, 0.008)
+    p["heart_h"] = 0.10 + u(-0.006, 0.006)
+    p["heart_cx"] = 0.535 + u(-0.01, 0.01)
+    p["aorta"] = 0.012 + 0.012 * t  # aortic knob grows with age
+    p["breast"] = (0.07 + 0.02 * (1 - t)) if female else 0.0
+    p["breast_y"] = 0.70 + 0.04 * t + u(-0.02, 0.02)
+    p["gastric"] = u(0.0, 1.0) < 0.6
+    p["rib_alpha"] = 0.11 * (1.0 - 0.45 * t) * u(0.85, 1.15)  # osteopenia: fainter ribs
+    p["rib_phase"] = u(-0.01, 0.01)
+    # Vascular markings: per side, radial branches from the hilum.
+    p["vessels"] = [
+        [(u(-1.2, 1.3), u(0.12, 0.27), u(-0.5, 0.5), u(0.35, 0.7)) for _ in range(11)] for _ in range(2)
+    ]
+    # Image quality: contrast falls and grain rises with age; exposure varies for everyone.
+    p["contrast"] = (1.0 - 0.32 * t) * u(0.92, 1.08)
+    p["grain"] = 0.022 + 0.035 * t
+    p["gamma"] = u(0.85, 1.15)
+    p["affine"] = (u(-0.035, 0.035), u(-0.02, 0.03), u(-0.02, 0.02), u(0.95, 1.06))  # rot, dx, dy, scale
+    # Class patterns: all drawn for every image so the random stream does not depend on the label.
+    p["atel_side"] = 1 if u() < 0.5 else -1
+    p["atel_size"] = u(0.8, 1.2)
+    p["cardio_scale"] = u(0.45, 0.6)
+    p["cons_side"] = 1 if u() < 0.5 else -1
+    p["cons_zone"] = u(0.28, 0.66)
+    p["cons_lat"] = u(-0.35, 0.45)
+    p["cons_r"] = u(0.075, 0.105)
+    p["cons_blobs"] = [(u(-1, 1), u(-1, 1), u(0.5, 1.0)) for _ in range(5)]
+    p["edema_w"] = u(0.9, 1.15)
+    p["eff_side"] = 1 if u() < 0.5 else -1
+    p["eff_height"] = u(0.14, 0.22)
+    p["ptx_side"] = 1 if u() < 0.5 else -1
+    p["ptx_depth"] = u(0.62, 0.74)
+    p["ptx_extent"] = u(0.12, 0.3)
+    return p
+
+
+def _check_inputs(label_index: int, age: int, sex: str, size: int, signal: float) -> None:
+    if not (0 <= int(label_index) < N_CLASSES):
+        raise SynthError(f"label_index {label_index} is outside 0..{N_CLASSES - 1} (classes {NIH_CLASSES})")
+    if age is None or not math.isfinite(float(age)) or not (AGE_MIN <= float(age) <= AGE_MAX):
+        raise SynthError(f"age {age!r} is not a number in [{AGE_MIN}, {AGE_MAX}]")
+    if sex not in SEXES:
+        raise SynthError(f"sex {sex!r} is not one of {SEXES}")
+    if not (MIN_SIZE <= int(size) <= MAX_SIZE):
+        raise SynthError(f"size {size} is outside {MIN_SIZE}..{MAX_SIZE}")
+    if not (0.0 <= float(signal) <= 1.0):
+        raise SynthError(f"signal {signal} is outside [0, 1]")
+
+
+def render_image(
+    label_index: int, age: int, sex: str, rng_seed: int, size: int = 256, signal: float = 1.0
+) -> np.ndarray:
+    """Draw one synthetic frontal chest X-ray as a ``size`` x ``size`` uint8 grayscale array.
+
+    ``label_index`` indexes :data:`NIH_CLASSES` and picks the class pattern; ``signal`` in [0, 1] scales it
+    (0: the image is the same whatever the label). ``rng_seed`` fixes every random draw (see :func:`image_seed`).
+    """
+    _check_inputs(label_index, age, sex, size, signal)
+    n, s, label = int(size), float(signal), int(label_index)
+    rng = np.random.default_rng(int(rng_seed))
+    p = _draw_params(rng, float(age), sex)
+    cls = NIH_CLASSES[label]
+    xs = ((np.arange(n, dtype=np.float32) + 0.5) / n)[None, :]
+    ys = ((np.arange(n, dtype=np.float32) + 0.5) / n)[:, None]
+    ax = np.abs(xs - 0.5)
+
+    # Volume loss of atelectasis raises one hemidiaphragm and pulls the mediastinum toward it.
+    atel = s if cls == "Atelectasis" else 0.0
+    shift = 0.022 * atel * p["atel_side"]
+
+    # Body silhouette: neck, rounded shoulders, trunk tapering to the waist.
+    knots_y = [0.0, 0.05, 0.12, 0.2, 0.55, 1.0]
+    knots_w = [0.1, 0.115, p["shoulder"] * 0.93, p["shoulder"], p["waist"] + 0.02, p["waist"]]
+    half_w = np.interp(ys[:, 0], knots_y, knots_w).astype(np.float32)[:, None]
+    body = _soft(ax - half_w, 0.012) * _soft(0.035 - ys, 0.01)
+    img = 0.035 + 0.47 * body
+    img += 0.05 * body * np.exp(-((xs - 0.5) / 0.3) ** 2)  # thicker trunk in the middle
+
+    if p["breast"] > 0:  # breast shadows over the lower lateral lung fields
+        for side in (-1, 1):
+            bx, by = 0.5 + side * 0.24, p["breast_y"]
+            r = np.sqrt(((xs - bx) / 0.17) ** 2 + ((ys - by) / 0.11) ** 2)
+            img += p["breast"] * _soft(r - 1.0, 0.12) * body
+
+    # Lungs: egg-shaped fields (narrow apex, boxy base) cut by the diaphragm domes; side -1 = patient's right.
+    lungs = np.zeros((n, n), dtype=np.float32)
+    lung_side = {}
+    domes = {}
+    for side in (-1, 1):
+        cx, cy, a, b = 0.5 + side * 0.205 + 0.3 * shift, p["lung_cy"], p["lung_a"], p["lung_b"]
+        v = (ys - cy) / b
+        a_eff = a * (1.0 + 0.14 * np.clip(v, -1.0, 1.0))
+        uu = np.abs(xs - cx) / a_eff
+        vv = np.abs(v)
+        expo = np.where(v < 0, 2.0, 4.0)  # rounded apex, square base so the domes make sharp angles
+        r = (uu ** expo + vv ** expo) ** (1.0 / expo)
+        dome_y = p["dome_y"] + (0.022 if side == -1 else 0.042)  # the right dome sits higher
+        if p["atel_side"] == side:
+            dome_y -= 0.06 * atel
+        dome = dome_y - p["dome_h"] * np.clip(1.0 - ((xs - cx) / (1.1 * a)) ** 2, 0.0, 1.0)
+        mask = _soft((r - 1.0) * a, 0.006) * _soft(ys - dome, 0.005)
+        lung_side[side] = (mask, cx, cy, a, b, r)
+        domes[side] = dome
+        lungs += mask
+    lungs = np.clip(lungs, 0.0, 1.0)
+
+    # Lung parenchyma: darker than soft tissue, with a soft mottled texture.
+    texture = 0.025 * _lowfreq(rng, n, 12)
+    img -= lungs * (0.31 - texture)
+
+    # Vascular markings: branches radiating from each hilum, fading to the periphery.
+    vessel_img = np.zeros((n, n), dtype=np.float32)
+    width = max(0.0045, 0.8 / n)
+    for k, side in enumerate((-1, 1)):
+        _, cx, cy, a, _, _ = lung_side[side]
+        hx, hy = 0.5 + side * 0.1 + 0.3 * shift, cy - 0.04
+        for ang, length, bend, frac in p["vessels"][k]:
+            # Angles fan from up-lateral to down-lateral; mirrored for the other side.
+            dxn, dyn = math.cos(ang) * side, math.sin(ang)
+            ex, ey = hx + dxn * length, hy + dyn * length * 1.1
+            _segment(vessel_img, xs, ys, (hx, hy), (ex, ey), width * 1.6, 0.09, 0.02)
+            mx, my = hx + dxn * length * frac, hy + dyn * length * frac * 1.1
+            bx, by = mx + math.cos(ang + bend) * side * length * 0.5, my + math.sin(ang + bend) * length * 0.5
+            _segment(vessel_img, xs, ys, (mx, my), (bx, by), width, 0.05, 0.01)
+
+    # Pneumothorax: a rim of the lung beyond a pleural line is air only (dark, no markings).
+    ptx_region = None
+    ptx = s if cls == "Pneumothorax" else 0.0
+    if ptx > 0:
+        side = p["ptx_side"]
+        mask, cx, cy, a, b, r = lung_side[side]
+        lateral = (xs - cx) * side / a  # -1 medial .. +1 lateral
+        upper = _soft(ys - (cy + p["ptx_extent"]), 0.03)
+        sector = _soft(-(lateral + 0.55 - 0.9 * np.clip((cy - ys) / b, 0, 1)), 0.08) * upper
+        ptx_region = _soft(p["ptx_depth"] - r, 0.02) * sector * mask
+        vessel_img *= 1.0 - ptx_region * ptx
+        line = np.exp(-((r - p["ptx_depth"]) / 0.018) ** 2) * sector * mask
+    img += vessel_img * lungs
+    if ptx_region is not None:
+        _lerp(img, 0.07, ptx_region * 0.9 * ptx)
+        img += 0.16 * ptx * line
+
+    # Ribs: posterior arcs (from the spine, up then down laterally) and fainter anterior ones.
+    thorax = np.zeros((n, n), dtype=np.float32)
+    for side in (-1, 1):
+        _, _, _, a, _, r = lung_side[side]
+        thorax += _soft((r - 1.12) * a, 0.01) * _soft(ys - domes[side] - 0.02, 0.01)
+    thorax = np.clip(thorax, 0.0, 1.0)
+    ribs = np.zeros((n, n), dtype=np.float32)
+    q = np.clip((ax - 0.03) / 0.42, 0.0, 1.0)
+    rib_h = 0.0105
+    for i in range(10):
+        y0 = 0.145 + p["rib_phase"] + 0.061 * i
+        rows, _ = _box(n, 0, 1, y0 - 0.06, y0 + 0.13)
+        y = ys[rows]
+        centre = y0 - 0.035 * np.sin(np.pi * q * 0.7) + 0.11 * q ** 2.2
+        ribs[rows] += np.exp(-(((y - centre) / rib_h) ** 4))
+        ya = y0 + 0.03
+        centre_a = ya + 0.13 * (1.0 - q) ** 1.5 - 0.02
+        ribs[rows] += 0.45 * np.exp(-(((y - centre_a) / (rib_h * 0.9)) ** 2)) * (q > 0.22)
+    img += p["rib_alpha"] * ribs * thorax * (0.6 + 0.4 * lungs)
+
+    # Clavicles: bright bars from the shoulders to the sternal notch.
+    for side in (-1, 1):
+        _segment(img, xs, ys, (0.5 + side * 0.05, 0.165), (0.5 + side * 0.33, 0.115), 0.013, 0.13, 0.1)
+
+    # Mediastinum (with spine and trachea) and heart: soft-tissue density over the medial lungs.
+    medw = 0.062 + 0.005 * p["t"] + np.clip((ys - 0.35) * 0.08, 0, None)
+    med = _soft(np.abs(xs - 0.5 - shift) - medw, 0.008) * _soft(0.06 - ys, 0.01)
+    _lerp(img, 0.56, med * body)
+    spine = _soft(np.abs(xs - 0.5 - shift) - 0.032, 0.006) * (0.85 + 0.15 * np.cos(ys * 2 * np.pi / 0.045))
+    img += 0.05 * spine * body
+    trachea = _soft(np.abs(xs - 0.5 - shift) - 0.014, 0.004) * _soft(ys - 0.4, 0.02)
+    img -= 0.12 * trachea * body
+    knob = np.sqrt(((xs - 0.545 - shift) / (0.035 + p["aorta"])) ** 2 + ((ys - 0.31) / 0.035) ** 2)
+    _lerp(img, 0.57, _soft(knob - 1.0, 0.06) * body)
+
+    cardio = s if cls == "Cardiomegaly" else 0.0
+    grow = 1.0 + p["cardio_scale"] * cardio
+    hw, hh = p["heart_w"] * grow, p["heart_h"] * (1.0 + 0.35 * (grow - 1.0))
+    hcx, hcy = p["heart_cx"] + 0.25 * (hw - p["heart_w"]) + shift, 0.66 + 0.3 * (hh - p["heart_h"])
+    hx_ = xs - hcx
+    hy_ = ys - hcy
+    rot = -0.35  # heart axis points down and to the patient's left (image right)
+    hu = (hx_ * math.cos(rot) - hy_ * math.sin(rot)) / hw
+    hv = (hx_ * math.sin(rot) + hy_ * math.cos(rot)) / hh
+    heart = _soft(np.sqrt(hu ** 2 + hv ** 2) - 1.0, 0.05) * _soft(ys - 0.9, 0.02)
+    _lerp(img, 0.6, heart * body)
+
+    # Below the domes: liver under the right, a gastric air bubble under the left.
+    liver = _soft(domes[-1] + 0.01 - ys, 0.01) * _soft(xs - 0.52, 0.02)
+    img += 0.04 * liver * body
+    if p["gastric"]:
+        g = np.sqrt(((xs - 0.64) / 0.05) ** 2 + ((ys - domes[1] - 0.04) / 0.03) ** 2)
+        img -= 0.12 * _soft(g - 1.0, 0.15) * body
+
+    # Class patterns other than cardiomegaly, pneumothorax and the volume loss of atelectasis.
+    if cls == "Atelectasis" and atel > 0:
+        side = p["atel_side"]
+        mask, cx, cy, a, b, _ = lung_side[side]
+        sz = p["atel_size"]
+        # Wedge: a triangle of collapsed lung from the hilum down to the medial base.
+        hx, hy = 0.5 + side * 0.09, cy - 0.02
+        rel_x, rel_y = (xs - hx) * side, ys - hy
+        wedge = (_soft(-rel_y, 0.01) * _soft(rel_x - 0.55 * sz * rel_y, 0.012)
+                 * _soft(0.35 * rel_y - rel_x, 0.012))
+        _lerp(img, 0.6, wedge * mask * 0.75 * atel)
+        # Plate-like band across the lower zone.
+        yb = domes[side].min() - 0.05
+        _segment(img, xs, ys, (cx - side * 0.5 * a, yb + 0.04), (cx + side * 0.95 * a, yb - 0.03),
+                 0.016 * sz, 0.22 * atel)
+    elif cls == "Consolidation":
+        side = p["cons_side"]
+        mask, cx, cy, a, b, _ = lung_side[side]
+        px, py, rad = cx + side * p["cons_lat"] * a, cy - b + p["cons_zone"] * 2 * b * 0.85, p["cons_r"]
+        patch = np.zeros((n, n), dtype=np.float32)
+        for jx, jy, wt in p["cons_blobs"]:
+            d2 = (xs - px - jx * rad * 0.6) ** 2 + (ys - py - jy * rad * 0.6) ** 2
+            patch = np.maximum(patch, wt * np.exp(-d2 / (rad * rad)))
+        patch = np.clip(patch * 1.6, 0.0, 1.0)
+        _lerp(img, 0.66, patch * lungs * 0.9 * s)
+    elif cls == "Edema":
+        w = p["edema_w"]
+        haze = np.zeros((n, n), dtype=np.float32)
+        for side in (-1, 1):
+            _, _, cy, _, _, _ = lung_side[side]
+            d2 = ((xs - 0.5 - side * 0.12) / (0.13 * w)) ** 2 + ((ys - cy + 0.01) / (0.17 * w)) ** 2
+            haze += np.exp(-d2)
+        haze = np.clip(haze, 0.0, 1.0)
+        _lerp(img, 0.52, lungs * (0.8 * haze + 0.15) * s)
+        # Kerley B lines: short horizontal lines at the lateral bases.
+        for side in (-1, 1):
+            _, cx, _, a, _, _ = lung_side[side]
+            y_base = float(domes[side].min())
+            for j in range(4):
+                y = y_base - 0.015 - 0.022 * j
+                _segment(img, xs, ys, (cx + side * 0.55 * a, y), (cx + side * 0.95 * a, y), 0.004, 0.08 * s)
+    elif cls == "Effusion":
+        side = p["eff_side"]
+        mask, cx, cy, a, b, _ = lung_side[side]
+        lateral = np.clip((xs - cx) * side / a, -1.0, 1.0)
+        level = p["dome_y"] + 0.03 - p["eff_height"] - 0.07 * (lateral + 1.0) ** 2 / 4.0  # meniscus
+        fluid = _soft(level - ys, 0.012)
+        # Fluid fills the lung base and the angle beyond it, blunting it; smooth into the dome.
+        region = np.clip(mask * 1.3, 0, 1) * fluid
+        _lerp(img, 0.58, region * 0.95 * s)
+
+    # Global pose jitter (rotation, shift, scale) as one affine resample; background fills the margins.
+    rot_a, dx, dy, sc = p["affine"]
+    ca, sa = math.cos(rot_a) / sc, math.sin(rot_a) / sc
+    c = n / 2.0
+    coeffs = (ca, sa, c - ca * c - sa * c - dx * n, -sa, ca, c + sa * c - ca * c - dy * n)
+    img = np.asarray(
+        Image.fromarray(img.astype(np.float32)).transform(
+            (n, n), Image.Transform.AFFINE, coeffs, resample=Image.Resampling.BILINEAR, fillcolor=0.035
+        ),
+        dtype=np.float32,
+    )
+
+    # Image quality: contrast around mid-grey, exposure (gamma), mottle and fine grain.
+    img = 0.33 + (img - 0.33) * p["contrast"]
+    img = np.clip(img, 0.0, 1.0) ** p["gamma"]
+    img += 0.015 * _lowfreq(rng, n, 24)
+    img += p["grain"] * rng.standard_normal((n, n), dtype=np.float32)
+    return np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Cohorts
+# ---------------------------------------------------------------------------------------------------------
+
+
+def image_filename(image_id: str) -> str:
+    """The PNG file name of an image: the image_id itself when it ends in .png, else image_id + '.png'."""
+    return image_id if image_id.lower().endswith(".png") else f"{image_id}.png"
+
+
+def _label_index(label: Any) -> int:
+    if isinstance(label, (int, np.integer)) and not isinstance(label, bool):
+        if 0 <= int(label) < N_CLASSES:
+            return int(label)
+    elif isinstance(label, str) and label in NIH_CLASSES:
+        return NIH_CLASSES.index(label)
+    raise SynthError(f"label {label!r} is neither one of {NIH_CLASSES} nor an index 0..{N_CLASSES - 1}")
+
+
+def _render_job(job: tuple[str, int, int, str, int, int, float]) -> str:
+    """Pool worker: render one image and write it atomically (a crash never leaves a half-written PNG)."""
+    path, label_index, age, sex, rng_seed, size, signal = job
+    array = render_image(label_index, age, sex, rng_seed, size=size, signal=signal)
+    tmp = f"{path}.tmp{os.getpid()}"
+    Image.fromarray(array).save(tmp, format="PNG", compress_level=1)  # speed over a few % of file size
+    os.replace(tmp, path)
+    return path
+
+
+def _selector_values(images: pd.DataFrame, column: str) -> pd.Series:
+    if column in images.columns:
+        return images[column].astype(str)
+    if column == "age_group":  # derivable: one age boundary everywhere
+        return images["age"].map(age_group).astype(str)
+    raise SynthError(f"bias selects on column {column!r}, which the cohort lacks (columns: {list(images.columns)})")
+
+
+def _apply_bias(images: pd.DataFrame, bias: BiasSpec | None, seed: int, signal: float) -> pd.DataFrame:
+    """Add ``pattern_index``, ``signal`` and ``biased`` columns to the one-row-per-image frame."""
+    out = images.copy()
+    out["pattern_index"] = out["label_index"]
+    out["signal"] = float(signal)
+    out["biased"] = False
+    if bias is None:
+        return out
+    noised = np.zeros(len(out), dtype=bool)
+    for k, rule in enumerate(bias.rules):
+        match = (_selector_values(out, rule.column) == rule.value).to_numpy()
+        if rule.effect == "signal":
+            out.loc[match, "signal"] *= rule.amount
+            if rule.amount != 1.0:  # a factor of 1 changes nothing
+                out.loc[match, "biased"] = True
+        else:
+            # Exactly round(amount * n) of the matching images, ranked by a stable hash: deterministic, and
+            # independent of row order.
+            idx = np.flatnonzero(match)
+            keys = [image_seed(seed, iid, f"label_noise/{k}/{rule}") for iid in out["image_id"].iloc[idx]]
+            take = idx[np.argsort(np.array(keys, dtype=np.uint64), kind="stable")][: round(rule.amount * len(idx))]
+            noised[take] = True
+    for i in np.flatnonzero(noised):
+        iid, true = out["image_id"].iat[i], int(out["label_index"].iat[i])
+        offset = 1 + image_seed(seed, iid, "label_noise/class") % (N_CLASSES - 1)  # uniform over the others
+        out.iat[i, out.columns.get_loc("pattern_index")] = (true + offset) % N_CLASSES
+    out.loc[noised, "biased"] = True
+    return out
+
+
+def _default_workers(n_jobs: int) -> int:
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, n_jobs))
+
+
+def synthesize(
+    cohort: pd.DataFrame,
+    out_dir: str | os.PathLike[str],
+    size: int = 256,
+    seed: int = 0,
+    bias: BiasSpec | None = None,
+    workers: int | None = None,
+    signal: float = 1.0,
+) -> pd.DataFrame:
+    """Write one 8-bit grayscale PNG per distinct ``image_id`` of ``cohort`` into ``out_dir``.
+
+    ``cohort`` needs columns image_id, label (a class name or index), age and sex, plus any column a ``bias``
+    rule selects on (age_group is derived from age when absent). A repeated image_id is written once; its
+    rows must agree on label, age and sex. Each image's randomness comes from (seed, image_id) only, so the
+    files are byte-identical for the same inputs whatever ``workers`` is. ``signal`` scales every class
+    pattern before the bias's own factors.
+
+    Returns one row per distinct image_id, in first-appearance order: ``image_id, path`` (absolute),
+    ``label``, ``pattern`` (the class whose pattern was drawn; differs from label where label noise hit),
+    ``signal`` (effective strength) and ``biased`` (whether a bias rule changed the image).
+    """
+    import pandas as pd  # lazy: keeps pool workers light
+
+    if not isinstance(cohort, pd.DataFrame):
+        raise SynthError(f"cohort must be a pandas DataFrame, not {type(cohort).__name__}")
+    missing = [c for c in ("image_id", "label", "age", "sex") if c not in cohort.columns]
+    if missing:
+        raise SynthError(f"cohort lacks column(s) {missing}; it needs image_id, label, age, sex")
+    if not (MIN_SIZE <= int(size) <= MAX_SIZE):
+        raise SynthError(f"size {size} is outside {MIN_SIZE}..{MAX_SIZE}")
+    if not (0.0 <= float(signal) <= 1.0):
+        raise SynthError(f"signal {signal} is outside [0, 1]")
+    if bias is not None and not isinstance(bias, BiasSpec):
+        raise SynthError(f"bias must be a BiasSpec (see parse_bias), not {type(bias).__name__}")
+
+    ids = cohort["image_id"].astype(str)
+    bad = [i for i in ids.unique() if not i or "/" in i or "\\" in i or i in (".", "..") or i.startswith(".")]
+    if bad:
+        raise SynthError(f"image_id(s) unusable as file names: {bad[:5]}")
+    frame = cohort.assign(image_id=ids)
+    conflicts = frame.groupby("image_id", sort=False)[["label", "age", "sex"]].nunique(dropna=False)
+    conflicts = conflicts[(conflicts > 1).any(axis=1)]
+    if len(conflicts):
+        raise SynthError(f"repeated image_id(s) with differing label/age/sex: {list(conflicts.index[:5])}")
+    images = frame.drop_duplicates("image_id", keep="first").reset_index(drop=True)
+    images["label_index"] = [_label_index(v) for v in images["label"]]
+
+    out = _apply_bias(images, bias, seed, signal)
+    folder = Path(out_dir).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    out["path"] = [str(folder / image_filename(i)) for i in out["image_id"]]
+
+    jobs = []
+    for row in out.itertuples(index=False):
+        age, sex = row.age, row.sex
+        if age is None or (isinstance(age, float) and math.isnan(age)):
+            raise SynthError(f"image {row.image_id!r} has no age")
+        _check_inputs(row.pattern_index, age, sex, size, row.signal)  # fail before starting any worker
+        jobs.append((row.path, int(row.pattern_index), int(age), str(sex), image_seed(seed, row.image_id),
+                     int(size), float(row.signal)))
+
+    n_workers = _default_workers(len(jobs)) if workers is None else max(1, int(workers))
+    if n_workers == 1 or len(jobs) < 16:  # a pool costs more than it saves on a handful of images
+        for job in jobs:
+            _render_job(job)
+    else:
+        import multiprocessing
+
+        # spawn: safe whatever threads the parent runs (torch), and workers import only numpy and PIL.
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=n_workers, mp_context=ctx) as pool:
+            list(pool.map(_render_job, jobs, chunksize=max(1, len(jobs) // (n_workers * 8))))
+
+    result = pd.DataFrame(
+        {
+            "image_id": out["image_id"],
+            "path": out["path"],
+            "label": [NIH_CLASSES[i] for i in out["label_index"]],
+            "pattern": [NIH_CLASSES[i] for i in out["pattern_index"]],
+            "signal": out["signal"].astype(float),
+            "biased": out["biased"].astype(bool),
+        }
+    )
+    return result

@@ -1,0 +1,253 @@
+"""The embedding pass: a cohort's images and the class prompts become vectors in the store.
+
+Images stream through a DataLoader whose workers decode and preprocess exactly as the model's authors did; the
+model runs under inference mode (bf16 autocast on a GPU); vectors are upserted in chunks keyed by
+(row_id, weights_id), each chunk one atomic commit. A killed run therefore leaves whole chunks only, and the next
+run embeds just the rows still missing. Rows that repeat an image (the paper cohort) share one forward pass.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import torch
+
+from embedkit.data.cohort import CohortError, cohort_classes, load_cohort
+from embedkit.data.images import decode_image
+from embedkit.models import prompts as prompt_sets
+from embedkit.models.registry import ModelSpec
+from embedkit.store import schemas
+from embedkit.store.store import Store, embeddings_table, prompts_table, sql_eq
+
+DEMOGRAPHICS = ("label", "age", "age_group", "sex", "view", "patient_id", "split")
+
+
+def localsim_table(model: str) -> str:
+    return "localsim_" + model.replace("-", "_")
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Decoded, preprocessed images by position; a file that fails to decode raises (never a blank image)."""
+
+    def __init__(self, paths: list[str], transform):
+        self.paths = paths
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        return index, self.transform(decode_image(self.paths[index]))
+
+
+@dataclass
+class EmbedSummary:
+    model: str
+    weights_id: str
+    cohort: str
+    images: int  # forward passes run in this call
+    rows: int  # rows written in this call
+    skipped: int  # rows already embedded with this weights_id
+    seconds: float
+    table: str
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+    def line(self) -> str:
+        return (f"{self.images} images ({self.rows} rows, {self.skipped} already there) in {self.seconds:.1f} s, "
+                f"{self.images_per_second:.1f} images/s -> table {self.table}, weights_id {self.weights_id}")
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CohortError("--device cuda asked for, but torch sees no CUDA device here")
+    return torch.device(device)
+
+
+def _record_weights(store: Store, spec: ModelSpec, model, weights_id: str, source: str) -> None:
+    row = {"model": spec.name, "weights_id": weights_id, "source": source, "embed_dim": model.embed_dim,
+           "logit_scale": float(model.zeroshot_logit_scale()), "zeroshot_rule": spec.zeroshot_rule,
+           "created_at": datetime.now(timezone.utc)}
+    store.upsert("weights", pa.Table.from_pylist([row], schema=schemas.WEIGHTS), ["model", "weights_id"],
+                 schemas.WEIGHTS)
+
+
+def _prompt_sets_for(spec: ModelSpec, extra: list[str]) -> list[str]:
+    sets = ["clip"] if spec.prompt_style == "clip" else ["chexpert-nih", "chexpert-authors"]
+    return sets + [s for s in extra if s not in sets]
+
+
+@torch.inference_mode()
+def embed_prompts(store: Store, spec: ModelSpec, model, weights_id: str, classes: tuple[str, ...],
+                  sets: list[str], device: torch.device, force: bool = False) -> dict[str, dict[str, list[str]]]:
+    """Embed each prompt set for ``classes``; returns {set name: {class: prompts}} in prompt_index order.
+
+    A class's prompts are tokenised together: MedCLIP averages over padded positions, so padding is part of
+    what the authors computed.
+    """
+    table = prompts_table(spec.name)
+    out = {}
+    for raw in sets:
+        name = prompt_sets.set_name(raw)
+        by_class = prompt_sets.prompt_set(raw, classes)
+        out[name] = by_class
+        where = f"{sql_eq('weights_id', weights_id)} AND {sql_eq('prompt_set', name)}"
+        if force:
+            store.delete(table, where)
+        elif store.count(table, where) == sum(len(v) for v in by_class.values()):
+            continue
+        rows, index = [], 0
+        for cls, texts in by_class.items():
+            tokens = {k: v.to(device) if torch.is_tensor(v) else v for k, v in model.tokenize(texts).items()}
+            vectors = model.encode_text(tokens).float().cpu().numpy()
+            for text, vec in zip(texts, vectors):
+                rows.append({"model": spec.name, "weights_id": weights_id, "prompt_set": name, "class": cls,
+                             "prompt_index": index, "prompt": text, "vector": vec.tolist()})
+                index += 1
+        schema = schemas.prompts_schema(model.embed_dim)
+        store.delete(table, where)  # a set is replaced whole: its prompt_index order must stay consistent
+        store.append(table, pa.Table.from_pylist(rows, schema=schema), schema)
+    return out
+
+
+def _rows_to_write(rows: pd.DataFrame, spec: ModelSpec, weights_id: str, vectors: np.ndarray, dim: int) -> pa.Table:
+    frame = rows[["row_id", "cohort", "image_id", *DEMOGRAPHICS]].copy()
+    frame["model"] = spec.name
+    frame["weights_id"] = weights_id
+    flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1))
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    table = table.append_column("vector", pa.FixedSizeListArray.from_arrays(flat, dim))
+    return table
+
+
+def embed_cohort(
+    store: Store,
+    spec: ModelSpec,
+    model,
+    weights_id: str,
+    source: str,
+    cohort: str,
+    device: str = "auto",
+    batch_size: int = 64,
+    workers: int = 2,
+    force: bool = False,
+    extra_prompt_sets: list[str] | None = None,
+    chunk_images: int = 256,
+    progress: bool = True,
+) -> EmbedSummary:
+    """Embed every row of ``cohort`` not yet embedded with ``weights_id`` (all rows with ``force``), and the prompts."""
+    rows = load_cohort(store, cohort)
+    classes = cohort_classes(rows)
+    if not classes:
+        raise CohortError(f"cohort '{cohort}' has no single-label rows: no classes to embed prompts for")
+    dev = resolve_device(device)
+    model = model.to(dev).eval()
+    table = embeddings_table(spec.name)
+    schema = schemas.embeddings_schema(model.embed_dim)
+    if store.has(table):
+        store._check_schema(table, store.open(table).schema, schema)
+    where = f"{sql_eq('weights_id', weights_id)} AND {sql_eq('cohort', cohort)}"
+    if force:
+        store.delete(table, where)
+        store.delete(localsim_table(spec.name), f"{sql_eq('weights_id', weights_id)} AND row_id LIKE '{cohort}/%'")
+    done = set(store.read(table, where, ["row_id"])["row_id"].to_pylist()) if store.has(table) else set()
+    _record_weights(store, spec, model, weights_id, source)
+    sets = embed_prompts(store, spec, model, weights_id, classes, _prompt_sets_for(spec, extra_prompt_sets or []),
+                         dev, force)
+    todo = rows[~rows["row_id"].isin(done)]
+    paths = list(dict.fromkeys(todo["path"]))  # repeated images: one forward pass
+    start = time.perf_counter()
+    if paths:
+        _embed_paths(store, spec, model, weights_id, todo, paths, sets, dev, batch_size, workers, chunk_images,
+                     progress, schema, table)
+    return EmbedSummary(spec.name, weights_id, cohort, len(paths), len(todo), len(done),
+                        time.perf_counter() - start, table)
+
+
+def _local_similarity_inputs(spec: ModelSpec, model, sets: dict[str, dict[str, list[str]]], dev: torch.device):
+    """GLoRIA only: tokenised prompts per set, in prompt_index order, for the word x region similarity."""
+    if spec.zeroshot_rule != "gloria":
+        return {}
+    out = {}
+    for name, by_class in sets.items():
+        texts = [t for ts in by_class.values() for t in ts]
+        tokens = model.tokenize(texts)
+        out[name] = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in tokens.items()}
+    return out
+
+
+def _encode_batch(model, pixels: torch.Tensor, local_inputs: dict) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
+    """Image vectors, plus (GLoRIA) the local similarity to every prompt of every set."""
+    if not local_inputs:
+        return model.encode_image(pixels), {}
+    from embedkit.models.gloria import local_similarity_for
+
+    sims = {name: local_similarity_for(model, pixels, tokens).float().cpu().numpy()
+            for name, tokens in local_inputs.items()}
+    return model.encode_image(pixels), sims
+
+
+def _embed_paths(store, spec, model, weights_id, todo, paths, sets, dev, batch_size, workers, chunk_images,
+                 progress, schema, table) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    loader = torch.utils.data.DataLoader(
+        ImageFiles(paths, model.image_transform()), batch_size=batch_size, num_workers=workers,
+        pin_memory=dev.type == "cuda", persistent_workers=False, prefetch_factor=4 if workers else None,
+    )
+    local_inputs = _local_similarity_inputs(spec, model, sets, dev)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
+    pending_idx: list[np.ndarray] = []
+    pending_vec: list[np.ndarray] = []
+    pending_sim: dict[str, list[np.ndarray]] = {name: [] for name in local_inputs}
+    by_path = todo.groupby("path", sort=False)
+
+    def flush() -> None:
+        if not pending_idx:
+            return
+        idx = np.concatenate(pending_idx)
+        vec = np.concatenate(pending_vec)
+        chunk_paths = [paths[i] for i in idx]
+        position = {p: k for k, p in enumerate(chunk_paths)}
+        chunk_rows = pd.concat([by_path.get_group(p) for p in chunk_paths])
+        order = chunk_rows["path"].map(position).to_numpy()
+        for name, sims in pending_sim.items():  # local similarities first: the vectors mark a row as done
+            sim = np.concatenate(sims)[order]
+            local = pa.table({"row_id": chunk_rows["row_id"].to_numpy(), "model": spec.name, "weights_id": weights_id,
+                              "prompt_set": name, "similarity": [s.tolist() for s in sim]})
+            store.upsert(localsim_table(spec.name), local, ["row_id", "weights_id", "prompt_set"],
+                         schemas.LOCAL_SIMILARITY)
+            sims.clear()
+        store.upsert(table, _rows_to_write(chunk_rows, spec, weights_id, vec[order], model.embed_dim),
+                     ["row_id", "weights_id"], schema)
+        pending_idx.clear()
+        pending_vec.clear()
+
+    columns = [TextColumn(f"embed {spec.name}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[rate]:.1f} img/s"), TimeElapsedColumn()]
+    start = time.perf_counter()
+    with Progress(*columns, disable=not progress, transient=False) as bar, torch.inference_mode():
+        task = bar.add_task("embed", total=len(paths), rate=0.0)
+        done = 0
+        for index, pixels in loader:
+            pixels = pixels.to(dev, non_blocking=True)
+            with autocast:
+                vectors, sims = _encode_batch(model, pixels, local_inputs)
+            for name, sim in sims.items():
+                pending_sim[name].append(sim)
+            pending_idx.append(index.numpy())
+            pending_vec.append(vectors.float().cpu().numpy())
+            done += len(index)
+            bar.update(task, advance=len(index), rate=done / (time.perf_counter() - start))
+            if sum(len(i) for i in pending_idx) >= chunk_images:
+                flush()
+        flush()

@@ -1,0 +1,374 @@
+"""MedCLIP (RyanWangZf/MedCLIP): a ResNet-50 or Swin-Tiny image tower and a Bio_ClinicalBERT text tower.
+
+Module names follow the authors' release so their ``pytorch_model.bin`` loads 1:1 (after the key clean-up in
+:func:`clean_state_dict`): ``vision_model.model.*`` (torchvision ResNet-50 whose ``fc`` is the projection, or an
+HF ``SwinModel``) with ``vision_model.projection_head`` for Swin, ``text_model.model.*`` (``BertModel`` with pooler),
+``text_model.projection_head`` and ``logit_scale``. Facts are from MODELS.md ("MedCLIP", "Common pitfalls").
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+import re
+from pathlib import Path
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from embedkit.errors import EmbedkitError
+from embedkit.models import bert
+from embedkit.models.base import VisionLanguageModel
+from embedkit.models.registry import MissingWeightsError, ModelSpec
+
+# Preprocessing constants of the authors' feature extractor (one grayscale channel).
+PIXEL_MEAN = 0.5862785803043838
+PIXEL_STD = 0.27950088968644304
+IMAGE_SIZE = 224
+CONTEXT_LENGTH = 77
+
+LOGIT_SCALE_INIT = math.log(1 / 0.07)
+LOGIT_SCALE_MAX = math.log(100)  # the authors clamp logit_scale to [0, log 100]
+
+WEIGHTS_FILE = "pytorch_model.bin"
+VOCAB_FILE = "vocab.txt"
+CLINICAL_BERT_SOURCE = "https://huggingface.co/emilyalsentzer/Bio_ClinicalBERT"
+
+# Tiny towers: the same classes at small widths (tests and demo). Swin keeps image 224, patch 4 and window 7,
+# so 56 -> 28 -> 14 -> 7 patches per side divide into windows exactly as in the full model; depth 2 per stage
+# exercises the shifted-window blocks too.
+TINY_SWIN = dict(embed_dim=16, depths=[2, 2, 2, 2], num_heads=[1, 2, 4, 8])
+TINY_RESNET_WIDTH = 16  # Bottleneck inner width per group (resnet50: 64); output channels stay 256 ... 2048
+
+_RESNET_CONFIGS = {"resnet50": False, "tiny-resnet50": True}  # config -> tiny?
+_SWIN_CONFIGS = {"swin": False, "tiny-swin": True}
+
+# PIL modes above 8 bits: ``convert("L")`` clips them instead of rescaling, so they must be decoded first.
+_HIGH_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I", "F"})
+
+
+class CheckpointMismatchError(EmbedkitError, ValueError):
+    """A MedCLIP checkpoint's keys or shapes do not match the architecture being loaded."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Preprocessing
+
+
+class MedCLIPTransform:
+    """PIL image -> float tensor [1, 224, 224]: the authors' pad-to-square, bicubic resize and normalisation.
+
+    A module-level class (not a closure) so DataLoader workers can pickle it.
+    """
+
+    def __init__(self, size: int = IMAGE_SIZE, mean: float = PIXEL_MEAN, std: float = PIXEL_STD) -> None:
+        self.size = size
+        self.mean = mean
+        self.std = std
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        if image.mode in _HIGH_BIT_MODES:
+            raise ValueError(
+                f"MedCLIP preprocessing got a {image.mode} (more than 8-bit) image; PIL would clip it. Decode it "
+                f"with embedkit.data.images.decode_image, which rescales to 8-bit, before the transform."
+            )
+        gray = image.convert("L")
+        width, height = gray.size
+        # Centre on a black square canvas at least 224 wide, so small images are padded rather than upscaled.
+        side = max(self.size, width, height)
+        canvas = Image.new("L", (side, side), 0)
+        canvas.paste(gray, ((side - width) // 2, (side - height) // 2))
+        canvas = canvas.resize((self.size, self.size), Image.Resampling.BICUBIC)
+        pixels = torch.frombuffer(bytearray(canvas.tobytes()), dtype=torch.uint8)
+        pixels = pixels.view(1, self.size, self.size).to(torch.float32) / 255.0
+        return (pixels - self.mean) / self.std
+
+    def __repr__(self) -> str:
+        return f"MedCLIPTransform(size={self.size}, mean={self.mean}, std={self.std})"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Towers
+
+
+def _as_three_channels(pixels: torch.Tensor) -> torch.Tensor:
+    # Both towers were trained on grayscale repeated to 3 channels inside the vision model (the authors' way).
+    return pixels.repeat(1, 3, 1, 1) if pixels.shape[1] == 1 else pixels
+
+
+class ResNetVision(nn.Module):
+    """torchvision ResNet whose ``fc`` (no bias) is the projection to the joint space: ``vision_model.model.*``."""
+
+    def __init__(self, embed_dim: int, tiny: bool = False) -> None:
+        super().__init__()
+        from torchvision.models.resnet import Bottleneck, ResNet, resnet50
+
+        if tiny:
+            self.model = ResNet(Bottleneck, [1, 1, 1, 1], width_per_group=TINY_RESNET_WIDTH)
+        else:
+            self.model = resnet50(weights=None)
+        self.model.fc = nn.Linear(self.model.fc.in_features, embed_dim, bias=False)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Unnormalised image embeddings [B, embed_dim] from pixels [B, 1 or 3, H, W]."""
+        return self.model(_as_three_channels(pixels))
+
+
+class SwinVision(nn.Module):
+    """HF ``SwinModel`` (pooled output) then ``projection_head`` Linear(no bias)."""
+
+    def __init__(self, embed_dim: int, tiny: bool = False) -> None:
+        super().__init__()
+        from transformers import SwinConfig, SwinModel
+
+        # The default SwinConfig is swin-tiny-patch4-window7-224, the authors' "ViT" tower.
+        config = SwinConfig(**TINY_SWIN) if tiny else SwinConfig()
+        self.model = SwinModel(config, add_pooling_layer=True)
+        self.projection_head = nn.Linear(config.hidden_size, embed_dim, bias=False)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Unnormalised image embeddings [B, embed_dim] from pixels [B, 1 or 3, H, W]."""
+        pooled = self.model(pixel_values=_as_three_channels(pixels)).pooler_output
+        return self.projection_head(pooled)
+
+
+class ClinicalBertText(nn.Module):
+    """``BertModel`` (with pooler, as in the checkpoint) and ``projection_head``; MedCLIP's pooling rule."""
+
+    def __init__(self, bert_fields: dict, embed_dim: int) -> None:
+        super().__init__()
+        from transformers import BertModel
+
+        config = bert.bert_config(bert_fields, output_hidden_states=True)
+        self.model = BertModel(config, add_pooling_layer=True)
+        self.projection_head = nn.Linear(config.hidden_size, embed_dim, bias=False)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Unnormalised text embeddings [P, embed_dim].
+
+        Hidden states 1, 2 and -1 (the first two layers and the last), each averaged over ALL positions,
+        padding included (the authors pass no mask to the mean: tokenising prompts together changes their
+        embeddings), then averaged over the three layers and projected.
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        hidden = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True
+        ).hidden_states
+        layers = torch.stack([hidden[1], hidden[2], hidden[-1]])  # [3, P, L, H]
+        pooled = layers.mean(dim=2).mean(dim=0)  # positions, then layers
+        return self.projection_head(pooled)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The model
+
+
+class MedCLIP(VisionLanguageModel):
+    """MedCLIP with the authors' module names; ``variant`` is "resnet" or "swin"."""
+
+    def __init__(self, spec: ModelSpec, tokenizer) -> None:
+        super().__init__()
+        if spec.config in _RESNET_CONFIGS:
+            self.variant = "resnet"
+            self.vision_model: nn.Module = ResNetVision(spec.embed_dim, tiny=_RESNET_CONFIGS[spec.config])
+        elif spec.config in _SWIN_CONFIGS:
+            self.variant = "swin"
+            self.vision_model = SwinVision(spec.embed_dim, tiny=_SWIN_CONFIGS[spec.config])
+        else:
+            known = ", ".join([*_RESNET_CONFIGS, *_SWIN_CONFIGS])
+            raise ValueError(f"model '{spec.name}': unknown MedCLIP config '{spec.config}' (known: {known})")
+        bert_fields = bert.TINY_BERT if spec.tiny else bert.CLINICAL_BERT
+        self.text_model = ClinicalBertText(bert_fields, spec.embed_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(LOGIT_SCALE_INIT))
+        self.embed_dim = spec.embed_dim
+        self.spec_name = spec.name
+        self._tokenizer = tokenizer
+
+    def image_transform(self) -> MedCLIPTransform:
+        """The authors' preprocessing: grayscale, pad to square, 224 bicubic, one normalised channel."""
+        return MedCLIPTransform()
+
+    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """Lower-cased WordPiece ids, padded to the longest prompt of ``texts`` (padding counts in the mean)."""
+        encoded = self._tokenizer(
+            list(texts), padding=True, truncation=True, max_length=CONTEXT_LENGTH, return_tensors="pt"
+        )
+        return {key: value for key, value in encoded.items()}
+
+    def _param_like(self) -> torch.Tensor:
+        return self.text_model.projection_head.weight
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """L2-normalised image embeddings [B, embed_dim] from [B, 1 or 3, 224, 224]."""
+        ref = self._param_like()
+        return F.normalize(self.vision_model(pixels.to(device=ref.device, dtype=ref.dtype)), dim=-1)
+
+    def encode_text(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        """L2-normalised text embeddings [P, embed_dim] from :meth:`tokenize` output."""
+        device = self._param_like().device
+        mask = tokens.get("attention_mask")
+        embeds = self.text_model(tokens["input_ids"].to(device), None if mask is None else mask.to(device))
+        return F.normalize(embeds, dim=-1)
+
+    def zeroshot_logit_scale(self) -> float:
+        """exp(logit_scale) after the authors' clamp of logit_scale to [0, log 100]: at most 100."""
+        return math.exp(min(max(float(self.logit_scale.detach()), 0.0), LOGIT_SCALE_MAX))
+
+    def image_tower(self) -> nn.Module:
+        """``vision_model``: the backbone plus its projection (ResNet ``fc`` / Swin ``projection_head``)."""
+        return self.vision_model
+
+
+def _vocab_size(fields_tiny: bool) -> int:
+    return (bert.TINY_BERT if fields_tiny else bert.CLINICAL_BERT)["vocab_size"]
+
+
+def build(spec: ModelSpec, seed: int = 0) -> MedCLIP:
+    """The real architecture with random weights, deterministic for ``seed``, and a synthetic tokenizer.
+
+    The global torch RNG is left as it was. Works under ``with torch.device("meta"):`` (shapes only).
+    """
+    tokenizer = bert.synthetic_tokenizer(_vocab_size(spec.tiny))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = MedCLIP(spec, tokenizer)
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Released weights
+
+# Checkpoints saved under transformers 4 name Swin's attention and MLP modules differently from transformers 5
+# (which renames them itself in from_pretrained, but not in load_state_dict). Old name -> current name.
+_LEGACY_SWIN_RENAMES: tuple[tuple[re.Pattern, str], ...] = tuple(
+    (re.compile(pattern), repl)
+    for pattern, repl in (
+        (r"(\.blocks\.\d+\.attention\.)self\.query\.", r"\1q_proj."),
+        (r"(\.blocks\.\d+\.attention\.)self\.key\.", r"\1k_proj."),
+        (r"(\.blocks\.\d+\.attention\.)self\.value\.", r"\1v_proj."),
+        (r"(\.blocks\.\d+\.attention\.)self\.(relative_position_\w+)$", r"\1relative_position_bias.\2"),
+        (r"(\.blocks\.\d+\.attention\.)output\.dense\.", r"\1o_proj."),
+        (r"(\.blocks\.\d+\.)intermediate\.dense\.", r"\1mlp.fc1."),
+        (r"(\.blocks\.\d+\.)output\.dense\.", r"\1mlp.fc2."),
+    )
+)
+
+
+def _current_swin_name(key: str) -> str:
+    if not key.startswith("vision_model.model.encoder.layers."):
+        return key
+    for pattern, repl in _LEGACY_SWIN_RENAMES:
+        renamed, hits = pattern.subn(repl, key)
+        if hits:
+            return renamed
+    return key
+
+
+def _is_derived_buffer(key: str) -> bool:
+    # Buffers computed from the config, not learned: old checkpoints carry them, current transformers does not.
+    return key.endswith("embeddings.position_ids") or key.endswith("relative_position_index")
+
+
+def _key_list(keys: list[str], limit: int = 12) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def clean_state_dict(
+    state: Mapping[str, torch.Tensor], model: nn.Module, source: str = "checkpoint"
+) -> dict[str, torch.Tensor]:
+    """The authors' state dict with keys made to match ``model``; anything else that differs raises.
+
+    Drops ``*.embeddings.position_ids`` and Swin ``*.relative_position_index`` (derived buffers that current
+    transformers no longer stores), renames transformers-4 Swin keys where the model uses the new names, and
+    raises :class:`CheckpointMismatchError` naming every other missing or unexpected key or shape mismatch.
+    """
+    expected = model.state_dict()
+    cleaned: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        if key not in expected:
+            renamed = _current_swin_name(key)
+            key = renamed if renamed in expected else key
+        if _is_derived_buffer(key) and key not in expected:
+            continue
+        cleaned[key] = tensor
+    for key in expected:
+        if key not in cleaned and _is_derived_buffer(key):
+            cleaned[key] = expected[key]  # an older transformers keeps it persistent: use the model's own value
+
+    missing = [k for k in expected if k not in cleaned]
+    unexpected = [k for k in cleaned if k not in expected]
+    wrong_shape = [
+        f"{k} (checkpoint {tuple(cleaned[k].shape)}, model {tuple(expected[k].shape)})"
+        for k in cleaned
+        if k in expected and tuple(cleaned[k].shape) != tuple(expected[k].shape)
+    ]
+    if missing or unexpected or wrong_shape:
+        problems = []
+        if unexpected:
+            problems.append(f"{len(unexpected)} unexpected key(s): {_key_list(unexpected)}")
+        if missing:
+            problems.append(f"{len(missing)} missing key(s): {_key_list(missing)}")
+        if wrong_shape:
+            problems.append(f"{len(wrong_shape)} shape mismatch(es): {_key_list(wrong_shape)}")
+        hint = ""
+        variant = getattr(model, "variant", None)
+        has_swin_head = "vision_model.projection_head.weight" in state
+        if variant == "resnet" and has_swin_head:
+            hint = " It looks like the Swin checkpoint (medclip-vit-pretrained.zip): use model medclip-vit."
+        elif variant == "swin" and not has_swin_head and "vision_model.model.fc.weight" in state:
+            hint = " It looks like the ResNet checkpoint (medclip-pretrained.zip): use model medclip-rn50."
+        raise CheckpointMismatchError(
+            f"{source} does not match MedCLIP '{getattr(model, 'spec_name', '?')}': " + "; ".join(problems) + "."
+            + hint
+        )
+    return cleaned
+
+
+def _read_state_dict(weights: Path) -> dict[str, torch.Tensor]:
+    # weights_only: a downloaded pickle must not run code; the authors' file is a plain state dict.
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+        raise CheckpointMismatchError(
+            f"{weights} is not a readable PyTorch state dict ({type(exc).__name__}: {exc}). Re-download and unzip "
+            f"the MedCLIP release."
+        ) from None
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointMismatchError(
+            f"{weights} should hold a plain state dict (name -> tensor) as the MedCLIP release does; "
+            f"found {type(state).__name__}."
+        )
+    return dict(state)
+
+
+def load(spec: ModelSpec, path: str | Path) -> MedCLIP:
+    """MedCLIP with the authors' weights: ``path`` is the unzipped folder or its ``pytorch_model.bin``.
+
+    Bio_ClinicalBERT's ``vocab.txt`` must sit beside the weights (the release zip lacks it).
+    """
+    path = Path(path)
+    weights = path if path.is_file() else path / WEIGHTS_FILE
+    if not weights.is_file():
+        raise MissingWeightsError(f"{WEIGHTS_FILE} not found at {weights}. " + spec.missing_message(path))
+    vocab = weights.parent / VOCAB_FILE
+    if not vocab.is_file():
+        raise MissingWeightsError(
+            f"{VOCAB_FILE} not found at {vocab}. MedCLIP's release zip has no tokenizer: download "
+            f"{VOCAB_FILE} of Bio_ClinicalBERT from {CLINICAL_BERT_SOURCE} and put it beside {weights.name}."
+        )
+    tokenizer = bert.load_tokenizer(vocab, do_lower_case=True)
+    vocab_size = _vocab_size(spec.tiny)
+    if len(tokenizer) > vocab_size:
+        raise CheckpointMismatchError(
+            f"{vocab} has {len(tokenizer)} tokens but the text tower of '{spec.name}' has {vocab_size}: use "
+            f"Bio_ClinicalBERT's vocab.txt ({CLINICAL_BERT_SOURCE})."
+        )
+    state = _read_state_dict(weights)
+    model = MedCLIP(spec, tokenizer)
+    model.load_state_dict(clean_state_dict(state, model, source=str(weights)), strict=True)
+    return model.eval()
