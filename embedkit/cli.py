@@ -199,5 +199,63 @@ def data_info(
         echo_json(report)
 
 
+# ---- models and embedding --------------------------------------------------------------------------------------
+
+
+@app.command("models")
+def models_cmd(
+    weights_dir: Optional[Path] = typer.Option(None, envvar="EMBEDKIT_WEIGHTS", help="Folder with one sub-folder per model"),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output"),
+) -> None:
+    """Each model: embedding width, the files it needs, where users get them, and whether they are here."""
+    from embedkit.models.registry import MODELS
+
+    listing = []
+    for spec in MODELS.values():
+        found = None if spec.tiny else spec.find_weights(weights_dir)
+        listing.append({"model": spec.name, "embed_dim": spec.embed_dim, "description": spec.description,
+                        "files": [] if spec.tiny else list(spec.weight_files),
+                        "source": "random init only (test configuration)" if spec.tiny else spec.weight_source,
+                        "found": str(found) if found else None})
+    if as_json:
+        echo_json(listing)
+        return
+    for item in listing:
+        status = f"found: {item['found']}" if item["found"] else ("random init only" if not item["files"] else "not found")
+        typer.echo(f"{item['model']:<20} dim {item['embed_dim']:<4} {status}")
+        if item["files"]:
+            typer.echo(f"{'':<20} needs {', '.join(item['files'])}; from {item['source']}")
+
+
+@app.command("embed")
+def embed_cmd(
+    ctx: typer.Context,
+    model: str = typer.Option(..., help="Model name (see `embedkit models`)"),
+    cohort: str = typer.Option("nih6x200", help="Cohort in the store"),
+    weights: Optional[Path] = typer.Option(None, help="Weights file or folder in the authors' format"),
+    weights_dir: Optional[Path] = typer.Option(None, envvar="EMBEDKIT_WEIGHTS", help="Folder with one sub-folder per model"),
+    random_init: bool = typer.Option(False, help="Real architecture, random weights (labelled random-init in the store)"),
+    seed: int = typer.Option(0, help="Seed of --random-init"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    batch_size: int = typer.Option(64, help="Images per forward pass"),
+    workers: int = typer.Option(2, help="DataLoader worker processes decoding images"),
+    prompts: list[str] = typer.Option([], help="Extra prompt set: a YAML/JSON file {class: [prompts]} (repeatable)"),
+    force: bool = typer.Option(False, help="Re-embed rows already embedded with these weights"),
+    quiet: bool = typer.Option(False, help="No progress bar"),
+) -> None:
+    """Embed a cohort's images and its class prompts with one model into the store."""
+    from embedkit.embed import embed_cohort
+    from embedkit.models.registry import get_spec, instantiate
+
+    if weights and random_init:
+        raise typer.BadParameter("--weights and --random-init exclude each other")
+    spec = get_spec(model)
+    net, weights_id, source = instantiate(spec, weights, random_init, seed, weights_dir)
+    summary = embed_cohort(get_store(ctx), spec, net, weights_id, source, cohort, device=device,
+                           batch_size=batch_size, workers=workers, force=force, extra_prompt_sets=prompts,
+                           progress=not quiet)
+    typer.echo(summary.line())
+
+
 if __name__ == "__main__":
     main()

@@ -13,6 +13,7 @@ import pytest
 
 from embedkit.constants import AGE_GROUPS, NIH_CLASSES, SEXES, SPLITS
 from embedkit.data import nih
+from embedkit.errors import EmbedkitError
 
 NIH_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "nih"
 METADATA = NIH_DIR / "Data_Entry_2017_v2020.csv.gz"
@@ -265,6 +266,6 @@ def test_non_numeric_age(tmp_path: Path) -> None:
 
 
 def test_unknown_protocol() -> None:
-    with pytest.raises(ValueError if False else Exception, match="nih6x200"):
+    with pytest.raises(EmbedkitError, match="shipped: nih6x200-paper, nih6x200"):
         nih.shipped_manifest("chexpert")
     assert nih.shipped_manifest(nih.PROTOCOL_CLEAN)["split"].isin(SPLITS).all()

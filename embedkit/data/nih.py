@@ -108,8 +108,8 @@ def _base_frame(meta: pd.DataFrame) -> pd.DataFrame:
             "image_id": image_id,
             "labels": pd.Series(labels, dtype=object),
             "age": age.to_numpy(),
-            # Vectorised constants.age_group (a Python call per row would cost ~50 ms on 112k rows): same boundary.
-            "age_group": np.where(age.to_numpy() >= AGE_OLD_FROM, AGE_GROUPS[1], AGE_GROUPS[0]).astype(object),
+            # constants.age_group, called once per distinct age: one boundary everywhere.
+            "age_group": age.map({a: age_group(a) for a in age.unique()}).to_numpy(dtype=object),
             "sex": meta["Patient Gender"].astype(str).to_numpy(dtype=object),
             "view": meta["View Position"].astype(str).to_numpy(dtype=object),
             # The paper's Patient_ID: the Image Index prefix, zero-padded ("00000001").
@@ -173,7 +173,7 @@ def paper_cohort(meta: pd.DataFrame) -> pd.DataFrame:
     frame["Image Index"] = frame["image_id"]
     frame["Patient Gender"] = frame["sex"]
     single = _single_label_six(frame)
-    # Ages >= 100 fall outside the paper's bins (NaN) and so out of every cell; v2020 has none (max 95).
+    # The paper's bins [0, 60, 100) (AGE_OLD_FROM is its 60). Ages >= 100 fall outside every cell; v2020 has none.
     single["Age Group"] = pd.cut(single["age"], bins=[0, AGE_OLD_FROM, 100], right=False)
     intervals = list(single["Age Group"].cat.categories)  # [0, 60), [60, 100): young, old
 
@@ -220,7 +220,7 @@ def clean_cohort(meta: pd.DataFrame, seed: int = CLEAN_SEED) -> pd.DataFrame:
        none that would overshoot), so that no image is stranded and patients with several images go to train,
        where all their images can be used.
     3. After all cells: a cell still short of a split's target borrows, for that split, from its sibling sex cell
-       (same label and age group) with the same filling rule. Borrowed rows keep their true sex.
+       (same label and age group), one image per patient first. Borrowed rows keep their true sex.
 
     Rows are ordered by label (class order), age group (young, old), sex (M, F), split (train, val, test),
     image_id. :func:`unfilled_cells` lists the cells that differ from 35/5/10.

@@ -225,46 +225,47 @@ def _draw_params(rng: np.random.Generator, age: float, sex: str) -> dict[str, An
     female = sex == "F"
     u = rng.uniform
     p: dict[str, Any] = {"t": t, "female": female}
-    # Anatomy: women narrower and smaller lungs; older patients broader chest, hyperinflated, lower domes.
-    p["shoulder"] = (0.405 if female else 0.45) + 0.02 * t + u(-0.012, 0.012)
-    p["waist"] = (0.355 if female else 0.395) + 0.045 * t + u(-0.012, 0.012)
-    p["lung_a"] = (0.148 if female else 0.16) + 0.012 * t + u(-0.008, 0.008)
-    p["lung_b"] = 0.33 + 0.02 * t + u(-0.012, 0.012)
-    p["lung_cy"] = 0.5 + u(-0.01, 0.01)
-    p["dome_y"] = 0.725 + 0.035 * t + u(-0.015, 0.015)
-    p["dome_h"] = 0.065 - 0.02 * t + u(-0.008, 0.008)  # flatter domes with age
-    p["heart_w"] = 0.112 + 0.008 * t + u(-0.008, 0.008)
-    p["heart_h"] = 0.10 + u(-0.006, 0.006)
+    # Anatomy: women narrower with smaller lungs; older patients a broader chest, hyperinflated lungs, lower
+    # and flatter domes, a bigger aortic knob.
+    p["shoulder"] = (0.41 if female else 0.455) + 0.015 * t + u(-0.012, 0.012)
+    p["waist"] = (0.35 if female else 0.39) + 0.045 * t + u(-0.012, 0.012)
+    p["lung_a"] = (0.145 if female else 0.158) + 0.012 * t + u(-0.008, 0.008)
+    p["lung_b"] = 0.315 + 0.02 * t + u(-0.012, 0.012)
+    p["lung_cy"] = 0.49 + u(-0.01, 0.01)
+    p["dome_y"] = 0.735 + 0.035 * t + u(-0.015, 0.015)
+    p["dome_h"] = 0.085 - 0.025 * t + u(-0.008, 0.008)
+    p["heart_w"] = 0.13 + 0.01 * t + u(-0.01, 0.01)
+    p["heart_h"] = 0.092 + u(-0.006, 0.006)
     p["heart_cx"] = 0.535 + u(-0.01, 0.01)
-    p["aorta"] = 0.012 + 0.012 * t  # aortic knob grows with age
-    p["breast"] = (0.07 + 0.02 * (1 - t)) if female else 0.0
-    p["breast_y"] = 0.70 + 0.04 * t + u(-0.02, 0.02)
+    p["aorta"] = 0.01 + 0.014 * t
+    p["breast"] = (0.06 + 0.025 * (1 - t)) if female else 0.0
+    p["breast_y"] = 0.72 + 0.04 * t + u(-0.02, 0.02)
     p["gastric"] = u(0.0, 1.0) < 0.6
-    p["rib_alpha"] = 0.11 * (1.0 - 0.45 * t) * u(0.85, 1.15)  # osteopenia: fainter ribs
+    p["rib_alpha"] = 0.085 * (1.0 - 0.45 * t) * u(0.85, 1.15)  # osteopenia: fainter ribs
     p["rib_phase"] = u(-0.01, 0.01)
-    # Vascular markings: per side, radial branches from the hilum.
+    # Vascular markings: per side, branches fanning out of the hilum (angle, length, bend, branch point).
     p["vessels"] = [
-        [(u(-1.2, 1.3), u(0.12, 0.27), u(-0.5, 0.5), u(0.35, 0.7)) for _ in range(11)] for _ in range(2)
+        [(u(-1.1, 1.25), u(0.12, 0.26), u(-0.6, 0.6), u(0.35, 0.7)) for _ in range(10)] for _ in range(2)
     ]
     # Image quality: contrast falls and grain rises with age; exposure varies for everyone.
     p["contrast"] = (1.0 - 0.32 * t) * u(0.92, 1.08)
-    p["grain"] = 0.022 + 0.035 * t
+    p["grain"] = 0.02 + 0.035 * t
     p["gamma"] = u(0.85, 1.15)
-    p["affine"] = (u(-0.035, 0.035), u(-0.02, 0.03), u(-0.02, 0.02), u(0.95, 1.06))  # rot, dx, dy, scale
+    p["pose"] = (u(-0.03, 0.03), u(-0.02, 0.02), u(-0.02, 0.02), u(0.97, 1.05))  # rotation, dx, dy, scale
     # Class patterns: all drawn for every image so the random stream does not depend on the label.
     p["atel_side"] = 1 if u() < 0.5 else -1
-    p["atel_size"] = u(0.8, 1.2)
-    p["cardio_scale"] = u(0.45, 0.6)
+    p["atel_size"] = u(0.85, 1.2)
+    p["cardio_scale"] = u(0.4, 0.55)
     p["cons_side"] = 1 if u() < 0.5 else -1
-    p["cons_zone"] = u(0.28, 0.66)
-    p["cons_lat"] = u(-0.35, 0.45)
-    p["cons_r"] = u(0.075, 0.105)
+    p["cons_zone"] = u(0.25, 0.7)
+    p["cons_lat"] = u(-0.3, 0.4)
+    p["cons_r"] = u(0.075, 0.1)
     p["cons_blobs"] = [(u(-1, 1), u(-1, 1), u(0.5, 1.0)) for _ in range(5)]
     p["edema_w"] = u(0.9, 1.15)
     p["eff_side"] = 1 if u() < 0.5 else -1
-    p["eff_height"] = u(0.14, 0.22)
+    p["eff_height"] = u(0.13, 0.2)
     p["ptx_side"] = 1 if u() < 0.5 else -1
-    p["ptx_depth"] = u(0.62, 0.74)
+    p["ptx_depth"] = u(0.6, 0.72)
     p["ptx_extent"] = u(0.12, 0.3)
     return p
 
@@ -282,84 +283,88 @@ def _check_inputs(label_index: int, age: int, sex: str, size: int, signal: float
         raise SynthError(f"signal {signal} is outside [0, 1]")
 
 
+_POSE_MARGIN = 0.07  # covers the largest rotation + shift + zoom-out of the pose jitter
+
+
 def render_image(
     label_index: int, age: int, sex: str, rng_seed: int, size: int = 256, signal: float = 1.0
 ) -> np.ndarray:
     """Draw one synthetic frontal chest X-ray as a ``size`` x ``size`` uint8 grayscale array.
 
     ``label_index`` indexes :data:`NIH_CLASSES` and picks the class pattern; ``signal`` in [0, 1] scales it
-    (0: the image is the same whatever the label). ``rng_seed`` fixes every random draw (see :func:`image_seed`).
+    (0: the image is identical whatever the label). ``rng_seed`` fixes every random draw (see :func:`image_seed`).
+    The image is the patient facing the viewer: the patient's right (side -1 below) is on the image's left.
     """
     _check_inputs(label_index, age, sex, size, signal)
-    n, s, label = int(size), float(signal), int(label_index)
+    n, s = int(size), float(signal)
+    cls = NIH_CLASSES[int(label_index)]
     rng = np.random.default_rng(int(rng_seed))
     p = _draw_params(rng, float(age), sex)
-    cls = NIH_CLASSES[label]
-    xs = ((np.arange(n, dtype=np.float32) + 0.5) / n)[None, :]
-    ys = ((np.arange(n, dtype=np.float32) + 0.5) / n)[:, None]
+    g = _Grid.make(n, _POSE_MARGIN)
+    xs, ys = g.xs, g.ys
     ax = np.abs(xs - 0.5)
 
-    # Volume loss of atelectasis raises one hemidiaphragm and pulls the mediastinum toward it.
+    # Volume loss of atelectasis raises one hemidiaphragm and pulls the mediastinum toward that side.
     atel = s if cls == "Atelectasis" else 0.0
-    shift = 0.022 * atel * p["atel_side"]
+    shift = 0.02 * atel * p["atel_side"]
 
-    # Body silhouette: neck, rounded shoulders, trunk tapering to the waist.
-    knots_y = [0.0, 0.05, 0.12, 0.2, 0.55, 1.0]
-    knots_w = [0.1, 0.115, p["shoulder"] * 0.93, p["shoulder"], p["waist"] + 0.02, p["waist"]]
+    # Body: neck, sloping shoulders, trunk; brightness follows the path length through an elliptic trunk.
+    knots_y = [-0.1, 0.04, 0.1, 0.17, 0.25, 0.6, 1.1]
+    knots_w = [0.09, 0.1, 0.27, p["shoulder"] * 0.96, p["shoulder"], p["waist"] + 0.02, p["waist"]]
     half_w = np.interp(ys[:, 0], knots_y, knots_w).astype(np.float32)[:, None]
-    body = _soft(ax - half_w, 0.012) * _soft(0.035 - ys, 0.01)
-    img = 0.035 + 0.47 * body
-    img += 0.05 * body * np.exp(-((xs - 0.5) / 0.3) ** 2)  # thicker trunk in the middle
+    body = _soft(ax - half_w, 0.01)
+    thick = np.sqrt(np.clip(1.0 - (ax / half_w) ** 2, 0.0, 1.0))
+    img = 0.03 + body * (0.07 + 0.4 * thick)
 
-    if p["breast"] > 0:  # breast shadows over the lower lateral lung fields
-        for side in (-1, 1):
-            bx, by = 0.5 + side * 0.24, p["breast_y"]
-            r = np.sqrt(((xs - bx) / 0.17) ** 2 + ((ys - by) / 0.11) ** 2)
-            img += p["breast"] * _soft(r - 1.0, 0.12) * body
-
-    # Lungs: egg-shaped fields (narrow apex, boxy base) cut by the diaphragm domes; side -1 = patient's right.
-    lungs = np.zeros((n, n), dtype=np.float32)
-    lung_side = {}
-    domes = {}
+    # Lungs: egg-shaped fields (narrow apex, square base) cut by the diaphragm domes.
+    lungs = np.zeros(g.shape, dtype=np.float32)
+    lung_side: dict[int, tuple[np.ndarray, float, float, float, float, np.ndarray]] = {}
+    domes: dict[int, np.ndarray] = {}
     for side in (-1, 1):
-        cx, cy, a, b = 0.5 + side * 0.205 + 0.3 * shift, p["lung_cy"], p["lung_a"], p["lung_b"]
+        cx, cy, a, b = 0.5 + side * 0.2 + 0.3 * shift, p["lung_cy"], p["lung_a"], p["lung_b"]
         v = (ys - cy) / b
-        a_eff = a * (1.0 + 0.14 * np.clip(v, -1.0, 1.0))
-        uu = np.abs(xs - cx) / a_eff
-        vv = np.abs(v)
-        expo = np.where(v < 0, 2.0, 4.0)  # rounded apex, square base so the domes make sharp angles
-        r = (uu ** expo + vv ** expo) ** (1.0 / expo)
-        dome_y = p["dome_y"] + (0.022 if side == -1 else 0.042)  # the right dome sits higher
+        a_eff = a * (1.0 + 0.16 * np.clip(v, -1.0, 1.0))
+        uu, vv = np.abs(xs - cx) / a_eff, np.abs(v)
+        r = np.where(v < 0, np.sqrt(uu ** 2 + vv ** 2), (uu ** 4 + vv ** 4) ** 0.25)
+        dome_y = p["dome_y"] + (0.0 if side == -1 else 0.025)  # the right dome sits higher
         if p["atel_side"] == side:
             dome_y -= 0.06 * atel
-        dome = dome_y - p["dome_h"] * np.clip(1.0 - ((xs - cx) / (1.1 * a)) ** 2, 0.0, 1.0)
-        mask = _soft((r - 1.0) * a, 0.006) * _soft(ys - dome, 0.005)
+        dome = dome_y - p["dome_h"] * np.clip(1.0 - ((xs - cx - side * 0.02) / (1.05 * a)) ** 2, 0.0, 1.0)
+        mask = _soft((r - 1.0) * a, 0.005) * _soft(ys - dome, 0.004)
         lung_side[side] = (mask, cx, cy, a, b, r)
         domes[side] = dome
         lungs += mask
     lungs = np.clip(lungs, 0.0, 1.0)
 
-    # Lung parenchyma: darker than soft tissue, with a soft mottled texture.
-    texture = 0.025 * _lowfreq(rng, n, 12)
-    img -= lungs * (0.31 - texture)
+    # Abdomen below the domes is denser (liver on the right); a gastric air bubble under the left dome.
+    liver = _soft(domes[-1] + 0.01 - ys, 0.012) * _soft(xs - 0.5, 0.03)
+    img += 0.05 * liver * body
+    if p["gastric"]:
+        gb = np.sqrt(((xs - 0.64) / 0.045) ** 2 + ((ys - domes[1] - 0.045) / 0.028) ** 2)
+        img -= 0.1 * _soft(gb - 1.0, 0.15) * body
 
-    # Vascular markings: branches radiating from each hilum, fading to the periphery.
-    vessel_img = np.zeros((n, n), dtype=np.float32)
-    width = max(0.0045, 0.8 / n)
+    # Lung parenchyma: air-dark, with a soft mottled texture and hilar shadows.
+    texture = 0.02 * _lowfreq(rng, g.shape, 14)
+    _lerp(img, 0.12 + texture, lungs * 0.95)
+    markings = np.zeros(g.shape, dtype=np.float32)
+    width = max(0.004, 0.8 / n)
     for k, side in enumerate((-1, 1)):
         _, cx, cy, a, _, _ = lung_side[side]
-        hx, hy = 0.5 + side * 0.1 + 0.3 * shift, cy - 0.04
+        hx, hy = 0.5 + side * 0.095 + 0.3 * shift, cy - 0.03
+        markings += 0.09 * np.exp(-(((xs - hx - side * 0.01) / 0.03) ** 2 + ((ys - hy) / 0.05) ** 2))
         for ang, length, bend, frac in p["vessels"][k]:
-            # Angles fan from up-lateral to down-lateral; mirrored for the other side.
-            dxn, dyn = math.cos(ang) * side, math.sin(ang)
-            ex, ey = hx + dxn * length, hy + dyn * length * 1.1
-            _segment(vessel_img, xs, ys, (hx, hy), (ex, ey), width * 1.6, 0.09, 0.02)
-            mx, my = hx + dxn * length * frac, hy + dyn * length * frac * 1.1
-            bx, by = mx + math.cos(ang + bend) * side * length * 0.5, my + math.sin(ang + bend) * length * 0.5
-            _segment(vessel_img, xs, ys, (mx, my), (bx, by), width, 0.05, 0.01)
+            # Branches fan from up-lateral to down-lateral, mirrored per side; they start off the hilum's
+            # centre so their sum does not pile up into a bright star there.
+            dxn, dyn = math.cos(ang) * side, math.sin(ang) * 1.1
+            sx, sy = hx + dxn * 0.03, hy + dyn * 0.03
+            ex, ey = hx + dxn * length, hy + dyn * length
+            _segment(markings, g, (sx, sy), (ex, ey), width * 1.5, 0.07, 0.012)
+            mx, my = hx + dxn * length * frac, hy + dyn * length * frac
+            bx = mx + math.cos(ang + bend) * side * length * 0.45
+            by = my + math.sin(ang + bend) * 1.1 * length * 0.45
+            _segment(markings, g, (mx, my), (bx, by), width, 0.04, 0.008)
 
-    # Pneumothorax: a rim of the lung beyond a pleural line is air only (dark, no markings).
-    ptx_region = None
+    # Pneumothorax: the lung rim beyond a pleural line holds air only: dark, no markings.
     ptx = s if cls == "Pneumothorax" else 0.0
     if ptx > 0:
         side = p["ptx_side"]
@@ -367,135 +372,129 @@ def render_image(
         lateral = (xs - cx) * side / a  # -1 medial .. +1 lateral
         upper = _soft(ys - (cy + p["ptx_extent"]), 0.03)
         sector = _soft(-(lateral + 0.55 - 0.9 * np.clip((cy - ys) / b, 0, 1)), 0.08) * upper
-        ptx_region = _soft(p["ptx_depth"] - r, 0.02) * sector * mask
-        vessel_img *= 1.0 - ptx_region * ptx
-        line = np.exp(-((r - p["ptx_depth"]) / 0.018) ** 2) * sector * mask
-    img += vessel_img * lungs
-    if ptx_region is not None:
-        _lerp(img, 0.07, ptx_region * 0.9 * ptx)
-        img += 0.16 * ptx * line
+        rim = _soft(p["ptx_depth"] - r, 0.015) * sector * mask
+        markings *= 1.0 - rim * ptx
+        img += markings * lungs
+        _lerp(img, 0.05, rim * 0.95 * ptx)
+        img += 0.14 * ptx * np.exp(-(((r - p["ptx_depth"]) / 0.016) ** 2)) * sector * mask
+    else:
+        img += markings * lungs
 
-    # Ribs: posterior arcs (from the spine, up then down laterally) and fainter anterior ones.
-    thorax = np.zeros((n, n), dtype=np.float32)
+    # Ribs: posterior arcs (up from the spine, then down laterally) and fainter, oblique anterior ones.
+    thorax = np.zeros(g.shape, dtype=np.float32)
     for side in (-1, 1):
         _, _, _, a, _, r = lung_side[side]
-        thorax += _soft((r - 1.12) * a, 0.01) * _soft(ys - domes[side] - 0.02, 0.01)
+        thorax += _soft((r - 1.1) * a, 0.01) * _soft(ys - domes[side] - 0.03, 0.015)
     thorax = np.clip(thorax, 0.0, 1.0)
-    ribs = np.zeros((n, n), dtype=np.float32)
-    q = np.clip((ax - 0.03) / 0.42, 0.0, 1.0)
-    rib_h = 0.0105
+    ribs = np.zeros(g.shape, dtype=np.float32)
+    q = np.clip((ax - 0.03) / 0.4, 0.0, 1.0)
+    rib_h = 0.0095
     for i in range(10):
-        y0 = 0.145 + p["rib_phase"] + 0.061 * i
-        rows, _ = _box(n, 0, 1, y0 - 0.06, y0 + 0.13)
+        y0 = 0.14 + p["rib_phase"] + 0.058 * i
+        rows, _ = g.box(0.0, 1.0, y0 - 0.05, y0 + 0.2)
         y = ys[rows]
-        centre = y0 - 0.035 * np.sin(np.pi * q * 0.7) + 0.11 * q ** 2.2
-        ribs[rows] += np.exp(-(((y - centre) / rib_h) ** 4))
-        ya = y0 + 0.03
-        centre_a = ya + 0.13 * (1.0 - q) ** 1.5 - 0.02
-        ribs[rows] += 0.45 * np.exp(-(((y - centre_a) / (rib_h * 0.9)) ** 2)) * (q > 0.22)
-    img += p["rib_alpha"] * ribs * thorax * (0.6 + 0.4 * lungs)
+        centre = y0 - 0.03 * np.sin(np.pi * q * 0.8) + 0.17 * q ** 2.2
+        ribs[rows] += np.exp(-(((y - centre) / rib_h) ** 2))
+        centre_a = y0 + 0.02 + 0.16 * (1.0 - q) ** 1.6
+        ribs[rows] += 0.4 * np.exp(-(((y - centre_a) / (rib_h * 0.9)) ** 2)) * _soft(0.3 - q, 0.03)
+    img += p["rib_alpha"] * ribs * thorax * (0.5 + 0.5 * lungs)
 
     # Clavicles: bright bars from the shoulders to the sternal notch.
     for side in (-1, 1):
-        _segment(img, xs, ys, (0.5 + side * 0.05, 0.165), (0.5 + side * 0.33, 0.115), 0.013, 0.13, 0.1)
+        _segment(img, g, (0.5 + side * 0.045, 0.17), (0.5 + side * 0.32, 0.12), 0.012, 0.12, 0.09)
 
-    # Mediastinum (with spine and trachea) and heart: soft-tissue density over the medial lungs.
-    medw = 0.062 + 0.005 * p["t"] + np.clip((ys - 0.35) * 0.08, 0, None)
-    med = _soft(np.abs(xs - 0.5 - shift) - medw, 0.008) * _soft(0.06 - ys, 0.01)
-    _lerp(img, 0.56, med * body)
-    spine = _soft(np.abs(xs - 0.5 - shift) - 0.032, 0.006) * (0.85 + 0.15 * np.cos(ys * 2 * np.pi / 0.045))
+    # Breast shadows over the lower lateral lung fields.
+    if p["breast"] > 0:
+        for side in (-1, 1):
+            rb = np.sqrt(((xs - 0.5 - side * 0.25) / 0.17) ** 2 + ((ys - p["breast_y"]) / 0.12) ** 2)
+            img += p["breast"] * _soft(rb - 1.0, 0.1) * body
+
+    # Mediastinum with spine, trachea and aortic knob; then the heart.
+    mid = xs - 0.5 - shift
+    medw = 0.058 + 0.005 * p["t"] + np.clip((ys - 0.35) * 0.1, 0, None)
+    med = _soft(np.abs(mid) - medw, 0.008) * _soft(0.02 - ys, 0.01)
+    _lerp(img, 0.55, med * body)
+    spine = _soft(np.abs(mid) - 0.03, 0.005) * (0.8 + 0.2 * np.cos(ys * 2 * np.pi / 0.046))
     img += 0.05 * spine * body
-    trachea = _soft(np.abs(xs - 0.5 - shift) - 0.014, 0.004) * _soft(ys - 0.4, 0.02)
-    img -= 0.12 * trachea * body
-    knob = np.sqrt(((xs - 0.545 - shift) / (0.035 + p["aorta"])) ** 2 + ((ys - 0.31) / 0.035) ** 2)
+    img -= 0.11 * _soft(np.abs(mid) - 0.013, 0.004) * _soft(ys - 0.38, 0.02) * body  # tracheal air
+    knob = np.sqrt(((mid - 0.05) / (0.03 + p["aorta"])) ** 2 + ((ys - 0.3) / 0.035) ** 2)
     _lerp(img, 0.57, _soft(knob - 1.0, 0.06) * body)
 
     cardio = s if cls == "Cardiomegaly" else 0.0
     grow = 1.0 + p["cardio_scale"] * cardio
     hw, hh = p["heart_w"] * grow, p["heart_h"] * (1.0 + 0.35 * (grow - 1.0))
-    hcx, hcy = p["heart_cx"] + 0.25 * (hw - p["heart_w"]) + shift, 0.66 + 0.3 * (hh - p["heart_h"])
-    hx_ = xs - hcx
-    hy_ = ys - hcy
-    rot = -0.35  # heart axis points down and to the patient's left (image right)
-    hu = (hx_ * math.cos(rot) - hy_ * math.sin(rot)) / hw
-    hv = (hx_ * math.sin(rot) + hy_ * math.cos(rot)) / hh
-    heart = _soft(np.sqrt(hu ** 2 + hv ** 2) - 1.0, 0.05) * _soft(ys - 0.9, 0.02)
+    hcx = p["heart_cx"] + 0.3 * (hw - p["heart_w"]) + shift
+    hcy = 0.675 + 0.3 * (hh - p["heart_h"])
+    rot = -0.35  # the heart's axis points down and to the patient's left (image right)
+    hu = ((xs - hcx) * math.cos(rot) - (ys - hcy) * math.sin(rot)) / hw
+    hv = ((xs - hcx) * math.sin(rot) + (ys - hcy) * math.cos(rot)) / hh
+    heart = _soft(np.sqrt(hu ** 2 + hv ** 2) - 1.0, 0.04)
     _lerp(img, 0.6, heart * body)
 
-    # Below the domes: liver under the right, a gastric air bubble under the left.
-    liver = _soft(domes[-1] + 0.01 - ys, 0.01) * _soft(xs - 0.52, 0.02)
-    img += 0.04 * liver * body
-    if p["gastric"]:
-        g = np.sqrt(((xs - 0.64) / 0.05) ** 2 + ((ys - domes[1] - 0.04) / 0.03) ** 2)
-        img -= 0.12 * _soft(g - 1.0, 0.15) * body
-
-    # Class patterns other than cardiomegaly, pneumothorax and the volume loss of atelectasis.
+    # The remaining class patterns (cardiomegaly, pneumothorax and atelectatic volume loss are above).
     if cls == "Atelectasis" and atel > 0:
         side = p["atel_side"]
         mask, cx, cy, a, b, _ = lung_side[side]
         sz = p["atel_size"]
-        # Wedge: a triangle of collapsed lung from the hilum down to the medial base.
-        hx, hy = 0.5 + side * 0.09, cy - 0.02
+        # Wedge of collapsed lower lobe: a triangle from the hilum widening down to the base.
+        hx, hy = cx - side * 0.35 * a, cy + 0.02
         rel_x, rel_y = (xs - hx) * side, ys - hy
-        wedge = (_soft(-rel_y, 0.01) * _soft(rel_x - 0.55 * sz * rel_y, 0.012)
-                 * _soft(0.35 * rel_y - rel_x, 0.012))
-        _lerp(img, 0.6, wedge * mask * 0.75 * atel)
+        wedge = _soft(-rel_y, 0.015) * _soft(rel_x - 0.9 * sz * rel_y, 0.012) * _soft(-0.1 * rel_y - rel_x, 0.012)
+        _lerp(img, 0.52, wedge * mask * 0.8 * atel)
         # Plate-like band across the lower zone.
-        yb = domes[side].min() - 0.05
-        _segment(img, xs, ys, (cx - side * 0.5 * a, yb + 0.04), (cx + side * 0.95 * a, yb - 0.03),
-                 0.016 * sz, 0.22 * atel)
+        yb = float(domes[side].min()) - 0.07
+        _segment(img, g, (cx - side * 0.5 * a, yb + 0.03), (cx + side * 0.95 * a, yb - 0.025),
+                 0.016 * sz, 0.16 * atel)
     elif cls == "Consolidation":
         side = p["cons_side"]
-        mask, cx, cy, a, b, _ = lung_side[side]
-        px, py, rad = cx + side * p["cons_lat"] * a, cy - b + p["cons_zone"] * 2 * b * 0.85, p["cons_r"]
-        patch = np.zeros((n, n), dtype=np.float32)
+        _, cx, cy, a, b, _ = lung_side[side]
+        px = cx + side * p["cons_lat"] * a
+        py = cy - b + p["cons_zone"] * 1.7 * b
+        rad = p["cons_r"]
+        patch = np.zeros(g.shape, dtype=np.float32)
         for jx, jy, wt in p["cons_blobs"]:
             d2 = (xs - px - jx * rad * 0.6) ** 2 + (ys - py - jy * rad * 0.6) ** 2
             patch = np.maximum(patch, wt * np.exp(-d2 / (rad * rad)))
-        patch = np.clip(patch * 1.6, 0.0, 1.0)
-        _lerp(img, 0.66, patch * lungs * 0.9 * s)
+        _lerp(img, 0.62, np.clip(patch * 1.6, 0.0, 1.0) * lungs * 0.9 * s)
     elif cls == "Edema":
         w = p["edema_w"]
-        haze = np.zeros((n, n), dtype=np.float32)
+        haze = np.zeros(g.shape, dtype=np.float32)
         for side in (-1, 1):
-            _, _, cy, _, _, _ = lung_side[side]
-            d2 = ((xs - 0.5 - side * 0.12) / (0.13 * w)) ** 2 + ((ys - cy + 0.01) / (0.17 * w)) ** 2
-            haze += np.exp(-d2)
-        haze = np.clip(haze, 0.0, 1.0)
-        _lerp(img, 0.52, lungs * (0.8 * haze + 0.15) * s)
-        # Kerley B lines: short horizontal lines at the lateral bases.
-        for side in (-1, 1):
+            cy = lung_side[side][2]
+            haze += np.exp(-(((xs - 0.5 - side * 0.11) / (0.13 * w)) ** 2 + ((ys - cy) / (0.17 * w)) ** 2))
+        _lerp(img, 0.5, lungs * (0.75 * np.clip(haze, 0.0, 1.0) + 0.12) * s)
+        for side in (-1, 1):  # Kerley B lines: short horizontal lines at the lateral bases
             _, cx, _, a, _, _ = lung_side[side]
             y_base = float(domes[side].min())
             for j in range(4):
-                y = y_base - 0.015 - 0.022 * j
-                _segment(img, xs, ys, (cx + side * 0.55 * a, y), (cx + side * 0.95 * a, y), 0.004, 0.08 * s)
+                yk = y_base - 0.015 - 0.022 * j
+                _segment(img, g, (cx + side * 0.55 * a, yk), (cx + side * 0.95 * a, yk), 0.004, 0.07 * s)
     elif cls == "Effusion":
         side = p["eff_side"]
         mask, cx, cy, a, b, _ = lung_side[side]
         lateral = np.clip((xs - cx) * side / a, -1.0, 1.0)
-        level = p["dome_y"] + 0.03 - p["eff_height"] - 0.07 * (lateral + 1.0) ** 2 / 4.0  # meniscus
-        fluid = _soft(level - ys, 0.012)
-        # Fluid fills the lung base and the angle beyond it, blunting it; smooth into the dome.
-        region = np.clip(mask * 1.3, 0, 1) * fluid
-        _lerp(img, 0.58, region * 0.95 * s)
+        # A meniscus: the fluid level climbs toward the chest wall, blunting the costophrenic angle.
+        level = p["dome_y"] + 0.02 - p["eff_height"] - 0.08 * (lateral + 1.0) ** 2 / 4.0
+        fluid = _soft(level - ys, 0.012) * np.clip(mask * 1.3, 0.0, 1.0)
+        _lerp(img, 0.56, fluid * 0.95 * s)
 
-    # Global pose jitter (rotation, shift, scale) as one affine resample; background fills the margins.
-    rot_a, dx, dy, sc = p["affine"]
-    ca, sa = math.cos(rot_a) / sc, math.sin(rot_a) / sc
-    c = n / 2.0
-    coeffs = (ca, sa, c - ca * c - sa * c - dx * n, -sa, ca, c + sa * c - ca * c - dy * n)
+    # Pose jitter (rotation, shift, zoom) as one affine resample of the padded canvas into the output.
+    rot_a, dx, dy, zoom = p["pose"]
+    ca, sa = math.cos(rot_a) / zoom, math.sin(rot_a) / zoom
+    half, off = n / 2.0, g.margin * n
+    coeffs = (ca, sa, (0.5 - dx) * n + off - (ca + sa) * half,
+              -sa, ca, (0.5 - dy) * n + off - (ca - sa) * half)
     img = np.asarray(
         Image.fromarray(img.astype(np.float32)).transform(
-            (n, n), Image.Transform.AFFINE, coeffs, resample=Image.Resampling.BILINEAR, fillcolor=0.035
+            (n, n), Image.Transform.AFFINE, coeffs, resample=Image.Resampling.BILINEAR, fillcolor=0.03
         ),
         dtype=np.float32,
     )
 
-    # Image quality: contrast around mid-grey, exposure (gamma), mottle and fine grain.
-    img = 0.33 + (img - 0.33) * p["contrast"]
+    # Image quality: contrast around mid-grey, exposure (gamma), quantum mottle and fine grain.
+    img = 0.3 + (img - 0.3) * p["contrast"]
     img = np.clip(img, 0.0, 1.0) ** p["gamma"]
-    img += 0.015 * _lowfreq(rng, n, 24)
+    img += 0.012 * _lowfreq(rng, (n, n), 24)
     img += p["grain"] * rng.standard_normal((n, n), dtype=np.float32)
     return np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8)
 

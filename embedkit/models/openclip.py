@@ -268,7 +268,8 @@ def _transform_for(config: dict) -> ClipImageTransform:
 
 
 def _wrap(spec: ModelSpec, model: nn.Module, config: dict, tokenizer: Callable) -> OpenClipModel:
-    return OpenClipModel(model, tokenizer, _transform_for(config), spec.embed_dim, spec.name)
+    # Eval mode: BERT's dropout would otherwise make embeddings random; fine-tuning calls .train() itself.
+    return OpenClipModel(model, tokenizer, _transform_for(config), spec.embed_dim, spec.name).eval()
 
 
 def build(spec: ModelSpec, seed: int = 0) -> OpenClipModel:

@@ -86,8 +86,10 @@ OPENAI_CLIP_SOURCE = (
     "or open_clip's 'openai' pretrained tag"
 )
 BIOMEDCLIP_SOURCE = "https://huggingface.co/microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224 (all files)"
+CLINICAL_BERT_VOCAB = "vocab.txt from https://huggingface.co/emilyalsentzer/Bio_ClinicalBERT"
 MEDCLIP_SOURCE = "the MedCLIP authors' release (github.com/RyanWangZf/MedCLIP, README 'pretrained weights'): unzip"
-GLORIA_SOURCE = "the GLoRIA authors' release (github.com/marshuang80/gloria, README 'pretrained models')"
+GLORIA_SOURCE = ("the GLoRIA authors' release (github.com/marshuang80/gloria, README 'pretrained models'); "
+                 + CLINICAL_BERT_VOCAB)
 
 _SPECS: list[ModelSpec] = [
     ModelSpec("clip", "openclip", "ViT-B-16-quickgelu", 512, "scaled_cosine", "clip",
@@ -98,13 +100,13 @@ _SPECS: list[ModelSpec] = [
               BIOMEDCLIP_SOURCE, lora_rank=16,
               description="BiomedCLIP: timm ViT-B/16 + PubMedBERT, trained on PMC-15M"),
     ModelSpec("medclip-rn50", "medclip", "resnet50", 512, "medclip", "chexpert",
-              ("pytorch_model.bin",), MEDCLIP_SOURCE + " medclip-pretrained.zip", lora_rank=4,
+              ("pytorch_model.bin", "vocab.txt"), MEDCLIP_SOURCE + " medclip-pretrained.zip; " + CLINICAL_BERT_VOCAB, lora_rank=4,
               description="MedCLIP with a ResNet-50 image tower and Bio_ClinicalBERT"),
     ModelSpec("medclip-vit", "medclip", "swin", 512, "medclip", "chexpert",
-              ("pytorch_model.bin",), MEDCLIP_SOURCE + " medclip-vit-pretrained.zip", lora_rank=16,
+              ("pytorch_model.bin", "vocab.txt"), MEDCLIP_SOURCE + " medclip-vit-pretrained.zip; " + CLINICAL_BERT_VOCAB, lora_rank=16,
               description="MedCLIP with a Swin-Tiny image tower ('ViT' in the paper) and Bio_ClinicalBERT"),
     ModelSpec("gloria", "gloria", "resnet50", 768, "gloria", "chexpert",
-              ("chexpert_resnet50.ckpt",), GLORIA_SOURCE, lora_rank=4,
+              ("chexpert_resnet50.ckpt", "vocab.txt"), GLORIA_SOURCE, lora_rank=4,
               description="GLoRIA ResNet-50 with global and local (word x region) features"),
 ]
 # Tiny configurations: the same code paths at small widths, for tests and the demo (random init only).

@@ -77,12 +77,13 @@ class Store:
 
     # ---- generic table operations -------------------------------------------------------------
     def table_names(self) -> list[str]:
-        if not self.path.exists():
+        if not self.path.is_dir():
             return []
-        return sorted(self.db.list_tables().tables)
+        return sorted(p.name[: -len(".lance")] for p in self.path.glob("*.lance") if p.is_dir())
 
     def has(self, name: str) -> bool:
-        return self.path.exists() and self.db.table_exists(name)
+        # The store is a local directory; each table is <name>.lance inside it.
+        return (self.path / f"{name}.lance").is_dir()
 
     def open(self, name: str):
         if not self.has(name):

@@ -1,0 +1,662 @@
+"""GLoRIA (Huang et al., ICCV 2021): a ResNet-50 image tower and Bio_ClinicalBERT with global and local features.
+
+Written from the facts in MODELS.md ("GLoRIA"); module names follow the authors' checkpoint so the released
+``chexpert_resnet50.ckpt`` loads 1:1 after stripping its ``gloria.`` prefix:
+
+- ``img_encoder.model.*``: torchvision resnet50 with ``fc = Identity`` (no fc keys);
+  ``img_encoder.global_embedder`` Linear(2048, 768) on avgpool(layer4);
+  ``img_encoder.local_embedder`` Conv2d(1024, 768, 1, bias=False) on layer3 (19 x 19 regions at 299 px input).
+- ``text_encoder.model.*``: Bio_ClinicalBERT (pooler included: its weights are in the checkpoint), no text
+  projection (the text already lives in the 768-d space): 134,178,368 parameters in all.
+
+Zero-shot needs word x region similarity, which depends on each image's 19 x 19 x 768 local features. Those are
+too large to store, so the embedding pass computes :func:`local_similarity` per (image, prompt) and stores it
+(``store.schemas.LOCAL_SIMILARITY``); :func:`zeroshot_scores` later combines it with the global cosine.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+import types
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal, NamedTuple, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from embedkit.errors import EmbedkitError
+from embedkit.models import bert
+from embedkit.models.base import VisionLanguageModel
+
+# --- constants of the released model (MODELS.md; the authors' chexpert pretraining config) ---
+WORD_NUM = 97  # text max length, in word pieces, [CLS] and [SEP] included
+LAST_N_LAYERS = 4  # BERT hidden layers summed into word and sentence embeddings
+MODEL_INPUT_SIZE = 299  # the 224 crop is upsampled to this before the ResNet (gives 19 x 19 layer3 regions)
+RESIZE_SIZE = 256  # longest side after resizing; then zero-padded to a square of this side
+CROP_SIZE = 224
+NORM_MEAN, NORM_STD = 0.5, 0.5
+ATTENTION_TEMPERATURE = 4.0  # temp1: sharpens each word's attention over regions
+WORD_TEMPERATURE = 5.0  # temp2: exp(5 * cos) per word
+COSINE_EPS = 1e-8
+CHECKPOINT_PREFIX = "gloria."
+VOCAB_FILE = "vocab.txt"
+VOCAB_SOURCE = "https://huggingface.co/emilyalsentzer/Bio_ClinicalBERT (file vocab.txt)"
+
+WordSet = Literal["authors", "prompt"]
+
+
+class GloriaCheckpointError(EmbedkitError, ValueError):
+    """A GLoRIA checkpoint that is not readable or whose weights do not match the architecture."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Architecture
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GloriaArch:
+    """The sizes one configuration name stands for."""
+
+    backbone: str  # "resnet50" | "tiny"
+    bert_fields: dict
+    embed_dim: int
+    feature_dim: int  # width of avgpool(layer4)
+    local_dim: int  # width of layer3
+
+
+ARCHS: dict[str, GloriaArch] = {
+    "resnet50": GloriaArch("resnet50", bert.CLINICAL_BERT, 768, 2048, 1024),
+    # Small widths, same module names and strides (layer3 still gives 19 x 19 regions at 299 px).
+    "tiny-resnet50": GloriaArch("tiny", bert.TINY_BERT, 48, 64, 32),
+}
+
+
+class TinyResNet(nn.Module):
+    """A four-stage ResNet with torchvision's attribute names (conv1 ... layer4, avgpool, fc) at small widths."""
+
+    def __init__(self, widths: Sequence[int] = (8, 16, 32, 64)) -> None:
+        super().__init__()
+        from torchvision.models.resnet import BasicBlock
+
+        self.conv1 = nn.Conv2d(3, widths[0], kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        stages, in_ch = [], widths[0]
+        for i, out_ch in enumerate(widths):
+            stride = 1 if i == 0 else 2
+            down = None
+            if stride != 1 or in_ch != out_ch:
+                down = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False), nn.BatchNorm2d(out_ch))
+            stages.append(nn.Sequential(BasicBlock(in_ch, out_ch, stride=stride, downsample=down)))
+            in_ch = out_ch
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Identity()
+
+
+def _backbone(arch: GloriaArch) -> nn.Module:
+    if arch.backbone == "resnet50":
+        from torchvision.models import resnet50
+
+        model = resnet50(weights=None)
+    else:
+        model = TinyResNet()
+    model.fc = nn.Identity()  # GLoRIA drops the classifier: no fc keys in the checkpoint
+    return model
+
+
+class GloriaImageEncoder(nn.Module):
+    """ResNet trunk plus GLoRIA's global (avgpool(layer4)) and local (layer3, 1x1 conv) embedders."""
+
+    def __init__(self, arch: GloriaArch) -> None:
+        super().__init__()
+        self.model = _backbone(arch)
+        self.global_embedder = nn.Linear(arch.feature_dim, arch.embed_dim)
+        self.local_embedder = nn.Conv2d(arch.local_dim, arch.embed_dim, kernel_size=1, bias=False)
+
+    def features(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Trunk features: (avgpool(layer4) [B, 2048], layer3 [B, 1024, 19, 19]) for 224 px input."""
+        # The authors trained at 299 px: the 224 crop is upsampled (bilinear, align_corners) before the trunk.
+        x = F.interpolate(pixels, size=(MODEL_INPUT_SIZE, MODEL_INPUT_SIZE), mode="bilinear", align_corners=True)
+        m = self.model
+        x = m.maxpool(m.relu(m.bn1(m.conv1(x))))
+        x = m.layer3(m.layer2(m.layer1(x)))
+        local = x
+        x = m.avgpool(m.layer4(x))
+        return torch.flatten(x, 1), local
+
+    def forward(self, pixels: torch.Tensor, get_local: bool = False):
+        """Raw (unnormalised) global embedding [B, D]; with ``get_local`` also local embeddings [B, D, 19, 19]."""
+        global_ft, local_ft = self.features(pixels)
+        global_emb = self.global_embedder(global_ft)
+        if not get_local:
+            return global_emb
+        return global_emb, self.local_embedder(local_ft)
+
+
+class GloriaTextEncoder(nn.Module):
+    """Bio_ClinicalBERT with GLoRIA's word aggregation (``##`` pieces summed into their word)."""
+
+    def __init__(self, arch: GloriaArch) -> None:
+        super().__init__()
+        from transformers import BertModel
+
+        self.model = BertModel(bert.bert_config(arch.bert_fields, output_hidden_states=True))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor,
+        word_index: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw sentence embeddings [P, D] and word embeddings [P, T, D] (word slots, zero beyond [SEP]).
+
+        ``word_index`` [P, T] gives each token's word slot (-1 after [SEP]). Word = sum over its pieces of the
+        sum of the last 4 hidden layers; sentence = mean over all T word slots (zero slots included, as the
+        authors computed it after aggregation), i.e. (sum of token states up to [SEP]) / T.
+        """
+        out = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+            output_hidden_states=True,
+        )
+        tokens = torch.stack(out.hidden_states[-LAST_N_LAYERS:]).sum(0)  # [P, T, D]
+        n_pos = tokens.shape[1]
+        # Tokens after [SEP] go to a spare slot n_pos, cut off below: padding states never enter any embedding.
+        slot = torch.where(word_index < 0, torch.full_like(word_index, n_pos), word_index)
+        words = tokens.new_zeros(tokens.shape[0], n_pos + 1, tokens.shape[2])
+        words.scatter_add_(1, slot.unsqueeze(-1).expand_as(tokens), tokens)
+        words = words[:, :n_pos]
+        return words.mean(1), words
+
+
+class TextWords(NamedTuple):
+    """Text features for local similarity: raw sentence [P, D], raw word slots [P, W, D], word mask [P, W]."""
+
+    sentence: torch.Tensor
+    words: torch.Tensor
+    word_mask: torch.Tensor
+
+
+class Gloria(VisionLanguageModel):
+    """GLoRIA: global embeddings for retrieval-style scoring, local (word x region) features for zero-shot."""
+
+    def __init__(self, arch: GloriaArch, tokenizer: Any) -> None:
+        super().__init__()
+        self.arch = arch
+        self.embed_dim = arch.embed_dim
+        self.tokenizer = tokenizer
+        self.text_encoder = GloriaTextEncoder(arch)
+        self.img_encoder = GloriaImageEncoder(arch)
+
+    # -- VisionLanguageModel interface --------------------------------------------------------------------------
+
+    def image_transform(self) -> Callable[[Image.Image], torch.Tensor]:
+        """GLoRIA's test-time preprocessing (see :class:`GloriaImageTransform`)."""
+        return GloriaImageTransform()
+
+    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """Tokenize prompts as the authors did (see :func:`tokenize_prompts`)."""
+        return tokenize_prompts(self.tokenizer, texts)
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """L2-normalised global image embeddings [B, D]."""
+        return F.normalize(self.img_encoder(pixels), dim=-1)
+
+    def encode_text(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        """L2-normalised sentence embeddings [P, D]."""
+        sentence, _ = self._text(tokens)
+        return F.normalize(sentence, dim=-1)
+
+    def zeroshot_logit_scale(self) -> float:
+        """1.0: GLoRIA learns no logit scale (its zero-shot z-normalises scores instead)."""
+        return 1.0
+
+    def image_tower(self) -> nn.Module:
+        """``img_encoder`` (trunk and both embedders): what LoRA and full fine-tuning adapt."""
+        return self.img_encoder
+
+    # -- zero-shot pieces ---------------------------------------------------------------------------------------
+
+    def encode_image_local(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw global [B, D] and local [B, D, 19, 19] image embeddings (the local similarity uses them raw)."""
+        return self.img_encoder(pixels, get_local=True)
+
+    def encode_text_words(self, tokens: dict[str, torch.Tensor], word_set: WordSet = "authors") -> TextWords:
+        """Raw sentence [P, D], word slots [P, W, D] and the mask of words that enter :func:`local_similarity`.
+
+        Word slots follow the authors' layout: slot 0 is [CLS], then the prompt's words, then [SEP], then zero
+        vectors up to W = 97. ``word_set`` picks the words (see :func:`word_mask`).
+        """
+        sentence, words = self._text(tokens)
+        mask = word_mask(tokens, words.shape[1], word_set).to(words.device)
+        return TextWords(sentence, words, mask)
+
+    def _text(self, tokens: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        device = next(self.text_encoder.parameters()).device
+        t = {k: tokens[k].to(device) for k in ("input_ids", "attention_mask", "token_type_ids", "word_index")}
+        return self.text_encoder(t["input_ids"], t["attention_mask"], t["token_type_ids"], t["word_index"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Text: the authors' prompt cleaning, tokenization and word grouping
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def clean_prompt(text: str) -> str:
+    """The authors' text cleaning: split sentences, keep lower-cased ``\\w+`` ASCII tokens, drop 1-token sentences.
+
+    Deviation: where dropping 1-token sentences would leave nothing (a one-word prompt such as "pneumothorax"),
+    those sentences are kept; the authors' code would embed an empty prompt ([CLS] [SEP]) instead.
+    """
+    text = text.replace("\n", " ")
+    pieces = [s for part in re.split(r"[0-9]+\.", text) for s in part.split(".")]
+    sentences = []
+    for piece in pieces:
+        words = [w.encode("ascii", "ignore").decode("ascii") for w in re.findall(r"\w+", piece.lower())]
+        sentences.append([w for w in words if w])
+    kept = [s for s in sentences if len(s) > 1] or [s for s in sentences if s]
+    return " ".join(" ".join(s) for s in kept)
+
+
+def tokenize_prompts(tokenizer: Any, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Tokenize prompts the way GLoRIA's zero-shot did, with the word grouping its local similarity needs.
+
+    Returns ``input_ids``, ``attention_mask``, ``token_type_ids`` [P, 97] (padded to 97, truncated), and:
+    ``word_index`` [P, 97]: each token's word slot ([CLS] = 0; a ``##`` piece joins the previous word; [SEP] is
+    its own slot; -1 after [SEP]); ``n_words`` [P]: the prompt's own words (no [CLS]/[SEP]); ``n_chars`` [P]:
+    the characters of the raw prompt other than "[", which the authors' zero-shot used as its word count.
+    """
+    if isinstance(texts, str):
+        raise TypeError("tokenize expects a list of prompts, not one string")
+    cleaned = [clean_prompt(t) for t in texts]
+    enc = tokenizer(cleaned, padding="max_length", truncation=True, max_length=WORD_NUM, return_tensors="pt")
+    word_index = torch.full_like(enc["input_ids"], -1)
+    n_words = torch.zeros(len(texts), dtype=torch.long)
+    for row, ids in enumerate(enc["input_ids"].tolist()):
+        slot = -1
+        for pos, piece in enumerate(tokenizer.convert_ids_to_tokens(ids)):
+            if not (piece.startswith("##") and slot >= 0):
+                slot += 1
+            word_index[row, pos] = slot
+            if piece == tokenizer.sep_token:
+                break
+        n_words[row] = max(slot - 1, 0)  # slots 1 .. slot-1 are the prompt's words
+    n_chars = torch.tensor([sum(c != "[" for c in t) for t in texts], dtype=torch.long)
+    return {
+        "input_ids": enc["input_ids"],
+        "attention_mask": enc["attention_mask"],
+        "token_type_ids": enc.get("token_type_ids", torch.zeros_like(enc["input_ids"])),
+        "word_index": word_index,
+        "n_words": n_words,
+        "n_chars": n_chars,
+    }
+
+
+def word_mask(tokens: dict[str, torch.Tensor], n_slots: int = WORD_NUM, word_set: WordSet = "authors") -> torch.Tensor:
+    """Which word slots [P, n_slots] enter the local similarity.
+
+    ``"authors"`` (default, reproduces the released zero-shot): slots 1 .. n_chars, i.e. the authors' code took as
+    many slots after [CLS] as the prompt has characters, so the prompt's words, [SEP] and zero-vector padding
+    slots all count (clipped to the 96 slots after [CLS]; their code failed beyond). ``"prompt"``: the prompt's
+    own words only (slots 1 .. n_words).
+    """
+    if word_set == "authors":
+        count = tokens["n_chars"].clamp(max=n_slots - 1)
+    elif word_set == "prompt":
+        count = tokens["n_words"]
+    else:
+        raise ValueError(f"word_set must be 'authors' or 'prompt', not {word_set!r}")
+    slots = torch.arange(n_slots)
+    return (slots >= 1) & (slots <= count.unsqueeze(1))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Zero-shot scoring
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _cosine(x1: torch.Tensor, x2: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    # The authors' cosine: a zero vector (a padding word slot) gets cosine 0, not NaN.
+    return (x1 * x2).sum(dim) / (x1.norm(dim=dim) * x2.norm(dim=dim)).clamp(min=COSINE_EPS)
+
+
+def local_similarity(local_feats: torch.Tensor, words: torch.Tensor, word_mask: torch.Tensor) -> torch.Tensor:
+    """GLoRIA's local (word x region) similarity of every image with every prompt: [B, P].
+
+    For prompt p with selected words w (raw vectors e_w) and image regions r (raw local features v_r, 19 x 19):
+        a_rw   = softmax over words w  of (v_r . e_w)           (AttnGAN's word normalisation, as the authors)
+        b_wr   = softmax over regions r of (4 * a_rw)           (attention temperature 4)
+        c_w    = sum_r b_wr v_r                                  (the word's attended visual context)
+        s(p)   = log( max_w exp(5 * cos(e_w, c_w)) )             (= 5 * max_w cos; MODELS.md: "max over words, log")
+    ``local_feats`` [B, D, H, W]; ``words`` [P, W, D]; ``word_mask`` [P, W] (bool). Computed in float32.
+    """
+    ctx = local_feats.float().flatten(2)  # [B, D, R]
+    words = words.float().to(ctx.device)
+    out = ctx.new_empty(ctx.shape[0], words.shape[0])
+    for p in range(words.shape[0]):
+        e = words[p][word_mask[p].to(words.device)]  # [n, D]
+        if e.shape[0] == 0:
+            raise ValueError(f"prompt {p} has no words selected by word_mask")
+        dots = torch.einsum("bdr,nd->brn", ctx, e)  # [B, R, n]
+        attn = torch.softmax(dots, dim=2)  # over words
+        attn = torch.softmax(ATTENTION_TEMPERATURE * attn.transpose(1, 2), dim=2)  # [B, n, R], over regions
+        context = torch.einsum("bnr,bdr->bnd", attn, ctx)  # [B, n, D]
+        cos = _cosine(e.unsqueeze(0), context)  # [B, n]
+        out[:, p] = torch.log(torch.exp(WORD_TEMPERATURE * cos).max(dim=1).values)
+    return out
+
+
+def local_similarity_for(
+    model: Gloria, pixels: torch.Tensor, tokens: dict[str, torch.Tensor], word_set: WordSet = "authors"
+) -> torch.Tensor:
+    """Local similarity [B, P] of a batch of preprocessed images with tokenized prompts (no gradients).
+
+    Encodes the prompts on every call; over many batches, call ``model.encode_text_words`` once and
+    :func:`local_similarity` per batch instead.
+    """
+    with torch.no_grad():
+        _, local = model.encode_image_local(pixels)
+        text = model.encode_text_words(tokens, word_set)
+        return local_similarity(local, text.words, text.word_mask)
+
+
+def _as_tensor(x: Any) -> torch.Tensor:
+    return x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
+
+
+def zeroshot_scores(global_sim, local_sim, prompt_class, n_classes: int):
+    """GLoRIA's zero-shot class scores [B, C] from per-prompt similarities; numpy in -> numpy out, else torch.
+
+    ``global_sim`` [B, P]: cosine of global image and sentence embeddings; ``local_sim`` [B, P]:
+    :func:`local_similarity`; ``prompt_class`` [P]: each prompt's class index in 0 .. n_classes-1.
+    similarity = (local + global) / 2; class score = max over the class's prompts; then each class column is
+    z-normalised over the B images (population std). The scores therefore depend on which images are scored
+    together: compute them over one fixed, documented set (e.g. a whole test split), never per mini-batch.
+    As the authors: a single image is left unnormalised; a constant column (std 0) becomes 0.
+    """
+    as_numpy = not any(isinstance(x, torch.Tensor) for x in (global_sim, local_sim))
+    g = _as_tensor(global_sim).double()
+    loc = _as_tensor(local_sim).double().to(g.device)
+    cls = _as_tensor(prompt_class).long().to(g.device)
+    if g.shape != loc.shape or g.ndim != 2 or cls.shape != (g.shape[1],):
+        raise ValueError(
+            f"zeroshot_scores: global {tuple(g.shape)} and local {tuple(loc.shape)} must both be [B, P] and "
+            f"prompt_class [P]; got prompt_class {tuple(cls.shape)}"
+        )
+    sim = (loc + g) / 2
+    cols = []
+    for c in range(n_classes):
+        sel = cls == c
+        if not bool(sel.any()):
+            raise ValueError(f"zeroshot_scores: class {c} has no prompts")
+        cols.append(sim[:, sel].max(dim=1).values)
+    scores = torch.stack(cols, dim=1)
+    if scores.shape[0] > 1:
+        std = scores.std(dim=0, unbiased=False)
+        scores = (scores - scores.mean(dim=0)) / torch.where(std > 0, std, torch.ones_like(std))
+    return scores.cpu().numpy() if as_numpy else scores
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Preprocessing
+# ----------------------------------------------------------------------------------------------------------------
+
+_EIGHT_BIT_MODES = ("L", "RGB", "1", "LA", "La", "P", "RGBA", "RGBa", "CMYK", "YCbCr", "LAB", "HSV")
+
+
+class GloriaImageTransform:
+    """PIL image -> float tensor [3, 224, 224], GLoRIA's test-time preprocessing (picklable).
+
+    8-bit grayscale; resize so the longest side is 256 with PIL's BOX filter (area averaging: the authors used
+    OpenCV INTER_AREA, which BOX matches exactly for integer downscale factors, e.g. 1024 -> 256, and to within
+    rounding otherwise); zero-pad centred to 256 x 256 (odd padding: the extra pixel right/bottom, as the
+    authors); gray -> 3 channels; center crop 224; scale to [0, 1]; normalise with mean 0.5, std 0.5.
+    16-bit images must be decoded with ``embedkit.data.images.decode_image`` first (it rescales them).
+    """
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        if image.mode not in _EIGHT_BIT_MODES:
+            raise ValueError(
+                f"GLoRIA preprocessing needs an 8-bit image, got mode {image.mode!r}; "
+                "decode files with embedkit.data.images.decode_image (it rescales 16-bit scans to 8-bit)"
+            )
+        gray = image if image.mode == "L" else image.convert("L")
+        w, h = gray.size
+        # Authors' rounding: the long side becomes exactly 256, the short side is truncated (int()).
+        if h >= w:
+            new_w, new_h = max(1, int(w * RESIZE_SIZE / h)), RESIZE_SIZE
+        else:
+            new_w, new_h = RESIZE_SIZE, max(1, int(h * RESIZE_SIZE / w))
+        resized = gray.resize((new_w, new_h), Image.Resampling.BOX)
+        canvas = Image.new("L", (RESIZE_SIZE, RESIZE_SIZE), 0)
+        canvas.paste(resized, ((RESIZE_SIZE - new_w) // 2, (RESIZE_SIZE - new_h) // 2))
+        top = int(round((RESIZE_SIZE - CROP_SIZE) / 2.0))  # torchvision CenterCrop's offset
+        arr = np.asarray(canvas, dtype=np.uint8)[top : top + CROP_SIZE, top : top + CROP_SIZE]
+        x = torch.from_numpy(arr.astype(np.float32) / 255.0)
+        x = (x - NORM_MEAN) / NORM_STD
+        return x.unsqueeze(0).repeat(3, 1, 1)  # gray -> RGB replicates the channel
+
+    def __repr__(self) -> str:
+        return "GloriaImageTransform(resize_long=256 BOX, pad=256, crop=224, norm=0.5/0.5)"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoint reading: a restricted unpickler
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class RefusedGlobal:
+    """Stands in for any global the restricted unpickler refuses: built from anything, does nothing.
+
+    The real object is never imported or called, so a malicious ``__reduce__`` (os.system, eval, ...) cannot run.
+    """
+
+    origin = "?"
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "RefusedGlobal":
+        return object.__new__(cls)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
+    def append(self, item: Any) -> None:
+        pass
+
+    def extend(self, items: Any) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"<refused global {self.origin}>"
+
+
+_TENSOR_REBUILDERS = {
+    ("torch._utils", "_rebuild_tensor"),
+    ("torch._utils", "_rebuild_tensor_v2"),
+    ("torch._utils", "_rebuild_parameter"),
+}
+_STORAGE_NAMES = {
+    "UntypedStorage", "FloatStorage", "DoubleStorage", "HalfStorage", "BFloat16Storage", "LongStorage",
+    "IntStorage", "ShortStorage", "CharStorage", "ByteStorage", "BoolStorage",
+}
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Resolves only tensor rebuilders, ``torch.Size``, dtypes, storage types and ``collections.OrderedDict``.
+
+    Every other global becomes an inert :class:`RefusedGlobal` subclass; nothing else is imported.
+    """
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _TENSOR_REBUILDERS:
+            import torch._utils
+
+            return getattr(torch._utils, name)
+        if module == "collections" and name == "OrderedDict":
+            import collections
+
+            return collections.OrderedDict
+        if module == "torch":
+            if name == "Size":
+                return torch.Size
+            if name in _STORAGE_NAMES:
+                return getattr(torch, name)
+            if isinstance(getattr(torch, name, None), torch.dtype):
+                return getattr(torch, name)
+        return type(f"Refused_{name}", (RefusedGlobal,), {"origin": f"{module}.{name}", "__module__": __name__})
+
+
+def _restricted_load(file: Any, **kwargs: Any) -> Any:
+    return RestrictedUnpickler(file, **kwargs).load()
+
+
+# torch.load only needs a module-like object with Unpickler and load; its wrapper defers to our find_class.
+_RESTRICTED_PICKLE = types.ModuleType(__name__ + ".restricted_pickle")
+_RESTRICTED_PICKLE.Unpickler = RestrictedUnpickler  # type: ignore[attr-defined]
+_RESTRICTED_PICKLE.load = _restricted_load  # type: ignore[attr-defined]
+
+
+def read_checkpoint_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The ``state_dict`` of a PyTorch Lightning checkpoint, read without executing anything in the pickle.
+
+    ``torch.load(weights_only=True)`` rejects GLoRIA's file (it also holds the training config object), and a
+    full unpickle would run whatever the file asks; this reads everything through :class:`RestrictedUnpickler`
+    and keeps only ``state_dict``, which must map names to tensors. A bare state dict is accepted too.
+    """
+    path = Path(path)
+    try:
+        obj = torch.load(path, map_location="cpu", pickle_module=_RESTRICTED_PICKLE, weights_only=False)
+    except RuntimeError as exc:
+        if "explicit pickle_module" in str(exc):  # TORCH_FORCE_WEIGHTS_ONLY_LOAD is set
+            raise GloriaCheckpointError(
+                f"{path}: unset TORCH_FORCE_WEIGHTS_ONLY_LOAD; embedkit reads this Lightning checkpoint with its "
+                "own restricted unpickler (weights_only cannot read it)"
+            ) from None
+        raise GloriaCheckpointError(f"{path}: not a readable PyTorch checkpoint ({exc})") from None
+    except Exception as exc:  # anything a corrupt or hostile file can raise while being read
+        raise GloriaCheckpointError(f"{path}: not a readable PyTorch checkpoint ({exc})") from None
+    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    if not isinstance(state, dict) or not state:
+        raise GloriaCheckpointError(
+            f"{path}: expected a Lightning checkpoint (a dict with 'state_dict'), got {type(obj).__name__}"
+        )
+    bad = [k for k, v in state.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))]
+    if bad:
+        raise GloriaCheckpointError(f"{path}: state_dict entries that are not tensors: {bad[:5]}")
+    return dict(state)
+
+
+def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Strip the Lightning ``gloria.`` prefix and drop ``*position_ids`` (modern transformers has no such key)."""
+    out = {}
+    for key, value in state.items():
+        key = key[len(CHECKPOINT_PREFIX):] if key.startswith(CHECKPOINT_PREFIX) else key
+        if key.endswith("position_ids"):
+            continue
+        out[key] = value
+    return out
+
+
+def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], where: Path) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:5])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:5])})")
+        raise GloriaCheckpointError(
+            f"{where}: weights do not match the GLoRIA architecture: {'; '.join(parts)}. "
+            "Is this the authors' chexpert_resnet50.ckpt (ResNet-50 image tower)?"
+        )
+    wrong = [f"{k} {tuple(v.shape)} != {tuple(expected[k].shape)}" for k, v in state.items()
+             if v.shape != expected[k].shape]
+    if wrong:
+        raise GloriaCheckpointError(f"{where}: weight shapes do not match: {'; '.join(wrong[:5])}")
+    model.load_state_dict(state, strict=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Registry entry points
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _arch(spec: Any) -> GloriaArch:
+    try:
+        arch = ARCHS[spec.config]
+    except KeyError:
+        raise ValueError(f"GLoRIA has no configuration '{spec.config}'; known: {', '.join(ARCHS)}") from None
+    if arch.embed_dim != spec.embed_dim:
+        raise ValueError(f"spec {spec.name}: embed_dim {spec.embed_dim} != GLoRIA '{spec.config}' {arch.embed_dim}")
+    return arch
+
+
+def build(spec: Any, seed: int = 0) -> Gloria:
+    """The real architecture with random weights, deterministic for ``seed``, offline; in eval mode.
+
+    The tokenizer is synthetic (no real vocabulary offline): prompts are spelled from characters.
+    """
+    arch = _arch(spec)
+    tokenizer = bert.synthetic_tokenizer(arch.bert_fields["vocab_size"])
+    with torch.random.fork_rng(devices=[]):  # leave the caller's RNG state as it was
+        torch.manual_seed(seed)
+        model = Gloria(arch, tokenizer)
+    return model.eval()
+
+
+def _checkpoint_file(spec: Any, path: Path) -> Path:
+    if path.is_file():
+        return path
+    name = spec.weight_files[0]
+    if (path / name).is_file():
+        return path / name
+    found = sorted(path.glob("*.ckpt"))
+    if len(found) == 1:
+        return found[0]
+    raise GloriaCheckpointError(
+        f"{path}: no {name} here" + (f" (several .ckpt files: {[f.name for f in found]})" if found else "")
+        + f"; get it from {spec.weight_source}"
+    )
+
+
+def load(spec: Any, path: str | Path) -> Gloria:
+    """The authors' weights from ``chexpert_resnet50.ckpt`` (the file, or its folder) and ``vocab.txt`` beside it.
+
+    Reads only the checkpoint's ``state_dict`` (restricted unpickler), strips ``gloria.``, drops
+    ``*position_ids``, and loads strictly otherwise. Returns the model in eval mode.
+    """
+    from embedkit.models.registry import MissingWeightsError
+
+    ckpt = _checkpoint_file(spec, Path(path))
+    vocab = ckpt.parent / VOCAB_FILE
+    if not vocab.is_file():
+        raise MissingWeightsError(
+            f"GLoRIA needs Bio_ClinicalBERT's {VOCAB_FILE} beside its checkpoint: {vocab} does not exist. "
+            f"Download it from {VOCAB_SOURCE} into {ckpt.parent}."
+        )
+    tokenizer = bert.load_tokenizer(vocab, do_lower_case=True)
+    arch = _arch(spec)
+    if len(tokenizer) != arch.bert_fields["vocab_size"]:
+        raise GloriaCheckpointError(
+            f"{vocab}: {len(tokenizer)} tokens, but the model's vocabulary has {arch.bert_fields['vocab_size']}; "
+            f"use Bio_ClinicalBERT's vocab.txt ({VOCAB_SOURCE})"
+        )
+    state = clean_state_dict(read_checkpoint_state_dict(ckpt))
+    model = Gloria(arch, tokenizer)
+    _load_strict(model, state, ckpt)
+    return model.eval()
