@@ -106,6 +106,36 @@ def test_paper_cohort_leaks_as_designed(paper: pd.DataFrame) -> None:
 
 
 @needs_metadata
+def test_paper_cohort_matches_notebook_transcription(paper: pd.DataFrame) -> None:
+    """A second, notebook-style transcription on the raw columns gives the same images and splits."""
+    from sklearn.model_selection import train_test_split
+
+    df = pd.read_csv(METADATA)
+    df = df[df["Finding Labels"].isin(NIH_CLASSES)].copy()  # exactly one label, one of the six
+    df["Age Group"] = pd.cut(df["Patient Age"], bins=[0, 60, 100], right=False)
+    samples = []
+    for disease in NIH_CLASSES:
+        for group in df["Age Group"].cat.categories:
+            for sex in ["M", "F"]:
+                cell = df[(df["Finding Labels"] == disease) & (df["Age Group"] == group)
+                          & (df["Patient Gender"] == sex)].copy()
+                cell["Patient_ID"] = cell["Image Index"].apply(lambda s: s.split("_")[0])
+                cell = cell.drop_duplicates(subset="Patient_ID")
+                if len(cell) >= 50:
+                    samples.append(cell.sample(n=50, random_state=42))
+                else:
+                    samples.append(cell.sample(n=50, replace=True, random_state=42))
+    sampled = pd.concat(samples).reset_index(drop=True)
+    split = pd.Series(None, index=sampled.index, dtype=object)
+    for _, group in sampled.groupby(["Age Group", "Patient Gender", "Finding Labels"], observed=True):
+        train, rest = train_test_split(group, test_size=15, random_state=42)
+        val, test = train_test_split(rest, test_size=10, random_state=42)
+        split[train.index], split[val.index], split[test.index] = "train", "val", "test"
+    assert sampled["Image Index"].tolist() == paper["image_id"].tolist()
+    assert split.tolist() == paper["split"].tolist()
+
+
+@needs_metadata
 def test_clean_cohort(clean: pd.DataFrame) -> None:
     _check_frame(clean)
     assert len(clean) == 1200
