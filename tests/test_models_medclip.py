@@ -79,8 +79,9 @@ def test_full_swin_variant_keys_shapes_and_counts():
     state = model.state_dict()
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     assert shapes["vision_model.model.embeddings.patch_embeddings.projection.weight"] == (96, 3, 4, 4)
-    table = "vision_model.model.encoder.layers.3.blocks.1.attention.relative_position_bias.relative_position_bias_table"
-    assert shapes[table] == (169, 24)  # (2*7-1)^2 offsets x 24 heads in the last stage
+    # (2*7-1)^2 relative offsets x 24 heads in the last stage
+    block = "vision_model.model.encoder.layers.3.blocks.1.attention."
+    assert shapes[block + "relative_position_bias.relative_position_bias_table"] == (169, 24)
     assert shapes["vision_model.model.encoder.layers.2.blocks.5.mlp.fc1.weight"] == (1536, 384)
     assert shapes["vision_model.model.layernorm.weight"] == (768,)
     assert shapes["vision_model.projection_head.weight"] == (512, 768)
@@ -265,7 +266,8 @@ def test_unexpected_and_missing_keys_are_named(tiny_models, tmp_path):
     built = tiny_models["tiny-medclip-rn50"]
     state = _authors_state_dict(built)
     state["vision_model.model.extra_head.weight"] = torch.zeros(3)
-    with pytest.raises(CheckpointMismatchError, match=r"unexpected key\(s\): vision_model\.model\.extra_head\.weight"):
+    named = r"unexpected key\(s\): vision_model\.model\.extra_head\.weight"
+    with pytest.raises(CheckpointMismatchError, match=named):
         get_spec("tiny-medclip-rn50").load(_write_release(tmp_path / "extra", state))
 
     state = _authors_state_dict(built)

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from embedkit.models import bert
+from embedkit.models import bert, openclip
 from embedkit.models.base import VisionLanguageModel, state_dict_hash
 from embedkit.models.openclip import (
     CONFIG_DIR,
@@ -177,16 +177,20 @@ def test_clip_round_trip_file_and_folder(tmp_path, filename):
     assert not torch.equal(embeddings(spec.build(seed=0), tokens)[0], img0)
 
 
-def test_clip_from_hugging_face_cache_layout(tmp_path):
+def test_clip_from_hugging_face_cache_layout(tmp_path, monkeypatch):
     spec = get_spec("tiny-clip")
     source = spec.build(seed=2)
     repo = tmp_path / "models--timm--vit_base_patch16_clip_224.openai"
     write_clip_checkpoint(source, repo / "snapshots" / "0123abc" / "open_clip_model.safetensors")
+    write_clip_checkpoint(spec.build(seed=5), repo / "snapshots" / "old999" / "open_clip_model.safetensors")
     (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text("0123abc")
-    loaded = spec.load(repo)
+    (repo / "refs" / "main").write_text("0123abc")  # refs/main, not the newest folder, names the snapshot
     tokens = source.tokenize(PROMPTS)
-    assert torch.equal(embeddings(source, tokens)[0], embeddings(loaded, tokens)[0])
+    expected = embeddings(source, tokens)[0]
+    assert torch.equal(embeddings(spec.load(repo), tokens)[0], expected)
+    # the cache root works too for models whose repository is known (the full `clip` maps to this repo)
+    monkeypatch.setitem(openclip._HF_REPOS, spec.config, "timm/vit_base_patch16_clip_224.openai")
+    assert torch.equal(embeddings(spec.load(tmp_path), tokens)[0], expected)
 
 
 def test_clip_extra_key_is_named(tmp_path):

@@ -235,7 +235,7 @@ def _draw_params(rng: np.random.Generator, age: float, sex: str) -> dict[str, An
     p["dome_y"] = 0.735 + 0.035 * t + u(-0.015, 0.015)
     p["dome_h"] = 0.085 - 0.025 * t + u(-0.008, 0.008)
     p["heart_w"] = 0.13 + 0.01 * t + u(-0.01, 0.01)
-    p["heart_h"] = 0.092 + u(-0.006, 0.006)
+    p["heart_h"] = 0.105 + u(-0.006, 0.006)
     p["heart_cx"] = 0.535 + u(-0.01, 0.01)
     p["aorta"] = 0.01 + 0.014 * t
     p["breast"] = (0.06 + 0.025 * (1 - t)) if female else 0.0
@@ -322,10 +322,14 @@ def render_image(
     domes: dict[int, np.ndarray] = {}
     for side in (-1, 1):
         cx, cy, a, b = 0.5 + side * 0.2 + 0.3 * shift, p["lung_cy"], p["lung_a"], p["lung_b"]
-        v = (ys - cy) / b
+        # The normalised radius r is computed only in the lung's box (r = 9 elsewhere): it is the costly part.
+        rows, cols = g.box(cx - 1.4 * a, cx + 1.4 * a, cy - 1.2 * b, cy + 1.2 * b)
+        x, y = xs[:, cols], ys[rows, :]
+        v = (y - cy) / b
         a_eff = a * (1.0 + 0.16 * np.clip(v, -1.0, 1.0))
-        uu, vv = np.abs(xs - cx) / a_eff, np.abs(v)
-        r = np.where(v < 0, np.sqrt(uu ** 2 + vv ** 2), (uu ** 4 + vv ** 4) ** 0.25)
+        uu, vv = np.abs(x - cx) / a_eff, np.abs(v)
+        r = np.full(g.shape, 9.0, dtype=np.float32)
+        r[rows, cols] = np.where(v < 0, np.sqrt(uu ** 2 + vv ** 2), np.sqrt(np.sqrt(uu ** 4 + vv ** 4)))
         dome_y = p["dome_y"] + (0.0 if side == -1 else 0.025)  # the right dome sits higher
         if p["atel_side"] == side:
             dome_y -= 0.06 * atel
@@ -388,15 +392,15 @@ def render_image(
     thorax = np.clip(thorax, 0.0, 1.0)
     ribs = np.zeros(g.shape, dtype=np.float32)
     q = np.clip((ax - 0.03) / 0.4, 0.0, 1.0)
+    arc = -0.03 * np.sin(np.pi * q * 0.8) + 0.17 * q ** 2.2  # posterior rib, relative to its height at the spine
+    arc_a = 0.02 + 0.16 * (1.0 - q) ** 1.6  # anterior rib
+    fade_a = 0.4 * _soft(0.3 - q, 0.03)
     rib_h = 0.0095
     for i in range(10):
         y0 = 0.14 + p["rib_phase"] + 0.058 * i
         rows, _ = g.box(0.0, 1.0, y0 - 0.05, y0 + 0.2)
-        y = ys[rows]
-        centre = y0 - 0.03 * np.sin(np.pi * q * 0.8) + 0.17 * q ** 2.2
-        ribs[rows] += np.exp(-(((y - centre) / rib_h) ** 2))
-        centre_a = y0 + 0.02 + 0.16 * (1.0 - q) ** 1.6
-        ribs[rows] += 0.4 * np.exp(-(((y - centre_a) / (rib_h * 0.9)) ** 2)) * _soft(0.3 - q, 0.03)
+        y = ys[rows] - y0
+        ribs[rows] += np.exp(-(((y - arc) / rib_h) ** 2)) + fade_a * np.exp(-(((y - arc_a) / (rib_h * 0.9)) ** 2))
     img += p["rib_alpha"] * ribs * thorax * (0.5 + 0.5 * lungs)
 
     # Clavicles: bright bars from the shoulders to the sternal notch.
@@ -424,8 +428,8 @@ def render_image(
     grow = 1.0 + p["cardio_scale"] * cardio
     hw, hh = p["heart_w"] * grow, p["heart_h"] * (1.0 + 0.35 * (grow - 1.0))
     hcx = p["heart_cx"] + 0.3 * (hw - p["heart_w"]) + shift
-    hcy = 0.675 + 0.3 * (hh - p["heart_h"])
-    rot = -0.35  # the heart's axis points down and to the patient's left (image right)
+    hcy = p["lung_cy"] + 0.135 + 0.3 * (hh - p["heart_h"])
+    rot = -0.5  # the heart's axis points down and to the patient's left (image right)
     hu = ((xs - hcx) * math.cos(rot) - (ys - hcy) * math.sin(rot)) / hw
     hv = ((xs - hcx) * math.sin(rot) + (ys - hcy) * math.cos(rot)) / hh
     heart = _soft(np.sqrt(hu ** 2 + hv ** 2) - 1.0, 0.04)

@@ -49,5 +49,5 @@ def state_dict_hash(model: nn.Module) -> str:
         digest.update(name.encode())
         t = tensor.detach().cpu().contiguous()
         digest.update(str(t.dtype).encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return "sha256:" + digest.hexdigest()[:16]

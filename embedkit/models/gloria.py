@@ -72,8 +72,9 @@ class GloriaArch:
 
 ARCHS: dict[str, GloriaArch] = {
     "resnet50": GloriaArch("resnet50", bert.CLINICAL_BERT, 768, 2048, 1024),
-    # Small widths, same module names and strides (layer3 still gives 19 x 19 regions at 299 px).
-    "tiny-resnet50": GloriaArch("tiny", bert.TINY_BERT, 48, 64, 32),
+    # Small widths, same module names and strides (layer3 still gives 19 x 19 regions at 299 px). GLoRIA has no
+    # text projection, so the tiny BERT's hidden size must be the embedding width (48, not TINY_BERT's 32).
+    "tiny-resnet50": GloriaArch("tiny", {**bert.TINY_BERT, "hidden_size": 48}, 48, 64, 32),
 }
 
 
@@ -314,7 +315,7 @@ def word_mask(tokens: dict[str, torch.Tensor], n_slots: int = WORD_NUM, word_set
         count = tokens["n_words"]
     else:
         raise ValueError(f"word_set must be 'authors' or 'prompt', not {word_set!r}")
-    slots = torch.arange(n_slots)
+    slots = torch.arange(n_slots, device=count.device)
     return (slots >= 1) & (slots <= count.unsqueeze(1))
 
 
@@ -336,35 +337,38 @@ def local_similarity(local_feats: torch.Tensor, words: torch.Tensor, word_mask: 
         b_wr   = softmax over regions r of (4 * a_rw)           (attention temperature 4)
         c_w    = sum_r b_wr v_r                                  (the word's attended visual context)
         s(p)   = log( max_w exp(5 * cos(e_w, c_w)) )             (= 5 * max_w cos; MODELS.md: "max over words, log")
-    ``local_feats`` [B, D, H, W]; ``words`` [P, W, D]; ``word_mask`` [P, W] (bool). Computed in float32.
+    ``local_feats`` [B, D, H, W]; ``words`` [P, W, D]; ``word_mask`` [P, W] (bool). Computed in float32 even
+    under autocast: the features are unnormalised, and bf16 dot products would shift the word softmax.
     """
     ctx = local_feats.float().flatten(2)  # [B, D, R]
     words = words.float().to(ctx.device)
+    word_mask = word_mask.to(ctx.device)
     out = ctx.new_empty(ctx.shape[0], words.shape[0])
-    for p in range(words.shape[0]):
-        e = words[p][word_mask[p].to(words.device)]  # [n, D]
-        if e.shape[0] == 0:
-            raise ValueError(f"prompt {p} has no words selected by word_mask")
-        dots = torch.einsum("bdr,nd->brn", ctx, e)  # [B, R, n]
-        attn = torch.softmax(dots, dim=2)  # over words
-        attn = torch.softmax(ATTENTION_TEMPERATURE * attn.transpose(1, 2), dim=2)  # [B, n, R], over regions
-        context = torch.einsum("bnr,bdr->bnd", attn, ctx)  # [B, n, D]
-        cos = _cosine(e.unsqueeze(0), context)  # [B, n]
-        out[:, p] = torch.log(torch.exp(WORD_TEMPERATURE * cos).max(dim=1).values)
+    with torch.autocast(ctx.device.type, enabled=False):
+        for p in range(words.shape[0]):
+            e = words[p][word_mask[p]]  # [n, D]
+            if e.shape[0] == 0:
+                raise ValueError(f"prompt {p} has no words selected by word_mask")
+            dots = torch.einsum("bdr,nd->brn", ctx, e)  # [B, R, n]
+            attn = torch.softmax(dots, dim=2)  # over words
+            attn = torch.softmax(ATTENTION_TEMPERATURE * attn.transpose(1, 2), dim=2)  # [B, n, R], over regions
+            context = torch.einsum("bnr,bdr->bnd", attn, ctx)  # [B, n, D]
+            cos = _cosine(e.unsqueeze(0), context)  # [B, n]
+            out[:, p] = torch.log(torch.exp(WORD_TEMPERATURE * cos).max(dim=1).values)
     return out
 
 
 def local_similarity_for(
-    model: Gloria, pixels: torch.Tensor, tokens: dict[str, torch.Tensor], word_set: WordSet = "authors"
+    model: Gloria, pixels: torch.Tensor, tokens: dict[str, torch.Tensor] | TextWords, word_set: WordSet = "authors"
 ) -> torch.Tensor:
-    """Local similarity [B, P] of a batch of preprocessed images with tokenized prompts (no gradients).
+    """Local similarity [B, P] of a batch of preprocessed images with prompts (no gradients).
 
-    Encodes the prompts on every call; over many batches, call ``model.encode_text_words`` once and
-    :func:`local_similarity` per batch instead.
+    ``tokens`` is ``model.tokenize(...)`` (the prompts are then encoded on every call) or, cheaper over many
+    batches, ``model.encode_text_words(tokens)`` computed once (``word_set`` is then already fixed in it).
     """
     with torch.no_grad():
         _, local = model.encode_image_local(pixels)
-        text = model.encode_text_words(tokens, word_set)
+        text = tokens if isinstance(tokens, TextWords) else model.encode_text_words(tokens, word_set)
         return local_similarity(local, text.words, text.word_mask)
 
 
