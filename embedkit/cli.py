@@ -241,6 +241,7 @@ def embed_cmd(
     workers: int = typer.Option(2, help="DataLoader worker processes decoding images"),
     prompts: list[str] = typer.Option([], help="Extra prompt set: a YAML/JSON file {class: [prompts]} (repeatable)"),
     force: bool = typer.Option(False, help="Re-embed rows already embedded with these weights"),
+    chunk_images: int = typer.Option(256, help="Images per store commit (a killed run loses at most one chunk)"),
     quiet: bool = typer.Option(False, help="No progress bar"),
 ) -> None:
     """Embed a cohort's images and its class prompts with one model into the store."""
@@ -253,7 +254,7 @@ def embed_cmd(
     net, weights_id, source = instantiate(spec, weights, random_init, seed, weights_dir)
     summary = embed_cohort(get_store(ctx), spec, net, weights_id, source, cohort, device=device,
                            batch_size=batch_size, workers=workers, force=force, extra_prompt_sets=prompts,
-                           progress=not quiet)
+                           chunk_images=chunk_images, progress=not quiet)
     typer.echo(summary.line())
 
 

@@ -173,27 +173,24 @@ def embed_cohort(
                         time.perf_counter() - start, table)
 
 
-def _local_similarity_inputs(spec: ModelSpec, model, sets: dict[str, dict[str, list[str]]], dev: torch.device):
-    """GLoRIA only: tokenised prompts per set, in prompt_index order, for the word x region similarity."""
+def _local_similarity_inputs(spec: ModelSpec, model, sets: dict[str, dict[str, list[str]]]) -> dict:
+    """GLoRIA only: each set's word features (prompt_index order), encoded once for the whole pass."""
     if spec.zeroshot_rule != "gloria":
         return {}
-    out = {}
-    for name, by_class in sets.items():
-        texts = [t for ts in by_class.values() for t in ts]
-        tokens = model.tokenize(texts)
-        out[name] = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in tokens.items()}
-    return out
+    return {name: model.encode_text_words(model.tokenize([t for ts in by_class.values() for t in ts]))
+            for name, by_class in sets.items()}
 
 
 def _encode_batch(model, pixels: torch.Tensor, local_inputs: dict) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
-    """Image vectors, plus (GLoRIA) the local similarity to every prompt of every set."""
+    """Image vectors, plus (GLoRIA) the local similarity to every prompt of every set, from one image pass."""
     if not local_inputs:
         return model.encode_image(pixels), {}
-    from embedkit.models.gloria import local_similarity_for
+    from embedkit.models.gloria import local_similarity
 
-    sims = {name: local_similarity_for(model, pixels, tokens).float().cpu().numpy()
-            for name, tokens in local_inputs.items()}
-    return model.encode_image(pixels), sims
+    global_raw, local = model.encode_image_local(pixels)
+    sims = {name: local_similarity(local, words.words, words.word_mask).float().cpu().numpy()
+            for name, words in local_inputs.items()}
+    return torch.nn.functional.normalize(global_raw.float(), dim=-1), sims
 
 
 def _embed_paths(store, spec, model, weights_id, todo, paths, sets, dev, batch_size, workers, chunk_images,
@@ -202,9 +199,11 @@ def _embed_paths(store, spec, model, weights_id, todo, paths, sets, dev, batch_s
 
     loader = torch.utils.data.DataLoader(
         ImageFiles(paths, model.image_transform()), batch_size=batch_size, num_workers=workers,
-        pin_memory=dev.type == "cuda", persistent_workers=False, prefetch_factor=4 if workers else None,
+        pin_memory=dev.type == "cuda", prefetch_factor=4 if workers else None,
+        # lancedb holds an async runtime that fork() can leave mid-operation: start workers fresh instead.
+        multiprocessing_context="forkserver" if workers else None,
     )
-    local_inputs = _local_similarity_inputs(spec, model, sets, dev)
+    local_inputs = _local_similarity_inputs(spec, model, sets)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
     pending_idx: list[np.ndarray] = []
     pending_vec: list[np.ndarray] = []
@@ -222,8 +221,10 @@ def _embed_paths(store, spec, model, weights_id, todo, paths, sets, dev, batch_s
         order = chunk_rows["path"].map(position).to_numpy()
         for name, sims in pending_sim.items():  # local similarities first: the vectors mark a row as done
             sim = np.concatenate(sims)[order]
-            local = pa.table({"row_id": chunk_rows["row_id"].to_numpy(), "model": spec.name, "weights_id": weights_id,
-                              "prompt_set": name, "similarity": [s.tolist() for s in sim]})
+            n = len(chunk_rows)
+            local = pa.table({"row_id": chunk_rows["row_id"].to_numpy(), "model": [spec.name] * n,
+                              "weights_id": [weights_id] * n, "prompt_set": [name] * n,
+                              "similarity": [s.tolist() for s in sim]})
             store.upsert(localsim_table(spec.name), local, ["row_id", "weights_id", "prompt_set"],
                          schemas.LOCAL_SIMILARITY)
             sims.clear()

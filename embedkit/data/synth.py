@@ -25,10 +25,12 @@ fraction of images showing another class's pattern than their label (``age_group
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import re
-from concurrent.futures import ProcessPoolExecutor
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -261,9 +263,10 @@ def _draw_params(rng: np.random.Generator, age: float, sex: str) -> dict[str, An
     p["cons_lat"] = u(-0.3, 0.4)
     p["cons_r"] = u(0.075, 0.1)
     p["cons_blobs"] = [(u(-1, 1), u(-1, 1), u(0.5, 1.0)) for _ in range(5)]
+    p["cons_bronchi"] = [(u(-0.6, 0.6), u(0.6, 1.1)) for _ in range(3)]  # air bronchograms: angle, length
     p["edema_w"] = u(0.9, 1.15)
     p["eff_side"] = 1 if u() < 0.5 else -1
-    p["eff_height"] = u(0.13, 0.2)
+    p["eff_height"] = u(0.15, 0.24)
     p["ptx_side"] = 1 if u() < 0.5 else -1
     p["ptx_depth"] = u(0.6, 0.72)
     p["ptx_extent"] = u(0.12, 0.3)
@@ -332,7 +335,7 @@ def render_image(
         r[rows, cols] = np.where(v < 0, np.sqrt(uu ** 2 + vv ** 2), np.sqrt(np.sqrt(uu ** 4 + vv ** 4)))
         dome_y = p["dome_y"] + (0.0 if side == -1 else 0.025)  # the right dome sits higher
         if p["atel_side"] == side:
-            dome_y -= 0.06 * atel
+            dome_y -= 0.08 * atel
         dome = dome_y - p["dome_h"] * np.clip(1.0 - ((xs - cx - side * 0.02) / (1.05 * a)) ** 2, 0.0, 1.0)
         mask = _soft((r - 1.0) * a, 0.005) * _soft(ys - dome, 0.004)
         lung_side[side] = (mask, cx, cy, a, b, r)
@@ -443,12 +446,12 @@ def render_image(
         # Wedge of collapsed lower lobe: a triangle from the hilum widening down to the base.
         hx, hy = cx - side * 0.35 * a, cy + 0.02
         rel_x, rel_y = (xs - hx) * side, ys - hy
-        wedge = _soft(-rel_y, 0.015) * _soft(rel_x - 0.9 * sz * rel_y, 0.012) * _soft(-0.1 * rel_y - rel_x, 0.012)
-        _lerp(img, 0.52, wedge * mask * 0.8 * atel)
+        wedge = _soft(-rel_y, 0.015) * _soft(rel_x - 1.1 * sz * rel_y, 0.012) * _soft(-0.1 * rel_y - rel_x, 0.012)
+        _lerp(img, 0.56, wedge * mask * 0.9 * atel)
         # Plate-like band across the lower zone.
         yb = float(domes[side].min()) - 0.07
         _segment(img, g, (cx - side * 0.5 * a, yb + 0.03), (cx + side * 0.95 * a, yb - 0.025),
-                 0.016 * sz, 0.16 * atel)
+                 0.02 * sz, 0.2 * atel)
     elif cls == "Consolidation":
         side = p["cons_side"]
         _, cx, cy, a, b, _ = lung_side[side]
@@ -459,7 +462,15 @@ def render_image(
         for jx, jy, wt in p["cons_blobs"]:
             d2 = (xs - px - jx * rad * 0.6) ** 2 + (ys - py - jy * rad * 0.6) ** 2
             patch = np.maximum(patch, wt * np.exp(-d2 / (rad * rad)))
-        _lerp(img, 0.62, np.clip(patch * 1.6, 0.0, 1.0) * lungs * 0.9 * s)
+        patch = np.clip(patch * 1.6, 0.0, 1.0) * lungs
+        _lerp(img, 0.62, patch * 0.9 * s)
+        # Air bronchograms: dark branching tubes inside the patch, pointing away from the hilum.
+        tubes = np.zeros(g.shape, dtype=np.float32)
+        for ang, length in p["cons_bronchi"]:
+            start = (px - side * rad * 0.8, py)
+            end = (start[0] + side * math.cos(ang) * rad * 1.6 * length, py + math.sin(ang) * rad * 1.6 * length)
+            _segment(tubes, g, start, end, max(0.007, 1.2 / n), 0.1, 0.02)
+        img -= np.minimum(tubes, 0.12) * patch * s
     elif cls == "Edema":
         w = p["edema_w"]
         haze = np.zeros(g.shape, dtype=np.float32)
@@ -522,14 +533,66 @@ def _label_index(label: Any) -> int:
     raise SynthError(f"label {label!r} is neither one of {NIH_CLASSES} nor an index 0..{N_CLASSES - 1}")
 
 
-def _render_job(job: tuple[str, int, int, str, int, int, float]) -> str:
-    """Pool worker: render one image and write it atomically (a crash never leaves a half-written PNG)."""
+Job = tuple[str, int, int, str, int, int, float]  # path, pattern index, age, sex, rng seed, size, signal
+
+
+def _render_job(job: Job) -> str:
+    """Render one image and write it atomically (a crash never leaves a half-written PNG)."""
     path, label_index, age, sex, rng_seed, size, signal = job
     array = render_image(label_index, age, sex, rng_seed, size=size, signal=signal)
     tmp = f"{path}.tmp{os.getpid()}"
-    Image.fromarray(array).save(tmp, format="PNG", compress_level=1)  # speed over a few % of file size
-    os.replace(tmp, path)
+    try:
+        Image.fromarray(array).save(tmp, format="PNG", compress_level=1)  # speed over a few % of file size
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return path
+
+
+def _worker_main() -> None:
+    """Entry point of a worker process: render the JSON list of jobs read from stdin."""
+    for job in json.load(sys.stdin):
+        _render_job(tuple(job))  # type: ignore[arg-type]
+
+
+_WORKER_CMD = "from embedkit.data.synth import _worker_main; _worker_main()"
+
+
+def _run_pool(jobs: list[Job], n_workers: int) -> None:
+    """Render ``jobs`` in ``n_workers`` fresh Python processes.
+
+    Why not multiprocessing: fork is unsafe once torch's threads run in the parent, and spawn/forkserver
+    re-run the user's ``__main__`` script (failing in scripts without a main guard). Plain worker processes
+    that import only this module have neither problem. Jobs are dealt round-robin: they cost about the same.
+    """
+    env = dict(os.environ)
+    package_root = str(Path(__file__).resolve().parents[2])  # the worker imports this very copy of embedkit
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for k in range(n_workers):
+            procs.append(subprocess.Popen(
+                [sys.executable, "-c", _WORKER_CMD], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE, env=env,
+            ))
+        for k, proc in enumerate(procs):
+            assert proc.stdin is not None
+            proc.stdin.write(json.dumps(jobs[k::n_workers]).encode())
+            proc.stdin.close()
+        failures = []
+        for proc in procs:
+            assert proc.stderr is not None
+            err = proc.stderr.read()  # small: only a traceback on failure
+            if proc.wait() != 0:
+                failures.append(err.decode(errors="replace").strip().splitlines()[-1:] or ["(no message)"])
+        if failures:
+            raise SynthError(f"{len(failures)} synthetic-image worker(s) failed: {failures[0][0]}")
+    finally:
+        for proc in procs:  # only on errors or interrupts: stop the workers this call started
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
 def _selector_values(images: pd.DataFrame, column: str) -> pd.Series:
@@ -644,12 +707,7 @@ def synthesize(
         for job in jobs:
             _render_job(job)
     else:
-        import multiprocessing
-
-        # spawn: safe whatever threads the parent runs (torch), and workers import only numpy and PIL.
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=n_workers, mp_context=ctx) as pool:
-            list(pool.map(_render_job, jobs, chunksize=max(1, len(jobs) // (n_workers * 8))))
+        _run_pool(jobs, min(n_workers, len(jobs)))
 
     result = pd.DataFrame(
         {

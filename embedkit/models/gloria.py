@@ -306,8 +306,8 @@ def word_mask(tokens: dict[str, torch.Tensor], n_slots: int = WORD_NUM, word_set
 
     ``"authors"`` (default, reproduces the released zero-shot): slots 1 .. n_chars, i.e. the authors' code took as
     many slots after [CLS] as the prompt has characters, so the prompt's words, [SEP] and zero-vector padding
-    slots all count (clipped to the 96 slots after [CLS]; their code failed beyond). ``"prompt"``: the prompt's
-    own words only (slots 1 .. n_words).
+    slots all count (clipped to the 96 slots after [CLS]; the authors' reshape breaks beyond that).
+    ``"prompt"``: the prompt's own words only (slots 1 .. n_words).
     """
     if word_set == "authors":
         count = tokens["n_chars"].clamp(max=n_slots - 1)

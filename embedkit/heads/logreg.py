@@ -1,0 +1,169 @@
+"""Multinomial logistic regression for many L2 strengths at once: one batched L-BFGS.
+
+Problem per model m (all share X and y):  min_W  mean_i CE(x_i W + b, y_i) + wd_m / 2 * ||W||^2  (b unpenalised),
+the objective scikit-learn's ``LogisticRegression(C=1/(wd_m * n))`` minimises. Because every model reads the
+same X, the logits of all models are ONE matrix product X[n, d+1] @ Theta[d+1, M*C], and so is the gradient;
+the L-BFGS two-loop recursion and the Armijo backtracking line search run elementwise over the model axis,
+each model keeping its own history, step length and convergence flag. Converged models stop moving (and stop
+costing line-search evaluations).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+HISTORY = 10  # L-BFGS memory (scikit-learn / scipy default)
+ARMIJO_C1 = 1e-4
+MAX_HALVINGS = 20
+
+
+@dataclass
+class LogregFit:
+    """Fitted weights of M models: ``theta`` [M, d+1, C] (last row = bias), per-model iteration counts."""
+
+    theta: torch.Tensor
+    n_iter: np.ndarray
+    converged: np.ndarray
+    loss: np.ndarray
+    evaluations: int  # model-evaluations of the objective (for FLOP counts)
+
+    def logits(self, X: np.ndarray) -> np.ndarray:
+        """Logits [M, N, C] of every model on rows ``X`` [N, d]."""
+        m, d1, c = self.theta.shape
+        Xa = _augment(torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32)))
+        out = (Xa @ self.theta.permute(1, 0, 2).reshape(d1, m * c)).reshape(len(Xa), m, c)
+        return out.permute(1, 0, 2).contiguous().numpy()
+
+
+def _augment(X: torch.Tensor) -> torch.Tensor:
+    return torch.cat([X, torch.ones(len(X), 1, dtype=X.dtype)], dim=1)
+
+
+def _dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-model inner products of [M, d+1, C] tensors -> [M] (float64 for a stable line search)."""
+    return torch.linalg.vecdot(a.flatten(1), b.flatten(1)).double()
+
+
+def _per_model(v: torch.Tensor) -> torch.Tensor:
+    """[M] -> [M, 1, 1] (float32), to scale each model's block."""
+    return v.float().view(-1, 1, 1)
+
+
+class _Objective:
+    """Loss and gradient of any subset of the models, evaluated with two matrix products."""
+
+    def __init__(self, X: np.ndarray, y: np.ndarray, n_classes: int, l2: torch.Tensor):
+        self.Xa = _augment(torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32)))
+        self.XaT = self.Xa.T.contiguous()
+        self.y = torch.from_numpy(np.asarray(y, dtype=np.int64))
+        self.n, self.d1 = self.Xa.shape
+        self.c = n_classes
+        self.onehot = torch.nn.functional.one_hot(self.y, n_classes).to(torch.float32)
+        self.l2 = l2
+        self.evaluations = 0  # model-evaluations, for FLOP counting
+
+    def __call__(self, theta: torch.Tensor, models: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k = theta.shape[0]
+        self.evaluations += k
+        # all models' logits in one product: X [n, d+1] @ Theta [d+1, k*C]
+        flat = theta.permute(1, 0, 2).reshape(self.d1, k * self.c)
+        logits = (self.Xa @ flat).reshape(self.n, k, self.c)
+        logits64 = logits.double()  # the loss in float64: Armijo compares tiny decreases near the optimum
+        lse = torch.logsumexp(logits64, dim=2)
+        picked = logits64.gather(2, self.y.view(-1, 1, 1).expand(-1, k, 1)).squeeze(2)
+        l2 = self.l2[models]
+        body = theta[:, :-1]
+        loss = (lse - picked).mean(dim=0) + 0.5 * l2.double() * _dots(body, body)
+        resid = (torch.exp(logits64 - lse.unsqueeze(2)).float() - self.onehot.unsqueeze(1)) / self.n
+        grad = (self.XaT @ resid.reshape(self.n, k * self.c)).reshape(self.d1, k, self.c).permute(1, 0, 2)
+        grad = grad.contiguous()
+        grad[:, :-1] += _per_model(l2) * body
+        return loss, grad
+
+
+def fit_logreg(X: np.ndarray, y: np.ndarray, n_classes: int, l2, max_iter: int = 100, tol: float = 1e-4,
+               history: int = HISTORY) -> LogregFit:
+    """Fit one multinomial logistic regression per entry of ``l2`` (L2 strengths), all at once."""
+    l2 = torch.as_tensor(np.asarray(l2, dtype=np.float32))
+    m = len(l2)
+    obj = _Objective(X, y, n_classes, l2)
+    d1, c = obj.d1, n_classes
+    theta = torch.zeros(m, d1, c)
+    everyone = torch.arange(m)
+    loss, grad = obj(theta, everyone)
+    S = torch.zeros(history, m, d1, c)
+    Yh = torch.zeros(history, m, d1, c)
+    rho = torch.zeros(history, m, dtype=torch.float64)
+    gamma = torch.ones(m, dtype=torch.float64)
+    has_pair = torch.zeros(m, dtype=torch.bool)
+    done = torch.zeros(m, dtype=torch.bool)
+    converged = torch.zeros(m, dtype=torch.bool)
+    n_iter = torch.zeros(m, dtype=torch.int64)
+    slots: list[int] = []  # ring buffer positions, oldest first
+    for it in range(max_iter):
+        small = grad.abs().amax(dim=(1, 2)) <= tol
+        converged |= small & ~done
+        done |= small
+        if bool(done.all()):
+            break
+        # two-loop recursion for every model at once (models without pairs get -gamma * grad = -grad)
+        q = grad.clone()
+        alphas = {}
+        for j in reversed(slots):
+            alphas[j] = rho[j] * _dots(S[j], q)
+            q.addcmul_(Yh[j], _per_model(alphas[j]), value=-1)
+        direction = q.mul_(_per_model(gamma))
+        for j in slots:
+            beta = rho[j] * _dots(Yh[j], direction)
+            direction.addcmul_(S[j], _per_model(alphas[j] - beta))
+        direction.neg_()
+        slope = _dots(grad, direction)
+        uphill = slope >= 0  # a broken curvature history: restart that model from steepest descent
+        if bool(uphill.any()):
+            direction[uphill] = -grad[uphill]
+            slope[uphill] = -_dots(grad[uphill], grad[uphill])
+            rho[:, uphill] = 0
+            gamma[uphill] = 1
+            has_pair[uphill] = False
+        gnorm = _dots(grad, grad).sqrt()
+        step = torch.where(has_pair, torch.ones_like(gnorm), torch.clamp(1.0 / gnorm, max=1.0))
+        # batched backtracking (Armijo): only models still searching are re-evaluated
+        new_theta, new_loss, new_grad = theta.clone(), loss.clone(), grad.clone()
+        moved = torch.zeros(m, dtype=torch.bool)
+        pending = everyone[~done]
+        for _ in range(MAX_HALVINGS):
+            if len(pending) == 0:
+                break
+            cand = theta[pending] + _per_model(step[pending]) * direction[pending]
+            c_loss, c_grad = obj(cand, pending)
+            ok = c_loss <= loss[pending] + ARMIJO_C1 * step[pending] * slope[pending]
+            took = pending[ok]
+            new_theta[took], new_loss[took], new_grad[took] = cand[ok], c_loss[ok], c_grad[ok]
+            moved[took] = True
+            pending = pending[~ok]
+            step[pending] *= 0.5
+        done[pending] = True  # no decrease found at float precision: as far as this model goes
+        s = new_theta - theta
+        yv = new_grad - grad
+        sy, yy = _dots(s, yv), _dots(yv, yv)
+        good = moved & (sy > 1e-10 * yy.clamp(min=1e-30))  # keep only pairs with positive curvature
+        slot = it % history
+        if slot in slots:
+            slots.remove(slot)
+        slots.append(slot)
+        S[slot], Yh[slot] = s, yv
+        rho[slot] = torch.where(good, 1.0 / sy.clamp(min=1e-30), torch.zeros_like(sy))
+        gamma = torch.where(good, sy / yy.clamp(min=1e-30), gamma)
+        has_pair |= good
+        theta, loss, grad = new_theta, new_loss, new_grad
+        n_iter += moved.long()
+    converged |= grad.abs().amax(dim=(1, 2)) <= tol
+    return LogregFit(theta, n_iter.numpy(), converged.numpy(), loss.numpy(), obj.evaluations)
+
+
+def logreg_flops(n: int, dim: int, n_classes: int, evaluations: int) -> float:
+    """FLOPs of the objective evaluations: two (n x (d+1) x C) products per model-evaluation."""
+    return 4.0 * n * (dim + 1) * n_classes * evaluations

@@ -1,0 +1,146 @@
+"""One (model, cohort, weights_id) slice of the embedding store as arrays: X, y, split, row ids, demographics.
+
+Vectors of different weights are never mixed: when a cohort was embedded with several weights (say random-init
+and the released checkpoint) and none was chosen, loading fails and lists them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from embedkit.errors import EmbedkitError
+from embedkit.store.store import Store, embeddings_table, sql_eq
+
+# Columns kept beside the vectors (the demographics the embeddings table denormalises).
+META_COLUMNS = ("row_id", "image_id", "split", "label", "age", "age_group", "sex", "view", "patient_id")
+
+
+class HeadsError(EmbedkitError):
+    """A head cannot run on what the store holds; the message says what to run or pass instead."""
+
+
+@dataclass
+class CohortVectors:
+    """The stored vectors of one cohort under one weights_id, in row_id order.
+
+    ``y`` holds indices into ``classes`` (the cohort's class order), -1 where a row has no single label.
+    """
+
+    model: str
+    cohort: str
+    weights_id: str
+    classes: tuple[str, ...]
+    X: np.ndarray  # [N, d] float32
+    y: np.ndarray  # [N] int64, -1 = unlabelled
+    meta: pd.DataFrame = field(repr=False)  # META_COLUMNS, one row per vector
+
+    @property
+    def n(self) -> int:
+        return int(self.X.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.X.shape[1])
+
+    @property
+    def split(self) -> np.ndarray:
+        return self.meta["split"].to_numpy(dtype=object)
+
+    @property
+    def row_ids(self) -> np.ndarray:
+        return self.meta["row_id"].to_numpy(dtype=object)
+
+    def index(self, split: str, labelled: bool = True) -> np.ndarray:
+        """Positions of the rows of ``split`` (only labelled ones unless ``labelled=False``)."""
+        mask = self.split == split
+        if labelled:
+            mask &= self.y >= 0
+        return np.flatnonzero(mask)
+
+    def groups(self, by: tuple[str, ...] | list[str]) -> np.ndarray:
+        """One group key per row from demographic columns (joined with '|' when several), None if any is missing."""
+        missing = [c for c in by if c not in self.meta.columns]
+        if missing:
+            raise HeadsError(f"unknown group column(s) {missing}; use some of {list(META_COLUMNS[2:])}")
+        cols = self.meta[list(by)].astype(object)
+        keys = cols.apply(lambda r: None if r.isna().any() else "|".join(str(v) for v in r), axis=1)
+        return keys.to_numpy(dtype=object)
+
+    def require_splits(self, *splits: str) -> None:
+        """Fail with a clear message when a split a head trains or selects on has no labelled rows."""
+        empty = [s for s in splits if len(self.index(s)) == 0]
+        if empty:
+            raise HeadsError(
+                f"cohort '{self.cohort}' has no labelled rows in split(s) {empty} (model {self.model}, "
+                f"weights {self.weights_id}); trained heads need train and val rows: assign splits in the manifest "
+                f"and re-import the cohort (embedkit data ...)."
+            )
+
+
+def _distinct(values) -> list[str]:
+    return sorted({v for v in values if v is not None})
+
+
+def choose_slice(store: Store, model: str, cohort: str | None, weights_id: str | None) -> tuple[str, str]:
+    """Resolve (cohort, weights_id) for ``model``; refuse to guess when the store holds several."""
+    table = embeddings_table(model)
+    if not store.has(table):
+        raise HeadsError(
+            f"no embeddings for model '{model}' in the store {store.path} (table {table}): "
+            f"run `embedkit embed --model {model}` first"
+        )
+    where = sql_eq("cohort", cohort) if cohort else None
+    keys = store.read(table, where, ["cohort", "weights_id"])
+    if keys.num_rows == 0:
+        have = _distinct(store.read(table, None, ["cohort"])["cohort"].to_pylist())
+        raise HeadsError(f"model '{model}' has no embeddings for cohort '{cohort}'; cohorts embedded: {have}")
+    cohorts = _distinct(keys["cohort"].to_pylist())
+    if cohort is None:
+        if len(cohorts) > 1:
+            raise HeadsError(
+                f"model '{model}' has embeddings for several cohorts {cohorts}: choose one with --cohort"
+            )
+        cohort = cohorts[0]
+    weights = pd.Series(keys["weights_id"].to_pylist()).value_counts().sort_index()
+    if weights_id is None:
+        if len(weights) > 1:
+            listing = ", ".join(f"{w} ({n} rows)" for w, n in weights.items())
+            raise HeadsError(
+                f"cohort '{cohort}' was embedded by '{model}' with several weights: {listing}. Vectors of "
+                f"different weights are never mixed: choose one with --weights-id"
+            )
+        weights_id = str(weights.index[0])
+    elif weights_id not in weights.index:
+        raise HeadsError(
+            f"no '{model}' embeddings of cohort '{cohort}' with weights_id '{weights_id}'; "
+            f"weights_ids there: {list(weights.index)}"
+        )
+    return cohort, weights_id
+
+
+def load_vectors(store: Store, model: str, cohort: str | None = None, weights_id: str | None = None) -> CohortVectors:
+    """Read the vectors of ``model`` for one cohort and one weights_id (both inferred when unambiguous)."""
+    from embedkit.data.cohort import cohort_classes  # the one definition of a cohort's class order
+
+    cohort, weights_id = choose_slice(store, model, cohort, weights_id)
+    where = f"{sql_eq('cohort', cohort)} AND {sql_eq('weights_id', weights_id)}"
+    table = store.read(embeddings_table(model), where, ["vector", *META_COLUMNS])
+    # row_id order makes every head's inputs (and so its shuffles and predictions) independent of storage order
+    order = np.argsort(np.asarray(table["row_id"].to_pylist(), dtype=object), kind="stable")
+    table = table.take(order)
+    vectors = table["vector"].combine_chunks()
+    dim = vectors.type.list_size
+    X = vectors.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, dim)
+    meta = table.drop(["vector"]).to_pandas()
+    if not np.isfinite(X).all():
+        raise HeadsError(f"non-finite values in '{model}' vectors of cohort '{cohort}' (weights {weights_id}): "
+                         f"re-embed with `embedkit embed --model {model} --force`")
+    classes = cohort_classes(meta)
+    if len(classes) < 2:
+        raise HeadsError(f"cohort '{cohort}' has {len(classes)} distinct label(s); a classifier needs at least 2")
+    lookup = {c: i for i, c in enumerate(classes)}
+    y = meta["label"].map(lambda v: lookup.get(v, -1) if isinstance(v, str) else -1).to_numpy(dtype=np.int64)
+    return CohortVectors(model, cohort, weights_id, classes, np.ascontiguousarray(X), y, meta)

@@ -1,0 +1,137 @@
+"""The embedding pass: one row per image and weights_id, resumable after a kill, clear errors."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from embedkit.cli import app
+from embedkit.data.cohort import CohortError, import_cohort, validate_cohort
+from embedkit.embed import embed_cohort
+from embedkit.models.registry import UnknownModelError, get_spec, instantiate
+from embedkit.store import schemas
+from embedkit.store.store import StoreError
+
+
+def _import(store, frame, folder, name="c", allow_repeats=False):
+    import_cohort(store, validate_cohort(frame, name, images_dir=folder, allow_repeats=allow_repeats), name)
+
+
+def _embed(store, model="tiny-clip", cohort="c", **kw):
+    spec = get_spec(model)
+    net, weights_id, source = instantiate(spec, random_init=True, seed=kw.pop("seed", 0))
+    return embed_cohort(store, spec, net, weights_id, source, cohort, device="cpu", batch_size=8, workers=0,
+                        progress=False, **kw)
+
+
+def test_embed_writes_one_normalised_vector_per_row_with_demographics_and_prompts(store, small_cohort):
+    frame, folder = small_cohort
+    _import(store, frame, folder)
+    summary = _embed(store)
+    assert (summary.rows, summary.skipped, summary.weights_id) == (len(frame), 0, "random-init:tiny-clip:0")
+    table = store.read("emb_tiny_clip").to_pandas()
+    assert len(table) == len(frame) and table["row_id"].is_unique
+    vectors = np.stack(table["vector"].to_numpy())
+    assert vectors.shape == (len(frame), 32)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    assert set(table["sex"]) == {"M", "F"} and set(table["split"]) == {"train", "val", "test"}
+    prompts = store.read("prompts_tiny_clip").to_pandas()
+    assert set(prompts["prompt_set"]) == {"clip"} and prompts["prompt_index"].tolist() == list(range(len(prompts)))
+    weights = store.read("weights").to_pylist()
+    assert weights[0]["weights_id"] == "random-init:tiny-clip:0" and weights[0]["embed_dim"] == 32
+
+
+def test_second_run_skips_done_rows_and_another_seed_is_kept_apart(store, small_cohort):
+    frame, folder = small_cohort
+    _import(store, frame, folder)
+    _embed(store)
+    again = _embed(store)
+    assert (again.images, again.skipped) == (0, len(frame))
+    _embed(store, seed=1)
+    counts = store.read("emb_tiny_clip").to_pandas().groupby("weights_id").size().to_dict()
+    assert counts == {"random-init:tiny-clip:0": len(frame), "random-init:tiny-clip:1": len(frame)}
+
+
+def test_repeated_images_share_one_forward_pass_and_keep_their_rows(store, small_cohort):
+    frame, folder = small_cohort
+    doubled = frame.copy()
+    doubled.loc[len(doubled)] = {**doubled.iloc[0].to_dict(), "split": "test"}
+    _import(store, doubled, folder, allow_repeats=True)
+    summary = _embed(store)
+    assert (summary.images, summary.rows) == (len(frame), len(doubled))
+    table = store.read("emb_tiny_clip").to_pandas().set_index("row_id")
+    first = doubled.iloc[0]["image_id"]
+    np.testing.assert_array_equal(table.loc[f"c/{first}", "vector"], table.loc[f"c/{first}#1", "vector"])
+    assert table.loc[f"c/{first}#1", "split"] == "test"
+
+
+def test_gloria_stores_local_similarities_per_prompt(store, small_cohort):
+    frame, folder = small_cohort
+    _import(store, frame, folder)
+    _embed(store, model="tiny-gloria")
+    local = store.read("localsim_tiny_gloria").to_pandas()
+    prompts = store.read("prompts_tiny_gloria").to_pandas()
+    assert sorted(local["prompt_set"].unique()) == ["chexpert-authors", "chexpert-nih"]
+    assert len(local) == 2 * len(frame)
+    for name, group in prompts.groupby("prompt_set"):
+        assert {len(s) for s in local.loc[local["prompt_set"] == name, "similarity"]} == {len(group)}
+
+
+def test_width_mismatch_unknown_model_and_unknown_cohort_are_clear_errors(store, small_cohort):
+    frame, folder = small_cohort
+    _import(store, frame, folder)
+    store.db.create_table("emb_tiny_clip", schema=schemas.embeddings_schema(8))
+    with pytest.raises(StoreError, match="width 8, but these vectors have width 32"):
+        _embed(store)
+    with pytest.raises(UnknownModelError, match="Unknown model 'nope'. Known models: clip, biomedclip"):
+        get_spec("nope")
+    with pytest.raises(CohortError, match="no cohort 'other'"):
+        _embed(store, model="tiny-medclip-vit", cohort="other")
+
+
+def test_a_corrupt_image_stops_the_pass_with_its_name_and_keeps_earlier_chunks(store, small_cohort):
+    frame, folder = small_cohort
+    _import(store, frame, folder)
+    broken = sorted(folder.iterdir())[-1]
+    broken.write_bytes(b"corrupted after import")
+    with pytest.raises(Exception, match=broken.name):
+        _embed(store, chunk_images=8)
+    assert 0 < store.count("emb_tiny_clip") < len(frame)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_exactly_one_row_per_image(tmp_path):
+    from conftest import write_cohort_images
+
+    folder = tmp_path / "images"
+    frame = write_cohort_images(folder, n_per_class=10)
+    store_dir = tmp_path / "killed"
+    runner = CliRunner()
+    manifest = tmp_path / "m.csv"
+    frame.to_csv(manifest, index=False)
+    assert runner.invoke(app, ["--store", str(store_dir), "data", "import", str(manifest), "--images", str(folder),
+                               "--cohort", "c"]).exit_code == 0
+    cmd = [sys.executable, "-m", "embedkit.cli", "--store", str(store_dir), "embed", "--model", "tiny-clip",
+           "--random-init", "--cohort", "c", "--workers", "0", "--batch-size", "2", "--chunk-images", "2", "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    from embedkit.store.store import Store
+
+    deadline = time.time() + 120
+    # Kill as soon as the first chunk is committed: ~30 commits of 2 images remain to interrupt.
+    while time.time() < deadline and Store(store_dir).count("emb_tiny_clip") == 0:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = Store(store_dir).count("emb_tiny_clip")
+    assert 0 < partial < len(frame), "the kill should land mid-run"
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert f"{len(frame) - partial} rows, {partial} already there" in done.stdout
+    rows = Store(store_dir).read("emb_tiny_clip").to_pandas()
+    assert len(rows) == len(frame) and rows["row_id"].is_unique
