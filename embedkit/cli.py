@@ -258,5 +258,80 @@ def embed_cmd(
     typer.echo(summary.line())
 
 
+# ---- finetune -------------------------------------------------------------------------------------------------
+
+# Options that decide a run's result: with --resume they come from the run's checkpoint, never from the command line.
+_FINETUNE_FIXED_ON_RESUME = ("cohort", "weights", "weights_dir", "random_init", "seed_init", "rank", "alpha",
+                             "targets", "epochs", "lr", "wd", "batch_size", "seed", "schedule", "early_stopping",
+                             "augment", "amp")
+
+
+@app.command("finetune")
+def finetune_cmd(
+    ctx: typer.Context,
+    model: Optional[str] = typer.Option(None, help="Model name (see `embedkit models`); not needed with --resume"),
+    method: Optional[str] = typer.Option(None, help="lora (adapters on the frozen image tower) | ft (every tower weight)"),
+    cohort: str = typer.Option("nih6x200", help="Cohort in the store (train/val/test splits)"),
+    weights: Optional[Path] = typer.Option(None, help="Weights file or folder in the authors' format"),
+    weights_dir: Optional[Path] = typer.Option(None, envvar="EMBEDKIT_WEIGHTS", help="Folder with one sub-folder per model"),
+    random_init: bool = typer.Option(False, help="Real architecture, random weights (labelled random-init in the store)"),
+    seed_init: int = typer.Option(0, help="Seed of --random-init"),
+    rank: Optional[int] = typer.Option(None, help="LoRA rank (default: the model's, 16 for ViT/Swin, 4 for ResNet)"),
+    alpha: float = typer.Option(1.0, help="LoRA alpha (the paper's 1)"),
+    targets: Optional[str] = typer.Option(None, help="LoRA targets inside each block, comma-separated (e.g. attn,mlp.c_fc); default per tower"),
+    epochs: int = typer.Option(100, help="Epochs"),
+    lr: float = typer.Option(1e-4, help="AdamW learning rate"),
+    wd: float = typer.Option(1e-5, help="AdamW weight decay"),
+    batch_size: int = typer.Option(64, help="Images per step"),
+    seed: int = typer.Option(77, help="Seed of the head, LoRA init, shuffles and augmentations"),
+    schedule: str = typer.Option("cosine", help="LR schedule, stepped per epoch: cosine | step | constant"),
+    early_stopping: int = typer.Option(0, help="Stop after N epochs without a lower val loss (0: never)"),
+    augment: bool = typer.Option(True, "--augment/--no-augment", help="The paper's flips, rotation and jitter on training images"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    amp: str = typer.Option("bf16", help="Autocast on CUDA: bf16 | fp16 | none (CPU runs float32)"),
+    workers: int = typer.Option(2, help="DataLoader worker processes decoding images"),
+    resume: Optional[str] = typer.Option(None, help="Continue this run from its last completed epoch (its own settings)"),
+    stop_after: Optional[int] = typer.Option(None, hidden=True, help="Stop (resumably) after this many epochs"),
+    quiet: bool = typer.Option(False, help="No progress output"),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable summary"),
+) -> None:
+    """LoRA or full fine-tuning of a model's image tower with the LP head; writes a run and its predictions."""
+    from click.core import ParameterSource
+
+    from embedkit.finetune import train
+
+    store = get_store(ctx)
+    if resume:
+        given = [name for name in _FINETUNE_FIXED_ON_RESUME
+                 if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE]
+        if given:
+            raise train.FinetuneError(
+                f"--resume continues with the settings run '{resume}' started with; drop "
+                + ", ".join("--" + g.replace("_", "-") for g in given))
+        saved = train.resumable_config(store, resume)
+        for name, value in (("model", model), ("method", method)):
+            if value is not None and value != getattr(saved, name):
+                raise train.FinetuneError(f"run '{resume}' is --{name} {getattr(saved, name)}, not {value}")
+        result = train.resume(store, resume, device=device, workers=workers, progress=not quiet,
+                              stop_after=stop_after)
+    else:
+        if model is None or method is None:
+            raise typer.BadParameter("--model and --method are needed (or --resume RUN)")
+        config = train.FinetuneConfig(
+            model=model, method=method, cohort=cohort, weights=str(weights) if weights else None,
+            weights_dir=str(weights_dir) if weights_dir else None, random_init=random_init, seed_init=seed_init,
+            rank=rank, alpha=alpha, targets=[t.strip() for t in targets.split(",") if t.strip()] if targets else None,
+            epochs=epochs, lr=lr, wd=wd, batch_size=batch_size, seed=seed, schedule=schedule,
+            early_stopping=early_stopping, augment=augment, amp=amp, device=device, workers=workers)
+        result = train.finetune(store, config, progress=not quiet, stop_after=stop_after)
+    if as_json:
+        echo_json({"run_id": result.run_id, "finished": result.finished, "epochs_done": result.epochs_done,
+                   "best_epoch": result.best_epoch, "best_val_loss": result.best_val_loss,
+                   "trainable_params": result.trainable_params, "metrics": result.metrics,
+                   "checkpoint_dir": str(result.checkpoint_dir)})
+    else:
+        typer.echo(result.line())
+
+
 if __name__ == "__main__":
     main()

@@ -690,17 +690,16 @@ def synthesize(
 
     out = _apply_bias(images, bias, seed, signal)
     folder = Path(out_dir).resolve()
-    folder.mkdir(parents=True, exist_ok=True)
     out["path"] = [str(folder / image_filename(i)) for i in out["image_id"]]
-
-    jobs = []
+    jobs: list[Job] = []
     for row in out.itertuples(index=False):
-        age, sex = row.age, row.sex
-        if age is None or (isinstance(age, float) and math.isnan(age)):
-            raise SynthError(f"image {row.image_id!r} has no age")
-        _check_inputs(row.pattern_index, age, sex, size, row.signal)  # fail before starting any worker
-        jobs.append((row.path, int(row.pattern_index), int(age), str(sex), image_seed(seed, row.image_id),
-                     int(size), float(row.signal)))
+        try:  # every input is checked before anything is written
+            _check_inputs(row.pattern_index, row.age, row.sex, size, row.signal)
+        except (TypeError, ValueError) as exc:
+            raise SynthError(f"image {row.image_id!r}: {exc}") from None
+        jobs.append((row.path, int(row.pattern_index), int(row.age), str(row.sex),
+                     image_seed(seed, row.image_id), int(size), float(row.signal)))
+    folder.mkdir(parents=True, exist_ok=True)
 
     n_workers = _default_workers(len(jobs)) if workers is None else max(1, int(workers))
     if n_workers == 1 or len(jobs) < 16:  # a pool costs more than it saves on a handful of images

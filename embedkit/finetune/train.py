@@ -563,6 +563,25 @@ def finetune(store: Store, config: FinetuneConfig, progress: bool = True, stop_a
     return _run(session, progress, stop_after)
 
 
+def _checkpoint_meta(store: Store, run_id: str) -> dict:
+    folder = checkpoint_dir(store, run_id)
+    meta_path = folder / "config.json"
+    if not meta_path.is_file():
+        parent = folder.parent
+        known = sorted(p.name for p in parent.glob("*") if (p / "last.pt").exists()) if parent.is_dir() else []
+        raise FinetuneError(f"no checkpoint of run '{run_id}' in {parent}; resumable runs: {', '.join(known) or 'none'}")
+    if store.has("runs") and store.count("runs", sql_eq("run_id", run_id)):
+        raise FinetuneError(f"run '{run_id}' has finished; its predictions are in the store")
+    return json.loads(meta_path.read_text())
+
+
+def resumable_config(store: Store, run_id: str) -> FinetuneConfig:
+    """The settings run ``run_id`` started with; raises if it has no checkpoint or has already finished."""
+    saved = _checkpoint_meta(store, run_id)["config"]
+    known_fields = {f.name for f in fields(FinetuneConfig)}
+    return FinetuneConfig(**{k: v for k, v in saved.items() if k in known_fields})
+
+
 def resume(store: Store, run_id: str, device: str | None = None, workers: int | None = None,
            progress: bool = True, stop_after: int | None = None) -> FinetuneResult:
     """Continue run ``run_id`` from its last completed epoch, with the settings it started with.
@@ -570,17 +589,8 @@ def resume(store: Store, run_id: str, device: str | None = None, workers: int | 
     Only where it runs may change (``device``, ``workers``); the weights, cohort and class order must be the
     ones it started with, else :class:`FinetuneError`.
     """
-    folder = checkpoint_dir(store, run_id)
-    meta_path = folder / "config.json"
-    if not meta_path.is_file():
-        known = sorted(p.name for p in folder.parent.glob("*") if (p / "last.pt").exists()) if folder.parent.is_dir() else []
-        raise FinetuneError(f"no checkpoint of run '{run_id}' in {folder.parent}; resumable runs: "
-                            f"{', '.join(known) or 'none'}")
-    if store.has("runs") and store.count("runs", sql_eq("run_id", run_id)):
-        raise FinetuneError(f"run '{run_id}' has finished; its predictions are in the store")
-    meta = json.loads(meta_path.read_text())
-    known_fields = {f.name for f in fields(FinetuneConfig)}
-    config = FinetuneConfig(**{k: v for k, v in meta["config"].items() if k in known_fields})
+    meta = _checkpoint_meta(store, run_id)
+    config = resumable_config(store, run_id)
     if device is not None:
         config.device = device
     if workers is not None:

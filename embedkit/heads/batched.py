@@ -1,0 +1,273 @@
+"""Many lp / mlp heads trained as one batched model: stacked weights, ``bmm``, a hand-written batched AdamW.
+
+Model k of the batch has its own learning rate and weight decay (tensors over the model axis), its own
+``torch.Generator(seed_k)`` for the initial weights and for every epoch's shuffle, and its own best epoch by
+validation loss. All of that follows :mod:`embedkit.heads.probe` draw for draw, so model k ends where the same
+configuration trained alone by ``train_reference`` ends, up to float rounding (tests check it).
+
+Layout: W1 [K, d, H], b1 [K, 1, H], W2 [K, H, C], b2 [K, 1, C] (weights stored transposed, so every product is a
+plain ``bmm`` / ``baddbmm``). The training batch of model k is its own shuffle of the shared training rows, so the
+input is gathered per model ([K, b, d]); validation and final scoring read the shared rows with one broadcast
+product. Gradients are written into preallocated buffers, and AdamW runs in place.
+
+Cache blocking: models never interact, so the batch may be cut along the model axis into slices that train one
+after the other (``models_per_slice``); a slice small enough that its weights, gradients and AdamW moments stay in
+the CPU cache trains several times faster than streaming the whole batch's state from memory at every step.
+Slicing changes no result (each model's arithmetic is the same); ``models_per_slice=None`` trains every model in
+one slice.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from embedkit.heads.probe import ADAM_BETAS, ADAM_EPS, BN_EPS, BN_MOMENTUM, batch_bounds, epoch_order, init_head_params
+
+# A slice's working set (weights, gradients, two AdamW moments, best weights) aimed at the CPU's outer cache.
+CACHE_BUDGET_BYTES = 48 * 2**20
+
+
+@functools.lru_cache(maxsize=1)
+def fused_adamw_available() -> bool:
+    """Whether this torch has the fused CPU AdamW kernel (tried once on a one-element tensor)."""
+    try:
+        t = [torch.zeros(1)]
+        torch._fused_adamw_(t, [torch.ones(1)], [torch.zeros(1)], [torch.zeros(1)], [], [torch.ones(())], lr=0.1,
+                            beta1=0.9, beta2=0.999, weight_decay=0.0, eps=1e-8, amsgrad=False, maximize=False)
+        return bool(torch.isfinite(t[0]).all())
+    except (AttributeError, RuntimeError, NotImplementedError, TypeError):
+        return False
+
+
+@dataclass
+class BatchedFit:
+    """The outcome of training M heads at once."""
+
+    logits: np.ndarray  # [M, N_all, C] float32, each model's best-epoch weights (eval mode) on every row
+    val_loss: np.ndarray  # [M] best validation loss
+    best_epoch: np.ndarray  # [M]
+    flops: float  # floating-point operations of the training loop (see count_flops)
+    seconds: float
+
+
+def auto_slice(dim: int, hidden: int, n_classes: int, n_models: int) -> int:
+    """Models per slice so that one slice's training state fits ``CACHE_BUDGET_BYTES``."""
+    per_model = 6 * 4 * (dim * hidden + hidden * n_classes)  # W, grad, m, v, best W, scratch (float32)
+    return int(max(1, min(n_models, CACHE_BUDGET_BYTES // per_model)))
+
+
+def count_flops(head: str, dim: int, hidden: int, n_classes: int, n_train: int, n_val: int, n_all: int,
+                epochs: int, batch_size: int, n_models: int) -> float:
+    """FLOPs of training ``n_models`` heads: every matrix product of the forward, backward, validation and final
+    scoring passes (2 per multiply-add), plus 12 per parameter per AdamW step and ~12 per hidden activation per
+    row for BatchNorm + ReLU (forward and backward). Softmax and the loss (O(C) per row) are left out (< 0.1%)."""
+    params = dim * hidden + hidden + hidden * n_classes + n_classes + (2 * hidden if head == "mlp" else 0)
+    steps = len(batch_bounds(n_train, batch_size, head))
+    rows_trained = sum(b - a for a, b in batch_bounds(n_train, batch_size, head))
+    fwd_per_row = 2 * (dim * hidden + hidden * n_classes)
+    # backward: dW2 and dA (2 * 2*H*C per row) and dW1 (2*d*H per row); no gradient w.r.t. the inputs
+    bwd_per_row = 4 * hidden * n_classes + 2 * dim * hidden
+    act_per_row = 12 * hidden if head == "mlp" else 0
+    per_epoch = rows_trained * (fwd_per_row + bwd_per_row + act_per_row) + steps * 12 * params
+    per_epoch += n_val * (fwd_per_row + act_per_row // 2)
+    return float(n_models * (epochs * per_epoch + n_all * (fwd_per_row + act_per_row // 2)))
+
+
+def _per_model(values: Sequence[float]) -> torch.Tensor:
+    return torch.tensor(np.asarray(values, dtype=np.float32)).view(-1, 1, 1)
+
+
+class _Slice:
+    """The training state of K heads (one slice of the batch)."""
+
+    def __init__(self, head: str, dim: int, hidden: int, n_classes: int, lrs, wds, seeds, fused: bool = True):
+        self.head, self.k = head, len(seeds)
+        self.fused = fused and fused_adamw_available()
+        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        self.lr, self.wd = _per_model(lrs), _per_model(wds)
+        self.lr_list, self.wd_list = [float(x) for x in lrs], [float(x) for x in wds]
+        self.decay = 1 - self.lr * self.wd  # AdamW's decoupled decay factor, per model
+        k = self.k
+        self.W1 = torch.empty(k, dim, hidden)
+        self.b1 = torch.empty(k, 1, hidden)
+        self.W2 = torch.empty(k, hidden, n_classes)
+        self.b2 = torch.empty(k, 1, n_classes)
+        for i, g in enumerate(self.generators):  # draw for draw what probe.train_reference draws
+            p = init_head_params(head, dim, hidden, n_classes, g)
+            self.W1[i], self.b1[i, 0] = p["W1"].T, p["b1"]
+            self.W2[i], self.b2[i, 0] = p["W2"].T, p["b2"]
+        self.params = {"W1": self.W1, "b1": self.b1, "W2": self.W2, "b2": self.b2}
+        if head == "mlp":
+            self.gamma, self.beta = torch.ones(k, 1, hidden), torch.zeros(k, 1, hidden)
+            self.params.update(gamma=self.gamma, beta=self.beta)
+            self.run_mean, self.run_var = torch.zeros(k, 1, hidden), torch.ones(k, 1, hidden)
+        self.grads = {n: torch.zeros_like(p) for n, p in self.params.items()}
+        self.m = {n: torch.zeros_like(p) for n, p in self.params.items()}
+        self.v = {n: torch.zeros_like(p) for n, p in self.params.items()}
+        self.scratch = {n: torch.empty_like(p) for n, p in self.params.items()}
+        self.best = {n: p.clone() for n, p in self.buffers().items()}
+        self.best_loss = torch.full((k,), math.inf, dtype=torch.float64)
+        self.best_epoch = torch.full((k,), -1, dtype=torch.int64)
+        self.step_count = 0
+        self.step_t = torch.zeros(())
+        # per-model views for the fused kernel: model i's parameters and states as lists of tensors
+        names = list(self.params)
+        self.views = [tuple([t[name][i] for name in names] for t in (self.params, self.grads, self.m, self.v))
+                      for i in range(k)]
+
+    def buffers(self) -> dict[str, torch.Tensor]:
+        """Everything the best epoch must remember: weights, and BatchNorm's running statistics."""
+        out = dict(self.params)
+        if self.head == "mlp":
+            out.update(run_mean=self.run_mean, run_var=self.run_var)
+        return out
+
+    # ---- one optimisation step on this slice's own mini-batches ---------------------------------------------
+    def step(self, Xb: torch.Tensor, yb: torch.Tensor) -> None:
+        """Forward, backward and AdamW for K models; ``Xb`` [K, b, d], ``yb`` [K, b]."""
+        k, b, _ = Xb.shape
+        g = self.grads
+        Z = torch.baddbmm(self.b1, Xb, self.W1)  # [K, b, H]
+        if self.head == "mlp":
+            mean = Z.mean(dim=1, keepdim=True)
+            xhat = Z.sub_(mean)  # centred in place: Z itself is not needed again
+            var = xhat.square().mean(dim=1, keepdim=True)  # biased batch variance, as BatchNorm normalises with
+            inv_std = torch.rsqrt(var + BN_EPS)
+            xhat.mul_(inv_std)
+            A = torch.addcmul(self.beta, xhat, self.gamma).relu_()
+            # BatchNorm1d's running statistics use the unbiased batch variance
+            self.run_mean.lerp_(mean, BN_MOMENTUM)
+            self.run_var.lerp_(var * (b / (b - 1)), BN_MOMENTUM)
+        else:
+            A = Z
+        logits = torch.baddbmm(self.b2, A, self.W2)  # [K, b, C]
+        dlogits = torch.softmax(logits, dim=2)  # d(mean CE)/d logits = (softmax - onehot) / b
+        dlogits.scatter_add_(2, yb.unsqueeze(2), torch.full((k, b, 1), -1.0))
+        dlogits.div_(b)
+        torch.bmm(A.transpose(1, 2), dlogits, out=g["W2"])
+        torch.sum(dlogits, dim=1, keepdim=True, out=g["b2"])
+        dA = torch.bmm(dlogits, self.W2.transpose(1, 2))  # [K, b, H]
+        if self.head == "mlp":
+            dY = torch.ops.aten.threshold_backward(dA, A, 0)  # ReLU backward in one pass
+            torch.sum(dY * xhat, dim=1, keepdim=True, out=g["gamma"])
+            torch.sum(dY, dim=1, keepdim=True, out=g["beta"])
+            # BatchNorm backward with batch statistics, using sum(dY) and sum(dY * xhat) computed just above:
+            # dZ = gamma * inv_std / b * (b * dY - sum(dY) - xhat * sum(dY * xhat))
+            dZ = dY.mul_(b).sub_(g["beta"]).addcmul_(xhat, g["gamma"], value=-1)
+            dZ.mul_(self.gamma * inv_std / b)
+        else:
+            dZ = dA
+        torch.sum(dZ, dim=1, keepdim=True, out=g["b1"])
+        torch.bmm(Xb.transpose(1, 2), dZ, out=g["W1"])
+        self._adamw()
+
+    def _adamw(self) -> None:
+        """torch.optim.AdamW's update (decoupled weight decay) for K models at once, lr and wd per model."""
+        self.step_count += 1
+        if self.fused:
+            self._adamw_fused()
+        else:
+            self._adamw_eager()
+
+    def _adamw_fused(self) -> None:
+        """One pass over each model's weights, gradients and moments (torch's fused AdamW kernel, the one behind
+        ``torch.optim.AdamW(fused=True)``), called per model with that model's scalar lr and wd."""
+        self.step_t.fill_(self.step_count)
+        beta1, beta2 = ADAM_BETAS
+        for i, (params, grads, ms, vs) in enumerate(self.views):
+            torch._fused_adamw_(params, grads, ms, vs, [], [self.step_t] * len(params), lr=self.lr_list[i],
+                                beta1=beta1, beta2=beta2, weight_decay=self.wd_list[i], eps=ADAM_EPS,
+                                amsgrad=False, maximize=False)
+
+    def _adamw_eager(self) -> None:
+        """The same update with plain tensor ops (lr and wd as [K, 1, 1] tensors); several passes over memory."""
+        beta1, beta2 = ADAM_BETAS
+        bc1 = 1 - beta1**self.step_count
+        bc2_sqrt = math.sqrt(1 - beta2**self.step_count)
+        step_size = self.lr / bc1
+        for name, p in self.params.items():
+            grad, m, v, s = self.grads[name], self.m[name], self.v[name], self.scratch[name]
+            p.mul_(self.decay)
+            m.lerp_(grad, 1 - beta1)
+            v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            torch.sqrt(v, out=s).div_(bc2_sqrt).add_(ADAM_EPS)
+            torch.div(m, s, out=s)
+            p.addcmul_(s, step_size, value=-1)
+
+    # ---- evaluation -------------------------------------------------------------------------------------------
+    def forward_eval(self, X: torch.Tensor, weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Logits [K, n, C] of the shared rows ``X`` [n, d] in eval mode (BatchNorm on running statistics)."""
+        w = weights or self.buffers()
+        Z = torch.matmul(X, w["W1"]).add_(w["b1"])  # X broadcast over the model axis
+        if self.head == "mlp":
+            Z = torch.relu((Z - w["run_mean"]) * torch.rsqrt(w["run_var"] + BN_EPS) * w["gamma"] + w["beta"])
+        return torch.baddbmm(w["b2"], Z, w["W2"])
+
+    def validate(self, X_val: torch.Tensor, y_val: torch.Tensor, epoch: int) -> None:
+        """Validation loss per model; models that strictly improved keep this epoch's weights."""
+        logits = self.forward_eval(X_val)
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[2]), y_val.repeat(self.k), reduction="none"
+        ).view(self.k, -1).mean(dim=1).double()
+        better = loss < self.best_loss
+        if bool(better.any()):
+            idx = better.nonzero().squeeze(1)
+            for name, t in self.buffers().items():
+                self.best[name][idx] = t[idx]
+            self.best_loss[idx] = loss[idx]
+            self.best_epoch[idx] = epoch
+
+
+def train_batched(X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray, y_val: np.ndarray,
+                  X_all: np.ndarray, n_classes: int, head: str, hidden: int, epochs: int, batch_size: int,
+                  lrs: Sequence[float], wds: Sequence[float], seeds: Sequence[int],
+                  models_per_slice: int | str | None = "auto", fused: bool = True,
+                  progress: Callable[[int], None] | None = None) -> BatchedFit:
+    """Train ``len(seeds)`` heads (model k: lrs[k], wds[k], seeds[k]) as one batched model; see module docstring.
+
+    ``fused``: AdamW through torch's fused kernel (one pass over memory) when available, else plain tensor ops.
+    ``progress(n)`` is called with the number of model-epochs just completed.
+    """
+    if head not in ("lp", "mlp"):
+        raise ValueError(f"train_batched trains lp and mlp heads, not '{head}'")
+    n_models = len(seeds)
+    if not (len(lrs) == len(wds) == n_models):
+        raise ValueError("lrs, wds and seeds must have one entry per model")
+    start = time.perf_counter()
+    Xt = torch.from_numpy(np.ascontiguousarray(X_train, dtype=np.float32))
+    yt = torch.from_numpy(np.asarray(y_train, dtype=np.int64))
+    Xv = torch.from_numpy(np.ascontiguousarray(X_val, dtype=np.float32))
+    yv = torch.from_numpy(np.asarray(y_val, dtype=np.int64))
+    Xa = torch.from_numpy(np.ascontiguousarray(X_all, dtype=np.float32))
+    n, dim = Xt.shape
+    if models_per_slice == "auto":
+        models_per_slice = auto_slice(dim, hidden, n_classes, n_models)
+    per_slice = n_models if not models_per_slice else int(models_per_slice)
+    bounds = batch_bounds(n, batch_size, head)
+    logits = np.empty((n_models, len(Xa), n_classes), dtype=np.float32)
+    val_loss = np.empty(n_models)
+    best_epoch = np.empty(n_models, dtype=np.int64)
+    for lo in range(0, n_models, per_slice):
+        hi = min(lo + per_slice, n_models)
+        sl = _Slice(head, dim, hidden, n_classes, lrs[lo:hi], wds[lo:hi], seeds[lo:hi], fused)
+        with torch.no_grad():
+            for epoch in range(epochs):
+                order = torch.stack([epoch_order(n, g) for g in sl.generators])  # [K, n]: one shuffle per model
+                for a, b in bounds:
+                    idx = order[:, a:b]
+                    sl.step(Xt[idx], yt[idx])
+                sl.validate(Xv, yv, epoch)
+                if progress:
+                    progress(hi - lo)
+            logits[lo:hi] = sl.forward_eval(Xa, sl.best).numpy()
+        val_loss[lo:hi] = sl.best_loss.numpy()
+        best_epoch[lo:hi] = sl.best_epoch.numpy()
+    flops = count_flops(head, dim, hidden, n_classes, n, len(Xv), len(Xa), epochs, batch_size, n_models)
+    return BatchedFit(logits, val_loss, best_epoch, flops, time.perf_counter() - start)

@@ -1,0 +1,336 @@
+"""LoRA and full fine-tuning: targets per family, adapters-only training, merging, exact resume, runs in the store.
+
+Tiny models of every family on CPU; a 24-image cohort of 64x64 noise PNGs (6 classes x 4, train/val/test).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from conftest import write_cohort_images
+from embedkit.constants import NIH_CLASSES
+from embedkit.finetune.augment import Augment, epoch_order, stream
+from embedkit.finetune.lora import ExactMultiheadAttention, LoraTargetError, apply_lora, count_parameters
+from embedkit.finetune.train import FinetuneConfig, FinetuneError, finetune, lp_head, resume, train_step
+from embedkit.models.registry import get_spec
+
+FAMILIES = ["tiny-clip", "tiny-biomedclip", "tiny-medclip-rn50", "tiny-medclip-vit", "tiny-gloria"]
+# Modules that get LoRA by default, per tiny tower (2 blocks for the ViTs, 8 Swin blocks, 4 or 4 ResNet blocks).
+EXPECTED_MODULES = {
+    "tiny-clip": ["transformer.resblocks.0.attn", "transformer.resblocks.0.mlp.c_fc",
+                  "transformer.resblocks.0.mlp.c_proj", "transformer.resblocks.1.attn",
+                  "transformer.resblocks.1.mlp.c_fc", "transformer.resblocks.1.mlp.c_proj"],
+    "tiny-biomedclip": [f"trunk.blocks.{b}.{m}" for b in range(2)
+                        for m in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")],
+    "tiny-medclip-rn50": [f"model.layer{s}.0.conv{c}" for s in range(1, 5) for c in (1, 2, 3)],
+    "tiny-medclip-vit": [f"model.encoder.layers.{s}.blocks.{b}.{m}" for s in range(4) for b in range(2)
+                         for m in ("attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj",
+                                   "mlp.fc1", "mlp.fc2")],
+    "tiny-gloria": [f"model.layer{s}.0.conv{c}" for s in range(1, 5) for c in (1, 2)],  # basic blocks: no conv3
+}
+
+
+def _pixels(name: str, n: int = 2, seed: int = 0) -> torch.Tensor:
+    channels = 1 if name.startswith("tiny-medclip") else 3
+    return torch.randn(n, channels, 224, 224, generator=torch.Generator().manual_seed(seed))
+
+
+def _frozen(name: str):
+    spec = get_spec(name)
+    model = spec.build(0).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return spec, model
+
+
+def _base_state(tower: nn.Module) -> dict[str, torch.Tensor]:
+    """Every non-LoRA tensor of the tower (peft's base_layer prefixes removed), cloned."""
+    return {k.replace("base_layer.", ""): v.detach().clone() for k, v in tower.state_dict().items()
+            if "lora_" not in k}
+
+
+@pytest.fixture(scope="module")
+def cohort_store(tmp_path_factory):
+    from embedkit.data.cohort import import_cohort, validate_cohort
+    from embedkit.store.store import Store
+
+    root = tmp_path_factory.mktemp("finetune")
+    frame = write_cohort_images(root / "images", n_per_class=4, size=64)
+    store = Store(root / "store")
+    import_cohort(store, validate_cohort(frame, "c", images_dir=root / "images"), "c")
+    return store
+
+
+# ---- LoRA per family -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_lora_targets_change_the_output_and_merge_to_the_same_model(name):
+    spec, model = _frozen(name)
+    x = _pixels(name)
+    with torch.no_grad():
+        before = model.encode_image(x)
+    torch.manual_seed(0)
+    lora = apply_lora(model.image_tower(), spec.lora_rank, 1.0)
+    assert lora.modules == EXPECTED_MODULES[name]
+    assert not any(m.endswith("out_proj") for m in lora.modules)
+    with torch.no_grad():
+        at_init = model.encode_image(x)
+    torch.testing.assert_close(at_init, before, atol=1e-6, rtol=0)  # B = 0: LoRA starts as the identity
+    for pname, p in model.image_tower().named_parameters():
+        if "lora_B" in pname:
+            nn.init.normal_(p, std=0.5)
+    with torch.no_grad():
+        adapted = model.encode_image(x)
+    assert (adapted - before).abs().max() > 1e-3  # the adapters are in the forward pass
+    lora.lora_model.merge_and_unload()
+    assert not any("lora" in k for k in model.state_dict())
+    with torch.no_grad():
+        merged = model.encode_image(x)
+    torch.testing.assert_close(merged, adapted, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_lora_step_trains_adapters_and_head_only(name):
+    spec, model = _frozen(name)
+    tower = model.image_tower()
+    torch.manual_seed(0)
+    apply_lora(tower, spec.lora_rank, 1.0)
+    head = lp_head(model.embed_dim, 3, seed=1)
+    net = nn.Sequential()  # the same composition as train.ImageClassifier, built by hand
+    net.forward = lambda pixels: head(model.encode_image(pixels))  # type: ignore[method-assign]
+    base = _base_state(tower)
+    lora_init = {n: p.detach().clone() for n, p in tower.named_parameters() if p.requires_grad}
+    assert lora_init and all("lora_" in n for n in lora_init)
+    params = [p for p in tower.parameters() if p.requires_grad] + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=1e-5)
+    labels = torch.tensor([0, 2])
+    train_step(net, opt, _pixels(name, seed=1), labels)
+    train_step(net, opt, _pixels(name, seed=2), labels)  # step 2: B != 0, so A gets gradients too
+    for n, p in tower.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.abs().sum() > 0, n
+            assert not torch.equal(p.detach(), lora_init[n]), n
+    after = _base_state(tower)
+    assert after.keys() == base.keys()
+    changed = [k for k in base if not torch.equal(base[k], after[k])]
+    assert changed == []  # bit-identical, BatchNorm statistics included
+
+
+def test_lora_parameter_counts_follow_rank():
+    spec, model = _frozen("tiny-clip")
+    apply_lora(model.image_tower(), 16, 1.0)
+    # Per block (width 64, MLP 256, rank 16): in_proj 16*64 + 192*16, out_proj 16*64 + 64*16,
+    # c_fc 16*64 + 256*16, c_proj 16*256 + 64*16 = 4096 + 2048 + 5120 + 5120; two blocks.
+    assert count_parameters(model) == 2 * 16384
+
+
+def test_attention_lora_is_w_plus_delta_once_and_never_moves_the_base():
+    """peft's own MultiheadAttention LoRA adds the out_proj delta twice and rounds the frozen weights each step."""
+    from peft import LoraConfig, LoraModel
+
+    torch.manual_seed(0)
+    holder = nn.Module()
+    holder.attn = nn.MultiheadAttention(8, 2)
+    reference = nn.MultiheadAttention(8, 2)
+    reference.load_state_dict(holder.attn.state_dict())
+    w_in, w_out = holder.attn.in_proj_weight.detach().clone(), holder.attn.out_proj.weight.detach().clone()
+    config = LoraConfig(r=2, lora_alpha=2, target_modules=["attn"])
+    config._register_custom_module({nn.MultiheadAttention: ExactMultiheadAttention})
+    lora = LoraModel(holder, config, "default")
+    for n, p in holder.named_parameters():
+        if "lora_B" in n:
+            nn.init.normal_(p)
+    attn = holder.attn
+    x = torch.randn(5, 1, 8)
+    for _ in range(5):
+        y = attn(x, x, x, need_weights=False)[0]
+    assert torch.equal(attn.in_proj_weight, w_in) and torch.equal(attn.out_proj.weight, w_out)
+    with torch.no_grad():
+        reference.in_proj_weight += attn.get_delta_weight("default")
+        reference.out_proj.weight += attn.base_layer.out_proj.get_delta_weight("default")
+        expected = reference(x, x, x, need_weights=False)[0]
+    torch.testing.assert_close(y, expected, atol=1e-5, rtol=0)
+    merged = lora.merge_and_unload()
+    torch.testing.assert_close(merged.attn(x, x, x, need_weights=False)[0], expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("targets, message", [
+    (["attn.out_proj"], "inside nn.MultiheadAttention"),
+    (["all-linear"], "all-linear"),
+    (["mlp.nope"], "matches no module"),
+    (["mlp"], "is a Mlp"),
+])
+def test_targets_peft_would_ignore_or_that_do_not_exist_are_refused(targets, message):
+    _, model = _frozen("tiny-clip")
+    with pytest.raises(LoraTargetError, match=message):
+        apply_lora(model.image_tower(), 4, 1.0, targets)
+
+
+def test_user_targets_narrow_the_default():
+    _, model = _frozen("tiny-biomedclip")
+    lora = apply_lora(model.image_tower(), 4, 1.0, ["attn.qkv"])
+    assert lora.modules == ["trunk.blocks.0.attn.qkv", "trunk.blocks.1.attn.qkv"]
+
+
+# ---- full fine-tuning ----------------------------------------------------------------------------------------
+
+
+def test_full_finetuning_trains_every_tower_weight():
+    _, model = _frozen("tiny-gloria")
+    tower = model.image_tower()
+    for p in tower.parameters():
+        p.requires_grad_(True)
+    tower.train()
+    head = lp_head(model.embed_dim, 3, seed=1)
+    net = nn.Sequential()
+    net.forward = lambda pixels: head(model.encode_image(pixels))  # type: ignore[method-assign]
+    before = {k: v.detach().clone() for k, v in tower.state_dict().items()}
+    opt = torch.optim.AdamW([*tower.parameters(), *head.parameters()], lr=1e-3)
+    train_step(net, opt, _pixels("tiny-gloria", n=4), torch.tensor([0, 1, 2, 0]))
+    after = tower.state_dict()
+    for key in ("model.conv1.weight", "model.layer3.0.conv2.weight", "global_embedder.weight",
+                "model.bn1.running_mean"):
+        assert not torch.equal(before[key], after[key]), key
+    # The local embedder is not on the global path: it gets no gradient and stays as it was.
+    assert torch.equal(before["local_embedder.weight"], after["local_embedder.weight"])
+    assert all(p.requires_grad for p in tower.parameters())
+
+
+# ---- augmentations -------------------------------------------------------------------------------------------
+
+
+def test_augmentations_are_a_function_of_seed_epoch_and_sample():
+    from PIL import Image
+
+    image = Image.fromarray(np.arange(64 * 64, dtype=np.uint32).reshape(64, 64).astype(np.uint8) * 3, mode="L")
+    aug = Augment()
+    one = np.asarray(aug(image, stream(77, 1, 0, 5)))
+    again = np.asarray(aug(image, stream(77, 1, 0, 5)))
+    other_epoch = np.asarray(aug(image, stream(77, 1, 1, 5)))
+    assert np.array_equal(one, again) and not np.array_equal(one, other_epoch)
+    flip_only = Augment(hflip=1.0, vflip=0.0, degrees=0.0, brightness=0.0, contrast=0.0)
+    assert np.array_equal(np.asarray(flip_only(image, stream(0, 1, 0, 0))), np.asarray(image)[:, ::-1])
+    assert epoch_order(77, 3, 10) == epoch_order(77, 3, 10) != epoch_order(77, 4, 10)
+    assert sorted(epoch_order(77, 3, 10)) == list(range(10))
+
+
+# ---- runs, checkpoints, resume -------------------------------------------------------------------------------
+
+
+def _predictions(store, run_id: str):
+    from embedkit.store.store import sql_eq
+
+    return store.read("predictions", sql_eq("run_id", run_id)).to_pandas().sort_values("row_id").reset_index(drop=True)
+
+
+def test_finetune_writes_a_run_and_every_prediction(cohort_store):
+    from embedkit.store.store import sql_eq
+
+    config = FinetuneConfig(model="tiny-gloria", method="lora", cohort="c", random_init=True, epochs=2,
+                            batch_size=8, workers=0)
+    result = finetune(cohort_store, config, progress=False)
+    assert result.finished and result.epochs_done == 2
+    run = cohort_store.read("runs", sql_eq("run_id", result.run_id)).to_pylist()[0]
+    assert (run["method"], run["model"], run["cohort"], run["seed"]) == ("lora", "tiny-gloria", "c", 77)
+    assert run["weights_id"] == "random-init:tiny-gloria:0"
+    cfg, metrics = json.loads(run["config"]), json.loads(run["metrics"])
+    assert cfg["classes"] == list(NIH_CLASSES)
+    assert cfg["rank"] == 4 and cfg["alpha"] == 1.0 and cfg["lora_modules"] == 8
+    assert cfg["trainable_params"] == result.trainable_params
+    # head: 48*1024 + 1024 + 1024*6 + 6; LoRA rank 4 on 8 convolutions of the tiny GLoRIA ResNet.
+    assert result.trainable_params == 56326 + 7584
+    preds = _predictions(cohort_store, result.run_id)
+    assert len(preds) == 24 and preds["row_id"].is_unique
+    probs = np.stack(preds["probs"].to_numpy())
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    assert (probs.argmax(axis=1) == preds["y_pred"].to_numpy()).all()
+    test = preds[preds["split"] == "test"]
+    assert metrics["test"]["n"] == len(test) == 6
+    assert metrics["test"]["accuracy"] == pytest.approx(float((test["y_true"] == test["y_pred"]).mean()))
+    assert metrics["best_epoch"] in (0, 1) and metrics["epochs_run"] == 2
+    folder = result.checkpoint_dir
+    assert sorted(p.name for p in folder.iterdir()) == ["best.pt", "config.json"]
+    best = torch.load(folder / "best.pt", weights_only=True)
+    assert all("lora_" in k for k in best["state"]["tower"])  # adapters only, no base weights
+    assert sum(v.numel() for v in best["state"]["tower"].values()) == 7584
+
+
+def test_an_interrupted_run_resumed_ends_exactly_like_an_uninterrupted_one(cohort_store):
+    config = dict(model="tiny-clip", method="lora", cohort="c", random_init=True, epochs=2, batch_size=8,
+                  workers=0)
+    whole = finetune(cohort_store, FinetuneConfig(**config), progress=False)
+    cut = finetune(cohort_store, FinetuneConfig(**config), progress=False, stop_after=1)
+    assert not cut.finished and cut.epochs_done == 1
+    assert (cut.checkpoint_dir / "last.pt").exists()
+    with pytest.raises(FinetuneError, match="already exist"):
+        finetune(cohort_store, FinetuneConfig(**config), progress=False, run_id=cut.run_id)
+    resumed = resume(cohort_store, cut.run_id, progress=False)
+    assert resumed.finished and resumed.epochs_done == 2
+    a, b = _predictions(cohort_store, whole.run_id), _predictions(cohort_store, resumed.run_id)
+    assert np.array_equal(np.stack(a["probs"]), np.stack(b["probs"]))  # bit for bit
+    assert [h["val_loss"] for h in whole.history] == [h["val_loss"] for h in resumed.history]
+    assert whole.metrics == resumed.metrics
+    with pytest.raises(FinetuneError, match="has finished"):
+        resume(cohort_store, cut.run_id, progress=False)
+
+
+@pytest.mark.slow
+def test_full_finetuning_resume_with_worker_processes_is_exact(cohort_store):
+    """FT (tower in train mode) decoded by 2 worker processes, against 0 workers interrupted and resumed."""
+    config = dict(model="tiny-gloria", method="ft", cohort="c", random_init=True, epochs=2, batch_size=8)
+    whole = finetune(cohort_store, FinetuneConfig(**config, workers=2), progress=False)
+    cut = finetune(cohort_store, FinetuneConfig(**config, workers=0), progress=False, stop_after=1)
+    last = torch.load(cut.checkpoint_dir / "last.pt", weights_only=True)
+    assert any(k.endswith("running_mean") for k in last["state"]["tower"])  # ft keeps the whole tower
+    resumed = resume(cohort_store, cut.run_id, workers=0, progress=False)
+    a, b = _predictions(cohort_store, whole.run_id), _predictions(cohort_store, resumed.run_id)
+    assert np.array_equal(np.stack(a["probs"]), np.stack(b["probs"]))
+    assert whole.trainable_params == resumed.trainable_params > 56326  # tower + head
+
+
+def test_bad_settings_are_refused_before_any_work(cohort_store):
+    with pytest.raises(FinetuneError, match="--method"):
+        finetune(cohort_store, FinetuneConfig(model="tiny-clip", method="qlora", cohort="c", random_init=True))
+    with pytest.raises(FinetuneError, match="LoRA settings"):
+        finetune(cohort_store, FinetuneConfig(model="tiny-clip", method="ft", cohort="c", random_init=True, rank=4))
+    with pytest.raises(FinetuneError, match="no checkpoint"):
+        resume(cohort_store, "lora-nope")
+
+
+# ---- the command line ----------------------------------------------------------------------------------------
+
+
+def test_cli_finetune_then_resume(cohort_store):
+    from typer.testing import CliRunner
+
+    from embedkit.cli import app
+    from embedkit.heads.runs import list_runs
+
+    runner = CliRunner()
+    base = ["--store", str(cohort_store.path), "finetune"]
+    common = ["--cohort", "c", "--random-init", "--workers", "0", "--batch-size", "12", "--quiet"]
+    done = runner.invoke(app, [*base, "--model", "tiny-clip", "--method", "lora", "--epochs", "2", *common,
+                               "--json"])
+    assert done.exit_code == 0, done.output
+    summary = json.loads(done.stdout)
+    assert summary["finished"] and summary["epochs_done"] == 2
+    runs = {r["run_id"]: r for r in list_runs(cohort_store, model="tiny-clip", method="lora")}
+    assert runs[summary["run_id"]]["config"]["epochs"] == 2
+    assert runs[summary["run_id"]]["config"]["lora_targets"] == ["attn", "mlp.c_fc", "mlp.c_proj"]
+
+    cut = runner.invoke(app, [*base, "--model", "tiny-clip", "--method", "ft", "--epochs", "2", *common,
+                              "--stop-after", "1", "--json"])
+    assert cut.exit_code == 0, cut.output
+    run_id = json.loads(cut.stdout)["run_id"]
+    refused = runner.invoke(app, [*base, "--resume", run_id, "--epochs", "5"])
+    assert isinstance(refused.exception, FinetuneError) and "--epochs" in str(refused.exception)
+    resumed = runner.invoke(app, [*base, "--resume", run_id, "--workers", "0", "--quiet"])
+    assert resumed.exit_code == 0, resumed.output
+    assert run_id in resumed.stdout and "2 epochs" in resumed.stdout
+    assert {r["run_id"] for r in list_runs(cohort_store, method="ft")} >= {run_id}
