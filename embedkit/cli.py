@@ -296,14 +296,13 @@ def finetune_cmd(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable summary"),
 ) -> None:
     """LoRA or full fine-tuning of a model's image tower with the LP head; writes a run and its predictions."""
-    from click.core import ParameterSource
-
     from embedkit.finetune import train
 
     store = get_store(ctx)
     if resume:
+        # Compared by name: typer ships its own copy of click, whose ParameterSource enum is not click's.
         given = [name for name in _FINETUNE_FIXED_ON_RESUME
-                 if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE]
+                 if getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"]
         if given:
             raise train.FinetuneError(
                 f"--resume continues with the settings run '{resume}' started with; drop "
@@ -331,6 +330,471 @@ def finetune_cmd(
                    "checkpoint_dir": str(result.checkpoint_dir)})
     else:
         typer.echo(result.line())
+
+
+# ---- heads ---------------------------------------------------------------------------------------------------
+
+runs_app = typer.Typer(help="Stored runs: list them (filters, --json) or delete one with its predictions.")
+app.add_typer(runs_app, name="runs")
+
+
+def _set_threads(threads: int) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _run_line(run: dict) -> str:
+    """One line per run: id, what ran, and test (else val) accuracy and macro-F1."""
+    import json
+
+    metrics = json.loads(run["metrics"]) if isinstance(run["metrics"], str) else run["metrics"]
+    split = "test" if "test" in metrics else next((s for s in ("val", "train") if s in metrics), None)
+    score = (f"{split} accuracy {metrics[split]['accuracy']:.4f}, macro-F1 {metrics[split]['macro_f1']:.4f}"
+             if split else "no labelled rows")
+    return (f"run {run['run_id']}: {run['method']} {run['model']} on {run['cohort']} "
+            f"(weights {run['weights_id']}): {score}")
+
+
+def _run_json(run: dict) -> dict:
+    import json
+
+    return {**run, **{k: json.loads(run[k]) if isinstance(run[k], str) else run[k] for k in ("config", "metrics")}}
+
+
+@app.command("zeroshot")
+def zeroshot_cmd(
+    ctx: typer.Context,
+    model: str = typer.Option(..., help="Model name (its rule: scaled_cosine, medclip or gloria; see MODELS.md)"),
+    cohort: Optional[str] = typer.Option(None, help="Cohort (default: the only one embedded for this model)"),
+    weights_id: Optional[str] = typer.Option(None, help="Which weights' vectors (needed when several were embedded)"),
+    prompt_set: Optional[str] = typer.Option(None, help="Stored prompt set (default: the model's own style)"),
+    ensemble: str = typer.Option("mean", help="mean | max over a class's prompts (GLoRIA always max)"),
+    logit_scale: Optional[float] = typer.Option(None, help="Override the logit scale recorded in the store"),
+    as_json: bool = typer.Option(False, "--json", help="Print the run as JSON"),
+) -> None:
+    """Zero-shot classification of every cohort row off the stored image and prompt vectors; one run."""
+    from embedkit.heads.zeroshot import run_zeroshot
+
+    run = run_zeroshot(get_store(ctx), model, cohort, weights_id, prompt_set, ensemble, logit_scale)
+    echo_json(_run_json(run)) if as_json else typer.echo(_run_line(run))
+
+
+@app.command("probe")
+def probe_cmd(
+    ctx: typer.Context,
+    model: str = typer.Option(..., help="Model whose stored vectors to train on"),
+    head: str = typer.Option("lp", help="lp (Linear-Linear) | mlp (Linear-BN-ReLU-Linear) | logreg"),
+    cohort: Optional[str] = typer.Option(None, help="Cohort (default: the only one embedded for this model)"),
+    weights_id: Optional[str] = typer.Option(None, help="Which weights' vectors (needed when several were embedded)"),
+    lr: float = typer.Option(1e-4, help="AdamW learning rate (lp, mlp)"),
+    wd: float = typer.Option(1e-5, help="AdamW weight decay (lp, mlp); L2 strength (logreg)"),
+    epochs: int = typer.Option(100, help="Epochs (lp, mlp); the best by val loss is kept"),
+    batch_size: int = typer.Option(64, help="Rows per step (lp, mlp)"),
+    hidden: int = typer.Option(1024, help="Hidden width (lp, mlp)"),
+    max_iter: int = typer.Option(100, help="L-BFGS iterations (logreg)"),
+    tol: float = typer.Option(1e-4, help="Stop at max |gradient| <= tol (logreg)"),
+    seed: int = typer.Option(77, help="Seed of the initial weights and the shuffles"),
+    threads: int = typer.Option(0, help="torch CPU threads (0: torch's default)"),
+    as_json: bool = typer.Option(False, "--json", help="Print the run as JSON"),
+) -> None:
+    """Train one head on the train split's stored vectors (best epoch on val); predictions for every row."""
+    from embedkit.heads.probe import HeadConfig, run_probe
+
+    _set_threads(threads)
+    cfg = HeadConfig(head, lr=lr, wd=wd, epochs=epochs, batch_size=batch_size, hidden=hidden, max_iter=max_iter,
+                     tol=tol)
+    run = run_probe(get_store(ctx), model, cfg, seed, cohort, weights_id)
+    echo_json(_run_json(run)) if as_json else typer.echo(_run_line(run))
+
+
+@app.command("sweep")
+def sweep_cmd(
+    ctx: typer.Context,
+    model: str = typer.Option(..., help="Model whose stored vectors to train on"),
+    head: str = typer.Option("lp", help="lp | mlp | logreg"),
+    grid: str = typer.Option("", help='Values to sweep, e.g. "lr=1e-4,1e-3 wd=0,1e-5,1e-4 hidden=256,1024"'),
+    seeds: str = typer.Option("0-9", help="Seeds: 0-9, 0,3,7 or 0-4,10"),
+    select: str = typer.Option("val_macro_f1", help="val_macro_f1 | val_loss | fair:f1_gap<=B (val split only)"),
+    by: str = typer.Option("sex", help="Group column(s) of the F1 gap, comma-separated (sex, age_group, view...)"),
+    cohort: Optional[str] = typer.Option(None, help="Cohort (default: the only one embedded for this model)"),
+    weights_id: Optional[str] = typer.Option(None, help="Which weights' vectors (needed when several were embedded)"),
+    lr: float = typer.Option(1e-4, help="Learning rate where the grid does not set it"),
+    wd: float = typer.Option(1e-5, help="Weight decay / L2 strength where the grid does not set it"),
+    epochs: int = typer.Option(100, help="Epochs where the grid does not set them"),
+    batch_size: int = typer.Option(64, help="Batch size where the grid does not set it"),
+    hidden: int = typer.Option(1024, help="Hidden width where the grid does not set it"),
+    max_iter: int = typer.Option(100, help="logreg L-BFGS iterations where the grid does not set them"),
+    tol: float = typer.Option(1e-4, help="logreg gradient tolerance where the grid does not set it"),
+    models_per_slice: str = typer.Option("auto", "--slice", help="Models trained together per cache-sized slice: auto | all | N"),
+    threads: int = typer.Option(0, help="torch CPU threads (0: torch's default)"),
+    quiet: bool = typer.Option(False, help="No progress bar"),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable summary"),
+) -> None:
+    """Train every grid configuration x seed at once (one batched model), store each as a run, pick on val."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from embedkit.heads.probe import HeadConfig
+    from embedkit.heads.sweep import expand, parse_grid, parse_seeds, render_table, run_sweep
+    from embedkit.heads.vectors import HeadsError
+
+    _set_threads(threads)
+    if models_per_slice not in ("auto", "all") and not models_per_slice.isdigit():
+        raise HeadsError(f"--slice must be auto, all or a number, not '{models_per_slice}'")
+    per_slice = None if models_per_slice == "all" else (models_per_slice if models_per_slice == "auto" else int(models_per_slice))
+    base = HeadConfig(head, lr=lr, wd=wd, epochs=epochs, batch_size=batch_size, hidden=hidden, max_iter=max_iter,
+                      tol=tol)
+    parsed, seed_list = parse_grid(grid, head), parse_seeds(seeds)
+    work = 0 if head == "logreg" else sum(c.epochs for c in expand(base, parsed)) * len(seed_list)
+    columns = [TextColumn(f"sweep {model} {head}"), BarColumn(), MofNCompleteColumn(), TextColumn("model-epochs"),
+               TimeElapsedColumn()]
+    with Progress(*columns, console=Console(stderr=True), disable=quiet or not work, transient=True) as bar:
+        task = bar.add_task("sweep", total=work)
+        outcome = run_sweep(get_store(ctx), model, head, parsed, seed_list, base, select,
+                            [b.strip() for b in by.split(",") if b.strip()], cohort, weights_id, per_slice,
+                            progress=lambda n: bar.update(task, advance=n))
+    if as_json:
+        echo_json(outcome.to_json())
+    else:
+        Console().print(render_table(outcome))
+
+
+@runs_app.callback(invoke_without_command=True)
+def runs_cmd(
+    ctx: typer.Context,
+    model: Optional[str] = typer.Option(None, help="Only runs of this model"),
+    method: Optional[str] = typer.Option(None, help="Only runs of this method (zeroshot, lp, mlp, logreg, lora, ft)"),
+    delete: Optional[str] = typer.Option(None, "--delete", help="Delete this run and its predictions"),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable listing"),
+) -> None:
+    """List runs (newest first); `embedkit runs delete RUN_ID` or --delete RUN_ID removes one."""
+    from embedkit.heads.runs import delete_run, list_runs
+
+    if ctx.invoked_subcommand:
+        return
+    store = get_store(ctx)
+    if delete:
+        n = delete_run(store, delete)
+        typer.echo(f"deleted run {delete} and its {n} predictions")
+        return
+    runs = list_runs(store, model, method)
+    if as_json:
+        echo_json(runs)
+        return
+    if not runs:
+        typer.echo("no runs" + (" matching the filters" if model or method else f" in {store.path}"))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{len(runs)} runs in {store.path}")
+    for col in ("run_id", "created", "method", "model", "cohort", "weights_id", "seed", "test acc", "test macro-F1",
+                "sweep"):
+        table.add_column(col)
+    for r in runs:
+        test = r["metrics"].get("test", {})
+        fmt = lambda v: f"{v:.4f}" if isinstance(v, (int, float)) else "-"  # noqa: E731
+        table.add_row(r["run_id"], f"{r['created_at']:%Y-%m-%d %H:%M}", r["method"], r["model"], r["cohort"],
+                      r["weights_id"], "-" if r["seed"] is None else str(r["seed"]), fmt(test.get("accuracy")),
+                      fmt(test.get("macro_f1")), r["config"].get("sweep_id") or "")
+    Console().print(table)
+
+
+@runs_app.command("delete")
+def runs_delete_cmd(ctx: typer.Context, run_id: str = typer.Argument(..., help="The run to delete")) -> None:
+    """Delete a run and its predictions."""
+    from embedkit.heads.runs import delete_run
+
+    n = delete_run(get_store(ctx), run_id)
+    typer.echo(f"deleted run {run_id} and its {n} predictions")
+
+
+
+# ---- fairness ----------------------------------------------------------------------------------------------------
+# embedkit fairness / sql / export: the DuckDB views over the store (embedkit/sql), bootstrap intervals.
+
+# What the paper-style table shows, in order; the bootstrap computes only these families (JSON too). AUC and the
+# rest are one `embedkit sql` away (fairness_summary).
+_FAIRNESS_GROUP_ROWS = ("accuracy", "f1", "macro_f1", "var_f1", "ece")
+_FAIRNESS_GAP_ROWS = ("accuracy_gap", "f1_gap", "eqodds", "eqodds_worst", "ece_gap", "f1_delta_paper", "eqodds_paper")
+_FAIRNESS_LABELS = {
+    "accuracy": "Accuracy", "macro_f1": "macro-F1", "var_f1": "Var_F1", "ece": "ECE", "accuracy_gap": "Accuracy gap",
+    "f1_gap": "F1 gap", "eqodds": "EqOdds", "eqodds_worst": "EqOdds (worst class)", "ece_gap": "ECE gap",
+    "f1_delta_paper": "dF1 (paper, signed)", "eqodds_paper": "EqOdds (paper, 2 groups)",
+}
+
+
+def _split_list(text: Optional[str]) -> list[str]:
+    return [part.strip() for part in (text or "").split(",") if part.strip()]
+
+
+def _fairness_cell(row: Optional[dict], min_n: int, with_ci: bool) -> str:
+    if row is None or row["value"] is None:
+        return "-"
+    text = f"{row['value']:.3f}"
+    if with_ci and row.get("ci_low") is not None:
+        text += f" [{row['ci_low']:.3f}, {row['ci_high']:.3f}]"
+    if row["n"] is not None and row["n"] < min_n:
+        text += " *"  # fewer rows than --min-n: flagged, not hidden
+    return text
+
+
+def _fairness_tables(rows: list[dict], runs: list[dict], attributes: list[str], classes: dict, min_n: int) -> list:
+    """Rich tables: one for the whole split, one per attribute; runs side by side, n beside every group."""
+    from rich.table import Table
+
+    index = {(r["run_id"], r["attribute"], r["group_or_gap"], r["metric"]): r for r in rows}
+    one_run = len(runs) == 1
+    gap_of = {"accuracy": "accuracy_gap", "macro_f1": "f1_gap", "ece": "ece_gap"}
+    labels = {"accuracy": "Accuracy", "macro_f1": "macro-F1 (gap: F1 gap)", "var_f1": "Var_F1",
+              "ece": "ECE (gap: ECE gap)"}
+    tables = []
+    for attribute in ["all", *attributes]:
+        groups = sorted({r["group_or_gap"] for r in rows if r["attribute"] == attribute and r["metric"] == "accuracy"})
+        title = "whole split" if attribute == "all" else f"by {attribute}"
+        if one_run:
+            title += f"  ({runs[0]['model']}/{runs[0]['method']}, {runs[0]['run_id']})"
+        table = Table(title=title, title_justify="left")
+        table.add_column("metric")
+        columns: list[tuple[str, Optional[str]]] = []
+        for run in runs:
+            head = "" if one_run else f"{run['run_id']}\n{run['model']}/{run['method']}\n"
+            for group in groups:
+                n = index.get((run["run_id"], attribute, group, "accuracy"), {}).get("n")
+                flag = " *" if n is not None and n < min_n else ""
+                name = "" if attribute == "all" else f"{group} "
+                table.add_column(f"{head}{name}(n={n}){flag}", justify="right")
+                columns.append((run["run_id"], group))
+            if attribute != "all":
+                table.add_column(f"{head}max-min gap [CI]", justify="right")
+                columns.append((run["run_id"], None))
+        names = ["accuracy", *[f"f1[{c}]" for c in classes.get(runs[0]["run_id"], [])], "macro_f1", "var_f1", "ece"]
+        for metric in names:
+            cells = []
+            for run_id, group in columns:
+                if group is None:
+                    gap = gap_of.get(metric) or (f"f1_gap[{metric[3:-1]}]" if metric.startswith("f1[") else None)
+                    cells.append(_fairness_cell(index.get((run_id, attribute, "gap", gap)), min_n, True) if gap else "")
+                else:
+                    cells.append(_fairness_cell(index.get((run_id, attribute, group, metric)), min_n,
+                                                attribute == "all"))
+            label = labels.get(metric) or (f"F1 {metric[3:-1]}" if metric.startswith("f1[") else metric)
+            table.add_row(label, *cells)
+        if attribute != "all":
+            for metric in ("eqodds", "eqodds_worst", "f1_delta_paper", "eqodds_paper"):
+                found = {r["run_id"]: r for r in rows if r["attribute"] == attribute and r["metric"] == metric}
+                if not found:
+                    continue
+                cells = []
+                for run_id, group in columns:
+                    hit = found.get(run_id) if group is None else None
+                    text = _fairness_cell(hit, min_n, True) if hit else ""
+                    if hit and hit["group_or_gap"] != "gap":
+                        text = f"{hit['group_or_gap']}: {text}"  # a signed gap says which way it is taken
+                    cells.append(text)
+                table.add_row(_FAIRNESS_LABELS[metric], *cells)
+        tables.append(table)
+    return tables
+
+
+@app.command("fairness")
+def fairness_cmd(
+    ctx: typer.Context,
+    run: Optional[list[str]] = typer.Option(None, "--run", help="Run id (repeat for several)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Every run of this model."),
+    method: Optional[str] = typer.Option(None, "--method", help="Every run of this method (zeroshot, lp, mlp, ...)."),
+    split: str = typer.Option("test", "--split", help="Split the predictions were scored on."),
+    by: str = typer.Option("sex,age_group", "--by", help="Attributes (columns of images), comma-separated."),
+    ci: int = typer.Option(1000, "--ci", help="Bootstrap resamples of patients within groups (0: no intervals)."),
+    min_n: int = typer.Option(30, "--min-n", help="Flag (*) groups and gaps resting on fewer rows."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON rows instead of tables."),
+) -> None:
+    """Paper-style fairness table: accuracy, per-class F1, Var_F1, F1 gap, EqOdds, ECE gap per attribute."""
+    from embedkit.fairness import bootstrap, db
+
+    attributes = _split_list(by)
+    # The paper's signed F1 gaps for sex and age are averages over the age x sex cells: slice by those too.
+    wanted = list(attributes)
+    if {"sex", "age_group"} & set(attributes) and "age_group_sex" not in wanted:
+        wanted.append("age_group_sex")
+    con = db.connect(get_store(ctx), wanted)
+    runs = db.select_runs(con, run, model, method, split)
+    run_ids = [r["run_id"] for r in runs]
+    families = [*_FAIRNESS_GROUP_ROWS, *_FAIRNESS_GAP_ROWS, "f1_gap"]
+    if ci > 0:
+        table = bootstrap.bootstrap_intervals(con, run_ids, split, n_resamples=ci, seed=seed, families=families)
+    else:
+        table = con.sql(
+            "SELECT * FROM metric_intervals WHERE split = $split AND list_contains($runs, run_id) "
+            "AND list_contains($families, family)",
+            params={"split": split, "runs": run_ids, "families": families},
+        ).to_arrow_table()
+    shown = set(attributes) | {"all"}
+    rows = [r for r in table.to_pylist() if r["attribute"] in shown]
+    for r in rows:
+        r["small"] = r["n"] is not None and r["n"] < min_n
+    if as_json:
+        echo_json({"split": split, "attributes": attributes, "n_resamples": ci, "seed": seed, "min_n": min_n,
+                   "runs": runs, "rows": rows})
+        return
+    from rich.console import Console
+
+    classes: dict = {}
+    for r in con.sql("SELECT run_id, list(class_name ORDER BY class_index) AS c FROM run_classes GROUP BY run_id") \
+            .to_arrow_table().to_pylist():
+        classes[r["run_id"]] = r["c"]
+    console = Console(width=None if sys.stdout.isatty() else 200)  # piped: do not wrap at 80 columns
+    for table_ in _fairness_tables(rows, runs, attributes, classes, min_n):
+        console.print(table_)
+    notes = [f"split {split}; * = fewer than {min_n} rows (a gap: its smallest group)."]
+    if ci > 0:
+        notes.append(f"[CI]: 95% percentile bootstrap over {ci} resamples of patients within groups (seed {seed}); "
+                     "a max-min gap grows under resampling, so its interval can sit above a small estimate.")
+    console.print(" ".join(notes))
+
+
+def _print_result(table, fmt: str) -> None:
+    """Print an Arrow table as a Rich table, CSV or JSON rows."""
+    if fmt == "json":
+        echo_json(table.to_pylist())
+    elif fmt == "csv":
+        import csv
+        import io
+
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(table.column_names)
+        for row in table.to_pylist():
+            writer.writerow(["" if row[c] is None else row[c] for c in table.column_names])
+        typer.echo(buffer.getvalue(), nl=False)
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        out = Table()
+        for name in table.column_names:
+            out.add_column(name)
+        for row in table.to_pylist():
+            out.add_row(*("" if row[c] is None else (f"{row[c]:.6g}" if isinstance(row[c], float) else str(row[c]))
+                          for c in table.column_names))
+        Console(width=None if sys.stdout.isatty() else 200).print(out)
+        typer.echo(f"({table.num_rows} rows)")
+
+
+@app.command("sql")
+def sql_cmd(
+    ctx: typer.Context,
+    query: Optional[str] = typer.Argument(None, help="A DuckDB query; without one, read queries from stdin."),
+    fmt: str = typer.Option("table", "--format", "-f", help="table, csv or json."),
+    by: Optional[str] = typer.Option(None, "--by", help="Attributes of the views (default: sex, age_group, "
+                                                         "age_group_sex, view)."),
+) -> None:
+    """Query the store with DuckDB: every table and fairness view is registered (`.tables` lists them)."""
+    import duckdb
+
+    from embedkit.fairness import db
+
+    if fmt not in ("table", "csv", "json"):
+        raise typer.BadParameter("use table, csv or json", param_hint="--format")
+    con = db.connect(get_store(ctx), _split_list(by) or None)
+    if query is not None:
+        try:
+            result = con.sql(query)
+        except duckdb.Error as exc:
+            typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(1)
+        if result is not None:
+            _print_result(result.to_arrow_table(), fmt)
+        return
+    # Interactive: a statement ends at a line ending with ';' (or at a blank line, or at the end of input).
+    stdin = typer.get_text_stream("stdin")
+    prompt = stdin.isatty()
+    buffer: list[str] = []
+
+    def run_buffer() -> None:
+        text = "\n".join(buffer).strip()
+        buffer.clear()
+        if not text.rstrip(";").strip():
+            return
+        try:
+            result = con.sql(text)
+            if result is not None:
+                _print_result(result.to_arrow_table(), fmt)
+        except duckdb.Error as exc:
+            typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+
+    while True:
+        if prompt:
+            typer.echo("embedkit> " if not buffer else "     ...> ", nl=False)
+        line = stdin.readline()
+        if not line:
+            break
+        stripped = line.strip()
+        if not buffer and stripped in (".quit", ".exit"):
+            break
+        if not buffer and stripped == ".tables":
+            for name, kind in db.table_names(con):
+                typer.echo(f"{kind:5}  {name}")
+            continue
+        if stripped:
+            buffer.append(line.rstrip("\n"))
+        if buffer and (not stripped or stripped.endswith(";")):
+            run_buffer()
+    if buffer:
+        run_buffer()
+
+
+@app.command("export")
+def export_cmd(
+    ctx: typer.Context,
+    parquet: Path = typer.Option(..., "--parquet", help="Directory for tables/*.parquet, views/*.parquet, views.sql."),
+    by: Optional[str] = typer.Option(None, "--by", help="Attributes of the views (default: sex, age_group, "
+                                                         "age_group_sex, view)."),
+) -> None:
+    """Export the store's non-vector tables and the fairness views as Parquet, with views.sql to rebuild the views."""
+    from embedkit.fairness import db
+
+    attributes = _split_list(by) or None
+    con = db.connect(get_store(ctx), attributes)
+    written = db.export_parquet(con, parquet, attributes)
+    for path in written:
+        typer.echo(str(path))
+
+
+# ---- report ------------------------------------------------------------------------------------------------------
+
+
+@app.command("report")
+def report_cmd(
+    ctx: typer.Context,
+    out: Path = typer.Option(Path("embedkit-report"), "--out", help="Folder for report.html, report.md and the PNGs."),
+    run: Optional[list[str]] = typer.Option(None, "--run", help="Run id (repeat for several; default: every run)."),
+    model: Optional[list[str]] = typer.Option(None, "--model", help="Only runs of this model (repeatable)."),
+    method: Optional[list[str]] = typer.Option(None, "--method", help="Only runs of this method (repeatable)."),
+    study: Optional[str] = typer.Option(None, "--study", help="Only runs of this study_id."),
+    split: str = typer.Option("test", "--split", help="Split the metrics are computed on."),
+    ci: int = typer.Option(1000, "--ci", help="Bootstrap resamples of patients within groups (0: no intervals)."),
+    by: str = typer.Option("sex,age_group", "--by", help="Attributes (columns of images), comma-separated."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap draws."),
+    min_n: int = typer.Option(30, "--min-n", help="Flag (†) groups and gaps resting on fewer rows."),
+    title: str = typer.Option("Fairness audit", "--title", help="Title of the report."),
+) -> None:
+    """An HTML report (self-contained: figures inlined, mail it as one file) and report.md with PNGs beside it."""
+    import time
+
+    from embedkit.report import build_report
+
+    if ci < 0:
+        raise typer.BadParameter("--ci is a number of resamples: 0 (no intervals) or more")
+    attributes = [part.strip() for part in by.split(",") if part.strip()]
+    start = time.perf_counter()
+    html_path = build_report(get_store(ctx), out, runs=run or None, study=study, split=split, ci=ci, by=attributes,
+                             seed=seed, models=model or None, methods=method or None, min_n=min_n, title=title)
+    typer.echo(f"report written in {time.perf_counter() - start:.1f} s: {html_path} "
+               f"(Markdown: {html_path.with_name('report.md')})")
 
 
 if __name__ == "__main__":

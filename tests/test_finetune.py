@@ -16,7 +16,7 @@ from conftest import write_cohort_images
 from embedkit.constants import NIH_CLASSES
 from embedkit.finetune.augment import Augment, epoch_order, stream
 from embedkit.finetune.lora import ExactMultiheadAttention, LoraTargetError, apply_lora, count_parameters
-from embedkit.finetune.train import FinetuneConfig, FinetuneError, finetune, lp_head, resume, train_step
+from embedkit.finetune.train import FinetuneConfig, FinetuneError, build_network, finetune, resume, train_step
 from embedkit.models.registry import get_spec
 
 FAMILIES = ["tiny-clip", "tiny-biomedclip", "tiny-medclip-rn50", "tiny-medclip-vit", "tiny-gloria"]
@@ -37,7 +37,9 @@ EXPECTED_MODULES = {
 
 def _pixels(name: str, n: int = 2, seed: int = 0) -> torch.Tensor:
     channels = 1 if name.startswith("tiny-medclip") else 3
-    return torch.randn(n, channels, 224, 224, generator=torch.Generator().manual_seed(seed))
+    # ResNets take any size (GLoRIA resizes to 299 itself); the transformers need their 224.
+    size = 64 if name in ("tiny-medclip-rn50", "tiny-gloria") else 224
+    return torch.randn(n, channels, size, size, generator=torch.Generator().manual_seed(seed))
 
 
 def _frozen(name: str):
@@ -98,17 +100,15 @@ def test_lora_targets_change_the_output_and_merge_to_the_same_model(name):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_lora_step_trains_adapters_and_head_only(name):
     spec, model = _frozen(name)
-    tower = model.image_tower()
-    torch.manual_seed(0)
-    apply_lora(tower, spec.lora_rank, 1.0)
-    head = lp_head(model.embed_dim, 3, seed=1)
-    net = nn.Sequential()  # the same composition as train.ImageClassifier, built by hand
-    net.forward = lambda pixels: head(model.encode_image(pixels))  # type: ignore[method-assign]
+    net, _, info = build_network(model, "lora", 3, seed=0, rank=spec.lora_rank)
+    tower = net.tower
     base = _base_state(tower)
     lora_init = {n: p.detach().clone() for n, p in tower.named_parameters() if p.requires_grad}
     assert lora_init and all("lora_" in n for n in lora_init)
-    params = [p for p in tower.parameters() if p.requires_grad] + list(head.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=1e-5)
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    assert info["trainable_params"] == sum(p.numel() for p in trainable)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
+    opt = torch.optim.AdamW(trainable, lr=1e-2, weight_decay=1e-5)
     labels = torch.tensor([0, 2])
     train_step(net, opt, _pixels(name, seed=1), labels)
     train_step(net, opt, _pixels(name, seed=2), labels)  # step 2: B != 0, so A gets gradients too
@@ -120,6 +120,23 @@ def test_lora_step_trains_adapters_and_head_only(name):
     assert after.keys() == base.keys()
     changed = [k for k in base if not torch.equal(base[k], after[k])]
     assert changed == []  # bit-identical, BatchNorm statistics included
+
+
+@pytest.mark.parametrize("name, layout, n_modules, n_lora", [
+    # 12 blocks x (attn: in_proj 16*768 + 2304*16, out_proj 2*16*768; c_fc 16*768 + 3072*16; c_proj the same)
+    ("clip", "openclip-vit", 36, 2_359_296),
+    ("biomedclip", "timm-vit", 48, 2_359_296),  # qkv + proj = in_proj + out_proj: the same count
+    ("medclip-vit", "swin", 72, 1_271_808),  # 12 Swin blocks x q, k, v, o, fc1, fc2
+    ("medclip-rn50", "resnet", 48, 294_144),  # 16 bottlenecks x conv1-3 at rank 4
+    ("gloria", "resnet", 48, 294_144),
+])
+def test_full_size_towers_get_lora_where_the_paper_puts_it(name, layout, n_modules, n_lora):
+    spec = get_spec(name)
+    with torch.device("meta"):  # real shapes, no memory
+        net, lora, info = build_network(spec.build(0), "lora", 6, seed=0, rank=spec.lora_rank)
+    head = spec.embed_dim * 1024 + 1024 + 1024 * 6 + 6
+    assert (lora.layout.kind, len(lora.modules), info["trainable_params"] - head) == (layout, n_modules, n_lora)
+    assert info["rank"] == (4 if layout == "resnet" else 16)
 
 
 def test_lora_parameter_counts_follow_rank():
@@ -164,7 +181,7 @@ def test_attention_lora_is_w_plus_delta_once_and_never_moves_the_base():
     (["attn.out_proj"], "inside nn.MultiheadAttention"),
     (["all-linear"], "all-linear"),
     (["mlp.nope"], "matches no module"),
-    (["mlp"], "is a Mlp"),
+    (["mlp"], "is a Sequential"),
 ])
 def test_targets_peft_would_ignore_or_that_do_not_exist_are_refused(targets, message):
     _, model = _frozen("tiny-clip")
@@ -183,15 +200,13 @@ def test_user_targets_narrow_the_default():
 
 def test_full_finetuning_trains_every_tower_weight():
     _, model = _frozen("tiny-gloria")
-    tower = model.image_tower()
-    for p in tower.parameters():
-        p.requires_grad_(True)
+    net, lora, info = build_network(model, "ft", 3, seed=0)
+    tower = net.tower
+    assert lora is None and all(p.requires_grad for p in tower.parameters())
+    assert info["trainable_params"] == info["tower_params"] + 48 * 1024 + 1024 + 1024 * 3 + 3
     tower.train()
-    head = lp_head(model.embed_dim, 3, seed=1)
-    net = nn.Sequential()
-    net.forward = lambda pixels: head(model.encode_image(pixels))  # type: ignore[method-assign]
     before = {k: v.detach().clone() for k, v in tower.state_dict().items()}
-    opt = torch.optim.AdamW([*tower.parameters(), *head.parameters()], lr=1e-3)
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-3)
     train_step(net, opt, _pixels("tiny-gloria", n=4), torch.tensor([0, 1, 2, 0]))
     after = tower.state_dict()
     for key in ("model.conv1.weight", "model.layer3.0.conv2.weight", "global_embedder.weight",
@@ -199,7 +214,7 @@ def test_full_finetuning_trains_every_tower_weight():
         assert not torch.equal(before[key], after[key]), key
     # The local embedder is not on the global path: it gets no gradient and stays as it was.
     assert torch.equal(before["local_embedder.weight"], after["local_embedder.weight"])
-    assert all(p.requires_grad for p in tower.parameters())
+    assert not any(p.requires_grad for p in model.text_encoder.parameters())
 
 
 # ---- augmentations -------------------------------------------------------------------------------------------
@@ -262,7 +277,7 @@ def test_finetune_writes_a_run_and_every_prediction(cohort_store):
 
 
 def test_an_interrupted_run_resumed_ends_exactly_like_an_uninterrupted_one(cohort_store):
-    config = dict(model="tiny-clip", method="lora", cohort="c", random_init=True, epochs=2, batch_size=8,
+    config = dict(model="tiny-gloria", method="lora", cohort="c", random_init=True, epochs=2, batch_size=8,
                   workers=0)
     whole = finetune(cohort_store, FinetuneConfig(**config), progress=False)
     cut = finetune(cohort_store, FinetuneConfig(**config), progress=False, stop_after=1)
@@ -324,7 +339,7 @@ def test_cli_finetune_then_resume(cohort_store):
     assert runs[summary["run_id"]]["config"]["epochs"] == 2
     assert runs[summary["run_id"]]["config"]["lora_targets"] == ["attn", "mlp.c_fc", "mlp.c_proj"]
 
-    cut = runner.invoke(app, [*base, "--model", "tiny-clip", "--method", "ft", "--epochs", "2", *common,
+    cut = runner.invoke(app, [*base, "--model", "tiny-gloria", "--method", "ft", "--epochs", "2", *common,
                               "--stop-after", "1", "--json"])
     assert cut.exit_code == 0, cut.output
     run_id = json.loads(cut.stdout)["run_id"]

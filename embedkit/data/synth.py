@@ -16,7 +16,7 @@ One class pattern per image, loosely after the disease (class order of :data:`NI
 
 ``signal`` scales the class pattern (0 draws exactly the same image whatever the label). All random draws
 come from one generator seeded from (seed, image_id) with a stable hash, so files are byte-identical across
-runs, machines and worker counts.
+runs, processes and worker counts (for the same numpy and Pillow versions; float rounding may differ elsewhere).
 
 A :class:`BiasSpec` plants a known unfairness in a subgroup: a weaker signal (``sex=F:signal=0.3``) or a
 fraction of images showing another class's pattern than their label (``age_group=old:label_noise=0.4``).
@@ -152,8 +152,13 @@ def image_seed(seed: int, image_id: str, purpose: str = "image") -> int:
 
 
 def _soft(d: np.ndarray, width: float) -> np.ndarray:
-    """Soft inside-mask of a signed distance (negative inside): 1 inside, 0 outside, a sigmoid edge."""
-    return 1.0 / (1.0 + np.exp(np.clip(d / width, -40.0, 40.0)))
+    """Soft inside-mask of a signed distance (negative inside): 1 inside, 0 outside, a linear edge 4 * width wide.
+
+    A ramp, not a sigmoid: as smooth to the eye at these sizes and several times cheaper (it runs ~25 times an image).
+    """
+    mask = np.multiply(d, -0.25 / width, dtype=np.float32)
+    mask += 0.5
+    return np.clip(mask, 0.0, 1.0, out=mask)
 
 
 def _lerp(img: np.ndarray, target: float | np.ndarray, alpha: np.ndarray) -> None:
@@ -571,15 +576,18 @@ def _run_pool(jobs: list[Job], n_workers: int) -> None:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        for k in range(n_workers):
+        for _ in range(n_workers):
             procs.append(subprocess.Popen(
                 [sys.executable, "-c", _WORKER_CMD], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE, env=env,
             ))
         for k, proc in enumerate(procs):
             assert proc.stdin is not None
-            proc.stdin.write(json.dumps(jobs[k::n_workers]).encode())
-            proc.stdin.close()
+            try:
+                proc.stdin.write(json.dumps(jobs[k::n_workers]).encode())
+                proc.stdin.close()
+            except BrokenPipeError:  # the worker died before reading; its exit status and stderr say why
+                pass
         failures = []
         for proc in procs:
             assert proc.stderr is not None
@@ -719,3 +727,26 @@ def synthesize(
         }
     )
     return result
+
+
+def example_sheet(tile: int = 128, seed: int = 0, signal: float = 1.0) -> Image.Image:
+    """A labelled contact sheet: one row per class, columns young M, young F, old M, old F.
+
+    Tiles are drawn at twice ``tile`` and box-downsampled (as a viewer would see them). docs/synthetic-examples.png
+    is ``example_sheet().save(path, optimize=True)``.
+    """
+    from PIL import ImageDraw
+
+    cells = [("young", 35, "M"), ("young", 35, "F"), ("old", 75, "M"), ("old", 75, "F")]
+    left, top = 96, 18
+    sheet = Image.new("L", (left + tile * len(cells), top + tile * N_CLASSES), color=255)
+    draw = ImageDraw.Draw(sheet)
+    for j, (group, age, sex) in enumerate(cells):
+        draw.text((left + j * tile + 6, 3), f"{group} {sex} ({age})", fill=0)
+    for i, name in enumerate(NIH_CLASSES):
+        draw.text((4, top + i * tile + tile // 2 - 6), name, fill=0)
+        for j, (group, age, sex) in enumerate(cells):
+            big = render_image(i, age, sex, image_seed(seed, f"example/{name}/{group}/{sex}"), 2 * tile, signal)
+            small = Image.fromarray(big).resize((tile, tile), Image.Resampling.BOX)
+            sheet.paste(small, (left + j * tile, top + i * tile))
+    return sheet

@@ -9,6 +9,7 @@ attribute list into the one view that unpivots attributes.
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -63,6 +64,9 @@ def settings_sql() -> str:
         "sex_female": _quote(female),
         "ece_bins": str(int(ECE_BINS)),
         "ci_level": repr(float(CI_LEVEL)),
+        "scope_runs": "NULL",  # every run ...
+        "scope_split": "NULL",  # ... and split (see 01_predictions_base.sql)
+        "class_scores": "true",  # AUC and classwise ECE on (see 08_class_scores.sql)
     }
     return "\n".join(f"SET VARIABLE {name} = {value};" for name, value in values.items())
 
@@ -138,6 +142,22 @@ def create_views(con, attributes: Iterable[str] | None = None) -> None:
             _check_attributes_exist(con, attributes)
 
 
+@contextmanager
+def scoped(con, run_ids: Sequence[str] | None = None, split: str | None = None, class_scores: bool = True):
+    """Restrict every view to ``run_ids`` and ``split`` (and with ``class_scores=False`` skip AUC and classwise ECE)
+    for the duration of the block; the settings are restored afterwards."""
+    runs = "NULL" if run_ids is None else "[" + ", ".join(_quote(r) for r in run_ids) + "]::VARCHAR[]"
+    con.execute(f"SET VARIABLE scope_runs = {runs}")
+    con.execute(f"SET VARIABLE scope_split = {'NULL' if split is None else _quote(split)}")
+    con.execute(f"SET VARIABLE class_scores = {'true' if class_scores else 'false'}")
+    try:
+        yield con
+    finally:
+        con.execute("SET VARIABLE scope_runs = NULL")
+        con.execute("SET VARIABLE scope_split = NULL")
+        con.execute("SET VARIABLE class_scores = true")
+
+
 def _check_attribute_names(attributes: Iterable[str] | None) -> list[str]:
     attrs = list(DEFAULT_ATTRIBUTES if attributes is None else attributes)
     out: list[str] = []
@@ -169,11 +189,12 @@ def _check_attributes_exist(con, attributes: Sequence[str]) -> None:
 
 
 def table_names(con) -> list[tuple[str, str]]:
-    """(name, kind) of every table and view the connection can query, kind being 'table' or 'view'."""
-    rows = con.sql(
-        "SELECT table_name, table_type FROM information_schema.tables ORDER BY table_type, table_name"
-    ).to_arrow_table().to_pylist()
-    return [(r["table_name"], "view" if r["table_type"] == "VIEW" else "table") for r in rows]
+    """(name, kind) of everything the connection can query: kind 'table' (store tables, registered in place, and
+    resample_weights) or 'view' (the fairness views), tables first."""
+    names = con.sql("SELECT DISTINCT table_name FROM information_schema.tables").to_arrow_table()
+    views = set(view_names())
+    rows = [(n, "view" if n in views else "table") for n in names.column("table_name").to_pylist()]
+    return sorted(rows, key=lambda r: (r[1] != "table", r[0]))
 
 
 def _ident(name: str) -> str:
@@ -182,3 +203,101 @@ def _ident(name: str) -> str:
 
 def _quote(value: str) -> str:
     return "'" + str(value).replace("'", "''") + "'"
+
+
+def select_runs(
+    con,
+    run_ids: Sequence[str] | None = None,
+    model: str | None = None,
+    method: str | None = None,
+    split: str = "test",
+) -> list[dict]:
+    """The runs (run_id, model, method, n) that match and have predictions on ``split``, oldest first.
+
+    Raises FairnessError naming what exists when nothing matches.
+    """
+    rows = con.sql(
+        """
+        SELECT r.run_id, r.model, r.method, count(p.row_id) AS n, any_value(r.created_at) AS created_at
+        FROM runs AS r
+        JOIN predictions AS p ON p.run_id = r.run_id AND p.split = $split
+        WHERE ($runs IS NULL OR list_contains($runs, r.run_id))
+          AND ($model IS NULL OR r.model = $model)
+          AND ($method IS NULL OR r.method = $method)
+        GROUP BY r.run_id, r.model, r.method
+        ORDER BY created_at, r.run_id
+        """,
+        params={"split": split, "runs": list(run_ids) if run_ids else None, "model": model, "method": method},
+    ).to_arrow_table().to_pylist()
+    if rows:
+        return [{k: r[k] for k in ("run_id", "model", "method", "n")} for r in rows]
+    known = con.sql(
+        "SELECT r.run_id, r.model, r.method, list(DISTINCT p.split ORDER BY p.split) AS splits FROM runs AS r "
+        "LEFT JOIN predictions AS p ON p.run_id = r.run_id GROUP BY ALL ORDER BY r.run_id LIMIT 20"
+    ).to_arrow_table().to_pylist()
+    wanted = ", ".join(
+        f"{k}={v!r}" for k, v in (("run", run_ids), ("model", model), ("method", method), ("split", split)) if v
+    )
+    listing = "; ".join(f"{r['run_id']} ({r['model']}/{r['method']}, splits {r['splits']})" for r in known)
+    raise FairnessError(
+        f"no run with predictions matches {wanted}. Runs in the store: {listing or 'none'}. "
+        "Pick one with --run, or --model/--method, and a split it was scored on (--split)."
+    )
+
+
+def export_parquet(con, directory: str | Path, attributes: Iterable[str] | None = None) -> list[Path]:
+    """Write the store's tables (those without vectors) and the views as Parquet, plus ``views.sql``.
+
+    Layout: ``tables/<name>.parquet``, ``views/<name>.parquet`` (every view but the row x attribute ones, which are
+    only SQL: group_rows, class_scores), and ``views.sql``, which recreates the tables as views over the Parquet
+    files and every view over them, for the DuckDB CLI (run it from ``directory``), or read the Parquet from pandas
+    or R. Returns the files written.
+    """
+    attributes = _check_attribute_names(attributes)
+    out = Path(directory)
+    (out / "tables").mkdir(parents=True, exist_ok=True)
+    (out / "views").mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    views = set(view_names())
+    tables = [
+        name for name, kind in table_names(con)
+        if name not in views and name != RESAMPLE_WEIGHTS and not name.startswith("_")
+        and not _has_vector(con, name)
+    ]
+    for name in tables:
+        path = out / "tables" / f"{name}.parquet"
+        con.execute(f"COPY (SELECT * FROM {_ident(name)}) TO {_quote(str(path))} (FORMAT parquet)")
+        written.append(path)
+    for name in view_names():
+        if name in ROW_LEVEL_VIEWS:
+            continue
+        path = out / "views" / f"{name}.parquet"
+        con.execute(f"COPY (SELECT * FROM {_ident(name)}) TO {_quote(str(path))} (FORMAT parquet)")
+        written.append(path)
+    script = out / "views.sql"
+    script.write_text(views_script(tables, attributes))
+    written.append(script)
+    return written
+
+
+def views_script(tables: Sequence[str], attributes: Sequence[str]) -> str:
+    """A DuckDB script recreating ``tables`` as views over ``tables/<name>.parquet`` and every fairness view."""
+    lines = [
+        "-- embedkit fairness views over the Parquet files beside this script.",
+        "-- Run from this directory: duckdb -c '.read views.sql' (or con.execute(open('views.sql').read()) in Python).",
+        f"-- Attributes sliced by: {', '.join(attributes)}.",
+        settings_sql(),
+        resample_weights_sql(),
+    ]
+    for name in tables:
+        lines.append(
+            f"CREATE OR REPLACE VIEW {_ident(name)} AS SELECT * FROM read_parquet({_quote(f'tables/{name}.parquet')});"
+        )
+    for _, sql in render_views(attributes):
+        lines.append(sql.rstrip())
+    return "\n".join(lines) + "\n"
+
+
+def _has_vector(con, name: str) -> bool:
+    types = con.sql(f"DESCRIBE {_ident(name)}").to_arrow_table().to_pylist()
+    return any(t["column_name"] == "vector" for t in types)

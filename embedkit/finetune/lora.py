@@ -5,7 +5,7 @@ Which modules get LoRA is decided per tower layout (found by looking at the towe
 ==============  ===============================================  ==========================================
 layout          blocks                                           default targets inside each block
 ==============  ===============================================  ==========================================
-openclip-vit    ``transformer.resblocks.N`` (OpenAI CLIP)         ``attn`` (nn.MultiheadAttention: in_proj and
+openclip-vit    ``transformer.resblocks.N`` (OpenAI CLIP)        ``attn`` (nn.MultiheadAttention: in_proj and
                                                                  out_proj), ``mlp.c_fc``, ``mlp.c_proj``
 timm-vit        ``trunk.blocks.N`` (BiomedCLIP)                  ``attn.qkv``, ``attn.proj``, ``mlp.fc1``,
                                                                  ``mlp.fc2``
@@ -20,8 +20,8 @@ ignored in the forward pass (the attention never calls ``out_proj.forward``) yet
 target is ``attn`` and such targets (and ``all-linear``) are refused. (2) peft's ``MultiheadAttention`` LoRA merges
 the adapter into the frozen weights before each forward and subtracts it afterwards, so ``(W + d) - d`` rounding
 drifts the "frozen" weights on every step. (3) Its ``merge`` adds the out_proj delta twice (``W + 2d``; peft PR
-#3774), in its forward pass and in ``merge_and_unload`` alike. :class:`ExactMultiheadAttention` fixes both: the
-forward uses ``W + d`` in temporary tensors and puts the original Parameters back (base weights stay
+#3774), in its forward pass and in ``merge_and_unload`` alike. :class:`ExactMultiheadAttention` fixes (2) and (3):
+the forward uses ``W + d`` in temporary tensors and puts the original Parameters back (base weights stay
 bit-identical), and ``merge`` adds each delta once, so a merged tower computes what the adapter tower computed.
 """
 
@@ -83,10 +83,12 @@ def tower_layout(tower: nn.Module) -> TowerLayout:
 
 def _candidates(tower: nn.Module, layout: TowerLayout) -> list[str]:
     """Names of LoRA-able modules inside blocks, relative to their block (what --targets may name)."""
+    modules = dict(tower.named_modules())
     seen: dict[str, None] = {}
-    for name, module in tower.named_modules():
+    for name, module in modules.items():
         match = re.match(rf"({layout.block})\.(.+)$", name)
-        if match and isinstance(module, _SUPPORTED):
+        inside_attention = isinstance(modules.get(name.rsplit(".", 1)[0]), nn.MultiheadAttention)
+        if match and isinstance(module, _SUPPORTED) and not inside_attention:
             seen[match.group(2)] = None
     return list(seen)
 

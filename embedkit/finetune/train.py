@@ -160,7 +160,8 @@ class FinetuneResult:
         test = self.metrics.get("test", {})
         scores = (f", test accuracy {test['accuracy']:.3f}, macro-F1 {test['macro_f1']:.3f}" if test else "")
         early = " (early stop)" if self.stopped_early else ""
-        return (f"run {self.run_id}: {self.epochs_done} epochs{early}, best epoch {self.best_epoch} "
+        # Printed 1-based like the progress lines; the run's metrics keep the heads' 0-based best_epoch.
+        return (f"run {self.run_id}: {self.epochs_done} epochs{early}, best epoch {self.best_epoch + 1} "
                 f"(val loss {self.best_val_loss:.4f}), {self.trainable_params:,} trainable parameters{scores}")
 
 
@@ -174,6 +175,10 @@ class ImageClassifier(nn.Module):
         super().__init__()
         self.model = model
         self.head = head
+
+    @property
+    def tower(self) -> nn.Module:
+        return self.model.image_tower()
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.head(self.model.encode_image(pixels))
@@ -189,6 +194,35 @@ def lp_head(dim: int, n_classes: int, seed: int) -> nn.Module:
         head[0].weight.copy_(params["W1"]), head[0].bias.copy_(params["b1"])
         head[-1].weight.copy_(params["W2"]), head[-1].bias.copy_(params["b2"])
     return head
+
+
+def build_network(model: nn.Module, method: str, n_classes: int, seed: int, rank: int = 16, alpha: float = 1.0,
+                  targets: list[str] | None = None) -> tuple[ImageClassifier, LoraTower | None, dict]:
+    """Freeze ``model``, make its image tower trainable the ``method`` way, put the LP head on top.
+
+    Returns the network, the LoRA wrapping (None for ft) and what the run's config records about it. The text
+    tower stays frozen and unused. Seeds torch's global RNG with ``seed`` (LoRA's A matrices draw from it).
+    """
+    from embedkit.finetune.lora import apply_lora, count_parameters
+
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    tower = model.image_tower()
+    info: dict = {"tower_params": count_parameters(tower, trainable_only=False), "embed_dim": model.embed_dim,
+                  "head": f"lp: Linear({model.embed_dim},{HEAD_HIDDEN})->Linear({HEAD_HIDDEN},{n_classes})"}
+    torch.manual_seed(seed)
+    lora = None
+    if method == "lora":
+        lora = apply_lora(tower, rank, alpha, targets)
+        info.update(rank=rank, lora_layout=lora.layout.kind, lora_targets=lora.targets,
+                    lora_modules=len(lora.modules))
+    else:
+        for p in tower.parameters():
+            p.requires_grad_(True)
+    net = ImageClassifier(model, lp_head(model.embed_dim, n_classes, seed))
+    info["trainable_params"] = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    return net, lora, info
 
 
 def _autocast(device: torch.device, amp: str):
@@ -276,7 +310,6 @@ def _cohort_fingerprint(rows: pd.DataFrame) -> str:
 def _prepare(store: Store, config: FinetuneConfig, run_id: str) -> _Session:
     from embedkit.data.cohort import cohort_classes, load_cohort
     from embedkit.embed import resolve_device
-    from embedkit.finetune.lora import apply_lora, count_parameters
     from embedkit.models.registry import get_spec, instantiate
 
     config.validate()
@@ -301,33 +334,17 @@ def _prepare(store: Store, config: FinetuneConfig, run_id: str) -> _Session:
     device = resolve_device(config.device)
     model, weights_id, _source = instantiate(spec, config.weights, config.random_init, config.seed_init,
                                              config.weights_dir)
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    tower = model.image_tower()
-    tower_params = count_parameters(tower, trainable_only=False)
-    torch.manual_seed(config.seed)  # LoRA's A matrices draw from the global RNG
-    lora = None
-    extra: dict = {}
-    if config.method == "lora":
-        rank = config.rank if config.rank is not None else spec.lora_rank
-        lora = apply_lora(tower, rank, config.alpha, config.targets)
-        extra.update(rank=rank, lora_layout=lora.layout.kind, lora_targets=lora.targets,
-                     lora_modules=len(lora.modules))
-    else:
-        for p in tower.parameters():
-            p.requires_grad_(True)
-    head = lp_head(model.embed_dim, len(classes), config.seed)
-    net = ImageClassifier(model, head).to(device)
+    net, lora, extra = build_network(model, config.method, len(classes), config.seed,
+                                     config.rank if config.rank is not None else spec.lora_rank, config.alpha,
+                                     config.targets)
+    net = net.to(device)
+    tower = net.tower
     trainable = [p for p in net.parameters() if p.requires_grad]
-    n_trainable = sum(p.numel() for p in trainable)
+    n_trainable = extra["trainable_params"]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.wd)
     scheduler = _make_scheduler(optimizer, config.schedule, config.epochs)
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and config.amp == "fp16" else None
-    extra.update(trainable_params=n_trainable, tower_params=tower_params,
-                 embed_dim=model.embed_dim,
-                 head=f"lp: Linear({model.embed_dim},{HEAD_HIDDEN})->Linear({HEAD_HIDDEN},{len(classes)})",
-                 augmentations=asdict(Augment()) if config.augment else None,
+    extra.update(augmentations=asdict(Augment()) if config.augment else None,
                  augment_where="decoded 8-bit image, before the model's preprocessing",
                  optimizer="AdamW", loss="cross_entropy", selection="lowest val loss (ties keep the earlier epoch)",
                  amp_effective=config.amp if device.type == "cuda" else "none (cpu)")
@@ -441,7 +458,7 @@ def _val_loss(session: _Session) -> float:
 
 
 def _train_epoch(session: _Session, epoch: int, report: Callable[[str], None]) -> tuple[int, float, float, float]:
-    """One epoch over the shuffled train rows; returns (steps, mean loss, images/s, seconds)."""
+    """One epoch over the shuffled train rows; returns (steps, mean loss, images/s after the first batch, seconds)."""
     cfg = session.config
     torch.manual_seed(torch_seed(cfg.seed, epoch))  # dropout / stochastic depth: a function of (seed, epoch)
     _set_mode(session, training=True)
@@ -452,19 +469,23 @@ def _train_epoch(session: _Session, epoch: int, report: Callable[[str], None]) -
     autocast = _autocast(session.device, cfg.amp)
     n_steps = math.ceil(len(rows) / cfg.batch_size)
     start = time.perf_counter()
-    losses, seen = [], 0
+    losses, seen, rate = [], 0, 0.0
+    first_batch_at, first_batch = start, 0
     for step, (sample, pixels) in enumerate(session.loader, start=1):
+        if step == 1:
+            # Images/s count from the first batch: worker start-up (seconds under forkserver) is not throughput.
+            first_batch_at, first_batch = time.perf_counter(), len(sample)
         labels = labels_all[sample].to(session.device, non_blocking=True)
         loss = train_step(session.net, session.optimizer, pixels.to(session.device, non_blocking=True), labels,
                           autocast, session.scaler)
         losses.append(loss * len(sample))
         seen += len(sample)
-        rate = seen / (time.perf_counter() - start)
+        now = time.perf_counter()
+        rate = (seen - first_batch) / (now - first_batch_at) if step > 1 else seen / (now - start)
         report(f"epoch {epoch + 1}/{cfg.epochs} step {step}/{n_steps} loss {loss:.4f} "
                f"val loss {session.history[-1]['val_loss'] if session.history else float('nan'):.4f} "
                f"{rate:.1f} img/s")
-    seconds = time.perf_counter() - start
-    return n_steps, sum(losses) / max(seen, 1), seen / seconds if seconds > 0 else 0.0, seconds
+    return n_steps, sum(losses) / max(seen, 1), rate, time.perf_counter() - start
 
 
 def _run(session: _Session, progress: bool, stop_after: int | None) -> FinetuneResult:
@@ -510,6 +531,9 @@ def _finish(session: _Session, stopped_early: bool) -> FinetuneResult:
     from embedkit.heads.runs import code_version, softmax, split_metrics
     from embedkit.store import schemas
 
+    if not (session.folder / "best.pt").exists():
+        raise FinetuneError(f"run {session.run_id}: the validation loss was never finite (training diverged?); "
+                            f"nothing was written. Try a lower --lr, or --amp none")
     best = torch.load(session.folder / "best.pt", map_location="cpu", weights_only=True)
     _load_trainable(session, best["state"])
     logits = _logits(session, list(range(len(session.paths))))[session.path_index]

@@ -117,6 +117,7 @@ class _Slice:
         self.best_epoch = torch.full((k,), -1, dtype=torch.int64)
         self.step_count = 0
         self.step_t = torch.zeros(())
+        self._neg: dict[int, torch.Tensor] = {}
         # per-model views for the fused kernel: model i's parameters and states as lists of tensors
         names = list(self.params)
         self.views = [tuple([t[name][i] for name in names] for t in (self.params, self.grads, self.m, self.v))
@@ -149,7 +150,7 @@ class _Slice:
             A = Z
         logits = torch.baddbmm(self.b2, A, self.W2)  # [K, b, C]
         dlogits = torch.softmax(logits, dim=2)  # d(mean CE)/d logits = (softmax - onehot) / b
-        dlogits.scatter_add_(2, yb.unsqueeze(2), torch.full((k, b, 1), -1.0))
+        dlogits.scatter_add_(2, yb.unsqueeze(2), self._minus_ones(b))
         dlogits.div_(b)
         torch.bmm(A.transpose(1, 2), dlogits, out=g["W2"])
         torch.sum(dlogits, dim=1, keepdim=True, out=g["b2"])
@@ -167,6 +168,11 @@ class _Slice:
         torch.sum(dZ, dim=1, keepdim=True, out=g["b1"])
         torch.bmm(Xb.transpose(1, 2), dZ, out=g["W1"])
         self._adamw()
+
+    def _minus_ones(self, b: int) -> torch.Tensor:
+        if b not in self._neg:
+            self._neg[b] = torch.full((self.k, b, 1), -1.0)
+        return self._neg[b]
 
     def _adamw(self) -> None:
         """torch.optim.AdamW's update (decoupled weight decay) for K models at once, lr and wd per model."""
@@ -261,8 +267,8 @@ def train_batched(X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray, y
             for epoch in range(epochs):
                 order = torch.stack([epoch_order(n, g) for g in sl.generators])  # [K, n]: one shuffle per model
                 for a, b in bounds:
-                    idx = order[:, a:b]
-                    sl.step(Xt[idx], yt[idx])
+                    idx = order[:, a:b].reshape(-1)
+                    sl.step(Xt.index_select(0, idx).view(hi - lo, b - a, dim), yt[idx].view(hi - lo, b - a))
                 sl.validate(Xv, yv, epoch)
                 if progress:
                     progress(hi - lo)

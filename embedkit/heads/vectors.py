@@ -133,7 +133,7 @@ def load_vectors(store: Store, model: str, cohort: str | None = None, weights_id
     table = table.take(order)
     vectors = table["vector"].combine_chunks()
     dim = vectors.type.list_size
-    X = vectors.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, dim)
+    X = np.array(vectors.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, dim)  # writable copy
     meta = table.drop(["vector"]).to_pandas()
     if not np.isfinite(X).all():
         raise HeadsError(f"non-finite values in '{model}' vectors of cohort '{cohort}' (weights {weights_id}): "
@@ -143,4 +143,4 @@ def load_vectors(store: Store, model: str, cohort: str | None = None, weights_id
         raise HeadsError(f"cohort '{cohort}' has {len(classes)} distinct label(s); a classifier needs at least 2")
     lookup = {c: i for i, c in enumerate(classes)}
     y = meta["label"].map(lambda v: lookup.get(v, -1) if isinstance(v, str) else -1).to_numpy(dtype=np.int64)
-    return CohortVectors(model, cohort, weights_id, classes, np.ascontiguousarray(X), y, meta)
+    return CohortVectors(model, cohort, weights_id, classes, X, y, meta)

@@ -7,6 +7,9 @@
 --   unit_id (the resampling unit of the bootstrap: the patient, else the row), weight (the row's multiplicity: 1 here;
 --   group_rows multiplies it by a bootstrap replicate's count, so every metric view below is written once for both).
 -- The stored images.age_group is ignored on purpose: one age boundary, set once per connection, decides everywhere.
+-- Scope: getvariable('scope_runs') (a list of run_ids) and getvariable('scope_split') restrict every view to those
+-- runs and that split when set (NULL: everything). The bootstrap sets them: a filter written on the last view does not
+-- always reach the scans through the views' aggregates, and a replicate of every run in the store costs.
 CREATE OR REPLACE VIEW predictions_base AS
 SELECT
     j.*,
@@ -37,4 +40,6 @@ FROM (
     FROM predictions AS p
     JOIN images AS i ON i.row_id = p.row_id
     LEFT JOIN runs AS r ON r.run_id = p.run_id
+    WHERE (getvariable('scope_runs') IS NULL OR list_contains(getvariable('scope_runs'), p.run_id))
+      AND (getvariable('scope_split') IS NULL OR p.split = getvariable('scope_split'))
 ) AS j;

@@ -3,7 +3,10 @@
 -- Grain: one row per (replicate, run_id, split, attribute, group_name, row_id).
 -- Columns: replicate (0 = the observed sample; 1.. = bootstrap replicates from resample_weights), run_id, split,
 --   attribute ('all' or a column of predictions_base), group_name (the column's value as text), row_id, unit_id,
---   y_true, y_pred, probs, confidence, correct, l1_error, weight (multiplicity of the row in that replicate).
+--   y_true, y_pred, probs, confidence, correct, l1_error, weight (multiplicity of the row in that replicate),
+--   group_key (hash of run_id, split, attribute, group_name: one integer to partition by where sorting on the four
+--   text columns would dominate the cost, as in class_auc; a collision needs two of a store's groups, not rows, to
+--   share a 64-bit hash).
 -- The attribute list is filled in when the connection is made ({{attribute_columns}}); a NULL value leaves the row
 -- out of that attribute only. Replicates are drawn per attribute (stratified by its groups), so resample_weights is
 -- keyed by attribute; it is keyed by split and row_id, not run, so runs compared side by side share the same draws.
@@ -19,9 +22,11 @@ WITH members AS NOT MATERIALIZED (
     ON "all", {{attribute_columns}}
     INTO NAME attribute VALUE group_name
 )
-SELECT 0 AS replicate, m.* FROM members AS m
+SELECT 0 AS replicate, m.*, hash(m.run_id, m.split, m.attribute, m.group_name) AS group_key
+FROM members AS m
 UNION ALL
-SELECT w.replicate, m.* REPLACE (m.weight * w.multiplicity AS weight)
+SELECT w.replicate, m.* REPLACE (m.weight * w.multiplicity AS weight),
+       hash(m.run_id, m.split, m.attribute, m.group_name) AS group_key
 FROM members AS m
 JOIN resample_weights AS w
     ON w.attribute = m.attribute AND w.split = m.split AND w.row_id = m.row_id;

@@ -1,0 +1,349 @@
+"""Hyper-parameter sweeps: every configuration x seed trained at once, each stored as a run, one picked on val.
+
+``--grid "lr=1e-4,1e-3 wd=0,1e-5 hidden=256,1024"`` and ``--seeds 0-9`` expand to configurations x seeds. lp and
+mlp heads train as one batched model per group of models sharing a shape (hidden, epochs, batch size): lr and
+wd are per-model tensors (:mod:`embedkit.heads.batched`). logreg solves every distinct L2 strength in one batched
+L-BFGS (:mod:`embedkit.heads.logreg`); its result does not depend on the seed (convex, zero init), so each
+configuration is solved once and recorded under every seed.
+
+Selection (``--select``) reads validation predictions only -- :func:`val_metrics` is handed the val rows and
+nothing else, so the test split cannot influence the pick:
+- ``val_macro_f1``: highest mean (over seeds) val macro-F1;
+- ``val_loss``: lowest mean val cross-entropy;
+- ``fair:f1_gap<=B``: highest mean val macro-F1 among configurations whose mean val F1 gap (max - min macro-F1
+  over the groups of ``--by``) is at most B.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from embedkit.heads.probe import HeadConfig, training_arrays
+from embedkit.heads.runs import macro_f1, make_run, predictions_table, softmax, write_runs
+from embedkit.heads.vectors import CohortVectors, HeadsError, load_vectors
+from embedkit.store.store import Store, new_run_id
+
+GRID_KEYS: dict[str, dict[str, type]] = {
+    "lp": {"lr": float, "wd": float, "hidden": int, "epochs": int, "batch_size": int},
+    "mlp": {"lr": float, "wd": float, "hidden": int, "epochs": int, "batch_size": int},
+    "logreg": {"wd": float, "max_iter": int, "tol": float},
+}
+SELECT_FORMS = "val_macro_f1, val_loss or fair:f1_gap<=B (e.g. fair:f1_gap<=0.05)"
+
+
+# ---- parsing ----------------------------------------------------------------------------------------------------
+def parse_grid(text: str, head: str) -> dict[str, list]:
+    """``"lr=1e-4,1e-3 wd=0,1e-5"`` -> ``{"lr": [1e-4, 1e-3], "wd": [0.0, 1e-5]}`` (keys checked for ``head``)."""
+    allowed = GRID_KEYS[head]
+    grid: dict[str, list] = {}
+    for part in (text or "").split():
+        key, sep, values = part.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not values:
+            raise HeadsError(f"bad grid entry '{part}': write key=v1,v2 (e.g. --grid \"lr=1e-4,1e-3 wd=0,1e-5\")")
+        if key not in allowed:
+            raise HeadsError(f"'{key}' cannot be swept for head {head}; sweepable: {', '.join(allowed)}")
+        if key in grid:
+            raise HeadsError(f"grid key '{key}' given twice")
+        grid[key] = list(dict.fromkeys(_convert(key, v, allowed[key]) for v in values.split(",")))
+    return grid
+
+
+def _convert(key: str, text: str, kind: type):
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if math.isnan(value) or (kind is int and not value.is_integer()):
+        raise HeadsError(f"grid value '{text}' for '{key}' is not {'an integer' if kind is int else 'a number'}")
+    return int(value) if kind is int else value
+
+
+def parse_seeds(text: str | int) -> list[int]:
+    """``"0-9"`` -> 0..9; ``"0,3,7"``; ``"0-4,10"``; a single number."""
+    seeds: list[int] = []
+    for part in str(text).split(","):
+        part = part.strip()
+        m = re.fullmatch(r"(\d+)\s*-\s*(\d+)", part)
+        if m:
+            lo, hi = int(m.group(1)), int(m.group(2))
+            if hi < lo:
+                raise HeadsError(f"bad seed range '{part}': write low-high, e.g. 0-9")
+            seeds.extend(range(lo, hi + 1))
+        elif part.isdigit():
+            seeds.append(int(part))
+        else:
+            raise HeadsError(f"bad --seeds '{text}': use a range (0-9), a list (0,3,7) or both (0-4,10)")
+    return list(dict.fromkeys(seeds))
+
+
+@dataclass(frozen=True)
+class Selection:
+    """A parsed ``--select``."""
+
+    criterion: str  # val_macro_f1 | val_loss | fair
+    max_gap: float | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "Selection":
+        text = text.replace(" ", "")
+        if text in ("val_macro_f1", "val_loss"):
+            return cls(text)
+        m = re.fullmatch(r"fair:f1_gap<=([0-9.eE+-]+)", text)
+        if m:
+            try:
+                return cls("fair", float(m.group(1)))
+            except ValueError:
+                pass
+        raise HeadsError(f"bad --select '{text}': use {SELECT_FORMS}")
+
+    def __str__(self) -> str:
+        return f"fair:f1_gap<={self.max_gap:g}" if self.criterion == "fair" else self.criterion
+
+
+def expand(base: HeadConfig, grid: dict[str, list]) -> list[HeadConfig]:
+    """Every combination of the grid over ``base`` (grid order: keys as given, values as given)."""
+    keys = list(grid)
+    configs = [base.with_(**dict(zip(keys, combo))) for combo in itertools.product(*(grid[k] for k in keys))]
+    return list(dict.fromkeys(configs))
+
+
+# ---- training ---------------------------------------------------------------------------------------------------
+@dataclass
+class GridFit:
+    """Logits of every (configuration, seed) run, configuration-major: run r = (r // n_seeds, r % n_seeds)."""
+
+    logits: np.ndarray  # [R, N, C]
+    extras: list[dict]
+    flops: float
+    seconds: float
+
+
+def train_grid(vectors: CohortVectors, configs: list[HeadConfig], seeds: list[int],
+               models_per_slice: int | str | None = "auto", progress=None) -> GridFit:
+    """Train every configuration x seed on ``vectors``: one batched model per group of equal shapes."""
+    from embedkit.heads.batched import train_batched
+    from embedkit.heads.logreg import fit_logreg, logreg_flops
+
+    X_train, y_train, X_val, y_val = training_arrays(vectors)
+    n_classes, n_seeds = len(vectors.classes), len(seeds)
+    logits = np.empty((len(configs) * n_seeds, vectors.n, n_classes), dtype=np.float32)
+    extras: list[dict] = [{} for _ in range(len(logits))]
+    flops, start = 0.0, time.perf_counter()
+    if configs[0].head == "logreg":
+        groups = _group(configs, ("max_iter", "tol"))
+        for (max_iter, tol), members in groups.items():
+            strengths = sorted({configs[i].wd for i in members})  # the seed changes nothing: solve each once
+            fit = fit_logreg(X_train, y_train, n_classes, strengths, max_iter=max_iter, tol=tol)
+            scored = fit.logits(vectors.X)
+            flops += logreg_flops(len(X_train), vectors.dim, n_classes, fit.evaluations)
+            flops += 2.0 * len(strengths) * vectors.n * (vectors.dim + 1) * n_classes
+            for i in members:
+                j = strengths.index(configs[i].wd)
+                for s in range(n_seeds):
+                    logits[i * n_seeds + s] = scored[j]
+                    extras[i * n_seeds + s] = {"iterations": int(fit.n_iter[j]), "converged": bool(fit.converged[j])}
+        return GridFit(logits, extras, flops, time.perf_counter() - start)
+    for (hidden, epochs, batch_size), members in _group(configs, ("hidden", "epochs", "batch_size")).items():
+        runs = [(i, s) for i in members for s in range(n_seeds)]
+        fit = train_batched(X_train, y_train, X_val, y_val, vectors.X, n_classes, configs[0].head, hidden, epochs,
+                            batch_size, [configs[i].lr for i, _ in runs], [configs[i].wd for i, _ in runs],
+                            [seeds[s] for _, s in runs], models_per_slice=models_per_slice, progress=progress)
+        flops += fit.flops
+        for k, (i, s) in enumerate(runs):
+            logits[i * n_seeds + s] = fit.logits[k]
+            extras[i * n_seeds + s] = {"val_loss": float(fit.val_loss[k]), "best_epoch": int(fit.best_epoch[k])}
+    return GridFit(logits, extras, flops, time.perf_counter() - start)
+
+
+def _group(configs: list[HeadConfig], keys: tuple[str, ...]) -> dict[tuple, list[int]]:
+    groups: dict[tuple, list[int]] = {}
+    for i, cfg in enumerate(configs):
+        groups.setdefault(tuple(getattr(cfg, k) for k in keys), []).append(i)
+    return groups
+
+
+# ---- selection (validation rows only) ---------------------------------------------------------------------------
+def val_metrics(probs_val: np.ndarray, y_val: np.ndarray, groups_val: np.ndarray) -> dict[str, np.ndarray]:
+    """Per run: val macro-F1, val cross-entropy, val F1 gap (max - min group macro-F1). Inputs are val rows only."""
+    n_runs = len(probs_val)
+    pred = probs_val.argmax(axis=2)
+    picked = np.take_along_axis(probs_val, y_val[None, :, None], axis=2)[:, :, 0].astype(np.float64)
+    loss = -np.log(np.clip(picked, 1e-12, None)).mean(axis=1)
+    f1 = np.array([macro_f1(y_val, pred[r]) for r in range(n_runs)])
+    names = sorted({g for g in groups_val if g is not None})
+    gap = np.full(n_runs, np.nan)
+    if len(names) >= 2:
+        masks = [groups_val == g for g in names]
+        for r in range(n_runs):
+            scores = [macro_f1(y_val[m], pred[r][m]) for m in masks]
+            gap[r] = max(scores) - min(scores)
+    return {"macro_f1": f1, "loss": loss, "f1_gap": gap, "groups": names}
+
+
+def _mean_std(values: np.ndarray) -> tuple[float, float | None]:
+    values = values[~np.isnan(values)]
+    if len(values) == 0:
+        return float("nan"), None
+    return float(values.mean()), (float(values.std(ddof=1)) if len(values) > 1 else None)
+
+
+def pareto_front(utility: np.ndarray, gap: np.ndarray) -> np.ndarray:
+    """Configurations no other one beats on both axes (higher utility, lower gap, one strictly)."""
+    front = np.zeros(len(utility), dtype=bool)
+    for i in range(len(utility)):
+        if np.isnan(utility[i]) or np.isnan(gap[i]):
+            continue
+        dominated = (utility >= utility[i]) & (gap <= gap[i]) & ((utility > utility[i]) | (gap < gap[i]))
+        front[i] = not bool(np.any(dominated))
+    return front
+
+
+def choose(summary: list[dict], selection: Selection) -> tuple[int | None, str]:
+    """Index of the picked configuration (ties: the first in grid order) and a sentence saying why."""
+    f1 = np.array([s["val_macro_f1_mean"] for s in summary])
+    if selection.criterion == "val_loss":
+        loss = np.array([s["val_loss_mean"] for s in summary])
+        i = int(np.nanargmin(loss))
+        return i, f"lowest mean val loss ({loss[i]:.4f})"
+    if selection.criterion == "val_macro_f1":
+        i = int(np.nanargmax(f1))
+        return i, f"highest mean val macro-F1 ({f1[i]:.4f})"
+    gap = np.array([s["val_f1_gap_mean"] for s in summary])
+    if np.all(np.isnan(gap)):
+        raise HeadsError("fair selection needs at least two groups with val rows in --by; none has a val F1 gap")
+    ok = gap <= selection.max_gap + 1e-12
+    if not ok.any():
+        return None, (f"no configuration has mean val F1 gap <= {selection.max_gap:g} (smallest: "
+                      f"{np.nanmin(gap):.4f}); nothing picked: raise the bound or widen the grid")
+    i = int(np.nanargmax(np.where(ok, f1, -np.inf)))
+    return i, f"highest mean val macro-F1 ({f1[i]:.4f}) among configurations with val F1 gap <= {selection.max_gap:g}"
+
+
+# ---- the sweep --------------------------------------------------------------------------------------------------
+@dataclass
+class SweepOutcome:
+    sweep_id: str
+    model: str
+    cohort: str
+    weights_id: str
+    head: str
+    grid: dict
+    seeds: list[int]
+    select: str
+    by: list[str]
+    summary: list[dict]
+    pick: int | None
+    reason: str
+    n_runs: int
+    train_seconds: float
+    total_seconds: float
+    flops: float
+    groups: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        """A JSON-ready dict (the ``--json`` output)."""
+        return {
+            "sweep_id": self.sweep_id, "model": self.model, "cohort": self.cohort, "weights_id": self.weights_id,
+            "head": self.head, "grid": self.grid, "seeds": self.seeds, "select": self.select, "by": self.by,
+            "groups": self.groups, "n_runs": self.n_runs, "train_seconds": round(self.train_seconds, 4),
+            "total_seconds": round(self.total_seconds, 4),
+            "runs_per_second": round(self.n_runs / self.train_seconds, 3) if self.train_seconds else None,
+            "gflops_per_second": round(self.flops / self.train_seconds / 1e9, 2) if self.train_seconds else None,
+            "configs": [_clean(s) for s in self.summary],
+            "pick": _clean(self.summary[self.pick]) if self.pick is not None else None,
+            "reason": self.reason,
+        }
+
+
+def _clean(d: dict) -> dict:
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in d.items()}
+
+
+def run_sweep(store: Store, model: str, head: str, grid: dict[str, list], seeds: list[int],
+              base: HeadConfig | None = None, select: str = "val_macro_f1", by: list[str] | tuple = ("sex",),
+              cohort: str | None = None, weights_id: str | None = None,
+              models_per_slice: int | str | None = "auto", progress=None) -> SweepOutcome:
+    """Train the grid x seeds, store every run with its predictions, and pick a configuration on val only."""
+    total_start = time.perf_counter()
+    selection = Selection.parse(select)
+    base = (base or HeadConfig(head)).with_(head=head)
+    if not seeds:
+        raise HeadsError("no seeds: pass --seeds, e.g. 0-9")
+    configs = expand(base, grid)
+    vectors = load_vectors(store, model, cohort, weights_id)
+    by = list(by)
+    groups = vectors.groups(by)  # validates the column names before any training
+    fit = train_grid(vectors, configs, seeds, models_per_slice, progress)
+    probs = softmax(fit.logits)
+    sweep_id = new_run_id("sweep")
+    runs = []
+    for r in range(len(probs)):
+        cfg, seed = configs[r // len(seeds)], seeds[r % len(seeds)]
+        config = {**cfg.settings(), "trainer": "batched L-BFGS" if head == "logreg" else "batched",
+                  "sweep_id": sweep_id, "sweep_grid": grid, "sweep_select": str(selection),
+                  "train_split": "train", "val_split": "val"}
+        runs.append(make_run(vectors, head, config, seed, fit.logits[r].argmax(axis=1), fit.extras[r]))
+    run_ids = [r["run_id"] for r in runs]
+    write_runs(store, runs, predictions_table(run_ids, vectors, probs, fit.logits.argmax(axis=2)))
+
+    va = vectors.index("val")  # selection sees these rows and nothing else
+    metrics = val_metrics(probs[:, va], vectors.y[va], groups[va])
+    summary = []
+    for i, cfg in enumerate(configs):
+        rs = slice(i * len(seeds), (i + 1) * len(seeds))
+        f1_mean, f1_std = _mean_std(metrics["macro_f1"][rs])
+        gap_mean, gap_std = _mean_std(metrics["f1_gap"][rs])
+        loss_mean, loss_std = _mean_std(metrics["loss"][rs])
+        summary.append({"config": {k: getattr(cfg, k) for k in GRID_KEYS[head]}, "swept": {k: getattr(cfg, k) for k in grid},
+                        "n_seeds": len(seeds), "val_macro_f1_mean": f1_mean, "val_macro_f1_std": f1_std,
+                        "val_f1_gap_mean": gap_mean, "val_f1_gap_std": gap_std, "val_loss_mean": loss_mean,
+                        "val_loss_std": loss_std, "run_ids": run_ids[rs]})
+    front = pareto_front(np.array([s["val_macro_f1_mean"] for s in summary]),
+                         np.array([s["val_f1_gap_mean"] for s in summary]))
+    pick, reason = choose(summary, selection)
+    for i, s in enumerate(summary):
+        s["pareto"], s["picked"] = bool(front[i]), i == pick
+    return SweepOutcome(sweep_id, model, vectors.cohort, vectors.weights_id, head, grid, list(seeds), str(selection),
+                        by, summary, pick, reason, len(runs), fit.seconds, time.perf_counter() - total_start,
+                        fit.flops, metrics["groups"])
+
+
+def render_table(outcome: SweepOutcome):
+    """A rich Table: one row per configuration (mean and seed-to-seed std on val), Pareto front and pick marked."""
+    from rich.table import Table
+
+    def pm(mean, std) -> str:
+        if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+            return "-"
+        return f"{mean:.4f}" + (f" ± {std:.4f}" if std is not None else "")
+
+    by = "x".join(outcome.by)
+    table = Table(title=f"sweep {outcome.sweep_id}: {outcome.model} {outcome.head}, {outcome.n_runs} runs "
+                        f"({len(outcome.summary)} configurations x {len(outcome.seeds)} seeds), "
+                        f"select {outcome.select}")
+    table.add_column("#", justify="right")
+    keys = list(outcome.grid) or ["(defaults)"]
+    for k in keys:
+        table.add_column(k, justify="right")
+    table.add_column("val macro-F1 (mean ± std)", justify="right")
+    table.add_column(f"val F1 gap by {by} (mean ± std)", justify="right")
+    table.add_column("val loss", justify="right")
+    table.add_column("Pareto", justify="center")
+    table.add_column("pick", justify="center")
+    for i, s in enumerate(outcome.summary):
+        cells = [f"{s['swept'][k]:g}" for k in outcome.grid] or ["-"]
+        table.add_row(str(i), *cells, pm(s["val_macro_f1_mean"], s["val_macro_f1_std"]),
+                      pm(s["val_f1_gap_mean"], s["val_f1_gap_std"]), pm(s["val_loss_mean"], None),
+                      "*" if s["pareto"] else "", "<- pick" if s["picked"] else "",
+                      style="bold green" if s["picked"] else None)
+    table.caption = (f"Pareto front (*): no other configuration has both higher val macro-F1 and lower val F1 gap. "
+                     f"Pick: {outcome.reason}. Trained in {outcome.train_seconds:.2f} s "
+                     f"({outcome.n_runs / outcome.train_seconds:.1f} runs/s).")
+    return table

@@ -1,0 +1,183 @@
+"""What a report shows, read from the store: the runs selected, their metrics and intervals, their reliability bins.
+
+Every number comes from the fairness views (``fairness_summary``, ``calibration_bins``) or from
+:func:`embedkit.fairness.bootstrap.bootstrap_intervals`, which computes intervals through the same views; this module
+only selects, filters and reshapes. Arms (one model, weights, method and cohort, possibly several seeds) are the rows
+of the report's tables; pooling seeds (mean and standard deviation) happens in :mod:`embedkit.report.tables`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import pandas as pd
+
+from embedkit.errors import EmbedkitError
+from embedkit.store.store import Store
+
+# The metrics the report reads (metric_intervals families): fewer families, less work for the bootstrap.
+REPORT_FAMILIES: tuple[str, ...] = (
+    "accuracy", "macro_f1", "f1", "var_f1", "ece",
+    "f1_gap", "eqodds", "eqodds_worst", "ece_gap", "l1_calibration_gap", "f1_delta_paper",
+)
+# Group-level metrics shown per group; every other family is read at attribute 'all' or as a gap.
+GROUP_FAMILIES: tuple[str, ...] = ("macro_f1", "ece")
+# The paper's signed F1 delta is cell-averaged over age x sex: its attribute must be sliced when both are asked for.
+PAPER_CELLS = "age_group_sex"
+RANDOM_PREFIX = "random-init:"
+RANDOM_LABEL = "random weights"
+ARM_SEPARATOR = "\x1f"  # joins an arm's key parts into one string (a plain groupby key)
+# Config keys that differ between seeds or bookkeeping of one setting: they do not make two runs different arms.
+_NOT_A_SETTING = frozenset({"seed", "study_id", "sweep_id", "sweep_grid", "sweep_select", "trainer", "classes"})
+
+
+class ReportError(EmbedkitError):
+    pass
+
+
+@dataclass
+class ReportData:
+    """Everything a report renders, as frames (one row per run; per metric value; per reliability bin)."""
+
+    runs: pd.DataFrame  # run_id, model, weights_id, method, cohort, seed, study_id, created_at, code_version, n,
+    #                     random_weights, setting (config minus seed-like keys), arm (the pooled row's key as text)
+    values: pd.DataFrame  # run_id, attribute, group_or_gap, metric, value, n, ci_low, ci_high
+    bins: pd.DataFrame  # run_id, attribute, group_name, bin, n, confidence, accuracy
+    classes: list[str]
+    split: str
+    attributes: list[str]
+    n_resamples: int
+    seed: int
+    study: str | None = None
+    store_path: str = ""
+    skipped: list[str] = field(default_factory=list)  # selected runs without predictions on the split
+
+
+def is_random_weights(weights_id: str | None) -> bool:
+    """True for weights built by --random-init (``random-init:<model>:<seed>``), never for released weights."""
+    return bool(weights_id) and str(weights_id).startswith(RANDOM_PREFIX)
+
+
+def select_runs(
+    store: Store,
+    runs: Sequence[str] | None = None,
+    models: Sequence[str] | None = None,
+    methods: Sequence[str] | None = None,
+    study: str | None = None,
+) -> pd.DataFrame:
+    """The stored runs matching every filter given (none given: all runs), oldest first.
+
+    Unknown run ids raise ReportError naming them; a selection that matches nothing raises with what exists.
+    """
+    if not store.has("runs"):
+        raise ReportError(f"the store {store.path} has no runs yet: run a head (e.g. `embedkit probe`) first")
+    frame = store.read("runs").to_pandas()
+    if runs:
+        unknown = sorted(set(runs) - set(frame["run_id"]))
+        if unknown:
+            raise ReportError(f"no run {', '.join(map(repr, unknown))} in {store.path}: list them with `embedkit runs`")
+        frame = frame[frame["run_id"].isin(list(runs))]
+    for column, wanted in (("model", models), ("method", methods), ("study_id", [study] if study else None)):
+        if wanted:
+            frame = frame[frame[column].isin(list(wanted))]
+    if frame.empty:
+        everything = store.read("runs", columns=["model", "method", "study_id"]).to_pandas()
+        have = "; ".join(
+            f"{c}: {', '.join(sorted(map(str, everything[c].dropna().unique()))) or 'none'}"
+            for c in ("model", "method", "study_id")
+        )
+        raise ReportError(f"no run matches the selection (models={models}, methods={methods}, study={study}). "
+                          f"The store holds {have}.")
+    return frame.sort_values(["created_at", "run_id"]).reset_index(drop=True)
+
+
+def connection_attributes(by: Sequence[str]) -> list[str]:
+    """The attributes to slice by: those asked for, plus the age x sex cells when the paper's F1 delta needs them."""
+    attrs = [a for a in dict.fromkeys(a.strip() for a in by) if a and a != "all"]
+    if not attrs:
+        raise ReportError("name at least one attribute for --by, e.g. sex,age_group")
+    if {"sex", "age_group"} & set(attrs) and PAPER_CELLS not in attrs:
+        return attrs + [PAPER_CELLS]
+    return attrs
+
+
+def collect(
+    store: Store,
+    run_table: pd.DataFrame,
+    split: str = "test",
+    ci: int = 1000,
+    by: Sequence[str] = ("sex", "age_group"),
+    seed: int = 0,
+    study: str | None = None,
+) -> ReportData:
+    """Read the metrics (with ``ci`` bootstrap resamples; 0: point values only) and reliability bins of the runs.
+
+    Runs without predictions on ``split`` are left out (listed in ``ReportData.skipped``); none with any raises.
+    """
+    from embedkit.fairness.bootstrap import bootstrap_intervals
+    from embedkit.fairness.db import connect, scoped
+
+    attributes = [a for a in dict.fromkeys(a.strip() for a in by) if a and a != "all"]
+    con = connect(store, connection_attributes(attributes))
+    scored = set(con.sql(
+        "SELECT DISTINCT run_id FROM predictions WHERE split = $split AND list_contains($runs, run_id)",
+        params={"split": split, "runs": run_table["run_id"].tolist()},
+    ).to_arrow_table().column("run_id").to_pylist())
+    skipped = [r for r in run_table["run_id"] if r not in scored]
+    run_table = run_table[run_table["run_id"].isin(scored)]
+    if run_table.empty:
+        raise ReportError(f"the selected run(s) have no predictions on split {split!r}: pick another --split")
+    run_ids = run_table["run_id"].tolist()
+
+    # The report shows no AUC or classwise ECE: class_scores=False skips them, the costly part of every replicate.
+    if ci > 0:
+        values = bootstrap_intervals(con, run_ids, split, n_resamples=ci, seed=seed, families=REPORT_FAMILIES,
+                                     class_scores=False).to_pandas()
+    else:
+        with scoped(con, run_ids, split, class_scores=False):
+            values = con.sql(
+                "SELECT run_id, attribute, group_or_gap, metric, value, n FROM fairness_summary "
+                "WHERE list_contains($metrics, metric) OR starts_with(metric, 'f1[')",
+                params={"metrics": [f for f in REPORT_FAMILIES if f != "f1"]},
+            ).to_arrow_table().to_pandas()
+        values["ci_low"] = float("nan")
+        values["ci_high"] = float("nan")
+    keep = values["attribute"].isin(["all", *attributes])
+    values = values.loc[keep, ["run_id", "attribute", "group_or_gap", "metric", "value", "n", "ci_low", "ci_high"]]
+
+    with scoped(con, run_ids, split, class_scores=False):
+        bins = con.sql(
+            "SELECT run_id, attribute, group_name, bin, n, confidence, accuracy FROM calibration_bins "
+            "WHERE replicate = 0 AND list_contains($attrs, attribute) ORDER BY run_id, attribute, group_name, bin",
+            params={"attrs": attributes},
+        ).to_arrow_table().to_pandas()
+    classes = con.sql("SELECT class_name FROM run_classes WHERE run_id = $r ORDER BY class_index",
+                      params={"r": run_ids[0]}).to_arrow_table().column("class_name").to_pylist()
+    counts = (values[(values["attribute"] == "all") & (values["metric"] == "accuracy")]
+              .set_index("run_id")["n"])
+
+    runs = run_table.reset_index(drop=True).copy()
+    runs["n"] = runs["run_id"].map(counts).astype("Int64")
+    runs["random_weights"] = runs["weights_id"].map(is_random_weights)
+    runs["setting"] = runs["config"].map(_setting)
+    runs["arm"] = runs.apply(lambda r: ARM_SEPARATOR.join(map(str, arm_key(r))), axis=1)
+    return ReportData(runs=runs, values=values.reset_index(drop=True), bins=bins, classes=classes, split=split,
+                      attributes=attributes, n_resamples=int(ci), seed=int(seed), study=study,
+                      store_path=str(store.path), skipped=skipped)
+
+
+def arm_key(run: pd.Series) -> tuple:
+    """The pooled row a run belongs to: its cohort, model, weights (every random init counts as one) and method."""
+    weights = RANDOM_LABEL if is_random_weights(run["weights_id"]) else run["weights_id"]
+    return (run["cohort"], run["model"], weights, run["method"])
+
+
+def _setting(config: str | None) -> str:
+    """The run's config without seed-like and bookkeeping keys: runs of one arm that differ here are not seeds."""
+    try:
+        parsed = json.loads(config or "{}")
+    except json.JSONDecodeError:
+        return config or ""
+    return json.dumps({k: v for k, v in parsed.items() if k not in _NOT_A_SETTING}, sort_keys=True, default=str)

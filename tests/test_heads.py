@@ -1,0 +1,221 @@
+"""Heads off stored vectors: zero-shot rules, lp / mlp / logreg probes, runs and predictions in the store."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from embedkit.cli import app
+from embedkit.constants import NIH_CLASSES
+from embedkit.heads.probe import HeadConfig, run_probe
+from embedkit.heads.runs import list_runs, macro_f1
+from embedkit.heads.vectors import HeadsError, load_vectors
+from embedkit.heads.zeroshot import run_zeroshot
+from embedkit.store import schemas
+from embedkit.store.store import sql_eq
+from heads_synth import (COHORT, WEIGHTS, random_prompts, write_prompts, write_vectors, write_weights_row)
+
+FAST = dict(epochs=4, hidden=32, lr=3e-3)  # a few epochs of a narrow head: the suite stays fast
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: one thread is fastest, and the CI machine is shared
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def clip_store(store):
+    """tiny-clip (d=32, scaled_cosine): vectors with a class signal and a set of random prompt vectors."""
+    data = write_vectors(store, "tiny-clip", 32)
+    write_prompts(store, "tiny-clip", random_prompts(32), "clip")
+    return store, data
+
+
+def _predictions(store, run_id: str) -> dict:
+    table = store.read("predictions", sql_eq("run_id", run_id))
+    order = np.argsort(np.asarray(table["row_id"].to_pylist()))
+    return {"row_id": np.asarray(table["row_id"].to_pylist())[order],
+            "split": np.asarray(table["split"].to_pylist())[order],
+            "y_true": np.asarray(table["y_true"].to_pylist())[order],
+            "y_pred": np.asarray(table["y_pred"].to_pylist())[order],
+            "probs": np.asarray(table["probs"].to_pylist(), dtype=np.float32)[order]}
+
+
+def test_every_head_writes_a_run_and_predictions_for_all_rows(clip_store):
+    store, data = clip_store
+    runs = [run_zeroshot(store, "tiny-clip"),
+            *(run_probe(store, "tiny-clip", HeadConfig(h, **FAST), seed=1) for h in ("lp", "mlp", "logreg"))]
+    assert [r["method"] for r in runs] == ["zeroshot", "lp", "mlp", "logreg"]
+    expected_true = np.array([NIH_CLASSES.index(lbl) for lbl in data["labels"]])
+    for run in runs:
+        pred = _predictions(store, run["run_id"])
+        assert len(pred["row_id"]) == 1200 and len(set(pred["row_id"])) == 1200
+        assert {s: int((pred["split"] == s).sum()) for s in ("train", "val", "test")} == {
+            "train": 840, "val": 120, "test": 240}
+        np.testing.assert_array_equal(pred["y_true"], expected_true)
+        np.testing.assert_allclose(pred["probs"].sum(axis=1), 1.0, atol=1e-5)
+        np.testing.assert_array_equal(pred["y_pred"], pred["probs"].argmax(axis=1))
+        config, metrics = json.loads(run["config"]), json.loads(run["metrics"])
+        assert config["classes"] == list(NIH_CLASSES)
+        assert set(metrics) >= {"train", "val", "test"}
+        acc = float(np.mean(pred["y_pred"][pred["split"] == "test"] == expected_true[pred["split"] == "test"]))
+        assert metrics["test"]["accuracy"] == pytest.approx(acc)
+        assert run["weights_id"] == WEIGHTS and run["cohort"] == COHORT
+        assert run["code_version"].startswith("0.1.0")
+    stored = list_runs(store)
+    assert sorted(r["run_id"] for r in stored) == sorted(r["run_id"] for r in runs)
+    assert json.loads(runs[1]["config"])["lr"] == FAST["lr"] and runs[1]["seed"] == 1
+
+
+def test_linear_probe_learns_the_signal_while_random_prompts_stay_near_chance(clip_store):
+    store, _ = clip_store
+    lp = json.loads(run_probe(store, "tiny-clip", HeadConfig("lp", epochs=15, hidden=64, lr=1e-3), seed=0)["metrics"])
+    zs = json.loads(run_zeroshot(store, "tiny-clip")["metrics"])
+    assert lp["test"]["accuracy"] > 0.7  # chance is 1/6
+    assert zs["test"]["accuracy"] < 0.3
+    assert abs(json.loads(run_zeroshot(store, "tiny-clip")["metrics"])["test"]["accuracy"] - zs["test"]["accuracy"]) == 0
+
+
+def test_scaled_cosine_uses_the_stored_logit_scale_and_the_mean_of_prompt_logits(store):
+    data = write_vectors(store, "tiny-clip", 32)
+    aligned = {c: np.stack([data["means"][i] + 0.1 * k for k in range(2)]) for i, c in enumerate(NIH_CLASSES)}
+    write_prompts(store, "tiny-clip", aligned, "aligned")
+    write_weights_row(store, "tiny-clip", 7.5, "scaled_cosine")
+    run = run_zeroshot(store, "tiny-clip", prompt_set="aligned")
+    config = json.loads(run["config"])
+    assert config["logit_scale"] == 7.5 and "weights table" in config["logit_scale_source"]
+    X = data["X"] / np.linalg.norm(data["X"], axis=1, keepdims=True)
+    scores = np.stack([np.mean(7.5 * X @ (p / np.linalg.norm(p, axis=1, keepdims=True)).T, axis=1)
+                       for p in aligned.values()], axis=1)
+    expected = np.exp(scores - scores.max(1, keepdims=True))
+    expected /= expected.sum(1, keepdims=True)
+    np.testing.assert_allclose(_predictions(store, run["run_id"])["probs"], expected, atol=1e-5)
+    assert json.loads(run["metrics"])["test"]["accuracy"] > 0.7  # prompts along the class signal work
+    forced = run_zeroshot(store, "tiny-clip", prompt_set="aligned", logit_scale=2.0)
+    assert json.loads(forced["config"])["logit_scale"] == 2.0
+
+
+def test_medclip_rule_clamps_the_scale_at_100_and_supports_max(store):
+    data = write_vectors(store, "tiny-medclip-rn50", 32)
+    prompts = random_prompts(32, per_class=4, seed=9)
+    write_prompts(store, "tiny-medclip-rn50", prompts, "chexpert-nih")
+    write_weights_row(store, "tiny-medclip-rn50", 250.0, "medclip")
+    run = run_zeroshot(store, "tiny-medclip-rn50", ensemble="max")
+    config = json.loads(run["config"])
+    assert config["logit_scale"] == 100.0 and "clamped" in config["logit_scale_source"]
+    X = data["X"] / np.linalg.norm(data["X"], axis=1, keepdims=True)
+    scores = np.stack([np.max(100 * X @ (p / np.linalg.norm(p, axis=1, keepdims=True)).T, axis=1)
+                       for p in prompts.values()], axis=1)
+    np.testing.assert_array_equal(_predictions(store, run["run_id"])["y_pred"], scores.argmax(1))
+
+
+def test_gloria_rule_z_normalises_over_every_stored_row_of_the_cohort(store):
+    from embedkit.embed import localsim_table
+
+    data = write_vectors(store, "tiny-gloria", 48)
+    prompts = random_prompts(48, per_class=2, seed=3)
+    write_prompts(store, "tiny-gloria", prompts, "chexpert-nih")
+    local = np.random.default_rng(4).normal(size=(1200, 12)).astype(np.float32)
+    store.upsert(localsim_table("tiny-gloria"), pa.table({
+        "row_id": [r["row_id"] for r in data["rows"]], "model": ["tiny-gloria"] * 1200, "weights_id": [WEIGHTS] * 1200,
+        "prompt_set": ["chexpert-nih"] * 1200, "similarity": [list(map(float, v)) for v in local]}),
+        ["row_id", "weights_id", "prompt_set"], schemas.LOCAL_SIMILARITY)
+    run = run_zeroshot(store, "tiny-gloria")
+    config = json.loads(run["config"])
+    assert "all 1200 rows" in config["znorm_set"] and config["ensemble"] == "max"
+    X = data["X"] / np.linalg.norm(data["X"], axis=1, keepdims=True)
+    P = np.concatenate(list(prompts.values()))
+    sim = (X @ (P / np.linalg.norm(P, axis=1, keepdims=True)).T + local) / 2
+    scores = np.stack([sim[:, 2 * c:2 * c + 2].max(axis=1) for c in range(6)], axis=1)
+    scores = (scores - scores.mean(0)) / scores.std(0)
+    expected = np.exp(scores) / np.exp(scores).sum(1, keepdims=True)
+    np.testing.assert_allclose(_predictions(store, run["run_id"])["probs"], expected, atol=1e-5)
+
+
+def test_same_inputs_and_seed_give_identical_predictions(clip_store):
+    store, _ = clip_store
+    for head in ("lp", "mlp", "logreg"):
+        a, b, c = (run_probe(store, "tiny-clip", HeadConfig(head, **FAST), seed=s) for s in (3, 3, 4))
+        pa_, pb, pc = (_predictions(store, r["run_id"])["probs"] for r in (a, b, c))
+        np.testing.assert_array_equal(pa_, pb)
+        if head != "logreg":  # logreg is convex from a zero start: the seed changes nothing
+            assert np.abs(pa_ - pc).max() > 1e-4
+
+
+def test_vectors_of_several_weights_are_never_mixed(clip_store):
+    store, _ = clip_store
+    write_vectors(store, "tiny-clip", 32, weights_id="sha256:other", seed=7)
+    with pytest.raises(HeadsError, match="--weights-id"):
+        load_vectors(store, "tiny-clip")
+    other = load_vectors(store, "tiny-clip", weights_id="sha256:other")
+    assert other.n == 1200 and other.weights_id == "sha256:other"
+    mine = load_vectors(store, "tiny-clip", weights_id=WEIGHTS)
+    assert not np.allclose(mine.X, other.X)
+    with pytest.raises(HeadsError, match="prompt"):  # no prompts were embedded with the other weights
+        run_zeroshot(store, "tiny-clip", weights_id="sha256:other")
+    with pytest.raises(HeadsError, match="embed --model tiny-biomedclip"):
+        load_vectors(store, "tiny-biomedclip")
+
+
+def test_a_prompt_set_missing_a_class_is_refused(store):
+    write_vectors(store, "tiny-clip", 32)
+    prompts = random_prompts(32)
+    prompts.pop("Pneumothorax")
+    write_prompts(store, "tiny-clip", prompts, "partial")
+    with pytest.raises(HeadsError, match="Pneumothorax"):
+        run_zeroshot(store, "tiny-clip")
+
+
+def test_logreg_solves_the_problem_scikit_learn_solves(clip_store):
+    from sklearn.linear_model import LogisticRegression
+
+    store, data = clip_store
+    wd = 1e-2
+    run = run_probe(store, "tiny-clip", HeadConfig("logreg", wd=wd, tol=1e-6, max_iter=500), seed=0)
+    train = np.array([r["split"] == "train" for r in data["rows"]])
+    y = np.array([NIH_CLASSES.index(v) for v in data["labels"]])
+    ref = LogisticRegression(C=1 / (wd * train.sum()), max_iter=1000, tol=1e-8).fit(data["X"][train], y[train])
+    np.testing.assert_allclose(_predictions(store, run["run_id"])["probs"], ref.predict_proba(data["X"]), atol=2e-4)
+
+
+def test_macro_f1_matches_scikit_learn():
+    from sklearn.metrics import f1_score
+
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        t, p = rng.integers(0, 5, 50), rng.integers(0, 6, 50)
+        assert macro_f1(t, p) == pytest.approx(f1_score(t, p, average="macro", zero_division=0))
+
+
+def test_cli_lists_filters_and_deletes_runs(clip_store):
+    store, _ = clip_store
+    runner = CliRunner()
+    base = ["--store", str(store.path)]
+    out = runner.invoke(app, [*base, "zeroshot", "--model", "tiny-clip", "--json"])
+    assert out.exit_code == 0, out.output
+    zs_id = json.loads(out.output)["run_id"]
+    out = runner.invoke(app, [*base, "probe", "--model", "tiny-clip", "--head", "lp", "--epochs", "2",
+                              "--hidden", "16", "--seed", "5"])
+    assert out.exit_code == 0, out.output
+    lp_id = out.output.split()[1].rstrip(":")
+    listing = json.loads(runner.invoke(app, [*base, "runs", "--json"]).output)
+    assert {r["run_id"] for r in listing} == {zs_id, lp_id}
+    only_lp = json.loads(runner.invoke(app, [*base, "runs", "--method", "lp", "--json"]).output)
+    assert [r["run_id"] for r in only_lp] == [lp_id] and only_lp[0]["config"]["hidden"] == 16
+    table = runner.invoke(app, [*base, "runs"])
+    assert table.exit_code == 0 and "2 runs in" in table.output
+    out = runner.invoke(app, [*base, "runs", "delete", lp_id])
+    assert out.exit_code == 0 and "1200 predictions" in out.output
+    out = runner.invoke(app, [*base, "runs", "--delete", zs_id])
+    assert out.exit_code == 0, out.output
+    assert list_runs(store) == [] and store.count("predictions") == 0
+    bad = runner.invoke(app, [*base, "runs", "delete", "nope"])
+    assert bad.exit_code != 0 and isinstance(bad.exception, HeadsError)
