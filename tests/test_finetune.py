@@ -309,6 +309,19 @@ def test_full_finetuning_resume_with_worker_processes_is_exact(cohort_store):
     assert whole.trainable_params == resumed.trainable_params > 56326  # tower + head
 
 
+def test_early_stopping_keeps_the_best_epoch(cohort_store, monkeypatch):
+    import embedkit.finetune.train as train
+
+    losses = iter([1.0, 0.5, 0.7, 0.6, 0.4])  # best after epoch 2, then two epochs without a lower loss
+    monkeypatch.setattr(train, "_val_loss", lambda session: next(losses))
+    config = FinetuneConfig(model="tiny-gloria", method="lora", cohort="c", random_init=True, epochs=5,
+                            early_stopping=2, batch_size=12, workers=0, augment=False)
+    result = finetune(cohort_store, config, progress=False)
+    assert result.finished and result.stopped_early
+    assert (result.epochs_done, result.best_epoch, result.best_val_loss) == (4, 1, 0.5)
+    assert (result.metrics["best_epoch"], result.metrics["epochs_run"]) == (1, 4)
+
+
 def test_bad_settings_are_refused_before_any_work(cohort_store):
     with pytest.raises(FinetuneError, match="--method"):
         finetune(cohort_store, FinetuneConfig(model="tiny-clip", method="qlora", cohort="c", random_init=True))

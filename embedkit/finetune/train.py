@@ -518,7 +518,8 @@ def _run(session: _Session, progress: bool, stop_after: int | None) -> FinetuneR
             session.history.append(asdict(EpochStats(epoch, steps, train_loss, val_loss, lr, rate, seconds)))
             _save_last(session)
             console.print(f"epoch {epoch + 1}/{cfg.epochs} step {steps} loss {train_loss:.4f} "
-                          f"val loss {val_loss:.4f} {rate:.1f} img/s" + (" (best)" if session.best_epoch == epoch else ""))
+                          f"val loss {val_loss:.4f} {rate:.1f} img/s"
+                          + (" (best)" if session.best_epoch == epoch else ""))
             if stop_after is not None and session.epochs_done >= stop_after and session.epochs_done < cfg.epochs:
                 return FinetuneResult(session.run_id, False, session.epochs_done, session.best_epoch,
                                       session.best_val_loss, session.trainable_params, history=session.history,
@@ -593,7 +594,8 @@ def _checkpoint_meta(store: Store, run_id: str) -> dict:
     if not meta_path.is_file():
         parent = folder.parent
         known = sorted(p.name for p in parent.glob("*") if (p / "last.pt").exists()) if parent.is_dir() else []
-        raise FinetuneError(f"no checkpoint of run '{run_id}' in {parent}; resumable runs: {', '.join(known) or 'none'}")
+        raise FinetuneError(f"no checkpoint of run '{run_id}' in {parent}; "
+                            f"resumable runs: {', '.join(known) or 'none'}")
     if store.has("runs") and store.count("runs", sql_eq("run_id", run_id)):
         raise FinetuneError(f"run '{run_id}' has finished; its predictions are in the store")
     return json.loads(meta_path.read_text())

@@ -122,7 +122,8 @@ class GridFit:
     logits: np.ndarray  # [R, N, C]
     extras: list[dict]
     flops: float
-    seconds: float
+    seconds: float  # wall clock
+    cpu_seconds: float  # this process's CPU time
 
 
 def train_grid(vectors: CohortVectors, configs: list[HeadConfig], seeds: list[int],
@@ -135,7 +136,7 @@ def train_grid(vectors: CohortVectors, configs: list[HeadConfig], seeds: list[in
     n_classes, n_seeds = len(vectors.classes), len(seeds)
     logits = np.empty((len(configs) * n_seeds, vectors.n, n_classes), dtype=np.float32)
     extras: list[dict] = [{} for _ in range(len(logits))]
-    flops, start = 0.0, time.perf_counter()
+    flops, start, cpu_start = 0.0, time.perf_counter(), time.process_time()
     if configs[0].head == "logreg":
         groups = _group(configs, ("max_iter", "tol"))
         for (max_iter, tol), members in groups.items():
@@ -149,7 +150,7 @@ def train_grid(vectors: CohortVectors, configs: list[HeadConfig], seeds: list[in
                 for s in range(n_seeds):
                     logits[i * n_seeds + s] = scored[j]
                     extras[i * n_seeds + s] = {"iterations": int(fit.n_iter[j]), "converged": bool(fit.converged[j])}
-        return GridFit(logits, extras, flops, time.perf_counter() - start)
+        return GridFit(logits, extras, flops, time.perf_counter() - start, time.process_time() - cpu_start)
     for (hidden, epochs, batch_size), members in _group(configs, ("hidden", "epochs", "batch_size")).items():
         runs = [(i, s) for i in members for s in range(n_seeds)]
         fit = train_batched(X_train, y_train, X_val, y_val, vectors.X, n_classes, configs[0].head, hidden, epochs,
@@ -159,7 +160,7 @@ def train_grid(vectors: CohortVectors, configs: list[HeadConfig], seeds: list[in
         for k, (i, s) in enumerate(runs):
             logits[i * n_seeds + s] = fit.logits[k]
             extras[i * n_seeds + s] = {"val_loss": float(fit.val_loss[k]), "best_epoch": int(fit.best_epoch[k])}
-    return GridFit(logits, extras, flops, time.perf_counter() - start)
+    return GridFit(logits, extras, flops, time.perf_counter() - start, time.process_time() - cpu_start)
 
 
 def _group(configs: list[HeadConfig], keys: tuple[str, ...]) -> dict[tuple, list[int]]:

@@ -207,7 +207,7 @@ def reliability_figure(data: ReportData, run_id: str) -> bytes:
     attrs = data.attributes
     # A fixed layout: one of these per run, and constrained layout would draw each twice.
     fig = Figure(figsize=(3.1 * len(attrs) + 0.5, 3.6), dpi=DPI)
-    fig.subplots_adjust(left=0.5 / (3.1 * len(attrs) + 0.5), right=0.98, bottom=0.13, top=0.84, wspace=0.12)
+    fig.subplots_adjust(left=0.5 / (3.1 * len(attrs) + 0.5), right=0.98, bottom=0.13, top=0.80, wspace=0.12)
     axes = fig.subplots(1, len(attrs), squeeze=False, sharey=True).ravel()
     for ax, attribute in zip(axes, attrs):
         ax.plot([0, 1], [0, 1], linestyle="--", color="0.6", linewidth=0.8)
