@@ -11,6 +11,11 @@ vectors (840 / 120 / 240 split, six classes), trained by embedkit's batched trai
 Targets: logreg >= 20x faster per run than (a); every sweep >= 1000x faster per run than (b); lp and mlp
 sweeps reach >= 50% of (c) in GFLOP/s (FLOPs counted by embedkit.heads.batched.count_flops).
 
+Every timing is taken twice: wall clock and this process's CPU time. On a machine shared with other work (the
+load average is printed), wall-clock rates measure the share of the CPU the process got as much as the code;
+with one thread, CPU time measures the code, so the ratios and targets are judged on CPU time and the
+wall-clock numbers are printed beside them.
+
 Usage:  .venv/bin/python benchmarks/sweep.py [--epochs 100] [--threads 1] [--heads logreg,lp,mlp]
 """
 
@@ -64,20 +69,32 @@ def grid_for(head: str, epochs: int) -> list[HeadConfig]:
                   {"lr": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2], "wd": [0.0, 1e-5, 1e-4, 1e-3]})
 
 
-def matmul_gflops(repeats: int = 5, n: int = 4096) -> float:
+class Clock:
+    """Wall-clock and CPU seconds of a block."""
+
+    def __enter__(self):
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
+def matmul_gflops(repeats: int = 5, n: int = 4096) -> tuple[float, float]:
+    """(wall, CPU) GFLOP/s of one n x n float32 matmul, best of ``repeats``."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b
-    best = float("inf")
+    best_wall = best_cpu = float("inf")
     for _ in range(repeats):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best / 1e9
+        with Clock() as c:
+            a @ b
+        best_wall, best_cpu = min(best_wall, c.wall), min(best_cpu, c.cpu)
+    return 2 * n**3 / best_wall / 1e9, 2 * n**3 / best_cpu / 1e9
 
 
 def sklearn_seconds_per_fit(head: str, vectors: CohortVectors, configs: list[HeadConfig], epochs: int,
-                            threads: int) -> tuple[float, str]:
-    """Mean seconds of one scikit-learn fit of this grid, timed on a subset (and fewer epochs for MLPs)."""
+                            threads: int) -> tuple[float, float, str]:
+    """Mean (wall, CPU) seconds of one scikit-learn fit of this grid, timed on a subset (fewer epochs for MLPs)."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
     from sklearn.neural_network import MLPClassifier
@@ -88,34 +105,35 @@ def sklearn_seconds_per_fit(head: str, vectors: CohortVectors, configs: list[Hea
     with threadpool_limits(threads), warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         if head == "logreg":
-            start = time.perf_counter()
-            for cfg in configs:  # all 20 configurations once (a loop over seeds repeats identical fits)
-                LogisticRegression(C=1.0 / (cfg.wd * len(X)), max_iter=cfg.max_iter, tol=cfg.tol).fit(X, y)
-            return (time.perf_counter() - start) / len(configs), f"{len(configs)} fits timed, lbfgs"
+            with Clock() as c:
+                for cfg in configs:  # all 20 configurations once (a loop over seeds repeats identical fits)
+                    LogisticRegression(C=1.0 / (cfg.wd * len(X)), max_iter=cfg.max_iter, tol=cfg.tol).fit(X, y)
+            return c.wall / len(configs), c.cpu / len(configs), f"{len(configs)} fits timed (lbfgs, same tol)"
         sub_epochs, subset = 3, configs[:2]
-        start = time.perf_counter()
-        for cfg in subset:
-            MLPClassifier(hidden_layer_sizes=(cfg.hidden,), activation="identity" if head == "lp" else "relu",
-                          solver="adam", alpha=cfg.wd, batch_size=cfg.batch_size, learning_rate_init=cfg.lr,
-                          max_iter=sub_epochs, shuffle=True, random_state=0, n_iter_no_change=10**6,
-                          tol=0.0).fit(X, y)
-        per_fit = (time.perf_counter() - start) / len(subset) * epochs / sub_epochs
-        return per_fit, f"{len(subset)} fits x {sub_epochs} epochs timed, extrapolated to {epochs} epochs"
+        with Clock() as c:
+            for cfg in subset:
+                MLPClassifier(hidden_layer_sizes=(cfg.hidden,), activation="identity" if head == "lp" else "relu",
+                              solver="adam", alpha=cfg.wd, batch_size=cfg.batch_size, learning_rate_init=cfg.lr,
+                              max_iter=sub_epochs, shuffle=True, random_state=0, n_iter_no_change=10**6,
+                              tol=0.0).fit(X, y)
+        scale = epochs / sub_epochs / len(subset)
+        return (c.wall * scale, c.cpu * scale,
+                f"MLPClassifier, {len(subset)} fits x {sub_epochs} epochs timed, extrapolated to {epochs} epochs")
 
 
-def encoder_seconds_per_run(epochs: int = 100, batch: int = 8, batches: int = 2) -> tuple[float, float]:
-    """(seconds per probe run if the frozen ViT-B-16 ran on every batch of every epoch, images/s measured)."""
+def encoder_seconds_per_run(epochs: int = 100, batch: int = 8, batches: int = 2) -> tuple[float, float, float]:
+    """(wall, CPU) seconds per probe run if the frozen ViT-B-16 ran on every batch of every epoch; CPU images/s."""
     import open_clip
 
     model = open_clip.create_model("ViT-B-16", pretrained=None).visual.eval()
     x = torch.randn(batch, 3, 224, 224)
     with torch.inference_mode():
         model(x[:2])  # warm-up
-        start = time.perf_counter()
-        for _ in range(batches):
-            model(x)
-        ips = batch * batches / (time.perf_counter() - start)
-    return epochs * N_TRAIN / ips, ips
+        with Clock() as c:
+            for _ in range(batches):
+                model(x)
+    images = epochs * N_TRAIN
+    return images * c.wall / (batch * batches), images * c.cpu / (batch * batches), batch * batches / c.cpu
 
 
 def store_write_seconds(vectors: CohortVectors, logits: np.ndarray, head: str) -> float:
@@ -138,54 +156,61 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     per_slice = None if args.slice == "all" else (args.slice if args.slice == "auto" else int(args.slice))
-    print(f"embedkit sweep benchmark: torch {torch.__version__}, {args.threads} thread(s) "
-          f"(of {os.cpu_count()} CPUs), load average {os.getloadavg()[0]:.1f} at start")
+    print(f"embedkit sweep benchmark: torch {torch.__version__}, {args.threads} thread(s) of {os.cpu_count()} CPUs, "
+          f"load average {os.getloadavg()[0]:.1f} at start; lp/mlp: {args.epochs} epochs, batch 64, hidden 1024")
     vectors = make_vectors()
     store_write_seconds(vectors, np.zeros((1, len(vectors.y), 6), dtype=np.float32), "warm-up")  # import lancedb
-    peak_before = matmul_gflops()
-    print(f"(c) machine limit: {peak_before:.1f} GFLOP/s (4096^2 float32 matmul, best of 5)")
-    enc_run, ips = encoder_seconds_per_run()
-    print(f"(b) frozen ViT-B-16 in the loop: {ips:.2f} images/s -> {enc_run:,.0f} s per 100-epoch probe run "
-          f"(100 x {N_TRAIN} images; head cost ignored)")
+    peak_wall, peak_cpu = matmul_gflops()
+    print(f"(c) machine limit: {peak_cpu:.1f} GFLOP/s per CPU-second ({peak_wall:.1f} wall), 4096^2 float32 matmul")
+    enc_wall, enc_cpu, ips = encoder_seconds_per_run()
+    print(f"(b) frozen ViT-B-16 in the loop: {ips:.2f} images per CPU-second -> {enc_cpu:,.0f} CPU-s "
+          f"({enc_wall:,.0f} wall-s) per 100-epoch probe run of {N_TRAIN} images (head cost ignored)")
     results = []
     for head in args.heads.split(","):
         configs = grid_for(head, args.epochs)
-        sk_fit, sk_note = sklearn_seconds_per_fit(head, vectors, configs, args.epochs, args.threads)
+        sk_wall, sk_cpu, sk_note = sklearn_seconds_per_fit(head, vectors, configs, args.epochs, args.threads)
         fit = train_grid(vectors, configs, SEEDS, models_per_slice=per_slice)
         n_runs = len(configs) * len(SEEDS)
         write_s = store_write_seconds(vectors, fit.logits, head)
         test = vectors.index("test")
         acc = (fit.logits[:, test].argmax(2) == vectors.y[test]).mean(axis=1)
-        results.append({"head": head, "runs": n_runs, "train_s": fit.seconds, "write_s": write_s,
-                        "gflops": fit.flops / fit.seconds / 1e9, "sk_fit": sk_fit, "sk_note": sk_note,
-                        "acc": (acc.min(), acc.max())})
-        print(f"  {head}: {n_runs} runs trained in {fit.seconds:.2f} s, stored in {write_s:.2f} s; "
-              f"test accuracy {acc.min():.3f}-{acc.max():.3f}; load {os.getloadavg()[0]:.1f}")
-    peak = max(peak_before, matmul_gflops())
-    print(f"(c) machine limit after the sweeps: {peak:.1f} GFLOP/s (max of before/after used)\n")
-    print(f"{'head':<7}{'runs':>5}{'train s':>9}{'runs/s':>9}{'s/run':>9}{'(a) s/fit':>11}{'vs (a)':>9}"
-          f"{'vs (b)':>14}{'GFLOP/s':>9}{'of (c)':>8}")
+        results.append({"head": head, "runs": n_runs, "wall": fit.seconds, "cpu": fit.cpu_seconds,
+                        "write_s": write_s, "flops": fit.flops, "sk_wall": sk_wall, "sk_cpu": sk_cpu,
+                        "sk_note": sk_note})
+        print(f"  {head}: {n_runs} runs trained in {fit.cpu_seconds:.2f} CPU-s ({fit.seconds:.2f} wall-s), "
+              f"stored in {write_s:.2f} s; test accuracy {acc.min():.3f}-{acc.max():.3f}; "
+              f"load {os.getloadavg()[0]:.1f}")
+    after_wall, after_cpu = matmul_gflops()
+    peak_wall, peak_cpu = max(peak_wall, after_wall), max(peak_cpu, after_cpu)
+    print(f"(c) after the sweeps: {after_cpu:.1f} GFLOP/s per CPU-second; the higher of before/after is used\n")
+    print("Per run, CPU time (wall clock in brackets):")
+    print(f"{'head':<7}{'runs':>5}{'runs/s':>16}{'ms/run':>16}{'vs (a)':>16}{'vs (b)':>22}{'GFLOP/s':>16}"
+          f"{'of (c)':>8}")
     for r in results:
-        per_run = r["train_s"] / r["runs"]
-        print(f"{r['head']:<7}{r['runs']:>5}{r['train_s']:>9.2f}{r['runs'] / r['train_s']:>9.2f}{per_run:>9.4f}"
-              f"{r['sk_fit']:>11.4f}{r['sk_fit'] / per_run:>8.1f}x{enc_run / per_run:>13,.0f}x"
-              f"{r['gflops']:>9.1f}{r['gflops'] / peak:>7.0%}")
+        pr_cpu, pr_wall = r["cpu"] / r["runs"], r["wall"] / r["runs"]
+        gf_cpu, gf_wall = r["flops"] / r["cpu"] / 1e9, r["flops"] / r["wall"] / 1e9
+        print(f"{r['head']:<7}{r['runs']:>5}{1 / pr_cpu:>8.1f} ({1 / pr_wall:>5.1f}){pr_cpu * 1e3:>8.1f} "
+              f"({pr_wall * 1e3:>5.1f}){r['sk_cpu'] / pr_cpu:>7.1f}x ({r['sk_wall'] / pr_wall:>5.1f}x)"
+              f"{enc_cpu / pr_cpu:>12,.0f}x ({enc_wall / pr_wall:>7,.0f}x){gf_cpu:>8.1f} ({gf_wall:>5.1f})"
+              f"{gf_cpu / peak_cpu:>7.0%}")
     print()
     for r in results:
-        per_run = r["train_s"] / r["runs"]
-        e2e = (r["train_s"] + r["write_s"]) / r["runs"]
-        print(f"{r['head']}: (a) = scikit-learn, {r['sk_note']}; with store writes {1 / e2e:.2f} runs/s end to end")
+        pr_cpu = r["cpu"] / r["runs"]
+        e2e = (r["wall"] + r["write_s"]) / r["runs"]
+        print(f"{r['head']}: (a) = scikit-learn {r['sk_note']}: {r['sk_cpu'] * 1e3:.1f} CPU-ms per fit; "
+              f"end to end with store writes: {1 / e2e:.2f} runs per wall-second")
         if r["head"] == "logreg":
-            ratio = r["sk_fit"] / per_run
+            ratio = r["sk_cpu"] / pr_cpu
             print(f"  target logreg >= 20x faster per run than (a): {ratio:.1f}x -> {'MET' if ratio >= 20 else 'MISSED'}"
-                  f" (the seed does not change logreg, so each of the 20 configurations is solved once; "
-                  f"per distinct fit the ratio is {ratio / len(SEEDS):.1f}x)")
-        ratio_b = enc_run / per_run
+                  f" (the seed does not change logreg, so the 20 configurations are solved once each and recorded "
+                  f"under the 10 seeds; per distinct fit the ratio is {ratio / len(SEEDS):.1f}x)")
+        ratio_b = enc_cpu / pr_cpu
         print(f"  target >= 1000x faster per run than (b): {ratio_b:,.0f}x -> {'MET' if ratio_b >= 1000 else 'MISSED'}")
         if r["head"] in ("lp", "mlp"):
-            frac = r["gflops"] / peak
-            print(f"  target >= 50% of (c): {r['gflops']:.1f} of {peak:.1f} GFLOP/s = {frac:.0%} -> "
-                  f"{'MET' if frac >= 0.5 else 'MISSED'}")
+            frac = r["flops"] / r["cpu"] / 1e9 / peak_cpu
+            print(f"  target >= 50% of (c): {r['flops'] / r['cpu'] / 1e9:.1f} of {peak_cpu:.1f} GFLOP/s per CPU-second "
+                  f"= {frac:.0%} -> {'MET' if frac >= 0.5 else 'MISSED'} (wall clock: "
+                  f"{r['flops'] / r['wall'] / 1e9 / peak_wall:.0%} of the wall-clock matmul rate)")
 
 
 if __name__ == "__main__":

@@ -177,3 +177,12 @@ def test_sweep_cli_stores_every_run_and_reports_the_pick(vec_store):
     assert table.exit_code == 0 and "pick" in table.output and vec_store.count("runs") == 16
     bad = runner.invoke(app, [*base, "--grid", "depth=3"])
     assert bad.exit_code != 0 and "cannot be swept" in str(bad.exception)
+
+
+def test_a_sweep_repeated_gives_identical_predictions(vec_store):
+    base = HeadConfig("mlp", epochs=2, hidden=16)
+    a, b = (run_sweep(vec_store, MODEL, "mlp", {"lr": [1e-3, 1e-2]}, [3, 4], base) for _ in range(2))
+    for sa, sb in zip(a.summary, b.summary):
+        for ra, rb in zip(sa["run_ids"], sb["run_ids"]):
+            assert ra != rb
+            np.testing.assert_array_equal(_probs(vec_store, ra), _probs(vec_store, rb))

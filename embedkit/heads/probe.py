@@ -194,6 +194,7 @@ def run_probe(store: Store, model: str, cfg: HeadConfig, seed: int = 77, cohort:
     """Train one head on the stored vectors and record the run and its predictions; returns the ``runs`` row."""
     vectors = load_vectors(store, model, cohort, weights_id)
     trained = fit_head(vectors, cfg, seed)
-    config = {**cfg.settings(), "trainer": "reference", "train_split": "train", "val_split": "val"}
+    trainer = "batched L-BFGS (one model)" if cfg.head == "logreg" else "reference (torch.nn + torch.optim.AdamW)"
+    config = {**cfg.settings(), "trainer": trainer, "train_split": "train", "val_split": "val"}
     return record_run(store, vectors, cfg.head, config, seed, softmax(trained.logits),
                       trained.logits.argmax(axis=1), trained.extra)

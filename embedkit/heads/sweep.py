@@ -1,8 +1,8 @@
 """Hyper-parameter sweeps: every configuration x seed trained at once, each stored as a run, one picked on val.
 
 ``--grid "lr=1e-4,1e-3 wd=0,1e-5 hidden=256,1024"`` and ``--seeds 0-9`` expand to configurations x seeds. lp and
-mlp heads train as one batched model per group of models sharing a shape (hidden, epochs, batch size): lr and
-wd are per-model tensors (:mod:`embedkit.heads.batched`). logreg solves every distinct L2 strength in one batched
+mlp heads train as one batched model per group of models sharing a shape (hidden, epochs, batch size), each
+model with its own lr, wd, seed and shuffles (:mod:`embedkit.heads.batched`). logreg solves every distinct L2 strength in one batched
 L-BFGS (:mod:`embedkit.heads.logreg`); its result does not depend on the seed (convex, zero init), so each
 configuration is solved once and recorded under every seed.
 

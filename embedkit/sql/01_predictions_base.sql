@@ -1,9 +1,11 @@
 -- predictions_base: every prediction beside its image's demographics and its run's model and method.
 -- Grain: one row per prediction, i.e. per (run_id, row_id); predictions whose row_id is not in `images` are dropped.
 -- Columns: run_id, model, method, row_id, image_id, split, y_true, y_pred (indices into the run's classes), probs,
---   confidence (top-label probability), correct (y_pred = y_true), l1_error (mean over classes of |p_c - y_c|, y one-hot),
+--   confidence (top-label probability), correct (y_pred = y_true),
+--   l1_error (mean over classes of |p_c - y_c|, y one-hot),
 --   every other column of `images` (cohort, path, labels, label, age, sex, view, patient_id, extra, ...),
---   age_group (recomputed from age: old from getvariable('age_old_from') on, so 60 is old), age_group_sex ('old_M', ...),
+--   age_group (recomputed from age: old from getvariable('age_old_from') on, so 60 is old),
+--   age_group_sex ('old_M', ...),
 --   unit_id (the resampling unit of the bootstrap: the patient, else the row), weight (the row's multiplicity: 1 here;
 --   group_rows multiplies it by a bootstrap replicate's count, so every metric view below is written once for both).
 -- The stored images.age_group is ignored on purpose: one age boundary, set once per connection, decides everywhere.

@@ -5,8 +5,8 @@
 --   attribute ('all' or a column of predictions_base), group_name (the column's value as text), row_id, unit_id,
 --   y_true, y_pred, probs, confidence, correct, l1_error, weight (multiplicity of the row in that replicate),
 --   group_key (hash of run_id, split, attribute, group_name: one integer to partition by where sorting on the four
---   text columns would dominate the cost, as in class_auc; a collision needs two of a store's groups, not rows, to
---   share a 64-bit hash).
+--   text columns would dominate the cost, as in class_score_metrics; a collision needs two of a store's groups, not
+--   rows, to share a 64-bit hash).
 -- The attribute list is filled in when the connection is made ({{attribute_columns}}); a NULL value leaves the row
 -- out of that attribute only. Replicates are drawn per attribute (stratified by its groups), so resample_weights is
 -- keyed by attribute; it is keyed by split and row_id, not run, so runs compared side by side share the same draws.

@@ -1,4 +1,5 @@
--- calibration_bins: the top-label reliability diagram of every group: confidence = max(probs), correct = y_pred = y_true.
+-- calibration_bins: the top-label reliability diagram of every group
+-- (confidence = max(probs), correct = y_pred = y_true).
 -- Grain: one row per (replicate, run_id, split, attribute, group_name, bin), for the bins that hold a row.
 -- Columns: replicate, run_id, split, attribute, group_name, bin (0 .. getvariable('ece_bins') - 1: equal-width bins on
 --   [0, 1], bin b holding (b/B, (b+1)/B], 0 joining the first), n, confidence (mean), accuracy (mean of correct),
