@@ -427,7 +427,8 @@ def sweep_cmd(
     hidden: int = typer.Option(1024, help="Hidden width where the grid does not set it"),
     max_iter: int = typer.Option(100, help="logreg L-BFGS iterations where the grid does not set them"),
     tol: float = typer.Option(1e-4, help="logreg gradient tolerance where the grid does not set it"),
-    models_per_slice: str = typer.Option("auto", "--slice", help="Models trained together per cache-sized slice: auto | all | N"),
+    models_per_slice: str = typer.Option("auto", "--slice",
+                                         help="Models trained together per cache-sized slice: auto | all | N"),
     threads: int = typer.Option(0, help="torch CPU threads (0: torch's default)"),
     quiet: bool = typer.Option(False, help="No progress bar"),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable summary"),
@@ -443,7 +444,7 @@ def sweep_cmd(
     _set_threads(threads)
     if models_per_slice not in ("auto", "all") and not models_per_slice.isdigit():
         raise HeadsError(f"--slice must be auto, all or a number, not '{models_per_slice}'")
-    per_slice = None if models_per_slice == "all" else (models_per_slice if models_per_slice == "auto" else int(models_per_slice))
+    per_slice = int(models_per_slice) if models_per_slice.isdigit() else {"all": None, "auto": "auto"}[models_per_slice]
     base = HeadConfig(head, lr=lr, wd=wd, epochs=epochs, batch_size=batch_size, hidden=hidden, max_iter=max_iter,
                       tol=tol)
     parsed, seed_list = parse_grid(grid, head), parse_seeds(seeds)
@@ -496,8 +497,9 @@ def runs_cmd(
     for r in runs:
         test = r["metrics"].get("test", {})
         fmt = lambda v: f"{v:.3f}" if isinstance(v, (int, float)) else "-"  # noqa: E731
-        table.add_row(r["run_id"], r["model"], r["cohort"], r["weights_id"], "-" if r["seed"] is None else str(r["seed"]),
-                      fmt(test.get("accuracy")), fmt(test.get("macro_f1")))
+        seed = "-" if r["seed"] is None else str(r["seed"])
+        table.add_row(r["run_id"], r["model"], r["cohort"], r["weights_id"], seed, fmt(test.get("accuracy")),
+                      fmt(test.get("macro_f1")))
     Console().print(table)
 
 
@@ -816,6 +818,56 @@ def demo_cmd(
                       ci=ci, epochs=epochs)
     typer.echo(f"demo finished in {time.perf_counter() - start:.0f} s: store {result.store.path}, "
                f"report {result.report} (open it in a browser; Markdown beside it)")
+
+
+# ---- study -------------------------------------------------------------------------------------------------------
+
+
+@app.command("study")
+def study_cmd(
+    ctx: typer.Context,
+    name: Optional[str] = typer.Option(None, help="Study name = its study_id (default: study); re-run it to resume or grow it"),
+    models: Optional[str] = typer.Option(None, help="Comma-separated (default: clip,biomedclip,medclip-rn50,medclip-vit,gloria)"),
+    methods: Optional[str] = typer.Option(None, help="Comma-separated regimes (default: zeroshot,lp,mlp,lora,ft)"),
+    cohort: Optional[str] = typer.Option(None, help="Cohort (default: nih6x200; nih6x200-paper, synthetic or an imported one)"),
+    seeds: Optional[str] = typer.Option(None, help="Seeds of lp, mlp, lora, ft: 77,78,79 (default) or a range 77-79"),
+    weights_dir: Optional[Path] = typer.Option(None, help="Folder with one sub-folder per model (default: $EMBEDKIT_WEIGHTS)"),
+    random_init: Optional[bool] = typer.Option(None, "--random-init/--released-weights", help="Real architectures, random weights (labelled random-init)"),
+    device: Optional[str] = typer.Option(None, help="auto (default) | cpu | cuda"),
+    cpu_ok: Optional[bool] = typer.Option(None, "--cpu-ok/--no-cpu-ok", help="Run lora and ft even without a GPU (else skipped)"),
+    plan: bool = typer.Option(False, "--plan", help="Print the steps (done / to do / skipped) and time estimates; run nothing"),
+    file: Optional[Path] = typer.Option(None, "--file", help="Study file (.yaml/.toml) with the same keys; flags override it"),
+    probe_epochs: Optional[int] = typer.Option(None, help="Epochs of the lp and mlp heads (default: 100)"),
+    ft_epochs: Optional[int] = typer.Option(None, help="Epochs of lora and ft (default: 100)"),
+    images: Optional[Path] = typer.Option(None, help="Folder of the NIH PNGs, to import nih6x200[-paper] if the store lacks it"),
+    report: Optional[Path] = typer.Option(None, help="Report folder (default: <store>/../study-<name>)"),
+    ci: Optional[int] = typer.Option(None, help="Bootstrap resamples of the report's intervals (default: 1000)"),
+    workers: Optional[int] = typer.Option(None, help="DataLoader workers decoding images (default: 2)"),
+    stop_after: Optional[int] = typer.Option(None, hidden=True, help="Stop (resumably) after this many steps"),
+    quiet: bool = typer.Option(False, help="No progress output"),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable plan / result"),
+) -> None:
+    """The paper's whole matrix (models x regimes x seeds), resumable, ending in its report."""
+    from embedkit.study import make_config, plan_lines, run_study
+
+    config = make_config(file, name=name, models=models, methods=methods, cohort=cohort, seeds=seeds,
+                         weights_dir=weights_dir, random_init=random_init, device=device, cpu_ok=cpu_ok,
+                         probe_epochs=probe_epochs, ft_epochs=ft_epochs, images=images, report=report, ci=ci,
+                         workers=workers)
+    result = run_study(get_store(ctx), config, plan_only=plan, progress=not quiet and not as_json,
+                       stop_after=stop_after)
+    if as_json:
+        echo_json(result.to_json())
+    elif plan:
+        for line in plan_lines(result):
+            typer.echo(line)
+    elif result.stopped:
+        typer.echo(f"study '{config.name}': stopped after {len(result.run)} steps; "
+                   f"{len(result.todo)} to do (run the same command again to continue)")
+    else:
+        skipped = f", {len(result.skipped)} skipped (lora/ft need a GPU or --cpu-ok)" if result.skipped else ""
+        typer.echo(f"study '{config.name}': {len(result.run)} steps run, {len(result.done) - len(result.run)} "
+                   f"already done{skipped}; report: {result.report or 'none (no runs)'}")
 
 
 if __name__ == "__main__":

@@ -90,6 +90,7 @@ class FinetuneConfig:
     amp: str = "bf16"  # CUDA only
     device: str = "auto"
     workers: int = 2
+    study_id: str | None = None  # the `embedkit study` this run belongs to (runs.study_id)
 
     def validate(self) -> None:
         """Raise :class:`FinetuneError` naming the first bad setting."""
@@ -122,6 +123,8 @@ class FinetuneConfig:
         if self.method == "ft":
             for key in ("rank", "alpha", "targets"):
                 out.pop(key)
+        if self.study_id is None:
+            out.pop("study_id")  # runs outside a study keep the config they always had
         return out
 
 
@@ -559,7 +562,7 @@ def _finish(session: _Session, stopped_early: bool) -> FinetuneResult:
     }, schema=schemas.PREDICTIONS)
     run = {"run_id": session.run_id, "model": session.spec.name, "weights_id": session.weights_id,
            "method": cfg.method, "cohort": cfg.cohort, "config": config, "seed": cfg.seed,
-           "code_version": code_version(), "metrics": metrics, "study_id": None}
+           "code_version": code_version(), "metrics": metrics, "study_id": cfg.study_id}
     session.store.write_run(run, predictions)
     (session.folder / "last.pt").unlink(missing_ok=True)  # a finished run is not resumed; best.pt stays
     return FinetuneResult(session.run_id, True, session.epochs_done, session.best_epoch, session.best_val_loss,

@@ -2,9 +2,9 @@
 
 ``--grid "lr=1e-4,1e-3 wd=0,1e-5 hidden=256,1024"`` and ``--seeds 0-9`` expand to configurations x seeds. lp and
 mlp heads train as one batched model per group of models sharing a shape (hidden, epochs, batch size), each
-model with its own lr, wd, seed and shuffles (:mod:`embedkit.heads.batched`). logreg solves every distinct L2 strength in one batched
-L-BFGS (:mod:`embedkit.heads.logreg`); its result does not depend on the seed (convex, zero init), so each
-configuration is solved once and recorded under every seed.
+model with its own lr, wd, seed and shuffles (:mod:`embedkit.heads.batched`). logreg solves every distinct L2
+strength in one batched L-BFGS (:mod:`embedkit.heads.logreg`); its result does not depend on the seed (convex,
+zero init), so each configuration is solved once and recorded under every seed.
 
 Selection (``--select``) reads validation predictions only -- :func:`val_metrics` is handed the val rows and
 nothing else, so the test split cannot influence the pick:
@@ -302,7 +302,8 @@ def run_sweep(store: Store, model: str, head: str, grid: dict[str, list], seeds:
         f1_mean, f1_std = _mean_std(metrics["macro_f1"][rs])
         gap_mean, gap_std = _mean_std(metrics["f1_gap"][rs])
         loss_mean, loss_std = _mean_std(metrics["loss"][rs])
-        summary.append({"config": {k: getattr(cfg, k) for k in GRID_KEYS[head]}, "swept": {k: getattr(cfg, k) for k in grid},
+        summary.append({"config": {k: getattr(cfg, k) for k in GRID_KEYS[head]},
+                        "swept": {k: getattr(cfg, k) for k in grid},
                         "n_seeds": len(seeds), "val_macro_f1_mean": f1_mean, "val_macro_f1_std": f1_std,
                         "val_f1_gap_mean": gap_mean, "val_f1_gap_std": gap_std, "val_loss_mean": loss_mean,
                         "val_loss_std": loss_std, "run_ids": run_ids[rs]})

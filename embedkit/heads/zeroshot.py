@@ -125,7 +125,8 @@ def class_scores(rule: str, image: np.ndarray, prompts: np.ndarray, prompt_class
 
 
 def run_zeroshot(store: Store, model: str, cohort: str | None = None, weights_id: str | None = None,
-                 prompt_set: str | None = None, ensemble: str = "mean", logit_scale: float | None = None) -> dict:
+                 prompt_set: str | None = None, ensemble: str = "mean", logit_scale: float | None = None,
+                 study_id: str | None = None) -> dict:
     """Score every row of the cohort zero-shot and record the run; returns the ``runs`` row."""
     from embedkit.models.prompts import DEFAULT_SET
     from embedkit.models.registry import get_spec
@@ -166,6 +167,7 @@ def run_zeroshot(store: Store, model: str, cohort: str | None = None, weights_id
         "logit_scale": scale if rule != "gloria" else None,
         "logit_scale_source": scale_source if rule != "gloria" else "not used: GLoRIA z-normalises instead",
         "probabilities": "softmax of the class scores",
+        **({"study_id": study_id} if study_id else {}),  # make_run copies it to the runs row
     }
     if rule == "gloria":
         config["znorm_set"] = (f"all {vectors.n} rows of cohort '{vectors.cohort}' stored for weights_id "

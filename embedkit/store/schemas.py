@@ -125,3 +125,13 @@ WEIGHTS = pa.schema(
         pa.field("created_at", pa.timestamp("us", tz="UTC")),
     ]
 )
+
+# One row per `embedkit study` (keyed by study_id, its name): the matrix and settings it was last run with.
+STUDIES = pa.schema(
+    [
+        pa.field("study_id", pa.string(), nullable=False),
+        pa.field("config", pa.string()),  # JSON: models, methods, seeds, settings; "file": the study file's text
+        pa.field("created_at", pa.timestamp("us", tz="UTC")),
+        pa.field("updated_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
