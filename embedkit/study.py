@@ -49,8 +49,8 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 # Images/s of one embedding pass (forward only): (2 CPU cores, one GPU). ViT-B/16 embeds ~4-5 images/s on 2 cores.
 EMBED_RATE = {"clip": (5.0, 600.0), "biomedclip": (5.0, 600.0), "medclip-rn50": (6.0, 800.0),
               "medclip-vit": (4.0, 500.0), "gloria": (2.0, 300.0)}
-TINY_RATE = (30.0, 1000.0)
-TRAIN_COST = 3.0  # a training image (augmentation, forward, backward) costs about three forward passes
+TINY_RATE = (45.0, 1000.0)
+TRAIN_COST = 2.5  # a training image (augmentation, forward, backward) costs a few forward passes
 LOAD_SECONDS = {False: 10.0, True: 3.0}  # building or loading one model (full size, tiny)
 HEAD_SECONDS = 2.0  # a head off stored vectors: seconds whatever the model
 PROBE_ROWS_PER_SECOND = 50_000.0  # lp/mlp training rows per second on stored vectors (CPU)
@@ -93,6 +93,9 @@ class StudyConfig:
         for key in ("weights_dir", "images", "report"):
             value = getattr(self, key)
             setattr(self, key, str(value) if value not in (None, "") else None)
+        if self.weights_dir:
+            # Absolute: the weights table records the path it loaded from, and later calls look it up by path.
+            self.weights_dir = str(Path(self.weights_dir).expanduser().resolve())
 
     def validate(self) -> None:
         """Raise :class:`StudyError` naming the first bad setting and what would be accepted."""
@@ -350,16 +353,15 @@ def _cohort_facts(store: Store, config: StudyConfig) -> _CohortFacts:
 
     if config.cohort in cohort_names(store):
         rows = load_cohort(store, config.cohort)
-    elif config.cohort in NIH_SHIPPED or config.cohort == SYNTHETIC_COHORT:
-        from embedkit.data.nih import shipped_manifest
+        return _CohortFacts(True, len(rows), int((rows["split"] == "train").sum()),
+                            int((rows["split"] == "val").sum()), int(rows["path"].nunique()), set(rows["row_id"]))
+    if config.cohort in NIH_SHIPPED or config.cohort == SYNTHETIC_COHORT:
+        from embedkit.data.nih import shipped_manifest  # not imported yet: its size comes from the manifest
 
         rows = shipped_manifest("nih6x200" if config.cohort == SYNTHETIC_COHORT else config.cohort)
         return _CohortFacts(False, len(rows), int((rows["split"] == "train").sum()),
                             int((rows["split"] == "val").sum()), int(rows["image_id"].nunique()))
-    else:
-        return _CohortFacts(False, None, None, None, None)
-    return _CohortFacts(True, len(rows), int((rows["split"] == "train").sum()), int((rows["split"] == "val").sum()),
-                        int(rows["path"].nunique()), set(rows["row_id"]))
+    return _CohortFacts(False, None, None, None, None)
 
 
 def _cohort_plan(config: StudyConfig, facts: _CohortFacts, store: Store) -> Step:

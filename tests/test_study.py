@@ -250,7 +250,6 @@ def test_runs_outside_the_study_do_not_count_as_its_steps(shared):
 # ---- slow: fine-tuning, a killed process, the full matrix -------------------------------------------------------
 
 
-@pytest.mark.slow
 def test_without_cpu_ok_a_cpu_study_runs_the_heads_and_reports_them(shared, monkeypatch):
     import embedkit.study as study
 
@@ -260,6 +259,30 @@ def test_without_cpu_ok_a_cpu_study_runs_the_heads_and_reports_them(shared, monk
     assert [(s.kind, s.status) for s in result.steps if s.kind in ("lp", "ft")] == [("lp", "done"), ("ft", "skipped")]
     assert [r["method"] for r in _study_runs(shared, "nocpu")] == ["lp"]
     assert "full fine-tuning" not in result.report.with_name("report.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_fine_tune_cut_short_is_resumed_from_its_checkpoint(shared, monkeypatch):
+    from embedkit.finetune import train
+    from embedkit.models.registry import random_init_id
+    import embedkit.study as study
+
+    config = make_config(name="ckpt", models="tiny-clip", methods="lora", seeds="1", cpu_ok=True,
+                         **{**CHEAP, "ft_epochs": 2})
+    key = step_key("lora", "tiny-clip", random_init_id("tiny-clip", 0), 1, {"cohort": "c", "epochs": 2})
+    run_id = study._finetune_run_id("ckpt", key)
+    # What a killed study leaves: the step's run, checkpointed after its first epoch and never finished.
+    cut = train.finetune(shared, train.FinetuneConfig(model="tiny-clip", method="lora", cohort="c", random_init=True,
+                                                      epochs=2, seed=1, workers=0, study_id="ckpt"),
+                         progress=False, stop_after=1, run_id=run_id)
+    assert not cut.finished and (cut.checkpoint_dir / "last.pt").is_file()
+    resumed = []
+    real_resume = train.resume
+    monkeypatch.setattr(train, "resume", lambda store, rid, **kw: resumed.append(rid) or real_resume(store, rid, **kw))
+    result = run_study(shared, config, progress=False)
+    assert resumed == [run_id] and [s.run_id for s in result.run if s.kind == "lora"] == [run_id]
+    (run,) = [r for r in _study_runs(shared, "ckpt") if r["method"] == "lora"]
+    assert (run["run_id"], run["seed"], json.loads(run["metrics"])["epochs_run"]) == (run_id, 1, 2)
 
 
 @pytest.mark.slow
