@@ -106,7 +106,7 @@ def _print_fairness(store: Store, ci: int, seed: int) -> None:
 
     from embedkit.fairness import bootstrap, db
 
-    con = db.connect(store, ["sex", "age_group"])
+    con = db.connect(store, ["sex", "age_group", "age_group_sex"])
     runs = db.select_runs(con, split="test")
     rows = bootstrap.bootstrap_intervals(con, [r["run_id"] for r in runs], "test", n_resamples=ci, seed=seed,
                                          families=["accuracy", "macro_f1", "f1_gap", "eqodds", "ece_gap"],
@@ -130,4 +130,7 @@ def _print_fairness(store: Store, ci: int, seed: int) -> None:
                       cell(rid, "all", "all", "macro_f1"), cell(rid, "sex", "F", "macro_f1"),
                       cell(rid, "sex", "M", "macro_f1"), cell(rid, "sex", "gap", "f1_gap", True),
                       cell(rid, "age_group", "gap", "f1_gap", True), cell(rid, "sex", "gap", "eqodds"))
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:  # a log file or a pipe: do not squeeze the table into 80 columns
+        console = Console(width=160)
+    console.print(table)
