@@ -31,7 +31,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from embedkit.heads.probe import ADAM_BETAS, ADAM_EPS, BN_EPS, BN_MOMENTUM, batch_bounds, epoch_order, init_head_params
+from embedkit.heads.probe import (ADAM_BETAS, ADAM_EPS, BN_EPS, BN_MOMENTUM, batch_bounds, epoch_order,
+                                  flush_denormals, init_head_params)
 
 # A slice's working set (weights, gradients, two AdamW moments, best weights) aimed at the CPU's outer cache.
 CACHE_BUDGET_BYTES = 48 * 2**20
@@ -266,7 +267,7 @@ def train_batched(X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray, y
     for lo in range(0, n_models, per_slice):
         hi = min(lo + per_slice, n_models)
         sl = _Slice(head, dim, hidden, n_classes, lrs[lo:hi], wds[lo:hi], seeds[lo:hi], fused)
-        with torch.no_grad():
+        with torch.no_grad(), flush_denormals():
             for epoch in range(epochs):
                 order = torch.stack([epoch_order(n, g) for g in sl.generators])  # [K, n]: one shuffle per model
                 for a, b in bounds:

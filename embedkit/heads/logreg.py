@@ -43,7 +43,7 @@ def _augment(X: torch.Tensor) -> torch.Tensor:
 
 
 def _dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-model inner products of [M, d+1, C] tensors -> [M] (float64 for a stable line search)."""
+    """Per-model inner products of [M, d+1, C] tensors -> [M], as float64 for the line-search arithmetic."""
     return torch.linalg.vecdot(a.flatten(1), b.flatten(1)).double()
 
 
@@ -87,6 +87,14 @@ class _Objective:
 def fit_logreg(X: np.ndarray, y: np.ndarray, n_classes: int, l2, max_iter: int = 100, tol: float = 1e-4,
                history: int = HISTORY) -> LogregFit:
     """Fit one multinomial logistic regression per entry of ``l2`` (L2 strengths), all at once."""
+    from embedkit.heads.probe import flush_denormals  # tiny probabilities must not take the slow subnormal path
+
+    with flush_denormals():
+        return _lbfgs(X, y, n_classes, l2, max_iter, tol, history)
+
+
+def _lbfgs(X: np.ndarray, y: np.ndarray, n_classes: int, l2, max_iter: int, tol: float,
+           history: int) -> LogregFit:
     l2 = torch.as_tensor(np.asarray(l2, dtype=np.float32))
     m = len(l2)
     obj = _Objective(X, y, n_classes, l2)
