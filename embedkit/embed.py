@@ -193,6 +193,40 @@ def _encode_batch(model, pixels: torch.Tensor, local_inputs: dict) -> tuple[torc
     return torch.nn.functional.normalize(global_raw.float(), dim=-1), sims
 
 
+class _ThreadBudget:
+    """Gives the CPU cores to the decoding workers when decoding, not the model, limits the pass.
+
+    On a small CPU, DataLoader workers that are always busy and a model running on every core oversubscribe it
+    and every thread waits on the others (measured: a tiny model's forward 7x slower). After a few batches, if the
+    main process spent more time waiting for images than computing, the model keeps one thread per spare core.
+    """
+
+    WARMUP_BATCHES = 2
+
+    def __init__(self, device: torch.device, workers: int):
+        self.active = device.type == "cpu" and workers > 0
+        self.original = torch.get_num_threads()
+        self.waited = self.computed = 0.0
+        self.batches = 0
+
+    def observe(self, waited: float, computed: float) -> None:
+        if not self.active:
+            return
+        self.batches += 1
+        if self.batches > 1:  # the first wait includes the workers' start-up
+            self.waited += waited
+            self.computed += computed
+        if self.batches == self.WARMUP_BATCHES + 1:
+            self.active = False
+            if self.waited > self.computed:
+                import os
+
+                torch.set_num_threads(max(1, min(self.original, (os.cpu_count() or 1) - 1)))
+
+    def restore(self) -> None:
+        torch.set_num_threads(self.original)
+
+
 def _embed_paths(store, spec, model, weights_id, todo, paths, sets, dev, batch_size, workers, chunk_images,
                  progress, schema, table) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -235,20 +269,31 @@ def _embed_paths(store, spec, model, weights_id, todo, paths, sets, dev, batch_s
 
     columns = [TextColumn(f"embed {spec.name}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[rate]:.1f} img/s"), TimeElapsedColumn()]
+    threads = _ThreadBudget(dev, workers)
     start = time.perf_counter()
-    with Progress(*columns, disable=not progress, transient=False) as bar, torch.inference_mode():
-        task = bar.add_task("embed", total=len(paths), rate=0.0)
-        done = 0
-        for index, pixels in loader:
-            pixels = pixels.to(dev, non_blocking=True)
-            with autocast:
-                vectors, sims = _encode_batch(model, pixels, local_inputs)
-            for name, sim in sims.items():
-                pending_sim[name].append(sim)
-            pending_idx.append(index.numpy())
-            pending_vec.append(vectors.float().cpu().numpy())
-            done += len(index)
-            bar.update(task, advance=len(index), rate=done / (time.perf_counter() - start))
-            if sum(len(i) for i in pending_idx) >= chunk_images:
-                flush()
-        flush()
+    done = 0
+    try:
+        with Progress(*columns, disable=not progress, transient=False) as bar, torch.inference_mode():
+            task = bar.add_task("embed", total=len(paths), rate=0.0)
+            batches = iter(loader)
+            while True:
+                waited = time.perf_counter()
+                try:
+                    index, pixels = next(batches)
+                except StopIteration:
+                    break
+                computing = time.perf_counter()
+                with autocast:
+                    vectors, sims = _encode_batch(model, pixels.to(dev, non_blocking=True), local_inputs)
+                for name, sim in sims.items():
+                    pending_sim[name].append(sim)
+                pending_idx.append(index.numpy())
+                pending_vec.append(vectors.float().cpu().numpy())
+                threads.observe(computing - waited, time.perf_counter() - computing)
+                done += len(index)
+                bar.update(task, advance=len(index), rate=done / (time.perf_counter() - start))
+                if sum(len(i) for i in pending_idx) >= chunk_images:
+                    flush()
+            flush()
+    finally:
+        threads.restore()
