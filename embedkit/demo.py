@@ -78,6 +78,10 @@ def run_demo(
         step(f"embed {name}: {summary.line()}", start)
 
     done = {(r["model"], r["method"]) for r in store.read("runs").to_pylist()} if store.has("runs") else set()
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # heads are small: one thread avoids the threads waiting on each other at every step
     for name in models:
         start = time.perf_counter()
         for method in methods:
@@ -89,6 +93,7 @@ def run_demo(
                 run = run_probe(store, name, HeadConfig(head=method, epochs=epochs), seed=77, cohort="synthetic")
             result.run_ids.append(run["run_id"])
         step(f"heads {name}: {', '.join(methods)}", start)
+    torch.set_num_threads(threads)
 
     start = time.perf_counter()
     _print_fairness(store, ci, seed)
