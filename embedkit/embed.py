@@ -1,9 +1,10 @@
 """The embedding pass: a cohort's images and the class prompts become vectors in the store.
 
 Images stream through a DataLoader whose workers decode and preprocess exactly as the model's authors did; the
-model runs under inference mode (bf16 autocast on a GPU); vectors are upserted in chunks keyed by
+model runs under inference mode (bf16 autocast on a GPU); vectors are appended in chunks keyed by
 (row_id, weights_id), each chunk one atomic commit. A killed run therefore leaves whole chunks only, and the next
 run embeds just the rows still missing. Rows that repeat an image (the paper cohort) share one forward pass.
+Run one pass per (model, weights, cohort) at a time: two concurrent passes over the same rows would both append.
 """
 
 from __future__ import annotations
@@ -260,10 +261,10 @@ def _embed_paths(store, spec, model, weights_id, todo, paths, sets, dev, batch_s
                               "weights_id": [weights_id] * n, "prompt_set": [name] * n,
                               "similarity": [s.tolist() for s in sim]})
             store.upsert(localsim_table(spec.name), local, ["row_id", "weights_id", "prompt_set"],
-                         schemas.LOCAL_SIMILARITY)
+                         schemas.LOCAL_SIMILARITY)  # upsert: rows of a chunk killed before its vectors landed
             sims.clear()
-        store.upsert(table, _rows_to_write(chunk_rows, spec, weights_id, vec[order], model.embed_dim),
-                     ["row_id", "weights_id"], schema)
+        # Append, not upsert (50x cheaper): the pass only embeds rows the table lacked when it started.
+        store.append(table, _rows_to_write(chunk_rows, spec, weights_id, vec[order], model.embed_dim), schema)
         pending_idx.clear()
         pending_vec.clear()
 
