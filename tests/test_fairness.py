@@ -518,6 +518,6 @@ def test_export_round_trip(store, con, tmp_path, monkeypatch):
     original = con.sql(query).df()
     pd.testing.assert_frame_equal(again, original, check_exact=False, rtol=0, atol=1e-12)
     # the Parquet copy of a view holds the same rows
-    saved = fresh.sql(f"SELECT * FROM read_parquet('views/fairness_summary.parquet') ORDER BY "
-                      f"run_id, split, attribute, group_or_gap, metric").df()
+    saved = fresh.sql("SELECT * FROM read_parquet('views/fairness_summary.parquet') ORDER BY "
+                      "run_id, split, attribute, group_or_gap, metric").df()
     pd.testing.assert_frame_equal(saved, original, check_exact=False, rtol=0, atol=1e-12)

@@ -166,7 +166,7 @@ def test_header_says_what_was_audited_and_labels_random_weights(built):
     from embedkit import __version__
 
     for text in (html, markdown):
-        assert f"young: age &lt; 60; old: age ≥ 60" in text or "young: age < 60; old: age ≥ 60" in text
+        assert "young: age &lt; 60; old: age ≥ 60" in text or "young: age < 60; old: age ≥ 60" in text
         assert f"{CI} resamples of patients" in text
         assert __version__ in text
         assert COHORT in text

@@ -8,6 +8,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from embedkit.errors import EmbedkitError
+
 
 class VisionLanguageModel(nn.Module):
     """A CLIP-style model: an image tower and a text tower that map into one embedding space.
@@ -51,3 +53,37 @@ def state_dict_hash(model: nn.Module) -> str:
         digest.update(str(t.dtype).encode())
         digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return "sha256:" + digest.hexdigest()[:16]
+
+
+class CheckpointError(EmbedkitError, ValueError):
+    """A weights file that cannot be read, or whose keys or shapes do not fit the model after the clean-up."""
+
+
+def _key_list(keys: list[str], limit: int = 12) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def key_mismatches(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+    """What keeps ``state`` from loading strictly into ``model``: unexpected, missing, mis-shaped keys (named)."""
+    expected = model.state_dict()
+    unexpected = sorted(set(state) - set(expected))
+    missing = sorted(set(expected) - set(state))
+    wrong_shape = [f"{k} (checkpoint {tuple(state[k].shape)}, model {tuple(expected[k].shape)})"
+                   for k in sorted(set(state) & set(expected)) if tuple(state[k].shape) != tuple(expected[k].shape)]
+    problems = []
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected key(s): {_key_list(unexpected)}")
+    if missing:
+        problems.append(f"{len(missing)} missing key(s): {_key_list(missing)}")
+    if wrong_shape:
+        problems.append(f"{len(wrong_shape)} shape mismatch(es): {_key_list(wrong_shape)}")
+    return problems
+
+
+def load_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str, hint: str = "") -> None:
+    """Load ``state`` into ``model``; any key that does not fit raises :class:`CheckpointError` naming the keys."""
+    problems = key_mismatches(model, state)
+    if problems:
+        raise CheckpointError(f"{source} does not fit the model: " + "; ".join(problems) + "." + hint)
+    model.load_state_dict(state, strict=True)

@@ -29,9 +29,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from embedkit.errors import EmbedkitError
 from embedkit.models import bert
-from embedkit.models.base import VisionLanguageModel
+from embedkit.models.base import CheckpointError, VisionLanguageModel, load_strict
 
 # --- constants of the released model (MODELS.md; the authors' chexpert pretraining config) ---
 WORD_NUM = 97  # text max length, in word pieces, [CLS] and [SEP] included
@@ -48,10 +47,6 @@ VOCAB_FILE = "vocab.txt"
 VOCAB_SOURCE = "https://huggingface.co/emilyalsentzer/Bio_ClinicalBERT (file vocab.txt)"
 
 WordSet = Literal["authors", "prompt"]
-
-
-class GloriaCheckpointError(EmbedkitError, ValueError):
-    """A GLoRIA checkpoint that is not readable or whose weights do not match the architecture."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -545,21 +540,21 @@ def read_checkpoint_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         obj = torch.load(path, map_location="cpu", pickle_module=_RESTRICTED_PICKLE, weights_only=False)
     except RuntimeError as exc:
         if "explicit pickle_module" in str(exc):  # TORCH_FORCE_WEIGHTS_ONLY_LOAD is set
-            raise GloriaCheckpointError(
+            raise CheckpointError(
                 f"{path}: unset TORCH_FORCE_WEIGHTS_ONLY_LOAD; embedkit reads this Lightning checkpoint with its "
                 "own restricted unpickler (weights_only cannot read it)"
             ) from None
-        raise GloriaCheckpointError(f"{path}: not a readable PyTorch checkpoint ({exc})") from None
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({exc})") from None
     except Exception as exc:  # anything a corrupt or hostile file can raise while being read
-        raise GloriaCheckpointError(f"{path}: not a readable PyTorch checkpoint ({exc})") from None
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({exc})") from None
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not state:
-        raise GloriaCheckpointError(
+        raise CheckpointError(
             f"{path}: expected a Lightning checkpoint (a dict with 'state_dict'), got {type(obj).__name__}"
         )
     bad = [k for k, v in state.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))]
     if bad:
-        raise GloriaCheckpointError(f"{path}: state_dict entries that are not tensors: {bad[:5]}")
+        raise CheckpointError(f"{path}: state_dict entries that are not tensors: {bad[:5]}")
     return dict(state)
 
 
@@ -575,24 +570,8 @@ def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], where: Path) -> None:
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:5])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:5])})")
-        raise GloriaCheckpointError(
-            f"{where}: weights do not match the GLoRIA architecture: {'; '.join(parts)}. "
-            "Is this the authors' chexpert_resnet50.ckpt (ResNet-50 image tower)?"
-        )
-    wrong = [f"{k} {tuple(v.shape)} != {tuple(expected[k].shape)}" for k, v in state.items()
-             if v.shape != expected[k].shape]
-    if wrong:
-        raise GloriaCheckpointError(f"{where}: weight shapes do not match: {'; '.join(wrong[:5])}")
-    model.load_state_dict(state, strict=True)
+    load_strict(model, state, f"{where} (GLoRIA)",
+                hint=" Is this the authors' chexpert_resnet50.ckpt (ResNet-50 image tower)?")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -632,7 +611,7 @@ def _checkpoint_file(spec: Any, path: Path) -> Path:
     found = sorted(path.glob("*.ckpt"))
     if len(found) == 1:
         return found[0]
-    raise GloriaCheckpointError(
+    raise CheckpointError(
         f"{path}: no {name} here" + (f" (several .ckpt files: {[f.name for f in found]})" if found else "")
         + f"; get it from {spec.weight_source}"
     )
@@ -656,7 +635,7 @@ def load(spec: Any, path: str | Path) -> Gloria:
     tokenizer = bert.load_tokenizer(vocab, do_lower_case=True)
     arch = _arch(spec)
     if len(tokenizer) != arch.bert_fields["vocab_size"]:
-        raise GloriaCheckpointError(
+        raise CheckpointError(
             f"{vocab}: {len(tokenizer)} tokens, but the model's vocabulary has {arch.bert_fields['vocab_size']}; "
             f"use Bio_ClinicalBERT's vocab.txt ({VOCAB_SOURCE})"
         )

@@ -19,9 +19,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from embedkit.errors import EmbedkitError
 from embedkit.models import bert
-from embedkit.models.base import VisionLanguageModel
+from embedkit.models.base import CheckpointError, VisionLanguageModel, key_mismatches
 from embedkit.models.registry import MissingWeightsError, ModelSpec
 
 # Preprocessing constants of the authors' feature extractor (one grayscale channel).
@@ -48,10 +47,6 @@ _SWIN_CONFIGS = {"swin": False, "tiny-swin": True}
 
 # PIL modes above 8 bits: ``convert("L")`` clips them instead of rescaling, so they must be decoded first.
 _HIGH_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I", "F"})
-
-
-class CheckpointMismatchError(EmbedkitError, ValueError):
-    """A MedCLIP checkpoint's keys or shapes do not match the architecture being loaded."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -273,11 +268,6 @@ def _is_derived_buffer(key: str) -> bool:
     return key.endswith("embeddings.position_ids") or key.endswith("relative_position_index")
 
 
-def _key_list(keys: list[str], limit: int = 12) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
-
-
 def clean_state_dict(
     state: Mapping[str, torch.Tensor], model: nn.Module, source: str = "checkpoint"
 ) -> dict[str, torch.Tensor]:
@@ -285,7 +275,7 @@ def clean_state_dict(
 
     Drops ``*.embeddings.position_ids`` and Swin ``*.relative_position_index`` (derived buffers that current
     transformers no longer stores), renames transformers-4 Swin keys where the model uses the new names, and
-    raises :class:`CheckpointMismatchError` naming every other missing or unexpected key or shape mismatch.
+    raises :class:`CheckpointError` naming every other missing or unexpected key or shape mismatch.
     """
     expected = model.state_dict()
     cleaned: dict[str, torch.Tensor] = {}
@@ -300,29 +290,16 @@ def clean_state_dict(
         if key not in cleaned and _is_derived_buffer(key):
             cleaned[key] = expected[key]  # an older transformers keeps it persistent: use the model's own value
 
-    missing = [k for k in expected if k not in cleaned]
-    unexpected = [k for k in cleaned if k not in expected]
-    wrong_shape = [
-        f"{k} (checkpoint {tuple(cleaned[k].shape)}, model {tuple(expected[k].shape)})"
-        for k in cleaned
-        if k in expected and tuple(cleaned[k].shape) != tuple(expected[k].shape)
-    ]
-    if missing or unexpected or wrong_shape:
-        problems = []
-        if unexpected:
-            problems.append(f"{len(unexpected)} unexpected key(s): {_key_list(unexpected)}")
-        if missing:
-            problems.append(f"{len(missing)} missing key(s): {_key_list(missing)}")
-        if wrong_shape:
-            problems.append(f"{len(wrong_shape)} shape mismatch(es): {_key_list(wrong_shape)}")
-        hint = ""
-        variant = getattr(model, "variant", None)
-        has_swin_head = "vision_model.projection_head.weight" in state
-        if variant == "resnet" and has_swin_head:
-            hint = " It looks like the Swin checkpoint (medclip-vit-pretrained.zip): use model medclip-vit."
-        elif variant == "swin" and not has_swin_head and "vision_model.model.fc.weight" in state:
-            hint = " It looks like the ResNet checkpoint (medclip-pretrained.zip): use model medclip-rn50."
-        raise CheckpointMismatchError(
+    hint = ""
+    variant = getattr(model, "variant", None)
+    has_swin_head = "vision_model.projection_head.weight" in state
+    if variant == "resnet" and has_swin_head:
+        hint = " It looks like the Swin checkpoint (medclip-vit-pretrained.zip): use model medclip-vit."
+    elif variant == "swin" and not has_swin_head and "vision_model.model.fc.weight" in state:
+        hint = " It looks like the ResNet checkpoint (medclip-pretrained.zip): use model medclip-rn50."
+    problems = key_mismatches(model, cleaned)
+    if problems:
+        raise CheckpointError(
             f"{source} does not match MedCLIP '{getattr(model, 'spec_name', '?')}': " + "; ".join(problems) + "."
             + hint
         )
@@ -334,12 +311,12 @@ def _read_state_dict(weights: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
-        raise CheckpointMismatchError(
+        raise CheckpointError(
             f"{weights} is not a readable PyTorch state dict ({type(exc).__name__}: {exc}). Re-download and unzip "
             f"the MedCLIP release."
         ) from None
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointMismatchError(
+        raise CheckpointError(
             f"{weights} should hold a plain state dict (name -> tensor) as the MedCLIP release does; "
             f"found {type(state).__name__}."
         )
@@ -364,7 +341,7 @@ def load(spec: ModelSpec, path: str | Path) -> MedCLIP:
     tokenizer = bert.load_tokenizer(vocab, do_lower_case=True)
     vocab_size = _vocab_size(spec.tiny)
     if len(tokenizer) > vocab_size:
-        raise CheckpointMismatchError(
+        raise CheckpointError(
             f"{vocab} has {len(tokenizer)} tokens but the text tower of '{spec.name}' has {vocab_size}: use "
             f"Bio_ClinicalBERT's vocab.txt ({CLINICAL_BERT_SOURCE})."
         )

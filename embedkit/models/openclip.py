@@ -27,9 +27,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from embedkit.errors import EmbedkitError
 from embedkit.models import bert
-from embedkit.models.base import VisionLanguageModel
+from embedkit.models.base import CheckpointError, VisionLanguageModel, load_strict
 from embedkit.models.registry import MissingWeightsError, ModelSpec
 
 __all__ = [
@@ -37,7 +36,7 @@ __all__ = [
     "OPENAI_STD",
     "ClipImageTransform",
     "OpenClipModel",
-    "WeightsMismatchError",
+    "CheckpointError",
     "build",
     "load",
     "model_config",
@@ -67,10 +66,6 @@ _DROPPED_PREFIXES: tuple[str, ...] = ("text.transformer.pooler.",)
 _DROPPED_SUFFIXES: tuple[str, ...] = ("position_ids",)
 
 TINY_TIMM_VIT = "embedkit_tiny_vit_patch16_224"
-
-
-class WeightsMismatchError(EmbedkitError, ValueError):
-    """A checkpoint's keys or shapes do not match the architecture it is loaded into."""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -248,7 +243,7 @@ def _create(spec: ModelSpec, config: dict, seed: int) -> nn.Module:
 
     model_cfg = _localise_text_tower(spec, config["model_cfg"])
     if model_cfg.get("embed_dim") != spec.embed_dim:
-        raise WeightsMismatchError(
+        raise CheckpointError(
             f"model '{spec.name}' has embed_dim {spec.embed_dim}, but its open_clip config says "
             f"{model_cfg.get('embed_dim')}: the config belongs to another model"
         )
@@ -334,7 +329,7 @@ def _read_state_dict(file: Path) -> dict[str, torch.Tensor]:
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]  # open_clip training checkpoints wrap the weights
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise WeightsMismatchError(f"{file}: not a state dict of tensors (found {type(state).__name__})")
+        raise CheckpointError(f"{file}: not a state dict of tensors (found {type(state).__name__})")
     return state
 
 
@@ -344,31 +339,9 @@ def _clean_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             if not k.startswith(_DROPPED_PREFIXES) and not k.endswith(_DROPPED_SUFFIXES)}
 
 
-def _names(keys: list[str], limit: int = 8) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f" ... ({len(keys)} in all)" if len(keys) > limit else "")
-
-
 def _load_strict(spec: ModelSpec, model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
-    """Load ``state`` into ``model``; any missing, unexpected or mis-shaped key raises naming the keys."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mis_shaped = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {_names(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {_names(unexpected)}")
-    if mis_shaped:
-        problems.append("shape mismatches: " + _names(
-            [f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}" for k in mis_shaped]))
-    if problems:
-        raise WeightsMismatchError(
-            f"{source} does not fit model '{spec.name}' ({spec.config}): " + "; ".join(problems)
-            + f". Is it the right file? Released weights: {spec.weight_source}"
-        )
-    model.load_state_dict(state, strict=True)
+    load_strict(model, state, f"{source} (model '{spec.name}', {spec.config})",
+                hint=f" Is it the right file? Released weights: {spec.weight_source}")
 
 
 def _load_bert_folder(spec: ModelSpec, folder: Path) -> OpenClipModel:
@@ -381,9 +354,9 @@ def _load_bert_folder(spec: ModelSpec, folder: Path) -> OpenClipModel:
     checkpoint = _find_checkpoint(spec, folder)
     config = json.loads((folder / "open_clip_config.json").read_text())
     if "model_cfg" not in config:
-        raise WeightsMismatchError(f"{folder / 'open_clip_config.json'} has no 'model_cfg'")
+        raise CheckpointError(f"{folder / 'open_clip_config.json'} has no 'model_cfg'")
     if not _uses_bert(config):
-        raise WeightsMismatchError(f"{folder / 'open_clip_config.json'}: text tower is not a BERT (no hf_model_name)")
+        raise CheckpointError(f"{folder / 'open_clip_config.json'}: text tower is not a BERT (no hf_model_name)")
     model = _create(spec, config, seed=0)
     _load_strict(spec, model, _clean_keys(_read_state_dict(checkpoint)), checkpoint)
 
@@ -392,7 +365,7 @@ def _load_bert_folder(spec: ModelSpec, folder: Path) -> OpenClipModel:
     tokenizer = bert.load_tokenizer(folder / "vocab.txt", do_lower_case=bool(tok_cfg.get("do_lower_case", True)))
     # Fewer tokens than embedding rows is harmless (some vocabularies are padded); more would index past the table.
     if len(tokenizer) > model.text.config.vocab_size:
-        raise WeightsMismatchError(
+        raise CheckpointError(
             f"{folder / 'vocab.txt'} has {len(tokenizer)} tokens but the text tower only "
             f"{model.text.config.vocab_size}: vocab.txt and the weights are from different models"
         )
