@@ -42,3 +42,14 @@ def write_cohort_images(folder: Path, n_per_class: int = 4, size: int = 32, seed
 def small_cohort(tmp_path) -> tuple[pd.DataFrame, Path]:
     folder = tmp_path / "images"
     return write_cohort_images(folder), folder
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: on tiny matrices it is fastest, and CI shares its cores."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

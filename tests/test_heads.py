@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pyarrow as pa
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from embedkit.cli import app
@@ -23,12 +22,7 @@ from heads_synth import (COHORT, WEIGHTS, random_prompts, write_prompts, write_v
 FAST = dict(epochs=4, hidden=32, lr=3e-3)  # a few epochs of a narrow head: the suite stays fast
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: one thread is fastest, and the CI machine is shared
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -87,3 +87,30 @@ def synthetic_tokenizer(vocab_size: int, do_lower_case: bool = True):
 
     vocab = {t: i for i, t in enumerate(synthetic_vocab(vocab_size))}
     return BertTokenizer(vocab=vocab, do_lower_case=do_lower_case)
+
+
+CLINICAL_BERT_SOURCE = "https://huggingface.co/emilyalsentzer/Bio_ClinicalBERT (file vocab.txt)"
+
+
+def clinical_bert_tokenizer(weights_file: Path, model_name: str, vocab_size: int):
+    """Bio_ClinicalBERT's tokenizer from the ``vocab.txt`` beside a MedCLIP or GLoRIA weights file.
+
+    Neither release ships the vocabulary; a missing file, or one with more tokens than the text tower has,
+    says which file is needed and where users get it.
+    """
+    from embedkit.models.base import CheckpointError
+    from embedkit.models.registry import MissingWeightsError
+
+    vocab = Path(weights_file).parent / "vocab.txt"
+    if not vocab.is_file():
+        raise MissingWeightsError(
+            f"vocab.txt not found at {vocab}: '{model_name}' needs Bio_ClinicalBERT's vocabulary beside "
+            f"{Path(weights_file).name} (the release does not ship it). Download it from {CLINICAL_BERT_SOURCE}."
+        )
+    tokenizer = load_tokenizer(vocab, do_lower_case=True)  # cased vocabulary, tokenised lower-cased
+    if len(tokenizer) > vocab_size:
+        raise CheckpointError(
+            f"{vocab} has {len(tokenizer)} tokens but the text tower of '{model_name}' has {vocab_size}: use "
+            f"Bio_ClinicalBERT's vocab.txt ({CLINICAL_BERT_SOURCE})."
+        )
+    return tokenizer

@@ -43,8 +43,6 @@ ATTENTION_TEMPERATURE = 4.0  # temp1: sharpens each word's attention over region
 WORD_TEMPERATURE = 5.0  # temp2: exp(5 * cos) per word
 COSINE_EPS = 1e-8
 CHECKPOINT_PREFIX = "gloria."
-VOCAB_FILE = "vocab.txt"
-VOCAB_SOURCE = "https://huggingface.co/emilyalsentzer/Bio_ClinicalBERT (file vocab.txt)"
 
 WordSet = Literal["authors", "prompt"]
 
@@ -623,22 +621,9 @@ def load(spec: Any, path: str | Path) -> Gloria:
     Reads only the checkpoint's ``state_dict`` (restricted unpickler), strips ``gloria.``, drops
     ``*position_ids``, and loads strictly otherwise. Returns the model in eval mode.
     """
-    from embedkit.models.registry import MissingWeightsError
-
     ckpt = _checkpoint_file(spec, Path(path))
-    vocab = ckpt.parent / VOCAB_FILE
-    if not vocab.is_file():
-        raise MissingWeightsError(
-            f"GLoRIA needs Bio_ClinicalBERT's {VOCAB_FILE} beside its checkpoint: {vocab} does not exist. "
-            f"Download it from {VOCAB_SOURCE} into {ckpt.parent}."
-        )
-    tokenizer = bert.load_tokenizer(vocab, do_lower_case=True)
     arch = _arch(spec)
-    if len(tokenizer) != arch.bert_fields["vocab_size"]:
-        raise CheckpointError(
-            f"{vocab}: {len(tokenizer)} tokens, but the model's vocabulary has {arch.bert_fields['vocab_size']}; "
-            f"use Bio_ClinicalBERT's vocab.txt ({VOCAB_SOURCE})"
-        )
+    tokenizer = bert.clinical_bert_tokenizer(ckpt, spec.name, arch.bert_fields["vocab_size"])
     state = clean_state_dict(read_checkpoint_state_dict(ckpt))
     model = Gloria(arch, tokenizer)
     _load_strict(model, state, ckpt)

@@ -33,8 +33,6 @@ LOGIT_SCALE_INIT = math.log(1 / 0.07)
 LOGIT_SCALE_MAX = math.log(100)  # the authors clamp logit_scale to [0, log 100]
 
 WEIGHTS_FILE = "pytorch_model.bin"
-VOCAB_FILE = "vocab.txt"
-CLINICAL_BERT_SOURCE = "https://huggingface.co/emilyalsentzer/Bio_ClinicalBERT"
 
 # Tiny towers: the same classes at small widths (tests and demo). Swin keeps image 224, patch 4 and window 7,
 # so 56 -> 28 -> 14 -> 7 patches per side divide into windows exactly as in the full model; depth 2 per stage
@@ -332,19 +330,7 @@ def load(spec: ModelSpec, path: str | Path) -> MedCLIP:
     weights = path if path.is_file() else path / WEIGHTS_FILE
     if not weights.is_file():
         raise MissingWeightsError(f"{WEIGHTS_FILE} not found at {weights}. " + spec.missing_message(path))
-    vocab = weights.parent / VOCAB_FILE
-    if not vocab.is_file():
-        raise MissingWeightsError(
-            f"{VOCAB_FILE} not found at {vocab}. MedCLIP's release zip has no tokenizer: download "
-            f"{VOCAB_FILE} of Bio_ClinicalBERT from {CLINICAL_BERT_SOURCE} and put it beside {weights.name}."
-        )
-    tokenizer = bert.load_tokenizer(vocab, do_lower_case=True)
-    vocab_size = _vocab_size(spec.tiny)
-    if len(tokenizer) > vocab_size:
-        raise CheckpointError(
-            f"{vocab} has {len(tokenizer)} tokens but the text tower of '{spec.name}' has {vocab_size}: use "
-            f"Bio_ClinicalBERT's vocab.txt ({CLINICAL_BERT_SOURCE})."
-        )
+    tokenizer = bert.clinical_bert_tokenizer(weights, spec.name, _vocab_size(spec.tiny))
     state = _read_state_dict(weights)
     model = MedCLIP(spec, tokenizer)
     model.load_state_dict(clean_state_dict(state, model, source=str(weights)), strict=True)
