@@ -20,6 +20,9 @@ AGE_GROUPS: tuple[str, ...] = ("young", "old")
 AGE_MIN, AGE_MAX = 0, 120  # ages outside this range are input errors
 
 SEXES: tuple[str, ...] = ("M", "F")
+
+# Groups (or a gap's smallest group) under this many rows are flagged in tables and reports: their values swing.
+MIN_GROUP_N = 30
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 
 # Columns of a cohort (one row per image of a cohort; row_id keys repeated images apart).

@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from embedkit.constants import MIN_GROUP_N
 from embedkit.fairness.db import CI_LEVEL, ECE_BINS
 from embedkit.report.data import RANDOM_LABEL, ReportData, arm_key
 
 SMALL_FLAG = "†"
-MIN_GROUP_N = 30  # groups (or a gap's smallest group) under this many rows are flagged: their values swing widely
 
 METHOD_LABELS: dict[str, str] = {
     "zeroshot": "zero-shot", "lp": "linear probe", "mlp": "MLP head", "logreg": "logistic regression",

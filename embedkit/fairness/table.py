@@ -1,0 +1,137 @@
+"""The paper-style fairness table of `embedkit fairness`: which metrics, their intervals, and the Rich rendering.
+
+Every number comes from the SQL views (``metric_intervals``) through :mod:`embedkit.fairness.bootstrap`.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+from embedkit.fairness import bootstrap, db
+
+# The metric families the paper-style table (and --json) shows; AUC and the rest are one `embedkit sql` away
+# (fairness_summary).
+_FAIRNESS_GROUP_ROWS = ("accuracy", "f1", "macro_f1", "var_f1", "ece")
+_FAIRNESS_GAP_ROWS = ("accuracy_gap", "f1_gap", "eqodds", "eqodds_worst", "ece_gap", "f1_delta_paper", "eqodds_paper")
+_FAIRNESS_LABELS = {
+    "eqodds": "EqOdds", "eqodds_worst": "EqOdds (worst class)", "f1_delta_paper": "dF1 (paper, signed)",
+    "eqodds_paper": "EqOdds (paper, 2 groups)",
+}
+
+
+def attributes_to_slice(attributes: list[str]) -> list[str]:
+    """The attributes to register: the paper's signed F1 gaps for sex and age average over age x sex cells."""
+    wanted = list(attributes)
+    if {"sex", "age_group"} & set(attributes) and "age_group_sex" not in wanted:
+        wanted.append("age_group_sex")
+    return wanted
+
+
+def fairness_rows(con, runs: list[dict], attributes: list[str], split: str, ci: int, seed: int,
+                  min_n: int) -> list[dict]:
+    """The table's rows (one per run, attribute, group or gap, metric) with intervals when ``ci`` > 0."""
+    run_ids = [r["run_id"] for r in runs]
+    families = {*_FAIRNESS_GROUP_ROWS, *_FAIRNESS_GAP_ROWS}
+    # The table shows no AUC: class_scores=False skips the rows x classes pass, most of the bootstrap's time.
+    if ci > 0:
+        table = bootstrap.bootstrap_intervals(con, run_ids, split, n_resamples=ci, seed=seed, class_scores=False)
+    else:
+        with db.scoped(con, run_ids, split, class_scores=False):
+            table = con.sql("SELECT * FROM metric_intervals ORDER BY run_id, attribute, group_or_gap, metric") \
+                .to_arrow_table()
+    shown = set(attributes) | {"all"}
+    rows = [r for r in table.to_pylist() if r["attribute"] in shown and r["family"] in families]
+    for r in rows:
+        r["small"] = r["n"] is not None and r["n"] < min_n
+    return rows
+
+
+def print_tables(con, rows: list[dict], runs: list[dict], attributes: list[str], split: str, ci: int, seed: int,
+                 min_n: int) -> None:
+    """Print the whole-split table and one table per attribute, with the notes that read them."""
+    from rich.console import Console
+
+    classes: dict = {}
+    for r in con.sql("SELECT run_id, list(class_name ORDER BY class_index) AS c FROM run_classes GROUP BY run_id") \
+            .to_arrow_table().to_pylist():
+        classes[r["run_id"]] = r["c"]
+    console = Console(width=None if sys.stdout.isatty() else 200)  # piped: do not wrap at 80 columns
+    for table_ in _fairness_tables(rows, runs, attributes, classes, min_n):
+        console.print(table_)
+    notes = [f"split {split}; * = fewer than {min_n} rows (a gap: its smallest group)."]
+    if ci > 0:
+        notes.append(f"[CI]: 95% percentile bootstrap over {ci} resamples of patients within groups (seed {seed}); "
+                     "a max-min gap grows under resampling, so its interval can sit above a small estimate.")
+    console.print(" ".join(notes))
+
+
+def _fairness_cell(row: Optional[dict], min_n: int, with_ci: bool) -> str:
+    if row is None or row["value"] is None:
+        return "-"
+    text = f"{row['value']:.3f}"
+    if with_ci and row.get("ci_low") is not None:
+        text += f" [{row['ci_low']:.3f}, {row['ci_high']:.3f}]"
+    if row["n"] is not None and row["n"] < min_n:
+        text += " *"  # fewer rows than --min-n: flagged, not hidden
+    return text
+
+
+def _fairness_tables(rows: list[dict], runs: list[dict], attributes: list[str], classes: dict, min_n: int) -> list:
+    """Rich tables: one for the whole split, one per attribute; runs side by side, n beside every group."""
+    from rich.table import Table
+
+    index = {(r["run_id"], r["attribute"], r["group_or_gap"], r["metric"]): r for r in rows}
+    one_run = len(runs) == 1
+    gap_of = {"accuracy": "accuracy_gap", "macro_f1": "f1_gap", "ece": "ece_gap"}
+    labels = {"accuracy": "Accuracy", "macro_f1": "macro-F1 (gap: F1 gap)", "var_f1": "Var_F1",
+              "ece": "ECE (gap: ECE gap)"}
+    tables = []
+    for attribute in ["all", *attributes]:
+        groups = sorted({r["group_or_gap"] for r in rows if r["attribute"] == attribute and r["metric"] == "accuracy"})
+        title = "whole split" if attribute == "all" else f"by {attribute}"
+        if one_run:
+            title += f"  ({runs[0]['model']}/{runs[0]['method']}, {runs[0]['run_id']})"
+        table = Table(title=title, title_justify="left")
+        table.add_column("metric")
+        columns: list[tuple[str, Optional[str]]] = []
+        for run in runs:
+            head = "" if one_run else f"{run['run_id']}\n{run['model']}/{run['method']}\n"
+            for group in groups:
+                n = index.get((run["run_id"], attribute, group, "accuracy"), {}).get("n")
+                flag = " *" if n is not None and n < min_n else ""
+                name = "" if attribute == "all" else f"{group} "
+                table.add_column(f"{head}{name}(n={n}){flag}", justify="right")
+                columns.append((run["run_id"], group))
+            if attribute != "all":
+                table.add_column(f"{head}max-min gap [CI]", justify="right")
+                columns.append((run["run_id"], None))
+        names = ["accuracy", *[f"f1[{c}]" for c in classes.get(runs[0]["run_id"], [])], "macro_f1", "var_f1", "ece"]
+        for metric in names:
+            cells = []
+            for run_id, group in columns:
+                if group is None:
+                    gap = gap_of.get(metric) or (f"f1_gap[{metric[3:-1]}]" if metric.startswith("f1[") else None)
+                    cells.append(_fairness_cell(index.get((run_id, attribute, "gap", gap)), min_n, True) if gap else "")
+                else:
+                    cells.append(_fairness_cell(index.get((run_id, attribute, group, metric)), min_n,
+                                                attribute == "all"))
+            label = labels.get(metric) or (f"F1 {metric[3:-1]}" if metric.startswith("f1[") else metric)
+            table.add_row(label, *cells)
+        if attribute != "all":
+            for metric in ("eqodds", "eqodds_worst", "f1_delta_paper", "eqodds_paper"):
+                found = {r["run_id"]: r for r in rows if r["attribute"] == attribute and r["metric"] == metric}
+                if not found:
+                    continue
+                cells = []
+                for run_id, group in columns:
+                    hit = found.get(run_id) if group is None else None
+                    text = _fairness_cell(hit, min_n, True) if hit else ""
+                    if hit and hit["group_or_gap"] != "gap":
+                        text = f"{hit['group_or_gap']}: {text}"  # a signed gap says which way it is taken
+                    cells.append(text)
+                table.add_row(_FAIRNESS_LABELS[metric], *cells)
+        tables.append(table)
+    return tables
+
+
