@@ -590,7 +590,16 @@ def sql_cmd(
 
     if fmt not in ("table", "csv", "json"):
         raise typer.BadParameter("use table, csv or json", param_hint="--format")
-    con = db.connect(get_store(ctx), _split_list(by) or None)
+    store = get_store(ctx)
+    try:
+        con = db.connect(store, _split_list(by) or None)
+    except db.FairnessError as exc:
+        if not store.table_names():
+            raise
+        # Before any run there are no predictions to build the fairness views on; the tables still answer.
+        typer.secho("note: the store has no predictions yet, so only its tables are registered (no fairness views)",
+                    err=True)
+        con = db.connect(store, views=False)
     if query is not None:
         try:
             result = con.sql(query)

@@ -135,3 +135,18 @@ def test_killed_run_resumes_to_exactly_one_row_per_image(tmp_path):
     assert f"{len(frame) - partial} rows, {partial} already there" in done.stdout
     rows = Store(store_dir).read("emb_tiny_clip").to_pandas()
     assert len(rows) == len(frame) and rows["row_id"].is_unique
+
+
+def test_sql_counts_embeddings_before_any_run(tmp_path, small_cohort):
+    frame, folder = small_cohort
+    store_dir = str(tmp_path / "s")
+    manifest = tmp_path / "m.csv"
+    frame.to_csv(manifest, index=False)
+    runner = CliRunner()
+    for args in (["data", "import", str(manifest), "--images", str(folder), "--cohort", "c"],
+                 ["embed", "--model", "tiny-clip", "--random-init", "--cohort", "c", "--workers", "0", "--quiet"]):
+        assert runner.invoke(app, ["--store", store_dir, *args]).exit_code == 0
+    result = runner.invoke(app, ["--store", store_dir, "sql", "--format", "csv",
+                                 "SELECT count(*) AS n, count(DISTINCT row_id) AS d FROM emb_tiny_clip"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip().splitlines()[-1] == f"{len(frame)},{len(frame)}"

@@ -90,13 +90,16 @@ def render_views(attributes: Sequence[str]) -> list[tuple[str, str]]:
     return out
 
 
-def connect(store, attributes: Iterable[str] | None = None):
+def connect(store, attributes: Iterable[str] | None = None, views: bool = True):
     """A DuckDB connection with every table of ``store`` registered (Lance datasets, read in place) and the views.
 
     ``attributes``: the columns to slice by (default: sex, age_group, age_group_sex, view); any column of the
-    images table, or of ``predictions_base``, may be named. Raises FairnessError when the store has no predictions.
+    images table, or of ``predictions_base``, may be named. Raises FairnessError when the store has no predictions,
+    unless ``views`` is False: then only the tables are registered (ad hoc queries before any run exists).
     """
     names = store.table_names()
+    if not views:
+        return connect_tables({name: store.dataset(name) for name in names}, with_views=False)
     missing = [name for name in REQUIRED_TABLES if name not in names]
     if "predictions" in missing or ("predictions" in names and store.count("predictions") == 0):
         raise FairnessError(
@@ -113,7 +116,8 @@ def connect(store, attributes: Iterable[str] | None = None):
     return connect_tables({name: store.dataset(name) for name in names}, attributes)
 
 
-def connect_tables(tables: Mapping[str, Any], attributes: Iterable[str] | None = None, con=None):
+def connect_tables(tables: Mapping[str, Any], attributes: Iterable[str] | None = None, con=None,
+                   with_views: bool = True):
     """Register ``tables`` (name -> Arrow table, pyarrow/Lance dataset or pandas frame) and create the views.
 
     The path that :func:`connect` takes after opening the store; benchmarks and tests that hold Arrow tables use it
@@ -126,7 +130,8 @@ def connect_tables(tables: Mapping[str, Any], attributes: Iterable[str] | None =
         if not _NAME.match(name):
             continue  # not addressable in SQL without quoting; embedkit never writes such names
         con.register(name, data)
-    create_views(con, attributes)
+    if with_views:
+        create_views(con, attributes)
     return con
 
 
