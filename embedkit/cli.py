@@ -593,7 +593,7 @@ def sql_cmd(
     store = get_store(ctx)
     try:
         con = db.connect(store, _split_list(by) or None)
-    except db.FairnessError as exc:
+    except db.FairnessError:
         if not store.table_names():
             raise
         # Before any run there are no predictions to build the fairness views on; the tables still answer.
