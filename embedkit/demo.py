@@ -109,21 +109,17 @@ def _print_fairness(store: Store, ci: int, seed: int) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from embedkit.fairness import bootstrap, db
+    from embedkit.constants import MIN_GROUP_N
+    from embedkit.fairness import db, table as fairness_table
 
-    con = db.connect(store, ["sex", "age_group", "age_group_sex"])
+    attributes = ["sex", "age_group"]
+    con = db.connect(store, fairness_table.attributes_to_slice(attributes))
     runs = db.select_runs(con, split="test")
-    rows = bootstrap.bootstrap_intervals(con, [r["run_id"] for r in runs], "test", n_resamples=ci, seed=seed,
-                                         families=["accuracy", "macro_f1", "f1_gap", "eqodds", "ece_gap"],
-                                         class_scores=False).to_pylist()
+    rows = fairness_table.fairness_rows(con, runs, attributes, "test", ci, seed, MIN_GROUP_N)
     index = {(r["run_id"], r["attribute"], r["group_or_gap"], r["metric"]): r for r in rows}
 
     def cell(run_id: str, attribute: str, group: str, metric: str, with_ci: bool = False) -> str:
-        r = index.get((run_id, attribute, group, metric))
-        if r is None or r["value"] is None:
-            return "-"
-        text = f"{r['value']:.3f}"
-        return text + (f" [{r['ci_low']:.3f}, {r['ci_high']:.3f}]" if with_ci and r["ci_low"] is not None else "")
+        return fairness_table.format_cell(index.get((run_id, attribute, group, metric)), MIN_GROUP_N, with_ci)
 
     table = Table(title=f"test split, 95% bootstrap intervals over {ci} patient resamples", title_justify="left")
     for column in ("model", "method", "accuracy", "macro-F1", "F1 F", "F1 M", "F1 gap sex [CI]",

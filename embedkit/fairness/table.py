@@ -66,7 +66,8 @@ def print_tables(con, rows: list[dict], runs: list[dict], attributes: list[str],
     console.print(" ".join(notes))
 
 
-def _fairness_cell(row: Optional[dict], min_n: int, with_ci: bool) -> str:
+def format_cell(row: Optional[dict], min_n: int, with_ci: bool) -> str:
+    """A value as printed in fairness tables: 3 decimals, [CI] when asked, * under the minimum group size."""
     if row is None or row["value"] is None:
         return "-"
     text = f"{row['value']:.3f}"
@@ -112,9 +113,9 @@ def _fairness_tables(rows: list[dict], runs: list[dict], attributes: list[str], 
             for run_id, group in columns:
                 if group is None:
                     gap = gap_of.get(metric) or (f"f1_gap[{metric[3:-1]}]" if metric.startswith("f1[") else None)
-                    cells.append(_fairness_cell(index.get((run_id, attribute, "gap", gap)), min_n, True) if gap else "")
+                    cells.append(format_cell(index.get((run_id, attribute, "gap", gap)), min_n, True) if gap else "")
                 else:
-                    cells.append(_fairness_cell(index.get((run_id, attribute, group, metric)), min_n,
+                    cells.append(format_cell(index.get((run_id, attribute, group, metric)), min_n,
                                                 attribute == "all"))
             label = labels.get(metric) or (f"F1 {metric[3:-1]}" if metric.startswith("f1[") else metric)
             table.add_row(label, *cells)
@@ -126,7 +127,7 @@ def _fairness_tables(rows: list[dict], runs: list[dict], attributes: list[str], 
                 cells = []
                 for run_id, group in columns:
                     hit = found.get(run_id) if group is None else None
-                    text = _fairness_cell(hit, min_n, True) if hit else ""
+                    text = format_cell(hit, min_n, True) if hit else ""
                     if hit and hit["group_or_gap"] != "gap":
                         text = f"{hit['group_or_gap']}: {text}"  # a signed gap says which way it is taken
                     cells.append(text)
