@@ -40,6 +40,9 @@ COHORT_COLUMNS: tuple[str, ...] = (
     "split",
 )
 
+# Manifest CSVs hold a row's list of labels in one cell, joined by this.
+LABEL_SEPARATOR = "|"
+
 DEFAULT_STORE = "embedkit-store"
 STORE_ENV = "EMBEDKIT_STORE"
 WEIGHTS_ENV = "EMBEDKIT_WEIGHTS"

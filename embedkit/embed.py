@@ -154,8 +154,7 @@ def embed_cohort(
     model = model.to(dev).eval()
     table = embeddings_table(spec.name)
     schema = schemas.embeddings_schema(model.embed_dim)
-    if store.has(table):
-        store._check_schema(table, store.open(table).schema, schema)
+    store.check_vector_width(table, schema)  # fail before the pass, not at its first write
     where = f"{sql_eq('weights_id', weights_id)} AND {sql_eq('cohort', cohort)}"
     if force:
         store.delete(table, where)

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from embedkit.constants import AGE_MAX, AGE_MIN, SPLITS, age_group
+from embedkit.constants import AGE_MAX, AGE_MIN, LABEL_SEPARATOR, SPLITS, age_group
 from embedkit.errors import EmbedkitError
 from embedkit.store import schemas
 from embedkit.store.store import Store, sql_eq, sql_in
@@ -24,7 +24,6 @@ from embedkit.store.store import Store, sql_eq, sql_in
 # Fields a manifest maps onto; image_id and at least one of label/labels are required.
 FIELDS = ("image_id", "path", "label", "labels", "age", "sex", "view", "patient_id", "split")
 _SEX_VALUES = {"m": "M", "male": "M", "f": "F", "female": "F"}
-_LABEL_SEPARATOR = "|"
 
 
 class CohortError(EmbedkitError):
@@ -85,7 +84,7 @@ def _split_labels(value) -> list[str]:
         return [str(v) for v in value]
     if value is None or (isinstance(value, float) and np.isnan(value)) or str(value).strip() == "":
         return []
-    return [v.strip() for v in str(value).split(_LABEL_SEPARATOR) if v.strip()]
+    return [v.strip() for v in str(value).split(LABEL_SEPARATOR) if v.strip()]
 
 
 def _missing(value) -> bool:
@@ -298,7 +297,7 @@ def cohort_names(store: Store) -> list[str]:
 def write_manifest(rows: pd.DataFrame, path: str | Path) -> None:
     """Write a cohort as CSV: image_id,label,labels,patient_id,age,age_group,sex,view,split (+ path if known)."""
     out = rows.copy()
-    out["labels"] = out["labels"].map(lambda v: _LABEL_SEPARATOR.join(_split_labels(v)))
+    out["labels"] = out["labels"].map(lambda v: LABEL_SEPARATOR.join(_split_labels(v)))
     columns = ["image_id", "label", "labels", "patient_id", "age", "age_group", "sex", "view", "split"]
     columns += [c for c in ("path",) if c in out.columns]
     out[columns].to_csv(path, index=False)

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from embedkit.constants import AGE_GROUPS, AGE_OLD_FROM, NIH_CLASSES, SEXES, SPLITS, age_group
+from embedkit.constants import AGE_GROUPS, AGE_OLD_FROM, LABEL_SEPARATOR, NIH_CLASSES, SEXES, SPLITS, age_group
 from embedkit.errors import EmbedkitError
 
 METADATA_NAME = "Data_Entry_2017_v2020.csv"
@@ -418,7 +418,7 @@ def cohort_for(protocol: str, meta: pd.DataFrame) -> pd.DataFrame:
 def to_manifest(cohort: pd.DataFrame) -> pd.DataFrame:
     """The cohort as a flat manifest table: ``labels`` joined with "|", every other column as is."""
     flat = cohort.loc[:, list(COLUMNS)].copy()
-    flat["labels"] = ["|".join(v) for v in flat["labels"]]
+    flat["labels"] = [LABEL_SEPARATOR.join(v) for v in flat["labels"]]
     return flat
 
 
@@ -437,7 +437,7 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     if missing:
         raise EmbedkitError(f"{path} lacks manifest column(s) {', '.join(missing)}")
     frame = flat.copy()
-    frame["labels"] = [v.split("|") if v else [] for v in flat["labels"]]
+    frame["labels"] = [v.split(LABEL_SEPARATOR) if v else [] for v in flat["labels"]]
     frame["age"] = flat["age"].astype("int64")
     for col in ("label", "split"):
         frame[col] = [v if v else None for v in flat[col]]

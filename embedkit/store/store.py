@@ -93,12 +93,17 @@ class Store:
     def _open_or_create(self, name: str, schema: pa.Schema):
         if self.has(name):
             table = self.db.open_table(name)
-            self._check_schema(name, table.schema, schema)
+            self._check_width(name, table.schema, schema)
             return table
         return self.db.create_table(name, schema=schema, exist_ok=True)
 
+    def check_vector_width(self, name: str, schema: pa.Schema) -> None:
+        """Raise before any work when table ``name`` exists with vectors of another width than ``schema``'s."""
+        if self.has(name):
+            self._check_width(name, self.open(name).schema, schema)
+
     @staticmethod
-    def _check_schema(name: str, existing: pa.Schema, wanted: pa.Schema) -> None:
+    def _check_width(name: str, existing: pa.Schema, wanted: pa.Schema) -> None:
         if "vector" in wanted.names and "vector" in existing.names:
             have, want = vector_width(existing), vector_width(wanted)
             if have != want:
