@@ -189,9 +189,9 @@ class ImageClassifier(nn.Module):
 
 def lp_head(dim: int, n_classes: int, seed: int) -> nn.Module:
     """The paper's LP head, with the initial weights a stored-vector LP head of the same seed gets."""
-    from embedkit.heads.probe import _module, init_head_params
+    from embedkit.heads.probe import head_module, init_head_params
 
-    head = _module("lp", dim, HEAD_HIDDEN, n_classes)
+    head = head_module("lp", dim, HEAD_HIDDEN, n_classes)
     params = init_head_params("lp", dim, HEAD_HIDDEN, n_classes, torch.Generator().manual_seed(int(seed)))
     with torch.no_grad():
         head[0].weight.copy_(params["W1"]), head[0].bias.copy_(params["b1"])

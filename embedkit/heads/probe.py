@@ -143,7 +143,8 @@ class TrainedHead:
     extra: dict  # val loss, best epoch, iterations...
 
 
-def _module(head: str, dim: int, hidden: int, n_classes: int) -> nn.Sequential:
+def head_module(head: str, dim: int, hidden: int, n_classes: int) -> nn.Sequential:
+    """The paper's heads as one torch module: lp = Linear->Linear, mlp = Linear->BatchNorm1d->ReLU->Linear."""
     first, last = nn.Linear(dim, hidden), nn.Linear(hidden, n_classes)
     if head == "lp":
         return nn.Sequential(first, last)
@@ -156,7 +157,7 @@ def train_reference(X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray,
     generator = torch.Generator().manual_seed(int(seed))
     Xt, yt = torch.from_numpy(X_train), torch.from_numpy(y_train)
     Xv, yv = torch.from_numpy(X_val), torch.from_numpy(y_val)
-    model = _module(cfg.head, Xt.shape[1], cfg.hidden, n_classes)
+    model = head_module(cfg.head, Xt.shape[1], cfg.hidden, n_classes)
     params = init_head_params(cfg.head, Xt.shape[1], cfg.hidden, n_classes, generator)
     with torch.no_grad():
         first, last = model[0], model[-1]
