@@ -372,12 +372,14 @@ def zeroshot_cmd(
     prompt_set: Optional[str] = typer.Option(None, help="Stored prompt set (default: the model's own style)"),
     ensemble: str = typer.Option("mean", help="mean | max over a class's prompts (GLoRIA always max)"),
     logit_scale: Optional[float] = typer.Option(None, help="Override the logit scale recorded in the store"),
+    allow_partial: bool = typer.Option(False, help="Go on when some cohort rows have no vectors (recorded in the run)"),
     as_json: bool = typer.Option(False, "--json", help="Print the run as JSON"),
 ) -> None:
     """Zero-shot classification of every cohort row off the stored image and prompt vectors; one run."""
     from embedkit.heads.zeroshot import run_zeroshot
 
-    run = run_zeroshot(get_store(ctx), model, cohort, weights_id, prompt_set, ensemble, logit_scale)
+    run = run_zeroshot(get_store(ctx), model, cohort, weights_id, prompt_set, ensemble, logit_scale,
+                       allow_partial=allow_partial)
     echo_json(_run_json(run)) if as_json else typer.echo(_run_line(run))
 
 
@@ -397,6 +399,7 @@ def probe_cmd(
     tol: float = typer.Option(1e-4, help="Stop at max |gradient| <= tol (logreg)"),
     seed: int = typer.Option(77, help="Seed of the initial weights and the shuffles"),
     threads: int = typer.Option(0, help="torch CPU threads (0: torch's default)"),
+    allow_partial: bool = typer.Option(False, help="Go on when some cohort rows have no vectors (recorded in the run)"),
     as_json: bool = typer.Option(False, "--json", help="Print the run as JSON"),
 ) -> None:
     """Train one head on the train split's stored vectors (best epoch on val); predictions for every row."""
@@ -405,7 +408,7 @@ def probe_cmd(
     _set_threads(threads)
     cfg = HeadConfig(head, lr=lr, wd=wd, epochs=epochs, batch_size=batch_size, hidden=hidden, max_iter=max_iter,
                      tol=tol)
-    run = run_probe(get_store(ctx), model, cfg, seed, cohort, weights_id)
+    run = run_probe(get_store(ctx), model, cfg, seed, cohort, weights_id, allow_partial=allow_partial)
     echo_json(_run_json(run)) if as_json else typer.echo(_run_line(run))
 
 
@@ -431,6 +434,7 @@ def sweep_cmd(
                                          help="Models trained together per cache-sized slice: auto | all | N"),
     threads: int = typer.Option(0, help="torch CPU threads (0: torch's default)"),
     quiet: bool = typer.Option(False, help="No progress bar"),
+    allow_partial: bool = typer.Option(False, help="Go on when some cohort rows have no vectors (recorded in the run)"),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable summary"),
 ) -> None:
     """Train every grid configuration x seed at once (one batched model), store each as a run, pick on val."""
@@ -455,7 +459,7 @@ def sweep_cmd(
         task = bar.add_task("sweep", total=work)
         outcome = run_sweep(get_store(ctx), model, head, parsed, seed_list, base, select,
                             [b.strip() for b in by.split(",") if b.strip()], cohort, weights_id, per_slice,
-                            progress=lambda n: bar.update(task, advance=n))
+                            progress=lambda n: bar.update(task, advance=n), allow_partial=allow_partial)
     if as_json:
         echo_json(outcome.to_json())
     else:

@@ -9,6 +9,8 @@ Run one pass per (model, weights, cohort) at a time: two concurrent passes over 
 
 from __future__ import annotations
 
+import hashlib
+
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -24,8 +26,6 @@ from embedkit.models import prompts as prompt_sets
 from embedkit.models.registry import ModelSpec
 from embedkit.store import schemas
 from embedkit.store.store import Store, embeddings_table, prompts_table, sql_eq
-
-DEMOGRAPHICS = ("label", "age", "age_group", "sex", "view", "patient_id", "split")
 
 
 def localsim_table(model: str) -> str:
@@ -121,7 +121,7 @@ def embed_prompts(store: Store, spec: ModelSpec, model, weights_id: str, classes
 
 
 def _rows_to_write(rows: pd.DataFrame, spec: ModelSpec, weights_id: str, vectors: np.ndarray, dim: int) -> pa.Table:
-    frame = rows[["row_id", "cohort", "image_id", *DEMOGRAPHICS]].copy()
+    frame = rows[["row_id", "cohort", "image_id"]].copy()
     frame["model"] = spec.name
     frame["weights_id"] = weights_id
     flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1))
@@ -145,7 +145,20 @@ def embed_cohort(
     chunk_images: int = 256,
     progress: bool = True,
 ) -> EmbedSummary:
-    """Embed every row of ``cohort`` not yet embedded with ``weights_id`` (all rows with ``force``), and the prompts."""
+    """Embed every row of ``cohort`` not yet embedded with ``weights_id`` (all rows with ``force``), and the prompts.
+
+    One pass at a time per (model, weights_id, cohort): a second one is refused (StoreBusy) instead of writing
+    every row again, since a pass appends the rows its table lacked when it started.
+    """
+    key = hashlib.sha256(f"{weights_id}\0{cohort}".encode()).hexdigest()[:16]
+    with store.lock(f"embed-{spec.name}-{key}", holder=f"an embedding pass of {spec.name} on cohort '{cohort}'"):
+        return _embed_cohort(store, spec, model, weights_id, source, cohort, device, batch_size, workers, force,
+                             extra_prompt_sets, chunk_images, progress)
+
+
+def _embed_cohort(store: Store, spec: ModelSpec, model, weights_id: str, source: str, cohort: str, device: str,
+                  batch_size: int, workers: int, force: bool, extra_prompt_sets: list[str] | None,
+                  chunk_images: int, progress: bool) -> EmbedSummary:
     rows = load_cohort(store, cohort)
     classes = cohort_classes(rows)
     if not classes:

@@ -37,7 +37,13 @@ def write_vectors(store: Store, model: str, dim: int, weights_id: str = WEIGHTS,
                      "patient_id": f"p{i}", "split": split})
         vectors.append(means[c] + rng.normal(size=dim))
     X = np.asarray(vectors, dtype=np.float32)
-    table = pa.Table.from_pylist(rows)
+    images = [{name: r.get(name) for name in schemas.IMAGES.names} for r in rows]
+    for image in images:
+        image["labels"] = [image["label"]]
+    # the cohort's rows live in `images` (heads join them); vectors carry only their keys
+    store.upsert("images", pa.Table.from_pylist(images, schema=schemas.IMAGES), ["row_id"], schemas.IMAGES)
+    table = pa.Table.from_pylist([{k: r[k] for k in ("row_id", "cohort", "image_id", "model", "weights_id")}
+                                  for r in rows])
     table = table.append_column("vector", pa.FixedSizeListArray.from_arrays(pa.array(X.reshape(-1)), dim))
     schema = schemas.embeddings_schema(dim)
     store.upsert(embeddings_table(model), table, ["row_id", "weights_id"], schema)

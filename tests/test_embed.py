@@ -30,7 +30,7 @@ def _embed(store, model="tiny-clip", cohort="c", **kw):
                         progress=False, **kw)
 
 
-def test_embed_writes_one_normalised_vector_per_row_with_demographics_and_prompts(store, small_cohort):
+def test_embed_writes_one_normalised_vector_per_row_and_the_prompts(store, small_cohort):
     frame, folder = small_cohort
     _import(store, frame, folder)
     summary = _embed(store)
@@ -40,7 +40,9 @@ def test_embed_writes_one_normalised_vector_per_row_with_demographics_and_prompt
     vectors = np.stack(table["vector"].to_numpy())
     assert vectors.shape == (len(frame), 32)
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
-    assert set(table["sex"]) == {"M", "F"} and set(table["split"]) == {"train", "val", "test"}
+    # one copy of each fact: labels, splits and demographics stay in `images`, joined by row_id
+    assert set(table.columns) == {"row_id", "cohort", "image_id", "model", "weights_id", "vector"}
+    assert set(table["row_id"]) == set(store.read("images")["row_id"].to_pylist())
     prompts = store.read("prompts_tiny_clip").to_pandas()
     assert set(prompts["prompt_set"]) == {"clip"} and prompts["prompt_index"].tolist() == list(range(len(prompts)))
     weights = store.read("weights").to_pylist()
@@ -68,7 +70,8 @@ def test_repeated_images_share_one_forward_pass_and_keep_their_rows(store, small
     table = store.read("emb_tiny_clip").to_pandas().set_index("row_id")
     first = doubled.iloc[0]["image_id"]
     np.testing.assert_array_equal(table.loc[f"c/{first}", "vector"], table.loc[f"c/{first}#1", "vector"])
-    assert table.loc[f"c/{first}#1", "split"] == "test"
+    images = store.read("images").to_pandas().set_index("row_id")
+    assert images.loc[f"c/{first}#1", "split"] == "test"
 
 
 def test_gloria_stores_local_similarities_per_prompt(store, small_cohort):

@@ -98,6 +98,12 @@ def test_slicing_and_the_fused_optimizer_change_no_result():
     assert whole.best_epoch[1] == ref.extra["best_epoch"]
 
 
+def pc_in_rows(row_ids) -> str:
+    from embedkit.store.store import sql_in
+
+    return sql_in("row_id", row_ids.to_pylist())
+
+
 def test_selection_never_reads_the_test_split(store, tmp_path, monkeypatch):
     """Scrambling the test split's labels (and its vectors) changes no selection number and not the pick."""
     from embedkit.store.store import Store
@@ -113,8 +119,10 @@ def test_selection_never_reads_the_test_split(store, tmp_path, monkeypatch):
     from embedkit.store import schemas
     from embedkit.store.store import embeddings_table
 
-    table = other.read(embeddings_table(MODEL), "split = 'test'")
-    table = table.set_column(table.schema.get_field_index("label"), "label", pa.array(labels))
+    images = other.read("images", "split = 'test'")
+    images = images.set_column(images.schema.get_field_index("label"), "label", pa.array(labels))
+    other.upsert("images", images, ["row_id"], schemas.IMAGES)
+    table = other.read(embeddings_table(MODEL), pc_in_rows(images["row_id"]))
     noise = rng.normal(size=(table.num_rows, 32)).astype(np.float32).reshape(-1)
     table = table.set_column(table.schema.get_field_index("vector"), "vector",
                              pa.FixedSizeListArray.from_arrays(pa.array(noise), 32))

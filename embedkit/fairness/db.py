@@ -28,6 +28,8 @@ ROW_LEVEL_VIEWS: frozenset[str] = frozenset({"group_rows", "class_scores"})
 # Tables the views need; the others found in a store are registered too, for `embedkit sql`.
 REQUIRED_TABLES: tuple[str, ...] = ("images", "runs", "predictions")
 RESAMPLE_WEIGHTS = "resample_weights"
+# The stored predictions table is registered under this name; `predictions` is the view of the committed ones.
+STORED_PREDICTIONS = "_predictions_stored"
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _VIEW = re.compile(r"CREATE\s+OR\s+REPLACE\s+VIEW\s+([A-Za-z_][A-Za-z0-9_]*)", re.IGNORECASE)
@@ -99,7 +101,7 @@ def connect(store, attributes: Iterable[str] | None = None, views: bool = True):
     """
     names = store.table_names()
     if not views:
-        return connect_tables({name: store.dataset(name) for name in names}, with_views=False)
+        return connect_tables(_open_datasets(store, names), with_views=False)
     missing = [name for name in REQUIRED_TABLES if name not in names]
     if "predictions" in missing or ("predictions" in names and store.count("predictions") == 0):
         raise FairnessError(
@@ -113,7 +115,14 @@ def connect(store, attributes: Iterable[str] | None = None, views: bool = True):
             "predictions are joined to the images table (demographics) and the runs table (class order). "
             "Import the cohort (`embedkit data ...`) into this store."
         )
-    return connect_tables({name: store.dataset(name) for name in names}, attributes)
+    return connect_tables(_open_datasets(store, names), attributes)
+
+
+def _open_datasets(store, names: Sequence[str]) -> dict[str, Any]:
+    """Each table's current snapshot, ``runs`` first: a run's predictions are committed before its ``runs`` row,
+    so every run in the runs snapshot finds all its predictions in the later predictions snapshot."""
+    ordered = sorted(names, key=lambda n: n != "runs")
+    return {name: store.dataset(name) for name in ordered}
 
 
 def connect_tables(tables: Mapping[str, Any], attributes: Iterable[str] | None = None, con=None,
@@ -122,6 +131,10 @@ def connect_tables(tables: Mapping[str, Any], attributes: Iterable[str] | None =
 
     The path that :func:`connect` takes after opening the store; benchmarks and tests that hold Arrow tables use it
     directly, so the SQL is the same whatever holds the rows.
+
+    ``predictions`` is registered as ``_predictions_stored`` and seen through the view ``predictions``: the rows of
+    runs that have a ``runs`` row (the commit marker; see embedkit/store/store.py). Leftovers of a writer killed
+    between its two commits are invisible to every view, to ``embedkit sql`` and to ``export``.
     """
     import duckdb
 
@@ -129,7 +142,10 @@ def connect_tables(tables: Mapping[str, Any], attributes: Iterable[str] | None =
     for name, data in tables.items():
         if not _NAME.match(name):
             continue  # not addressable in SQL without quoting; embedkit never writes such names
-        con.register(name, data)
+        con.register(STORED_PREDICTIONS if name == "predictions" else name, data)
+    if "predictions" in tables:
+        committed = "WHERE run_id IN (SELECT run_id FROM runs)" if "runs" in tables else "WHERE false"
+        con.execute(f"CREATE OR REPLACE TEMP VIEW predictions AS SELECT * FROM {STORED_PREDICTIONS} {committed}")
     if with_views:
         create_views(con, attributes)
     return con

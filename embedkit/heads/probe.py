@@ -208,9 +208,9 @@ def fit_head(vectors: CohortVectors, cfg: HeadConfig, seed: int) -> TrainedHead:
 
 
 def run_probe(store: Store, model: str, cfg: HeadConfig, seed: int = 77, cohort: str | None = None,
-              weights_id: str | None = None, study_id: str | None = None) -> dict:
+              weights_id: str | None = None, study_id: str | None = None, allow_partial: bool = False) -> dict:
     """Train one head on the stored vectors and record the run and its predictions; returns the ``runs`` row."""
-    vectors = load_vectors(store, model, cohort, weights_id)
+    vectors = load_vectors(store, model, cohort, weights_id, allow_partial)
     trained = fit_head(vectors, cfg, seed)
     trainer = "batched L-BFGS (one model)" if cfg.head == "logreg" else "reference (torch.nn + torch.optim.AdamW)"
     config = {**cfg.settings(), "trainer": trainer, "train_split": "train", "val_split": "val",

@@ -17,7 +17,6 @@ import pyarrow as pa
 
 from embedkit import __version__
 from embedkit.heads.vectors import CohortVectors, HeadsError
-from embedkit.store import schemas
 from embedkit.store.store import Store, new_run_id, sql_eq
 
 METHODS = ("zeroshot", "lp", "mlp", "logreg", "lora", "ft")
@@ -96,6 +95,8 @@ def make_run(vectors: CohortVectors, method: str, config: dict, seed: int | None
              extra_metrics: dict | None = None, run_id: str | None = None) -> dict:
     """A ``runs`` row: ``config`` gets the class order; metrics = accuracy and macro-F1 per split (+ extras)."""
     config = {**config, "classes": list(vectors.classes)}
+    if vectors.missing_rows:  # --allow-partial: the run says how much of its cohort it never saw
+        config["partial"] = {"missing_rows": vectors.missing_rows, "rows": vectors.n}
     metrics = split_metrics(vectors.y, np.asarray(y_pred), vectors.split)
     if extra_metrics:
         metrics.update(extra_metrics)
@@ -112,15 +113,6 @@ def make_run(vectors: CohortVectors, method: str, config: dict, seed: int | None
         "metrics": json.dumps(metrics, sort_keys=True),
         "study_id": config.get("study_id"),
     }
-
-
-def write_runs(store: Store, runs: list[dict], predictions: pa.Table) -> list[str]:
-    """Write many runs in two commits: all predictions first, then the ``runs`` rows that make them visible."""
-    if not runs:
-        return []
-    store.append("predictions", predictions, schemas.PREDICTIONS)
-    store.append("runs", pa.Table.from_pylist(runs, schema=schemas.RUNS), schemas.RUNS)
-    return [r["run_id"] for r in runs]
 
 
 def record_run(store: Store, vectors: CohortVectors, method: str, config: dict, seed: int | None,

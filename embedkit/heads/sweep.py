@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from embedkit.heads.probe import HeadConfig, training_arrays
-from embedkit.heads.runs import macro_f1, make_run, predictions_table, softmax, write_runs
+from embedkit.heads.runs import macro_f1, make_run, predictions_table, softmax
 from embedkit.heads.vectors import CohortVectors, HeadsError, load_vectors
 from embedkit.store.store import Store, new_run_id
 
@@ -270,7 +270,8 @@ def _clean(d: dict) -> dict:
 def run_sweep(store: Store, model: str, head: str, grid: dict[str, list], seeds: list[int],
               base: HeadConfig | None = None, select: str = "val_macro_f1", by: list[str] | tuple = ("sex",),
               cohort: str | None = None, weights_id: str | None = None,
-              models_per_slice: int | str | None = "auto", progress=None) -> SweepOutcome:
+              models_per_slice: int | str | None = "auto", progress=None,
+              allow_partial: bool = False) -> SweepOutcome:
     """Train the grid x seeds, store every run with its predictions, and pick a configuration on val only."""
     total_start = time.perf_counter()
     selection = Selection.parse(select)
@@ -278,7 +279,7 @@ def run_sweep(store: Store, model: str, head: str, grid: dict[str, list], seeds:
     if not seeds:
         raise HeadsError("no seeds: pass --seeds, e.g. 0-9")
     configs = expand(base, grid)
-    vectors = load_vectors(store, model, cohort, weights_id)
+    vectors = load_vectors(store, model, cohort, weights_id, allow_partial)
     by = list(by)
     groups = vectors.groups(by)  # validates the column names before any training
     fit = train_grid(vectors, configs, seeds, models_per_slice, progress)
@@ -292,7 +293,7 @@ def run_sweep(store: Store, model: str, head: str, grid: dict[str, list], seeds:
                   "train_split": "train", "val_split": "val"}
         runs.append(make_run(vectors, head, config, seed, fit.logits[r].argmax(axis=1), fit.extras[r]))
     run_ids = [r["run_id"] for r in runs]
-    write_runs(store, runs, predictions_table(run_ids, vectors, probs, fit.logits.argmax(axis=2)))
+    store.write_runs(runs, predictions_table(run_ids, vectors, probs, fit.logits.argmax(axis=2)))
 
     va = vectors.index("val")  # selection sees these rows and nothing else
     metrics = val_metrics(probs[:, va], vectors.y[va], groups[va])

@@ -2,6 +2,11 @@
 
 Vectors of different weights are never mixed: when a cohort was embedded with several weights (say random-init
 and the released checkpoint) and none was chosen, loading fails and lists them.
+
+Labels, splits and demographics come from the ``images`` table, joined on row_id at read time: the embeddings
+tables hold vectors (older stores also hold copies of those columns, which are never read), so re-importing a
+cohort with new splits changes what every head trains on at once. A cohort whose embedding pass did not finish
+is refused unless the caller allows a partial one (recorded in the run's config).
 """
 
 from __future__ import annotations
@@ -10,11 +15,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from embedkit.errors import EmbedkitError
 from embedkit.store.store import Store, embeddings_table, sql_eq
 
-# Columns kept beside the vectors (the demographics the embeddings table denormalises).
+# Columns of the images table kept beside the vectors.
 META_COLUMNS = ("row_id", "image_id", "split", "label", "age", "age_group", "sex", "view", "patient_id")
 
 
@@ -36,6 +42,7 @@ class CohortVectors:
     X: np.ndarray  # [N, d] float32
     y: np.ndarray  # [N] int64, -1 = unlabelled
     meta: pd.DataFrame = field(repr=False)  # META_COLUMNS, one row per vector
+    missing_rows: int = 0  # cohort rows without a vector (only with allow_partial)
 
     @property
     def n(self) -> int:
@@ -121,26 +128,47 @@ def choose_slice(store: Store, model: str, cohort: str | None, weights_id: str |
     return cohort, weights_id
 
 
-def load_vectors(store: Store, model: str, cohort: str | None = None, weights_id: str | None = None) -> CohortVectors:
-    """Read the vectors of ``model`` for one cohort and one weights_id (both inferred when unambiguous)."""
-    from embedkit.data.cohort import cohort_classes  # the one definition of a cohort's class order
+def load_vectors(store: Store, model: str, cohort: str | None = None, weights_id: str | None = None,
+                 allow_partial: bool = False) -> CohortVectors:
+    """Read the vectors of ``model`` for one cohort and one weights_id (both inferred when unambiguous), with each
+    row's label, split and demographics from the images table.
+
+    Raises HeadsError when some rows of the cohort have no vector under these weights (an unfinished pass), unless
+    ``allow_partial``; and when a row has two vectors (a store written by two passes at once: `embedkit doctor`).
+    """
+    from embedkit.data.cohort import cohort_classes, load_cohort  # the one definition of a cohort's class order
 
     cohort, weights_id = choose_slice(store, model, cohort, weights_id)
     where = f"{sql_eq('cohort', cohort)} AND {sql_eq('weights_id', weights_id)}"
-    table = store.read(embeddings_table(model), where, ["vector", *META_COLUMNS])
-    # row_id order makes every head's inputs (and so its shuffles and predictions) independent of storage order
-    order = np.argsort(np.asarray(table["row_id"].to_pylist(), dtype=object), kind="stable")
-    table = table.take(order)
+    table = store.read(embeddings_table(model), where, ["row_id", "vector"])
+    row_ids = np.asarray(table["row_id"].to_pylist(), dtype=object)
+    if len(set(row_ids)) != len(row_ids):
+        raise HeadsError(f"{len(row_ids) - len(set(row_ids))} rows of cohort '{cohort}' have two '{model}' vectors "
+                         f"(weights {weights_id}): repair the store with `embedkit doctor --repair`")
+    images = load_cohort(store, cohort)
+    images = images[[c for c in META_COLUMNS if c in images.columns]]
+    embedded = images["row_id"].isin(set(row_ids)).to_numpy()
+    missing = int((~embedded).sum())
+    if missing and not allow_partial:
+        raise HeadsError(
+            f"{missing} of {len(images)} rows of cohort '{cohort}' have no '{model}' vectors under weights "
+            f"{weights_id}: the embedding pass did not finish. Finish it with `embedkit embed --model {model} "
+            f"--cohort {cohort}` (it resumes), or pass --allow-partial to go on without them (recorded in the run)"
+        )
+    # images is in row_id order: that order makes every head's inputs (and so its shuffles and predictions)
+    # independent of storage order. Vectors of rows the cohort no longer has (a re-import dropped them) are ignored.
+    meta = images[embedded].reset_index(drop=True)
+    position = {r: i for i, r in enumerate(row_ids)}
+    table = table.take(pa.array([position[r] for r in meta["row_id"]], pa.int64()))
     vectors = table["vector"].combine_chunks()
     dim = vectors.type.list_size
     X = np.array(vectors.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, dim)  # writable copy
-    meta = table.drop(["vector"]).to_pandas()
     if not np.isfinite(X).all():
         raise HeadsError(f"non-finite values in '{model}' vectors of cohort '{cohort}' (weights {weights_id}): "
                          f"re-embed with `embedkit embed --model {model} --force`")
-    classes = cohort_classes(meta)
+    classes = cohort_classes(images)
     if len(classes) < 2:
         raise HeadsError(f"cohort '{cohort}' has {len(classes)} distinct label(s); a classifier needs at least 2")
     lookup = {c: i for i, c in enumerate(classes)}
     y = meta["label"].map(lambda v: lookup.get(v, -1) if isinstance(v, str) else -1).to_numpy(dtype=np.int64)
-    return CohortVectors(model, cohort, weights_id, classes, X, y, meta)
+    return CohortVectors(model, cohort, weights_id, classes, X, y, meta, missing)

@@ -126,14 +126,14 @@ def class_scores(rule: str, image: np.ndarray, prompts: np.ndarray, prompt_class
 
 def run_zeroshot(store: Store, model: str, cohort: str | None = None, weights_id: str | None = None,
                  prompt_set: str | None = None, ensemble: str = "mean", logit_scale: float | None = None,
-                 study_id: str | None = None) -> dict:
+                 study_id: str | None = None, allow_partial: bool = False) -> dict:
     """Score every row of the cohort zero-shot and record the run; returns the ``runs`` row."""
     from embedkit.models.prompts import DEFAULT_SET
     from embedkit.models.registry import get_spec
 
     spec = get_spec(model)
     rule = spec.zeroshot_rule
-    vectors = load_vectors(store, model, cohort, weights_id)
+    vectors = load_vectors(store, model, cohort, weights_id, allow_partial)
     prompt_set, prompt_classes, prompt_index, prompt_vecs = load_prompts(
         store, model, vectors.weights_id, prompt_set, DEFAULT_SET.get(spec.prompt_style))
     if prompt_vecs.shape[1] != vectors.dim:

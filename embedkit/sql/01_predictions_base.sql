@@ -1,5 +1,6 @@
 -- predictions_base: every prediction beside its image's demographics and its run's model and method.
--- Grain: one row per prediction, i.e. per (run_id, row_id); predictions whose row_id is not in `images` are dropped.
+-- Grain: one row per prediction, i.e. per (run_id, row_id) of a committed run (one with a `runs` row: the commit
+--   marker); predictions whose row_id is not in `images` are dropped.
 -- Columns: run_id, model, method, row_id, image_id, split, y_true, y_pred (indices into the run's classes), probs,
 --   confidence (top-label probability), correct (y_pred = y_true),
 --   l1_error (mean over classes of |p_c - y_c|, y one-hot),
@@ -41,7 +42,7 @@ FROM (
         END AS age_group
     FROM predictions AS p
     JOIN images AS i ON i.row_id = p.row_id
-    LEFT JOIN runs AS r ON r.run_id = p.run_id
+    JOIN runs AS r ON r.run_id = p.run_id
     WHERE (getvariable('scope_runs') IS NULL OR list_contains(getvariable('scope_runs'), p.run_id))
       AND (getvariable('scope_split') IS NULL OR p.split = getvariable('scope_split'))
 ) AS j;

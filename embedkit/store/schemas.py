@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-# Demographic columns denormalised beside every vector so filtered searches and slices need no join.
+# The label, split and demographic columns of a cohort row (held by `images` alone; see embeddings_schema).
 _DEMOGRAPHICS = [
     pa.field("label", pa.string()),
     pa.field("age", pa.int32()),
@@ -43,7 +43,11 @@ REJECTS = pa.schema(
 
 
 def embeddings_schema(dim: int) -> pa.Schema:
-    """One embeddings table per model (``emb_<model>``): one row per (row_id, weights_id)."""
+    """One embeddings table per model (``emb_<model>``): one row per (row_id, weights_id).
+
+    Labels, splits and demographics are not copied here: readers join ``images`` on row_id (one copy of each
+    fact). Tables written before that carry nullable copies of them, which nothing reads.
+    """
     return pa.schema(
         [
             pa.field("row_id", pa.string(), nullable=False),
@@ -52,7 +56,6 @@ def embeddings_schema(dim: int) -> pa.Schema:
             pa.field("model", pa.string()),
             pa.field("weights_id", pa.string(), nullable=False),
             pa.field("vector", pa.list_(pa.float32(), dim)),
-            *_DEMOGRAPHICS,
         ]
     )
 

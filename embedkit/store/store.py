@@ -2,15 +2,26 @@
 
 Writers go through :class:`Store` so that keys, schemas and atomicity rules live in one place:
 - ``upsert`` merges on key columns (re-running an import or embedding never duplicates rows);
-- a run's predictions are written before its ``runs`` row, so a run that is visible is complete;
+- runs are committed as a unit (:meth:`Store.write_runs`): the ``runs`` row is the commit marker. A run's
+  predictions are appended first (one Lance commit), its ``runs`` rows second (one more); every reader joins
+  predictions to ``runs`` (embedkit/fairness/db.py registers ``predictions`` as that join), so predictions
+  without a run are invisible. Lance cannot commit two tables at once, and a marker costs one commit where a
+  transaction table would cost a third. A journal entry (``_journal/<id>.json``, written before the first commit
+  and removed after the last) names the runs in flight, so the next run commit, or ``embedkit doctor``, deletes
+  the predictions a killed or failed writer left, and only those;
+- writers that must not interleave take a lock file under ``_locks/`` (``flock``: released when the process
+  dies, however it dies): run commits wait for each other, a second embedding pass of the same model is refused;
 - an embeddings table refuses vectors of a different width with a message naming both widths.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import time
 import uuid
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable
@@ -24,6 +35,15 @@ from embedkit.store import schemas
 
 class StoreError(EmbedkitError):
     pass
+
+
+class StoreBusy(StoreError):
+    """Another process holds a lock this write needs."""
+
+
+LOCKS_DIR = "_locks"
+JOURNAL_DIR = "_journal"
+RUN_COMMIT_WAIT_S = 120.0  # a run commit takes milliseconds to seconds; waiting longer means a stuck writer
 
 
 def resolve_store_path(path: str | Path | None = None) -> Path:
@@ -126,7 +146,11 @@ class Store:
         if data.num_rows == 0:
             return
         data = data.select(schema.names).cast(schema)
-        self._open_or_create(name, schema).add(data)
+        table = self._open_or_create(name, schema)
+        for f in table.schema:  # a table of an older layout: its extra (nullable) columns get nulls
+            if f.name not in data.schema.names:
+                data = data.append_column(f, pa.nulls(data.num_rows, f.type))
+        table.add(data)
 
     def read(self, name: str, where: str | None = None, columns: list[str] | None = None) -> pa.Table:
         """Read a table (optionally filtered and projected); an absent table raises StoreError."""
@@ -144,24 +168,126 @@ class Store:
         """The table as a pyarrow-compatible Lance dataset (for DuckDB; filters are pushed down)."""
         return self.open(name).to_lance()
 
+    # ---- locks ----------------------------------------------------------------------------------
+    @contextmanager
+    def lock(self, name: str, wait_s: float = 0.0, holder: str = ""):
+        """Hold the exclusive lock ``_locks/<name>.lock`` for the block; wait up to ``wait_s`` seconds for it.
+
+        ``flock`` locks die with their process, so a killed writer never leaves the store locked. Raises
+        StoreBusy naming the holder (its pid and what it does) when the lock stays taken.
+        """
+        folder = self.path / LOCKS_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{name}.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            deadline = time.monotonic() + wait_s
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        other = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+                        raise StoreBusy(f"{other} holds {path}; wait for it to finish (a killed process releases "
+                                        f"it at once)") from None
+                    time.sleep(0.05)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} ({holder or name}, since {datetime.now():%H:%M:%S})".encode(), 0)
+            yield
+        finally:
+            os.close(fd)  # closing the descriptor releases the lock
+
     # ---- runs and predictions -----------------------------------------------------------------
     def write_run(self, run: dict, predictions: pa.Table) -> str:
-        """Record a finished run: predictions first, then the ``runs`` row that makes them visible."""
-        row = {name: run.get(name) for name in schemas.RUNS.names}
-        row["created_at"] = row["created_at"] or datetime.now(timezone.utc)
-        for key in ("config", "metrics"):
-            if not isinstance(row[key], str):
-                row[key] = json.dumps(row[key] or {}, sort_keys=True)
-        if row["run_id"] is None:
-            raise StoreError("a run needs a run_id")
-        self.delete("predictions", sql_eq("run_id", row["run_id"]))  # leftovers of a killed attempt
-        self.append("predictions", predictions, schemas.PREDICTIONS)
-        self.append("runs", pa.Table.from_pylist([row], schema=schemas.RUNS), schemas.RUNS)
-        return row["run_id"]
+        """Record one finished run and its predictions as a unit (see :meth:`write_runs`)."""
+        return self.write_runs([run], predictions)[0]
+
+    def write_runs(self, runs: list[dict], predictions: pa.Table) -> list[str]:
+        """Commit runs and their predictions as a unit: after any kill or I/O error either every run of the batch
+        is visible with all its predictions, or none is (their leftovers are removed by the next commit)."""
+        rows = [_run_row(run) for run in runs]
+        if not rows:
+            return []
+        ids = [r["run_id"] for r in rows]
+        with self.lock("runs", wait_s=RUN_COMMIT_WAIT_S, holder=f"committing run {ids[0]}"):
+            self._recover_journal()
+            if self.has("runs"):
+                taken = self.read("runs", sql_in("run_id", ids), ["run_id"])["run_id"].to_pylist()
+                if taken:
+                    raise StoreError(f"run {taken[0]} is already recorded in {self.path}; a run is written once "
+                                     f"(delete it first with `embedkit runs delete {taken[0]}`)")
+            entry = self._journal_open(ids)
+            if self.has("predictions"):  # leftovers of an attempt with the same ids (a resumed fine-tuning run)
+                self.delete("predictions", sql_in("run_id", ids))
+            self.append("predictions", predictions, schemas.PREDICTIONS)
+            self.append("runs", pa.Table.from_pylist(rows, schema=schemas.RUNS), schemas.RUNS)
+            entry.unlink()
+        return ids
 
     def delete_run(self, run_id: str) -> None:
-        """Delete a run and its predictions (the run row first, so no half-deleted run stays visible)."""
+        """Delete a run and its predictions: the run row first (the run vanishes at once), then its predictions."""
         if not self.count("runs", sql_eq("run_id", run_id)):
             raise StoreError(f"no run '{run_id}' in {self.path}")
-        self.delete("runs", sql_eq("run_id", run_id))
-        self.delete("predictions", sql_eq("run_id", run_id))
+        with self.lock("runs", wait_s=RUN_COMMIT_WAIT_S, holder=f"deleting run {run_id}"):
+            self._recover_journal()
+            entry = self._journal_open([run_id])
+            self.delete("runs", sql_eq("run_id", run_id))
+            self.delete("predictions", sql_eq("run_id", run_id))
+            entry.unlink()
+
+    def _journal_open(self, run_ids: list[str]) -> Path:
+        """Write (and fsync) the journal entry naming runs whose predictions are about to change."""
+        folder = self.path / JOURNAL_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{uuid.uuid4().hex}.json"
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            json.dump({"run_ids": run_ids, "pid": os.getpid()}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return path
+
+    def pending_runs(self) -> list[str]:
+        """Run ids named by journal entries of writers that did not finish (killed, or failed on I/O)."""
+        folder = self.path / JOURNAL_DIR
+        ids: list[str] = []
+        for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+            try:
+                ids += json.loads(path.read_text())["run_ids"]
+            except (OSError, ValueError, KeyError):
+                pass  # a torn entry: the writer died before its first commit (os.replace makes this rare)
+        return ids
+
+    def _recover_journal(self) -> int:
+        """Delete the predictions of unfinished writers' runs that never got a ``runs`` row; clear the journal.
+        Call with the ``runs`` lock held. Returns how many runs' leftovers were removed."""
+        folder = self.path / JOURNAL_DIR
+        if not folder.is_dir():
+            return 0
+        entries = list(folder.glob("*.json")) + list(folder.glob("*.tmp"))
+        ids = self.pending_runs()
+        if ids and self.has("predictions"):
+            committed = set(self.read("runs", sql_in("run_id", ids), ["run_id"])["run_id"].to_pylist()) \
+                if self.has("runs") else set()
+            orphans = [i for i in ids if i not in committed]
+            if orphans:
+                self.delete("predictions", sql_in("run_id", orphans))
+        else:
+            orphans = []
+        for path in entries:
+            path.unlink(missing_ok=True)
+        return len(orphans)
+
+
+def _run_row(run: dict) -> dict:
+    """A ``runs`` row from a run dict: every column present, config and metrics as JSON text."""
+    row = {name: run.get(name) for name in schemas.RUNS.names}
+    row["created_at"] = row["created_at"] or datetime.now(timezone.utc)
+    for key in ("config", "metrics"):
+        if not isinstance(row[key], str):
+            row[key] = json.dumps(row[key] or {}, sort_keys=True)
+    if row["run_id"] is None:
+        raise StoreError("a run needs a run_id")
+    return row
