@@ -62,6 +62,15 @@ def main() -> None:
     except EmbedkitError as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         sys.exit(1)
+    except OSError as exc:
+        import errno
+
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            raise
+        where = f" ({exc.filename})" if exc.filename else ""
+        typer.secho(f"error: {exc.strerror}{where}: nothing after the last completed step was recorded (a run is "
+                    "stored whole or not at all); fix that and run the command again", fg=typer.colors.RED, err=True)
+        sys.exit(1)
 
 
 # ---- data ------------------------------------------------------------------------------------------------------
@@ -353,8 +362,10 @@ def _run_line(run: dict) -> str:
     split = "test" if "test" in metrics else next((s for s in ("val", "train") if s in metrics), None)
     score = (f"{split} accuracy {metrics[split]['accuracy']:.4f}, macro-F1 {metrics[split]['macro_f1']:.4f}"
              if split else "no labelled rows")
+    again = " (already recorded: same inputs, settings and seed; nothing new stored)" if run.get("already_recorded") \
+        else ""
     return (f"run {run['run_id']}: {run['method']} {run['model']} on {run['cohort']} "
-            f"(weights {run['weights_id']}): {score}")
+            f"(weights {run['weights_id']}): {score}{again}")
 
 
 def _run_json(run: dict) -> dict:

@@ -6,6 +6,7 @@ manifest, the synthetic generator) ends here, so validation and keying happen in
 
 from __future__ import annotations
 
+import hashlib
 import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -281,6 +282,15 @@ def load_cohort(store: Store, cohort: str) -> pd.DataFrame:
         known = sorted(set(store.read("images", columns=["cohort"])["cohort"].to_pylist()))
         raise CohortError(f"no cohort '{cohort}' in {store.path}; cohorts there: {', '.join(known) or 'none'}")
     return frame.sort_values("row_id", kind="stable").reset_index(drop=True)
+
+
+def cohort_fingerprint(rows: pd.DataFrame, columns: tuple[str, ...] = ("row_id", "label", "split")) -> str:
+    """A hash of the columns a run depends on (heads: row ids, labels, splits; fine-tuning adds paths), so a
+    re-imported cohort with new labels or splits gives new runs, never a match with the old ones."""
+    digest = hashlib.sha256()
+    for values in rows[list(columns)].astype(str).itertuples(index=False):
+        digest.update("\x1f".join(values).encode() + b"\x1e")
+    return "sha256:" + digest.hexdigest()[:16]
 
 
 def cohort_classes(rows: pd.DataFrame) -> tuple[str, ...]:

@@ -31,7 +31,6 @@ prediction per cohort row (softmax probabilities, class order in the config) lik
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -47,9 +46,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from embedkit.data.cohort import cohort_fingerprint
 from embedkit.errors import EmbedkitError
 from embedkit.finetune.augment import Augment, AugmentedImageFiles, KeySampler, epoch_order, torch_seed
 from embedkit.store.store import Store, new_run_id, sql_eq
+
+FINGERPRINT_COLUMNS = ("row_id", "path", "label", "split")  # what fine-tuning reads of a cohort
 
 if TYPE_CHECKING:
     from embedkit.finetune.lora import LoraTower
@@ -302,14 +304,6 @@ def checkpoint_dir(store: Store, run_id: str) -> Path:
     return Path(store.path) / "checkpoints" / run_id
 
 
-def _cohort_fingerprint(rows: pd.DataFrame) -> str:
-    """A hash of what training depends on (row ids, paths, labels, splits): a re-imported cohort is noticed."""
-    digest = hashlib.sha256()
-    for values in rows[["row_id", "path", "label", "split"]].astype(str).itertuples(index=False):
-        digest.update("\x1f".join(values).encode() + b"\x1e")
-    return "sha256:" + digest.hexdigest()[:16]
-
-
 def _prepare(store: Store, config: FinetuneConfig, run_id: str) -> _Session:
     from embedkit.data.cohort import cohort_classes, load_cohort
     from embedkit.embed import resolve_device
@@ -549,7 +543,7 @@ def _finish(session: _Session, stopped_early: bool) -> FinetuneResult:
                    stopped_early=stopped_early)
     cfg = session.config
     config = {**cfg.settings(), **session.extra_config, "classes": list(session.classes),
-              "cohort_fingerprint": _cohort_fingerprint(session.rows)}
+              "cohort_fingerprint": cohort_fingerprint(session.rows, FINGERPRINT_COLUMNS)}
     offsets = np.arange(0, probs.size + 1, probs.shape[1], dtype=np.int32)
     predictions = pa.table({
         "run_id": pa.array([session.run_id] * len(session.rows), pa.string()),
@@ -586,7 +580,8 @@ def finetune(store: Store, config: FinetuneConfig, progress: bool = True, stop_a
     session = _prepare(store, config, run_id)
     folder.mkdir(parents=True)
     meta = {"run_id": run_id, "config": asdict(config), "weights_id": session.weights_id,
-            "classes": list(session.classes), "cohort_fingerprint": _cohort_fingerprint(session.rows)}
+            "classes": list(session.classes),
+            "cohort_fingerprint": cohort_fingerprint(session.rows, FINGERPRINT_COLUMNS)}
     (folder / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
     return _run(session, progress, stop_after)
 
@@ -627,7 +622,8 @@ def resume(store: Store, run_id: str, device: str | None = None, workers: int | 
     session = _prepare(store, config, run_id)
     for what, saved, now in (("weights", meta["weights_id"], session.weights_id),
                              ("class order", meta["classes"], list(session.classes)),
-                             ("cohort rows", meta["cohort_fingerprint"], _cohort_fingerprint(session.rows))):
+                             ("cohort rows", meta["cohort_fingerprint"],
+                              cohort_fingerprint(session.rows, FINGERPRINT_COLUMNS))):
         if saved != now:
             raise FinetuneError(f"run '{run_id}' started with other {what} than are here now ({saved} vs {now}); "
                                 f"it cannot be resumed exactly: start a new run")

@@ -94,7 +94,9 @@ def predictions_table(run_ids: list[str], vectors: CohortVectors, probs: np.ndar
 def make_run(vectors: CohortVectors, method: str, config: dict, seed: int | None, y_pred: np.ndarray,
              extra_metrics: dict | None = None, run_id: str | None = None) -> dict:
     """A ``runs`` row: ``config`` gets the class order; metrics = accuracy and macro-F1 per split (+ extras)."""
-    config = {**config, "classes": list(vectors.classes)}
+    from embedkit.data.cohort import cohort_fingerprint
+
+    config = {**config, "classes": list(vectors.classes), "cohort_fingerprint": cohort_fingerprint(vectors.meta)}
     if vectors.missing_rows:  # --allow-partial: the run says how much of its cohort it never saw
         config["partial"] = {"missing_rows": vectors.missing_rows, "rows": vectors.n}
     metrics = split_metrics(vectors.y, np.asarray(y_pred), vectors.split)
@@ -121,7 +123,9 @@ def record_run(store: Store, vectors: CohortVectors, method: str, config: dict, 
     probs = np.asarray(probs, dtype=np.float32)
     y_pred = probs.argmax(axis=1) if y_pred is None else np.asarray(y_pred)
     run = make_run(vectors, method, config, seed, y_pred, extra_metrics)
-    store.write_run(run, predictions_table([run["run_id"]], vectors, probs, y_pred))
+    stored = store.write_run(run, predictions_table([run["run_id"]], vectors, probs, y_pred))
+    if stored != run["run_id"]:  # the same inputs, settings and seed were recorded before: report that run
+        return {**store.read("runs", sql_eq("run_id", stored)).to_pylist()[0], "already_recorded": True}
     return run
 
 

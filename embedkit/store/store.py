@@ -16,9 +16,12 @@ Writers go through :class:`Store` so that keys, schemas and atomicity rules live
 
 from __future__ import annotations
 
+import errno
 import fcntl
+import hashlib
 import json
 import os
+import signal
 import time
 import uuid
 from contextlib import contextmanager
@@ -44,6 +47,25 @@ class StoreBusy(StoreError):
 LOCKS_DIR = "_locks"
 JOURNAL_DIR = "_journal"
 RUN_COMMIT_WAIT_S = 120.0  # a run commit takes milliseconds to seconds; waiting longer means a stuck writer
+
+# Fault injection for the crash tests (tests/test_store_faults.py): with EMBEDKIT_FAULT="kill:N" the process
+# SIGKILLs itself at the N-th fault point, with "enospc:N" that point raises "No space left on device". Every
+# table write is preceded and followed by a fault point, so N = 1, 2, ... visits every gap between two writes.
+FAULT_ENV = "EMBEDKIT_FAULT"
+_fault_count = 0
+
+
+def _fault_point() -> None:
+    global _fault_count
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    _fault_count += 1
+    kind, _, at = spec.partition(":")
+    if _fault_count == int(at or 0):
+        if kind == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise OSError(errno.ENOSPC, f"No space left on device (injected at fault point {at})")
 
 
 def resolve_store_path(path: str | Path | None = None) -> Path:
@@ -139,7 +161,9 @@ class Store:
             return
         data = data.select(schema.names).cast(schema)
         table = self._open_or_create(name, schema)
+        _fault_point()
         table.merge_insert(keys).when_matched_update_all().when_not_matched_insert_all().execute(data)
+        _fault_point()
 
     def append(self, name: str, data: pa.Table, schema: pa.Schema) -> None:
         """Append rows in one atomic commit (a killed process leaves either all of them or none)."""
@@ -150,7 +174,9 @@ class Store:
         for f in table.schema:  # a table of an older layout: its extra (nullable) columns get nulls
             if f.name not in data.schema.names:
                 data = data.append_column(f, pa.nulls(data.num_rows, f.type))
+        _fault_point()
         table.add(data)
+        _fault_point()
 
     def read(self, name: str, where: str | None = None, columns: list[str] | None = None) -> pa.Table:
         """Read a table (optionally filtered and projected); an absent table raises StoreError."""
@@ -162,7 +188,9 @@ class Store:
 
     def delete(self, name: str, where: str) -> None:
         if self.has(name):
+            _fault_point()
             self.open(name).delete(where)
+            _fault_point()
 
     def dataset(self, name: str):
         """The table as a pyarrow-compatible Lance dataset (for DuckDB; filters are pushed down)."""
@@ -205,25 +233,39 @@ class Store:
 
     def write_runs(self, runs: list[dict], predictions: pa.Table) -> list[str]:
         """Commit runs and their predictions as a unit: after any kill or I/O error either every run of the batch
-        is visible with all its predictions, or none is (their leftovers are removed by the next commit)."""
+        is visible with all its predictions, or none is (their leftovers are removed by the next commit).
+
+        A run whose fingerprint (:func:`run_fingerprint`) is already stored is not stored again: its place in the
+        returned ids holds the stored run's id, so a rerun after a kill reports what the first attempt committed.
+        """
         rows = [_run_row(run) for run in runs]
         if not rows:
             return []
         ids = [r["run_id"] for r in rows]
         with self.lock("runs", wait_s=RUN_COMMIT_WAIT_S, holder=f"committing run {ids[0]}"):
             self._recover_journal()
-            if self.has("runs"):
-                taken = self.read("runs", sql_in("run_id", ids), ["run_id"])["run_id"].to_pylist()
-                if taken:
-                    raise StoreError(f"run {taken[0]} is already recorded in {self.path}; a run is written once "
-                                     f"(delete it first with `embedkit runs delete {taken[0]}`)")
+            stored = self.read("runs").to_pylist() if self.has("runs") else []
+            taken = sorted(set(ids) & {r["run_id"] for r in stored})
+            if taken:
+                raise StoreError(f"run {taken[0]} is already recorded in {self.path}; a run is written once "
+                                 f"(delete it first with `embedkit runs delete {taken[0]}`)")
+            known = {run_fingerprint(r): r["run_id"] for r in stored}
+            result = [known.get(run_fingerprint(r), r["run_id"]) for r in rows]
+            rows = [r for r, kept in zip(rows, result) if kept == r["run_id"]]
+            if not rows:
+                return result
+            ids = [r["run_id"] for r in rows]
+            if len(rows) < len(result):
+                import pyarrow.compute as pc
+
+                predictions = predictions.filter(pc.is_in(predictions["run_id"], pa.array(ids)))
             entry = self._journal_open(ids)
             if self.has("predictions"):  # leftovers of an attempt with the same ids (a resumed fine-tuning run)
                 self.delete("predictions", sql_in("run_id", ids))
             self.append("predictions", predictions, schemas.PREDICTIONS)
             self.append("runs", pa.Table.from_pylist(rows, schema=schemas.RUNS), schemas.RUNS)
             entry.unlink()
-        return ids
+        return result
 
     def delete_run(self, run_id: str) -> None:
         """Delete a run and its predictions: the run row first (the run vanishes at once), then its predictions."""
@@ -279,6 +321,29 @@ class Store:
         for path in entries:
             path.unlink(missing_ok=True)
         return len(orphans)
+
+
+# Config keys that label a run (which study or sweep asked for it, the class order it reports) rather than change
+# what it computes: two runs that differ only here, and in the seed, are seeds of one arm.
+NOT_A_SETTING = frozenset({"seed", "study_id", "sweep_id", "sweep_grid", "sweep_select", "trainer", "classes"})
+
+
+def run_setting(config: str | dict | None) -> dict:
+    """A run's settings: its config without seed-like and bookkeeping keys (includes the cohort fingerprint)."""
+    if isinstance(config, str) or config is None:
+        try:
+            config = json.loads(config or "{}")
+        except json.JSONDecodeError:
+            return {"config": config}
+    return {k: v for k, v in config.items() if k not in NOT_A_SETTING}
+
+
+def run_fingerprint(run: dict) -> str:
+    """What a run computed from: model, weights, cohort (and its fingerprint), method, settings and seed. Two runs
+    with one fingerprint are the same run; storing the second would only count it twice."""
+    key = {k: run.get(k) for k in ("model", "weights_id", "cohort", "method", "seed")}
+    key["setting"] = run_setting(run.get("config"))
+    return "sha256:" + hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
 def _run_row(run: dict) -> dict:

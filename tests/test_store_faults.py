@@ -1,0 +1,175 @@
+"""The store never reports what did not happen: kills and I/O errors at every gap between two writes, and racing writers.
+
+Each command runs as a real process with EMBEDKIT_FAULT (embedkit/store/store.py): "kill:N" SIGKILLs it at its
+N-th fault point, "enospc:N" makes that point fail with "No space left on device". Fault points sit before and
+after every table write, so N = 1, 2, ... reaches every gap, until a command finishes before its N-th point.
+After every fault the store must hold no visible orphan or duplicate (views, `embedkit sql`, export), and a plain
+rerun must end with exactly the result of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from embedkit.cli import app
+from embedkit.fairness import db
+from embedkit.store.store import FAULT_ENV, Store
+from heads_synth import write_vectors
+
+MODEL = "tiny-clip"
+ROWS = 1200  # heads_synth's cohort
+PROBE = ["probe", "--model", MODEL, "--head", "lp", "--epochs", "2", "--hidden", "16", "--seed", "1",
+         "--threads", "1", "--json"]
+SWEEP = ["sweep", "--model", MODEL, "--head", "lp", "--grid", "lr=1e-3,1e-2", "--seeds", "0-1", "--epochs", "2",
+         "--hidden", "16", "--threads", "1", "--quiet", "--json"]
+
+
+def _cli(store_dir: Path, args: list[str], fault: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, FAULT_ENV: fault} if fault else {k: v for k, v in os.environ.items() if k != FAULT_ENV}
+    return subprocess.run([sys.executable, "-m", "embedkit.cli", "--store", str(store_dir), *args],
+                          capture_output=True, text=True, timeout=300, env=env)
+
+
+def _vector_store(path: Path) -> Path:
+    write_vectors(Store(path), MODEL, 32)
+    return path
+
+
+def assert_consistent(store_dir: Path, tmp_path: Path) -> int:
+    """Every visible run has all its predictions, once; nothing else is visible anywhere. Returns the run count."""
+    store = Store(store_dir)
+    runs = store.read("runs", columns=["run_id"])["run_id"].to_pylist() if store.has("runs") else []
+    if not store.has("predictions"):
+        assert not runs
+        return 0
+    tables = {name: store.dataset(name) for name in store.table_names()}
+    if "runs" not in tables:  # killed before the runs table existed: the predictions view shows nothing
+        con = db.connect_tables(tables, with_views=False)
+        assert con.sql("SELECT count(*) FROM predictions").fetchall()[0][0] == 0
+        return 0
+    con = db.connect_tables(tables)
+    per_run = dict(con.sql("SELECT run_id, count(*) FROM predictions GROUP BY run_id").fetchall())
+    assert per_run == {r: ROWS for r in runs}, "a visible run is incomplete, or predictions without a run are seen"
+    assert con.sql("SELECT count(*) FROM (SELECT DISTINCT run_id, row_id FROM predictions)").fetchall()[0][0] == \
+        ROWS * len(runs)
+    for view in ("predictions_base", "fairness_summary"):
+        seen = {r[0] for r in con.sql(f"SELECT DISTINCT run_id FROM {view}").fetchall()}
+        assert seen == set(runs), view
+    out = tmp_path / f"export-{len(list(tmp_path.glob('export-*')))}"
+    if runs:
+        result = CliRunner().invoke(app, ["--store", str(store_dir), "export", "--parquet", str(out)])
+        assert result.exit_code == 0, result.output
+        exported = pq.read_table(out / "tables" / "predictions.parquet")
+        assert exported.num_rows == ROWS * len(runs)
+        assert set(pq.read_table(out / "views" / "fairness_summary.parquet")["run_id"].to_pylist()) == set(runs)
+    return len(runs)
+
+
+def _probs(store_dir: Path) -> np.ndarray:
+    """Every stored prediction's probabilities, ordered by (config, seed, row): comparable across stores."""
+    store = Store(store_dir)
+    con = db.connect_tables({name: store.dataset(name) for name in store.table_names()})
+    rows = con.sql("SELECT p.probs FROM predictions p JOIN runs r USING (run_id) "
+                   "ORDER BY json_extract_string(r.config, '$.lr'), r.seed, p.row_id").fetchall()
+    return np.asarray([r[0] for r in rows], dtype=np.float32)
+
+
+def _faults_then_rerun(tmp_path: Path, args: list[str], kind: str, runs_expected: int) -> int:
+    """Inject ``kind`` at every fault point in turn (a fresh store each time), check the store after the fault and
+    after a plain rerun against an uninterrupted run. Returns how many fault points there were."""
+    reference = _vector_store(tmp_path / "reference")
+    done = _cli(reference, args)
+    assert done.returncode == 0, done.stderr
+    expected = _probs(reference)
+    point = 0
+    while True:
+        point += 1
+        store_dir = _vector_store(tmp_path / f"{kind}-{point}")
+        faulted = _cli(store_dir, args, f"{kind}:{point}")
+        if faulted.returncode == 0:  # finished before reaching this point: every gap has been visited
+            break
+        if kind == "kill":
+            assert faulted.returncode == -9, faulted.stderr
+        else:
+            assert faulted.returncode == 1 and "Traceback" not in faulted.stderr, faulted.stderr
+            assert faulted.stderr.startswith("error: No space left on device"), faulted.stderr
+        # all or nothing: the batch is invisible, or (a fault after the runs commit) visible whole
+        assert assert_consistent(store_dir, tmp_path) in (0, runs_expected)
+        rerun = _cli(store_dir, args)
+        assert rerun.returncode == 0, rerun.stderr
+        assert assert_consistent(store_dir, tmp_path) == runs_expected
+        np.testing.assert_array_equal(_probs(store_dir), expected)
+        # the rerun's commit removed the leftovers: the stored table holds exactly the visible rows
+        assert Store(store_dir).count("predictions") == ROWS * runs_expected
+    return point - 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["kill", "enospc"])
+def test_probe_faults_at_every_write_leave_nothing_visible_and_a_rerun_completes(tmp_path, kind):
+    assert _faults_then_rerun(tmp_path, PROBE, kind, runs_expected=1) >= 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["kill", "enospc"])
+def test_sweep_faults_at_every_write_leave_nothing_visible_and_a_rerun_completes(tmp_path, kind):
+    assert _faults_then_rerun(tmp_path, SWEEP, kind, runs_expected=4) >= 4
+
+
+def test_leftovers_are_invisible_and_the_next_commit_removes_them(tmp_path):
+    """A writer that dies between its two commits: its predictions never show, the next run commit deletes them."""
+    store_dir = _vector_store(tmp_path / "s")
+    killed = _cli(store_dir, PROBE, "kill:3")  # points 1-2 around the predictions append, 3 before the runs row
+    assert killed.returncode == -9
+    store = Store(store_dir)
+    assert store.count("predictions") == ROWS and store.count("runs") == 0
+    assert store.pending_runs(), "the journal names the run in flight"
+    result = CliRunner().invoke(app, ["--store", str(store_dir), "sql", "--format", "csv",
+                                      "SELECT count(*) AS n FROM predictions"])
+    assert result.exit_code == 0 and result.output.splitlines()[-1] == "0", result.output
+    assert _cli(store_dir, PROBE).returncode == 0
+    assert Store(store_dir).count("predictions") == ROWS and not Store(store_dir).pending_runs()
+
+
+def test_a_run_id_is_written_once(store):
+    import pyarrow as pa
+
+    from embedkit.store import schemas
+    from embedkit.store.store import StoreError
+
+    preds = pa.table({"run_id": ["r"], "row_id": ["a"], "image_id": ["a"], "split": ["test"], "y_true": [0],
+                      "y_pred": [0], "probs": [[1.0, 0.0]]})
+    store.write_run({"run_id": "r", "model": "m", "method": "lp"}, preds)
+    with pytest.raises(StoreError, match="already recorded"):
+        store.write_run({"run_id": "r", "model": "m", "method": "lp"}, preds)
+    assert store.count("predictions") == 1 and store.count("runs") == 1
+    assert schemas.PREDICTIONS.names  # the table was written through the store's schema
+
+
+def test_two_sweeps_at_once_both_commit_whole_and_the_same_sweep_twice_stores_once(tmp_path):
+    store_dir = _vector_store(tmp_path / "s")
+    base = [sys.executable, "-m", "embedkit.cli", "--store", str(store_dir)]
+    other = [*SWEEP[:SWEEP.index("--grid") + 1], "lr=1e-4,3e-3", *SWEEP[SWEEP.index("--grid") + 2:]]
+    for second, runs in ((other, 8), (SWEEP, 8)):  # a different grid adds 4 runs; the same one again adds none
+        procs = [subprocess.Popen([*base, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for args in (SWEEP, second)]
+        outs = [p.communicate(timeout=300) for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], [o[1] for o in outs]
+        assert assert_consistent(store_dir, tmp_path) == runs
+
+
+def test_a_repeated_run_reports_the_stored_one(tmp_path):
+    store_dir = _vector_store(tmp_path / "s")
+    first, again = _cli(store_dir, PROBE), _cli(store_dir, [*PROBE[:-1]])
+    assert first.returncode == 0 and again.returncode == 0, again.stderr
+    assert json.loads(first.stdout)["run_id"] in again.stdout and "already recorded" in again.stdout
+    assert Store(store_dir).count("runs") == 1
