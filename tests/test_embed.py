@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -153,3 +154,42 @@ def test_sql_counts_embeddings_before_any_run(tmp_path, small_cohort):
                                  "SELECT count(*) AS n, count(DISTINCT row_id) AS d FROM emb_tiny_clip"])
     assert result.exit_code == 0, result.output
     assert result.stdout.strip().splitlines()[-1] == f"{len(frame)},{len(frame)}"
+
+
+def test_a_second_pass_of_the_same_slice_is_refused_while_one_runs(store, small_cohort):
+    """Two passes would both append every row; the second is refused with the holder named, and writes nothing."""
+    from embedkit.store.store import StoreBusy
+
+    frame, folder = small_cohort
+    _import(store, frame, folder)
+    spec = get_spec("tiny-clip")
+    net, weights_id, _ = instantiate(spec, random_init=True, seed=0)
+    key = __import__("hashlib").sha256(f"{weights_id}\0c".encode()).hexdigest()[:16]
+    with store.lock(f"embed-tiny-clip-{key}", holder="a test holding the pass"):
+        with pytest.raises(StoreBusy, match="a test holding the pass"):
+            _embed(store)
+        assert not store.has("emb_tiny_clip")
+        _embed(store, seed=1)  # other weights: another slice, not blocked
+    assert _embed(store).rows == len(frame) and store.count("emb_tiny_clip") == 2 * len(frame)
+
+
+def test_heads_use_the_current_splits_and_refuse_an_unfinished_pass(store, small_cohort):
+    from embedkit.heads.probe import HeadConfig, run_probe
+    from embedkit.heads.vectors import HeadsError
+
+    frame, folder = small_cohort
+    _import(store, frame, folder)
+    _embed(store, chunk_images=8)
+    moved = frame.copy()
+    moved.loc[moved["split"] == "test", "split"] = "val"  # re-import: every test row becomes val
+    _import(store, moved, folder)
+    run = run_probe(store, "tiny-clip", HeadConfig("lp", epochs=1, hidden=8), seed=0)
+    preds = store.read("predictions", f"run_id = '{run['run_id']}'")
+    assert set(preds["split"].to_pylist()) == {"train", "val"}
+    assert json.loads(run["metrics"])["val"]["n"] == int((moved["split"] == "val").sum())
+    # a pass killed after some chunks: heads refuse, name what is missing and the command that finishes it
+    store.delete("emb_tiny_clip", "row_id IN ('c/00000_000.png', 'c/01001_000.png')")
+    with pytest.raises(HeadsError, match=r"2 of 24 rows .*`embedkit embed --model tiny-clip --cohort c`"):
+        run_probe(store, "tiny-clip", HeadConfig("lp", epochs=1, hidden=8), seed=0)
+    partial = run_probe(store, "tiny-clip", HeadConfig("lp", epochs=1, hidden=8), seed=0, allow_partial=True)
+    assert json.loads(partial["config"])["partial"] == {"missing_rows": 2, "rows": 22}
