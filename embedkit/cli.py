@@ -590,6 +590,11 @@ def _print_result(table, fmt: str) -> None:
         typer.echo(f"({table.num_rows} rows)")
 
 
+def _one_line(exc: Exception) -> str:
+    """DuckDB's message without its multi-line caret excerpt: the first line says what and where."""
+    return str(exc).strip().splitlines()[0]
+
+
 @app.command("sql")
 def sql_cmd(
     ctx: typer.Context,
@@ -597,8 +602,14 @@ def sql_cmd(
     fmt: str = typer.Option("table", "--format", "-f", help="table, csv or json."),
     by: Optional[str] = typer.Option(None, "--by", help="Attributes of the views (default: sex, age_group, "
                                                          "age_group_sex, view)."),
+    allow_read: Optional[list[Path]] = typer.Option(None, "--allow-read",
+                                                    help="A file or folder queries may read (repeatable)."),
 ) -> None:
-    """Query the store with DuckDB: every table and fairness view is registered (`.tables` lists them)."""
+    """Query the store with DuckDB: every table and fairness view is registered (`.tables` lists them).
+
+    Read-only: no statement writes a file, attaches a database, loads an extension or reaches the network, and
+    files outside the store are read only where --allow-read names them.
+    """
     import duckdb
 
     from embedkit.fairness import db
@@ -615,14 +626,20 @@ def sql_cmd(
         typer.secho("note: the store has no predictions yet, so only its tables are registered (no fairness views)",
                     err=True)
         con = db.connect(store, views=False)
+    db.lock_down(con, allow_read or ())
+
+    def answer(text: str) -> None:
+        db.check_read_only(text)
+        result = con.sql(text)
+        if result is not None:
+            _print_result(result.to_arrow_table(), fmt)  # inside the try: some errors surface only here
+
     if query is not None:
         try:
-            result = con.sql(query)
-        except duckdb.Error as exc:
-            typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+            answer(query)
+        except (duckdb.Error, db.FairnessError) as exc:
+            typer.secho(f"error: {_one_line(exc)}", fg=typer.colors.RED, err=True)
             raise typer.Exit(1)
-        if result is not None:
-            _print_result(result.to_arrow_table(), fmt)
         return
     # Interactive: a statement ends at a line ending with ';' (or at a blank line, or at the end of input).
     stdin = typer.get_text_stream("stdin")
@@ -635,11 +652,9 @@ def sql_cmd(
         if not text.rstrip(";").strip():
             return
         try:
-            result = con.sql(text)
-            if result is not None:
-                _print_result(result.to_arrow_table(), fmt)
-        except duckdb.Error as exc:
-            typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+            answer(text)
+        except (duckdb.Error, db.FairnessError) as exc:
+            typer.secho(f"error: {_one_line(exc)}", fg=typer.colors.RED, err=True)
 
     while True:
         if prompt:

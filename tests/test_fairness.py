@@ -521,3 +521,33 @@ def test_export_round_trip(store, con, tmp_path, monkeypatch):
     saved = fresh.sql("SELECT * FROM read_parquet('views/fairness_summary.parquet') ORDER BY "
                       "run_id, split, attribute, group_or_gap, metric").df()
     pd.testing.assert_frame_equal(saved, original, check_exact=False, rtol=0, atol=1e-12)
+
+
+def test_cli_sql_is_read_only_towards_the_store_and_the_host(store, tmp_path):
+    """No statement writes a file, attaches a database, loads an extension or reads outside --allow-read."""
+    manifest = next((store.path / "runs.lance" / "_versions").iterdir())
+    extra = tmp_path / "extra.csv"
+    extra.write_text("row_id,score\nx,1\n")
+    refused = {
+        f"COPY (SELECT 'x') TO '{manifest}'": "COPY",
+        f"COPY (SELECT 1) TO '{tmp_path / 'out.csv'}'": "COPY",
+        f"EXPORT DATABASE '{tmp_path / 'dump'}'": "EXPORT",
+        f"ATTACH '{tmp_path / 'other.db'}'": "ATTACH",
+        "INSTALL httpfs": "INSTALL",
+        "LOAD httpfs": "INSTALL",
+        "SELECT * FROM read_text('/etc/hostname')": "disabled",
+        "SELECT * FROM 'https://example.invalid/a.csv'": "disabled",
+        f"SELECT * FROM read_csv('{extra}')": "disabled",
+        "SET enable_external_access = true": "locked",
+    }
+    before = manifest.read_bytes()
+    for query, reason in refused.items():
+        result = _cli("--store", str(store.path), "sql", query)
+        assert result.exit_code == 1, query
+        assert result.output.startswith("error:") and reason in result.output, (query, result.output)
+        assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+    assert manifest.read_bytes() == before and not (tmp_path / "out.csv").exists()
+    allowed = _cli("--store", str(store.path), "sql", "--allow-read", str(extra), "--format", "csv",
+                   f"SELECT score FROM read_csv('{extra}')")
+    assert allowed.exit_code == 0 and allowed.output.splitlines() == ["score", "1"], allowed.output
+    assert _cli("--store", str(store.path), "sql", "SELECT 'abc'::INTEGER").output.startswith("error: Conversion")

@@ -179,6 +179,42 @@ def scoped(con, run_ids: Sequence[str] | None = None, split: str | None = None, 
         con.execute("SET VARIABLE class_scores = true")
 
 
+# Statement kinds `embedkit sql` refuses whatever the settings: they write files, attach databases or load code.
+_REFUSED_STATEMENTS = {"COPY": "COPY reads or writes files", "COPY_DATABASE": "COPY DATABASE writes files",
+                       "EXPORT": "EXPORT DATABASE writes files", "ATTACH": "ATTACH opens another database",
+                       "DETACH": "DETACH changes the attached databases",
+                       "LOAD": "INSTALL / LOAD add extensions (and fetch them over the network)"}
+
+
+def lock_down(con, allow_read: Sequence[str | Path] = ()) -> None:
+    """Make ``con`` read-only towards the host: no file or network access by DuckDB itself (the store's tables are
+    registered Python objects and stay readable), except reading the paths in ``allow_read``; settings locked."""
+    dirs = [str(Path(p).resolve()) + "/" for p in allow_read if Path(p).is_dir()]
+    files = [str(Path(p).resolve()) for p in allow_read if not Path(p).is_dir()]
+    if dirs:
+        con.execute("SET allowed_directories = $d", {"d": dirs})
+    if files:
+        con.execute("SET allowed_paths = $f", {"f": files})
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
+
+
+def check_read_only(sql: str) -> None:
+    """Raise FairnessError, naming the statement, when ``sql`` holds a statement that writes files, attaches a
+    database or loads an extension (`embedkit export` is the way to write files)."""
+    import duckdb
+
+    try:
+        statements = duckdb.extract_statements(sql)
+    except duckdb.Error:
+        return  # a syntax error: DuckDB's own message says where, when the query runs
+    for statement in statements:
+        kind = str(statement.type).rsplit(".", 1)[-1]
+        if kind in _REFUSED_STATEMENTS:
+            raise FairnessError(f"refused: {_REFUSED_STATEMENTS[kind]}; `embedkit sql` is read-only "
+                                "(write files with `embedkit export --parquet DIR`)")
+
+
 def _check_attribute_names(attributes: Iterable[str] | None) -> list[str]:
     attrs = list(DEFAULT_ATTRIBUTES if attributes is None else attributes)
     out: list[str] = []

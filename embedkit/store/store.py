@@ -250,6 +250,7 @@ class Store:
                 raise StoreError(f"run {taken[0]} is already recorded in {self.path}; a run is written once "
                                  f"(delete it first with `embedkit runs delete {taken[0]}`)")
             known = {run_fingerprint(r): r["run_id"] for r in stored}
+            known.pop(None, None)
             result = [known.get(run_fingerprint(r), r["run_id"]) for r in rows]
             rows = [r for r, kept in zip(rows, result) if kept == r["run_id"]]
             if not rows:
@@ -338,11 +339,15 @@ def run_setting(config: str | dict | None) -> dict:
     return {k: v for k, v in config.items() if k not in NOT_A_SETTING}
 
 
-def run_fingerprint(run: dict) -> str:
+def run_fingerprint(run: dict) -> str | None:
     """What a run computed from: model, weights, cohort (and its fingerprint), method, settings and seed. Two runs
-    with one fingerprint are the same run; storing the second would only count it twice."""
+    with one fingerprint are the same run; storing the second would only count it twice. None for a run whose
+    config does not fingerprint its cohort rows: nothing proves two such runs saw the same inputs."""
+    setting = run_setting(run.get("config"))
+    if "cohort_fingerprint" not in setting:
+        return None
     key = {k: run.get(k) for k in ("model", "weights_id", "cohort", "method", "seed")}
-    key["setting"] = run_setting(run.get("config"))
+    key["setting"] = setting
     return "sha256:" + hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
