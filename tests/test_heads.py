@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from embedkit.cli import app
 from embedkit.constants import NIH_CLASSES
 from embedkit.heads.probe import HeadConfig, run_probe
-from embedkit.heads.runs import list_runs, macro_f1
+from embedkit.heads.runs import list_runs
 from embedkit.heads.vectors import HeadsError, load_vectors
 from embedkit.heads.zeroshot import run_zeroshot
 from embedkit.store import schemas
@@ -239,13 +239,28 @@ def test_logreg_solves_the_problem_scikit_learn_solves(clip_store):
                                atol=0.5 * x_norm * radius + 1e-6)
 
 
-def test_macro_f1_matches_scikit_learn():
+def test_run_summaries_are_the_views_numbers(clip_store):
+    """What a head returns and `runs` lists is read from fairness_summary: one definition of every metric."""
     from sklearn.metrics import f1_score
 
-    rng = np.random.default_rng(0)
-    for _ in range(5):
-        t, p = rng.integers(0, 5, 50), rng.integers(0, 6, 50)
-        assert macro_f1(t, p) == pytest.approx(f1_score(t, p, average="macro", zero_division=0))
+    from embedkit.fairness import db
+
+    store, _ = clip_store
+    run = run_probe(store, "tiny-clip", HeadConfig("lp", **FAST), seed=2)
+    metrics = json.loads(run["metrics"])
+    con = db.connect(store, ["sex"])
+    rows = con.sql("SELECT split, metric, value, n FROM fairness_summary WHERE run_id = $r AND attribute = 'all' "
+                   "AND metric IN ('accuracy', 'macro_f1')", params={"r": run["run_id"]}).fetchall()
+    assert len(rows) == 6
+    for split, metric, value, n in rows:
+        assert metrics[split][metric] == value and metrics[split]["n"] == n
+        assert list_runs(store)[0]["metrics"][split][metric] == value
+    pred = _predictions(store, run["run_id"])
+    test = pred["split"] == "test"
+    # macro-F1 averages over all of the run's classes (an absent class scores 0): scikit-learn with labels given
+    assert metrics["test"]["macro_f1"] == pytest.approx(
+        f1_score(pred["y_true"][test], pred["y_pred"][test], labels=range(6), average="macro", zero_division=0))
+    assert "test" not in json.loads(store.read("runs")["metrics"][0].as_py())  # stored: training facts only
 
 
 def test_cli_lists_filters_and_deletes_runs(clip_store):

@@ -128,9 +128,14 @@ def test_selection_never_reads_the_test_split(store, tmp_path, monkeypatch):
                              pa.FixedSizeListArray.from_arrays(pa.array(noise), 32))
     other.upsert(embeddings_table(MODEL), table, ["row_id", "weights_id"], schemas.embeddings_schema(32))
 
-    seen_rows = []
-    real = sweep.val_metrics
-    monkeypatch.setattr(sweep, "val_metrics", lambda p, y, g: seen_rows.append(p.shape[1]) or real(p, y, g))
+    from embedkit.fairness import summary
+    from embedkit.fairness.summary import split_summaries
+
+    seen_rows, seen_splits = [], []
+    real_loss, real_metrics = sweep.val_loss, summary.selection_metrics
+    monkeypatch.setattr(sweep, "val_loss", lambda p, y: seen_rows.append(p.shape[1]) or real_loss(p, y))
+    monkeypatch.setattr(summary, "selection_metrics",
+                        lambda st, ids, by, split: seen_splits.append(split) or real_metrics(st, ids, by, split))
     grid = {"lr": [1e-3, 1e-2], "wd": [0.0, 1e-3]}
     base = HeadConfig("lp", epochs=3, hidden=16)
     for select in ("val_macro_f1", "val_loss", "fair:f1_gap<=0.2"):
@@ -139,10 +144,11 @@ def test_selection_never_reads_the_test_split(store, tmp_path, monkeypatch):
         keys = ("val_macro_f1_mean", "val_macro_f1_std", "val_f1_gap_mean", "val_loss_mean", "pareto", "picked")
         assert [[s[k] for k in keys] for s in a.summary] == [[s[k] for k in keys] for s in b.summary]
         assert a.pick == b.pick
-        test_a = json.loads(store.read("runs", sql_eq("run_id", a.summary[0]["run_ids"][0]))["metrics"][0].as_py())
-        test_b = json.loads(other.read("runs", sql_eq("run_id", b.summary[0]["run_ids"][0]))["metrics"][0].as_py())
-        assert test_a["test"] != test_b["test"]  # the test split really differs between the two stores
-    assert set(seen_rows) == {120}  # selection was handed the 120 val rows, never more
+        test_a = split_summaries(store, [a.summary[0]["run_ids"][0]])
+        test_b = split_summaries(other, [b.summary[0]["run_ids"][0]])
+        assert list(test_a.values())[0]["test"] != list(test_b.values())[0]["test"]  # the test splits differ
+    assert set(seen_rows) == {120}  # the loss was handed the 120 val rows, never more
+    assert set(seen_splits) == {"val"}  # and the views were read on the val split only
 
 
 def test_choose_and_pareto_front():
@@ -170,21 +176,29 @@ def test_sweep_cli_stores_every_run_and_reports_the_pick(vec_store):
     out = runner.invoke(app, [*base, "--json", "--select", "fair:f1_gap<=0.5"])
     assert out.exit_code == 0, out.output
     result = json.loads(out.output)
-    assert result["n_runs"] == 12 and len(result["configs"]) == 4 and result["groups"] == ["F", "M"]
+    assert result["n_runs"] == 12 and len(result["configs"]) == 4 and result["groups"] == {"sex": ["F", "M"]}
     assert sum(c["picked"] for c in result["configs"]) == 1 and result["pick"]["picked"]
     assert all(c["val_macro_f1_std"] is not None and len(c["run_ids"]) == 3 for c in result["configs"])
     assert vec_store.count("runs") == 12 and vec_store.count("predictions") == 12 * 1200
     assert any(c["pareto"] for c in result["configs"])
     table = runner.invoke(app, [*base, "--seeds", "0"])
-    assert table.exit_code == 0 and "pick" in table.output and vec_store.count("runs") == 16
+    # seed 0 of every configuration is already recorded by the sweep above: the same runs, not stored twice
+    assert table.exit_code == 0 and "pick" in table.output and vec_store.count("runs") == 12
     bad = runner.invoke(app, [*base, "--grid", "depth=3"])
     assert bad.exit_code != 0 and "cannot be swept" in str(bad.exception)
 
 
-def test_a_sweep_repeated_gives_identical_predictions(vec_store):
+def test_a_sweep_repeated_gives_identical_predictions(vec_store, tmp_path):
+    from embedkit.store.store import Store
+
+    other = Store(tmp_path / "other")
+    write_vectors(other, MODEL, 32)  # the same vectors in a second store: the repeat is trained, not deduplicated
     base = HeadConfig("mlp", epochs=2, hidden=16)
-    a, b = (run_sweep(vec_store, MODEL, "mlp", {"lr": [1e-3, 1e-2]}, [3, 4], base) for _ in range(2))
+    a, b = (run_sweep(s, MODEL, "mlp", {"lr": [1e-3, 1e-2]}, [3, 4], base) for s in (vec_store, other))
     for sa, sb in zip(a.summary, b.summary):
         for ra, rb in zip(sa["run_ids"], sb["run_ids"]):
             assert ra != rb
-            np.testing.assert_array_equal(_probs(vec_store, ra), _probs(vec_store, rb))
+            np.testing.assert_array_equal(_probs(vec_store, ra), _probs(other, rb))
+    again = run_sweep(vec_store, MODEL, "mlp", {"lr": [1e-3, 1e-2]}, [3, 4], base)  # same store: nothing new
+    assert [s["run_ids"] for s in again.summary] == [s["run_ids"] for s in a.summary]
+    assert vec_store.count("runs") == 4

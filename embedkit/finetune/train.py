@@ -526,7 +526,7 @@ def _run(session: _Session, progress: bool, stop_after: int | None) -> FinetuneR
 
 def _finish(session: _Session, stopped_early: bool) -> FinetuneResult:
     """Predict every cohort row with the best epoch's weights and write the run; drop last.pt."""
-    from embedkit.heads.runs import code_version, softmax, split_metrics
+    from embedkit.heads.runs import code_version, softmax, with_summaries
     from embedkit.store import schemas
 
     if not (session.folder / "best.pt").exists():
@@ -538,8 +538,7 @@ def _finish(session: _Session, stopped_early: bool) -> FinetuneResult:
     probs = softmax(logits)
     y_pred = probs.argmax(axis=1)
     split = session.rows["split"].to_numpy(dtype=object)
-    metrics = split_metrics(session.y, y_pred, split)
-    metrics.update(val_loss=session.best_val_loss, best_epoch=session.best_epoch, epochs_run=session.epochs_done,
+    metrics = dict(val_loss=session.best_val_loss, best_epoch=session.best_epoch, epochs_run=session.epochs_done,
                    stopped_early=stopped_early)
     cfg = session.config
     config = {**cfg.settings(), **session.extra_config, "classes": list(session.classes),
@@ -557,9 +556,10 @@ def _finish(session: _Session, stopped_early: bool) -> FinetuneResult:
     run = {"run_id": session.run_id, "model": session.spec.name, "weights_id": session.weights_id,
            "method": cfg.method, "cohort": cfg.cohort, "config": config, "seed": cfg.seed,
            "code_version": code_version(), "metrics": metrics, "study_id": cfg.study_id}
-    session.store.write_run(run, predictions)
+    stored = session.store.write_run(run, predictions)  # another id: this very run was recorded before
     (session.folder / "last.pt").unlink(missing_ok=True)  # a finished run is not resumed; best.pt stays
-    return FinetuneResult(session.run_id, True, session.epochs_done, session.best_epoch, session.best_val_loss,
+    metrics = with_summaries(session.store, [{"run_id": stored, "metrics": metrics}])[0]["metrics"]
+    return FinetuneResult(stored, True, session.epochs_done, session.best_epoch, session.best_val_loss,
                           session.trainable_params, metrics, session.history, stopped_early, session.folder)
 
 

@@ -1,7 +1,7 @@
 """Recording runs: one ``runs`` row and one ``predictions`` row per cohort row; listing and deleting them.
 
-The summary metrics stored with a run (accuracy and macro-F1 per split) are a convenience for listings and
-sweep tables; the fairness metrics proper come from the SQL views over ``predictions``.
+A run stores what its training reports (iterations, best epoch, ...); every metric of its predictions, the
+accuracy and macro-F1 a listing shows included, is read from the SQL views (one definition of each number).
 """
 
 from __future__ import annotations
@@ -32,30 +32,6 @@ def code_version() -> str:
         return f"{__version__}+g{out.stdout.strip()}"
     except (OSError, subprocess.SubprocessError):
         return __version__
-
-
-def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
-    """Macro-F1 over the classes present in y_true or y_pred, 0 where undefined (sklearn's f1_score defaults)."""
-    if len(y_true) == 0:
-        return float("nan")
-    labels = np.union1d(y_true, y_pred)
-    f1 = []
-    for c in labels:
-        tp = np.sum((y_true == c) & (y_pred == c))
-        denom = np.sum(y_true == c) + np.sum(y_pred == c)  # 2tp + fp + fn
-        f1.append(2 * tp / denom if denom else 0.0)
-    return float(np.mean(f1))
-
-
-def split_metrics(y_true: np.ndarray, y_pred: np.ndarray, split: np.ndarray) -> dict[str, dict[str, float]]:
-    """Accuracy and macro-F1 per split, over labelled rows (y_true >= 0)."""
-    out = {}
-    for name in sorted({s for s in split if isinstance(s, str)}):
-        mask = (split == name) & (y_true >= 0)
-        if mask.any():
-            out[name] = {"n": int(mask.sum()), "accuracy": float(np.mean(y_true[mask] == y_pred[mask])),
-                         "macro_f1": macro_f1(y_true[mask], y_pred[mask])}
-    return out
 
 
 def softmax(scores: np.ndarray) -> np.ndarray:
@@ -93,15 +69,15 @@ def predictions_table(run_ids: list[str], vectors: CohortVectors, probs: np.ndar
 
 def make_run(vectors: CohortVectors, method: str, config: dict, seed: int | None, y_pred: np.ndarray,
              extra_metrics: dict | None = None, run_id: str | None = None) -> dict:
-    """A ``runs`` row: ``config`` gets the class order; metrics = accuracy and macro-F1 per split (+ extras)."""
+    """A ``runs`` row: ``config`` gets the class order and the cohort fingerprint; ``metrics`` holds what training
+    reports (iterations, best epoch, ...). Accuracy and macro-F1 per split are never stored: they are read from
+    the SQL views (:func:`with_summaries`)."""
     from embedkit.data.cohort import cohort_fingerprint
 
     config = {**config, "classes": list(vectors.classes), "cohort_fingerprint": cohort_fingerprint(vectors.meta)}
     if vectors.missing_rows:  # --allow-partial: the run says how much of its cohort it never saw
         config["partial"] = {"missing_rows": vectors.missing_rows, "rows": vectors.n}
-    metrics = split_metrics(vectors.y, np.asarray(y_pred), vectors.split)
-    if extra_metrics:
-        metrics.update(extra_metrics)
+    metrics = dict(extra_metrics or {})
     return {
         "run_id": run_id or new_run_id(method),
         "model": vectors.model,
@@ -125,8 +101,23 @@ def record_run(store: Store, vectors: CohortVectors, method: str, config: dict, 
     run = make_run(vectors, method, config, seed, y_pred, extra_metrics)
     stored = store.write_run(run, predictions_table([run["run_id"]], vectors, probs, y_pred))
     if stored != run["run_id"]:  # the same inputs, settings and seed were recorded before: report that run
-        return {**store.read("runs", sql_eq("run_id", stored)).to_pylist()[0], "already_recorded": True}
-    return run
+        run = {**store.read("runs", sql_eq("run_id", stored)).to_pylist()[0], "already_recorded": True}
+    return with_summaries(store, [run])[0]
+
+
+def with_summaries(store: Store, runs: list[dict]) -> list[dict]:
+    """The runs with accuracy, macro-F1 and n per split, as the SQL views compute them, merged into ``metrics``
+    (a JSON string stays a JSON string)."""
+    from embedkit.fairness.summary import split_summaries
+
+    summaries = split_summaries(store, [r["run_id"] for r in runs])
+    out = []
+    for run in runs:
+        text = isinstance(run["metrics"], str)
+        metrics = {**(json.loads(run["metrics"] or "{}") if text else run["metrics"] or {}),
+                   **summaries.get(run["run_id"], {})}
+        out.append({**run, "metrics": json.dumps(metrics, sort_keys=True) if text else metrics})
+    return out
 
 
 def list_runs(store: Store, model: str | None = None, method: str | None = None) -> list[dict]:
@@ -138,6 +129,7 @@ def list_runs(store: Store, model: str | None = None, method: str | None = None)
     for row in rows:
         row["config"] = json.loads(row["config"] or "{}")
         row["metrics"] = json.loads(row["metrics"] or "{}")
+    rows = with_summaries(store, rows) if rows and store.has("predictions") else rows
     return sorted(rows, key=lambda r: (r["created_at"], r["run_id"]), reverse=True)
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from embedkit.heads.probe import HeadConfig, training_arrays
-from embedkit.heads.runs import macro_f1, make_run, predictions_table, softmax
+from embedkit.heads.runs import make_run, predictions_table, softmax
 from embedkit.heads.vectors import CohortVectors, HeadsError, load_vectors
 from embedkit.store.store import Store, new_run_id
 
@@ -171,21 +171,25 @@ def _group(configs: list[HeadConfig], keys: tuple[str, ...]) -> dict[tuple, list
 
 
 # ---- selection (validation rows only) ---------------------------------------------------------------------------
-def val_metrics(probs_val: np.ndarray, y_val: np.ndarray, groups_val: np.ndarray) -> dict[str, np.ndarray]:
-    """Per run: val macro-F1, val cross-entropy, val F1 gap (max - min group macro-F1). Inputs are val rows only."""
-    n_runs = len(probs_val)
-    pred = probs_val.argmax(axis=2)
+def val_loss(probs_val: np.ndarray, y_val: np.ndarray) -> np.ndarray:
+    """Per run: the val cross-entropy, the heads' training objective (the one number not read from the SQL views)."""
     picked = np.take_along_axis(probs_val, y_val[None, :, None], axis=2)[:, :, 0].astype(np.float64)
-    loss = -np.log(np.clip(picked, 1e-12, None)).mean(axis=1)
-    f1 = np.array([macro_f1(y_val, pred[r]) for r in range(n_runs)])
-    names = sorted({g for g in groups_val if g is not None})
-    gap = np.full(n_runs, np.nan)
-    if len(names) >= 2:
-        masks = [groups_val == g for g in names]
-        for r in range(n_runs):
-            scores = [macro_f1(y_val[m], pred[r][m]) for m in masks]
-            gap[r] = max(scores) - min(scores)
-    return {"macro_f1": f1, "loss": loss, "f1_gap": gap, "groups": names}
+    return -np.log(np.clip(picked, 1e-12, None)).mean(axis=1)
+
+
+def val_metrics(store: Store, run_ids: list[str], by: list[str]) -> dict:
+    """Per run, on the val split, from the SQL views (embedkit.fairness.summary): macro-F1, and the F1 gap, the
+    largest over the attributes in ``by`` (each attribute's groups compared separately, as `embedkit fairness`
+    does). NaN where undefined."""
+    from embedkit.fairness.summary import selection_metrics
+
+    f1, gaps, groups = selection_metrics(store, run_ids, by, "val")
+    f1_arr = np.array([f1.get(r, np.nan) if f1.get(r) is not None else np.nan for r in run_ids], dtype=float)
+    gap = np.array([max((g for g in gaps.get(r, {}).values() if g is not None), default=np.nan) for r in run_ids],
+                   dtype=float)
+    # Rounded: DuckDB's parallel sums may differ in the last bit from one query to the next, which must not turn a
+    # tie between two configurations (first in grid order wins) into a different pick. Both are ratios of counts.
+    return {"macro_f1": f1_arr.round(12), "f1_gap": gap.round(12), "groups": groups}
 
 
 def _mean_std(values: np.ndarray) -> tuple[float, float | None]:
@@ -281,7 +285,7 @@ def run_sweep(store: Store, model: str, head: str, grid: dict[str, list], seeds:
     configs = expand(base, grid)
     vectors = load_vectors(store, model, cohort, weights_id, allow_partial)
     by = list(by)
-    groups = vectors.groups(by)  # validates the column names before any training
+    vectors.groups(by)  # validates the column names before any training
     fit = train_grid(vectors, configs, seeds, models_per_slice, progress)
     probs = softmax(fit.logits)
     sweep_id = new_run_id("sweep")
@@ -292,11 +296,11 @@ def run_sweep(store: Store, model: str, head: str, grid: dict[str, list], seeds:
                   "sweep_id": sweep_id, "sweep_grid": grid, "sweep_select": str(selection),
                   "train_split": "train", "val_split": "val"}
         runs.append(make_run(vectors, head, config, seed, fit.logits[r].argmax(axis=1), fit.extras[r]))
-    run_ids = [r["run_id"] for r in runs]
-    store.write_runs(runs, predictions_table(run_ids, vectors, probs, fit.logits.argmax(axis=2)))
-
-    va = vectors.index("val")  # selection sees these rows and nothing else
-    metrics = val_metrics(probs[:, va], vectors.y[va], groups[va])
+    # the ids the store holds: a run recorded before with the same inputs keeps its id (and is not stored twice)
+    run_ids = store.write_runs(runs, predictions_table([r["run_id"] for r in runs], vectors, probs,
+                                                       fit.logits.argmax(axis=2)))
+    va = vectors.index("val")  # selection sees the val rows and nothing else
+    metrics = {**val_metrics(store, run_ids, by), "loss": val_loss(probs[:, va], vectors.y[va])}
     summary = []
     for i, cfg in enumerate(configs):
         rs = slice(i * len(seeds), (i + 1) * len(seeds))
@@ -327,7 +331,7 @@ def render_table(outcome: SweepOutcome):
             return "-"
         return f"{mean:.4f}" + (f" ± {std:.4f}" if std is not None else "")
 
-    by = "x".join(outcome.by)
+    by = ", ".join(outcome.by)
     table = Table(title=f"sweep {outcome.sweep_id}: {outcome.model} {outcome.head}, {outcome.n_runs} runs "
                         f"({len(outcome.summary)} configurations x {len(outcome.seeds)} seeds), "
                         f"select {outcome.select}")

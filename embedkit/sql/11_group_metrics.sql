@@ -2,7 +2,9 @@
 -- Grain: one row per (replicate, run_id, split, attribute, group_name, metric).
 -- Columns: replicate, run_id, split, attribute, group_name, family (the metric without its class), metric, value, n
 --   (weighted rows in the group). A value undefined in a group (0/0, e.g. TPR without positives) is NULL.
--- Metrics per group: accuracy; macro_f1 and macro_f1_zd1 (mean over the run's classes of f1, f1_zd1); var_f1 (sample
+-- Metrics per group: accuracy; macro_f1 (mean over ALL the run's classes of f1: a class the group neither shows nor
+--   is predicted to show scores 0); macro_f1_zd1 (the paper's: mean over the classes present in the group's labels or
+--   predictions of f1_zd1, what scikit-learn's f1_score(average='macro', zero_division=1) computes); var_f1 (sample
 --   variance, ddof = 1, of the per-class F1 across classes: the paper's Var_F1); macro_auc and classwise_ece (mean
 --   over classes of the defined per-class values); ece and l1_calibration (group_calibration).
 -- Metrics per class, named 'family[class]': f1, tpr, fpr, auc, classwise_ece.
@@ -15,7 +17,7 @@ WITH both_levels AS (
         max(n) AS n,
         max(correct) / nullif(max(n), 0)::DOUBLE AS accuracy,  -- correct is the group's, repeated on each class row
         avg(f1) AS f1,
-        avg(f1_zd1) AS f1_zd1,
+        avg(f1_zd1) FILTER (WHERE support > 0 OR tp + fp > 0) AS f1_zd1,
         var_samp(f1) AS var_f1,
         avg(tpr) AS tpr,
         avg(fpr) AS fpr,

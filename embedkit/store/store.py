@@ -340,13 +340,14 @@ def run_setting(config: str | dict | None) -> dict:
 
 
 def run_fingerprint(run: dict) -> str | None:
-    """What a run computed from: model, weights, cohort (and its fingerprint), method, settings and seed. Two runs
-    with one fingerprint are the same run; storing the second would only count it twice. None for a run whose
-    config does not fingerprint its cohort rows: nothing proves two such runs saw the same inputs."""
+    """What a run computed from: model, weights, cohort (and its fingerprint), method, settings and seed, within
+    one study (a study owns its runs: another study's identical run is its own row). Two runs with one fingerprint
+    are the same run; storing the second would only count it twice. None for a run whose config does not
+    fingerprint its cohort rows: nothing proves two such runs saw the same inputs."""
     setting = run_setting(run.get("config"))
     if "cohort_fingerprint" not in setting:
         return None
-    key = {k: run.get(k) for k in ("model", "weights_id", "cohort", "method", "seed")}
+    key = {k: run.get(k) for k in ("model", "weights_id", "cohort", "method", "seed", "study_id")}
     key["setting"] = setting
     return "sha256:" + hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
