@@ -677,6 +677,35 @@ def sql_cmd(
         run_buffer()
 
 
+@app.command("doctor")
+def doctor_cmd(
+    ctx: typer.Context,
+    repair: bool = typer.Option(False, "--repair", help="Remove what is found (orphans, duplicates, stale copies)."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable findings."),
+) -> None:
+    """Check the store for what interrupted or racing writers left: orphan predictions, duplicate vectors or runs,
+    stale copies of cohort columns. Exit 1 when something is found and not repaired."""
+    from dataclasses import asdict
+
+    from embedkit.store.doctor import examine
+
+    store = get_store(ctx)
+    if not store.table_names():
+        raise typer.BadParameter(f"no store at {store.path}", param_hint="--store")
+    findings = examine(store, repair)
+    if as_json:
+        echo_json([asdict(f) for f in findings])
+    else:
+        for f in findings:
+            typer.echo(f.line())
+        if not findings:
+            typer.echo(f"{store.path}: no orphans, duplicates or stale copies")
+        elif not repair:
+            typer.echo("run `embedkit doctor --repair` to remove them")
+    if any(not f.repaired for f in findings):
+        raise typer.Exit(1)
+
+
 @app.command("export")
 def export_cmd(
     ctx: typer.Context,

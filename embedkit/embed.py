@@ -9,7 +9,6 @@ Run one pass per (model, weights, cohort) at a time: two concurrent passes over 
 
 from __future__ import annotations
 
-import hashlib
 
 import time
 from dataclasses import dataclass
@@ -150,8 +149,7 @@ def embed_cohort(
     One pass at a time per (model, weights_id, cohort): a second one is refused (StoreBusy) instead of writing
     every row again, since a pass appends the rows its table lacked when it started.
     """
-    key = hashlib.sha256(f"{weights_id}\0{cohort}".encode()).hexdigest()[:16]
-    with store.lock(f"embed-{spec.name}-{key}", holder=f"an embedding pass of {spec.name} on cohort '{cohort}'"):
+    with store.embedding_lock(spec.name, weights_id, cohort):
         return _embed_cohort(store, spec, model, weights_id, source, cohort, device, batch_size, workers, force,
                              extra_prompt_sets, chunk_images, progress)
 

@@ -164,9 +164,8 @@ def test_a_second_pass_of_the_same_slice_is_refused_while_one_runs(store, small_
     _import(store, frame, folder)
     spec = get_spec("tiny-clip")
     net, weights_id, _ = instantiate(spec, random_init=True, seed=0)
-    key = __import__("hashlib").sha256(f"{weights_id}\0c".encode()).hexdigest()[:16]
-    with store.lock(f"embed-tiny-clip-{key}", holder="a test holding the pass"):
-        with pytest.raises(StoreBusy, match="a test holding the pass"):
+    with store.embedding_lock("tiny-clip", weights_id, "c"):
+        with pytest.raises(StoreBusy, match=r"pid \d+ \(an embedding pass of tiny-clip on cohort 'c'"):
             _embed(store)
         assert not store.has("emb_tiny_clip")
         _embed(store, seed=1)  # other weights: another slice, not blocked

@@ -551,3 +551,34 @@ def test_cli_sql_is_read_only_towards_the_store_and_the_host(store, tmp_path):
                    f"SELECT score FROM read_csv('{extra}')")
     assert allowed.exit_code == 0 and allowed.output.splitlines() == ["score", "1"], allowed.output
     assert _cli("--store", str(store.path), "sql", "SELECT 'abc'::INTEGER").output.startswith("error: Conversion")
+
+
+def test_eqodds_and_the_paper_variant_agree_on_a_class_absent_from_one_group():
+    """Class 2 never occurs among the women: its TPR is undefined there, so neither variant may average it (the
+    paper variant once took the men's TPR twice and counted a zero difference)."""
+    rows, preds = [], []
+    rng = np.random.default_rng(3)
+    for i in range(120):
+        sex = "MF"[i % 2]
+        y = int(rng.integers(0, 3)) if sex == "M" else int(rng.choice([0, 1]))
+        p = rng.dirichlet(np.ones(3))
+        rows.append({"row_id": f"r{i}", "cohort": "c", "image_id": f"{i}.png", "label": "ABC"[y], "labels": ["ABC"[y]],
+                     "age": 40, "sex": sex, "split": "test", "patient_id": f"p{i}"})
+        preds.append({"run_id": "r", "row_id": f"r{i}", "image_id": f"{i}.png", "split": "test", "y_true": y,
+                      "y_pred": int(p.argmax()), "probs": p.astype(np.float32).tolist()})
+    images = pa.Table.from_pylist([{k: r.get(k) for k in schemas.IMAGES.names} for r in rows], schema=schemas.IMAGES)
+    runs = pa.Table.from_pylist([{"run_id": "r", "model": "m", "method": "lp",
+                                  "config": json.dumps({"classes": list("ABC")})}], schema=schemas.RUNS)
+    con = db.connect_tables({"images": images, "runs": runs,
+                             "predictions": pa.Table.from_pylist(preds, schema=schemas.PREDICTIONS)}, ["sex"])
+    got = dict(con.sql("SELECT metric, value FROM fairness_summary WHERE attribute = 'sex' AND metric IN "
+                       "('eqodds', 'eqodds_paper', 'eqodds_classes', 'eqodds_paper_classes')").fetchall())
+    assert got["eqodds_classes"] == got["eqodds_paper_classes"] == 2
+    assert got["eqodds"] == pytest.approx(got["eqodds_paper"], abs=1e-12)
+    df = pd.DataFrame(preds).merge(pd.DataFrame(rows)[["row_id", "sex"]], on="row_id")
+    terms = []
+    for c in (0, 1):  # the classes defined in both groups, by hand
+        rate = {s: ((g["y_pred"] == c) & (g["y_true"] == c)).sum() / (g["y_true"] == c).sum() for s, g in df.groupby("sex")}
+        fpr = {s: ((g["y_pred"] == c) & (g["y_true"] != c)).sum() / (g["y_true"] != c).sum() for s, g in df.groupby("sex")}
+        terms.append((abs(rate["M"] - rate["F"]) + abs(fpr["M"] - fpr["F"])) / 2)
+    assert got["eqodds"] == pytest.approx(np.mean(terms), abs=1e-12)

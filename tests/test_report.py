@@ -224,3 +224,20 @@ def test_cli_report(built, tmp_path):
     failed = CliRunner().invoke(app, ["--store", str(store.path), "report", "--out", str(tmp_path / "x"),
                                       "--study", "nope"])
     assert failed.exit_code != 0 and isinstance(failed.exception, ReportError)
+
+
+def test_runs_that_differ_in_more_than_the_seed_are_different_arms(tmp_path):
+    """A 100-epoch and a 20-epoch MLP are two arms, each labelled by what sets it apart; seeds of one pool."""
+    from embedkit.report import build_report
+
+    store = make_store(tmp_path / "store")
+    preds = store.read("predictions", "run_id = 'lp-tiny-0'")
+    for run_id, epochs, seed in (("mlp-100-a", 100, 0), ("mlp-100-b", 100, 1), ("mlp-20", 20, 0)):
+        table = preds.set_column(0, "run_id", pa.array([run_id] * preds.num_rows))
+        store.write_run({"run_id": run_id, "model": "tiny-clip", "weights_id": "random-init:tiny-clip:0",
+                         "method": "mlp", "cohort": COHORT, "seed": seed, "code_version": "test", "metrics": {},
+                         "config": {"classes": list(NIH_CLASSES), "epochs": epochs}, "study_id": "s2"}, table)
+    html = build_report(store, tmp_path / "out", study="s2", ci=0).read_text()
+    assert _row(html, "tiny-clip", "MLP head (epochs=100)", "2 runs (seeds 0, 1)")
+    assert _row(html, "tiny-clip", "MLP head (epochs=20)", "1 run (seed 0)")
+    assert "pools runs whose settings differ" not in html

@@ -173,3 +173,34 @@ def test_a_repeated_run_reports_the_stored_one(tmp_path):
     assert first.returncode == 0 and again.returncode == 0, again.stderr
     assert json.loads(first.stdout)["run_id"] in again.stdout and "already recorded" in again.stdout
     assert Store(store_dir).count("runs") == 1
+
+
+def test_doctor_finds_and_repairs_orphans_duplicates_and_stale_copies(tmp_path):
+    import pyarrow as pa
+
+    from embedkit.store import schemas
+    from embedkit.store.store import embeddings_table
+
+    store_dir = _vector_store(tmp_path / "s")
+    store = Store(store_dir)
+    assert _cli(store_dir, PROBE, "kill:3").returncode == -9  # orphan predictions, journal left behind
+    table = embeddings_table(MODEL)
+    twice = store.read(table).slice(0, 5)
+    store.append(table, twice, schemas.embeddings_schema(32))  # a second pass of 5 rows (no lock, older code)
+    old = twice.append_column("split", pa.array(["test"] * 5))  # an older-layout table with a stale copy
+    store.db.create_table("emb_old", old)
+    runner = CliRunner()
+    found = runner.invoke(app, ["--store", str(store_dir), "doctor", "--json"])
+    assert found.exit_code == 1
+    kinds = {(f["kind"], f["table"]): f["rows"] for f in json.loads(found.output)}
+    assert kinds[("orphan_predictions", "predictions")] == ROWS
+    assert kinds[("duplicate_vectors", table)] == 5
+    assert kinds[("stale_copies", "emb_old")] == sum(r["split"] != "test" for r in store.read(
+        "images", f"row_id IN ({', '.join(repr(r) for r in twice['row_id'].to_pylist())})").to_pylist())
+    repaired = runner.invoke(app, ["--store", str(store_dir), "doctor", "--repair"])
+    assert repaired.exit_code == 0 and repaired.output.count("(repaired)") == 3, repaired.output
+    assert store.count("predictions") == 0 and store.count(table) == ROWS and not store.pending_runs()
+    assert "split" not in store.open("emb_old").schema.names
+    clean = runner.invoke(app, ["--store", str(store_dir), "doctor"])
+    assert clean.exit_code == 0 and "no orphans" in clean.output
+    assert _cli(store_dir, PROBE).returncode == 0  # the repaired slice trains again

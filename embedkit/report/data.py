@@ -29,8 +29,6 @@ PAPER_CELLS = "age_group_sex"
 RANDOM_PREFIX = "random-init:"
 RANDOM_LABEL = "random weights"
 ARM_SEPARATOR = "\x1f"  # joins an arm's key parts into one string (a plain groupby key)
-# Config keys that differ between seeds or bookkeeping of one setting: they do not make two runs different arms.
-_NOT_A_SETTING = frozenset({"seed", "study_id", "sweep_id", "sweep_grid", "sweep_select", "trainer", "classes"})
 
 
 class ReportError(EmbedkitError):
@@ -42,7 +40,9 @@ class ReportData:
     """Everything a report renders, as frames (one row per run; per metric value; per reliability bin)."""
 
     runs: pd.DataFrame  # run_id, model, weights_id, method, cohort, seed, study_id, created_at, code_version, n,
-    #                     random_weights, setting (config minus seed-like keys), arm (the pooled row's key as text)
+    #                     random_weights, setting (config minus seed-like keys), arm (the pooled row's key as
+    #                     text: runs pool only when all but the seed is equal), variant (what sets the arm apart
+    #                     from arms of the same model and method, e.g. "epochs=20"; "" when nothing needs saying)
     values: pd.DataFrame  # run_id, attribute, group_or_gap, metric, value, n, ci_low, ci_high
     bins: pd.DataFrame  # run_id, attribute, group_name, bin, n, confidence, accuracy
     classes: list[str]
@@ -162,7 +162,8 @@ def collect(
     runs["n"] = runs["run_id"].map(counts).astype("Int64")
     runs["random_weights"] = runs["weights_id"].map(is_random_weights)
     runs["setting"] = runs["config"].map(_setting)
-    runs["arm"] = runs.apply(lambda r: ARM_SEPARATOR.join(map(str, arm_key(r))), axis=1)
+    runs["arm"] = runs.apply(lambda r: ARM_SEPARATOR.join(map(str, [*arm_key(r), r["setting"]])), axis=1)
+    runs["variant"] = _variants(runs)
     return ReportData(runs=runs, values=values.reset_index(drop=True), bins=bins, classes=classes, split=split,
                       attributes=attributes, n_resamples=int(ci), seed=int(seed), study=study,
                       store_path=str(store.path), skipped=skipped)
@@ -175,9 +176,24 @@ def arm_key(run: pd.Series) -> tuple:
 
 
 def _setting(config: str | None) -> str:
-    """The run's config without seed-like and bookkeeping keys: runs of one arm that differ here are not seeds."""
-    try:
-        parsed = json.loads(config or "{}")
-    except json.JSONDecodeError:
-        return config or ""
-    return json.dumps({k: v for k, v in parsed.items() if k not in _NOT_A_SETTING}, sort_keys=True, default=str)
+    """The run's settings as text (embedkit.store.store.run_setting): runs that differ here are different arms."""
+    from embedkit.store.store import run_setting
+
+    return json.dumps(run_setting(config), sort_keys=True, default=str)
+
+
+def _variants(runs: pd.DataFrame) -> pd.Series:
+    """Per run, the settings that tell its arm from the other arms of the same (cohort, model, weights, method):
+    ``"epochs=20, lr=0.001"``; the cohort's fingerprint shows as "cohort rows <hash>" (a re-imported cohort)."""
+    keys = runs.apply(arm_key, axis=1)
+    out = pd.Series("", index=runs.index, dtype=object)
+    for _, members in runs.groupby(keys.map(str)):
+        if members["arm"].nunique() < 2:
+            continue
+        settings = {i: json.loads(s) for i, s in members["setting"].items()}
+        names = sorted({k for s in settings.values() for k in s})
+        differ = [k for k in names if len({json.dumps(s.get(k), sort_keys=True) for s in settings.values()}) > 1]
+        for i, s in settings.items():
+            out[i] = ", ".join(f"cohort rows {str(s.get(k))[-8:]}" if k == "cohort_fingerprint" else f"{k}={s.get(k)}"
+                               for k in differ)
+    return out

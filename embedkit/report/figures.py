@@ -15,7 +15,7 @@ import numpy as np
 from embedkit.fairness.db import CI_LEVEL
 from embedkit.report.data import RANDOM_LABEL, ReportData
 from embedkit.report.tables import (
-    ATTRIBUTE_LABELS, METHOD_LABELS, Cell, Pool, arm_name, arm_parts, arms, cell, gap_cell, groups_of,
+    ATTRIBUTE_LABELS, METHOD_LABELS, Cell, Pool, arm_name, arm_parts, arms, cell, gap_cell, groups_of, method_label,
     multiple_cohorts,
 )
 
@@ -98,8 +98,9 @@ def _models_and_methods(data: ReportData) -> tuple[list[tuple], list[str], dict[
     methods: list[str] = []
     arm_of: dict[tuple, str] = {}
     for arm in order:
-        cohort, model, weights, method = arm_parts(data, arm)
+        cohort, model, weights, _ = arm_parts(data, arm)
         key = (cohort, model, weights)
+        method = method_label(data, arm)  # a series per method and setting: arms never share a bar
         if key not in models:
             models.append(key)
         if method not in methods:
@@ -134,7 +135,7 @@ def per_model_figure(data: ReportData, pool: Pool, panels: Sequence[tuple[str, s
             return gap_cell(pool, arm, attribute, metric, min_n)
 
         grouped_bars(ax, models, methods, get, [_model_label(data, m) for m in models],
-                     [METHOD_LABELS.get(m, m) for m in methods])
+                     methods)
         ax.set_ylabel(ylabel, fontsize=9)
     for ax in axes[len(panels):]:
         ax.set_visible(False)

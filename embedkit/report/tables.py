@@ -138,14 +138,21 @@ def arm_runs(data: ReportData, arm: str) -> pd.DataFrame:
 def arm_name(data: ReportData, arm: str) -> str:
     """A short label for figures, one part a line: [cohort,] model, '(random)' for random weights, method."""
     cohort, model, weights, method = arm_parts(data, arm)
-    lines = [model] + (["(random)"] if weights == RANDOM_LABEL else []) + [METHOD_LABELS.get(method, method)]
+    lines = [model] + (["(random)"] if weights == RANDOM_LABEL else []) + [method_label(data, arm)]
     return "\n".join(([str(cohort)] if multiple_cohorts(data) else []) + lines)
+
+
+def method_label(data: ReportData, arm: str) -> str:
+    """The arm's method as a person reads it, with what sets it apart from its siblings: 'MLP head (epochs=20)'."""
+    method = arm_parts(data, arm)[3]
+    variant = arm_runs(data, arm)["variant"].iloc[0]
+    return METHOD_LABELS.get(method, method) + (f" ({variant})" if variant else "")
 
 
 def arm_labels(data: ReportData, arm: str) -> list[str]:
     """The label cells of an arm's row: [cohort,] model, weights, method, runs."""
     cohort, model, weights, method = arm_parts(data, arm)
-    labels = [model, short_weights(weights), METHOD_LABELS.get(method, method), seeds_label(arm_runs(data, arm))]
+    labels = [model, short_weights(weights), method_label(data, arm), seeds_label(arm_runs(data, arm))]
     return ([str(cohort)] if multiple_cohorts(data) else []) + labels
 
 
@@ -228,13 +235,8 @@ def build_tables(data: ReportData, min_n: int = MIN_GROUP_N) -> list[Table]:
         n = pool.get((arm, "all", "all", "accuracy"), {}).get("n")
         rows.append(arm_labels(data, arm) + [str(int(n)) if n is not None and not _missing(n) else "—"]
                     + [cell(pool, arm, "all", "all", m, min_n) for m, _ in util_cols])
-    mixed = [arm for arm in order if arm_runs(data, arm)["setting"].nunique() > 1]
-    mixed_notes = [
-        f"{' / '.join(map(str, arm_parts(data, arm)[1:]))} pools runs whose settings differ (not only their seeds): "
-        "pick the runs to compare with --run or --study." for arm in mixed
-    ]
     tables.append(Table("utility", f"Utility on the {data.split} split", labels + ["n"] + [h for _, h in util_cols],
-                        rows, [spread_note, *mixed_notes]))
+                        rows, [spread_note]))
 
     fair_cols = [("all", "var_f1", "Var_F1 (across diseases)")]
     fair_cols += [(a, m, f"{h} ({ATTRIBUTE_LABELS.get(a, a)})") for a in data.attributes for m, h in GAP_COLUMNS]

@@ -10,12 +10,14 @@
 --   l1_calibration_gap (the paper's |g1 - g2| for two groups), auc_gap (of macro_auc), f1_gap[class], tpr_gap[class],
 --   ...; a gap needs two groups with a defined value (the attribute 'all', one group, has none).
 --   Equalized odds, one-vs-rest on y_pred: eqodds[class] = (tpr_gap[class] + fpr_gap[class]) / 2; eqodds is their
---   mean over classes (the paper's EqOdds for two groups), eqodds_worst their max.
+--   mean over classes (the paper's EqOdds for two groups), eqodds_worst their max, eqodds_classes how many classes
+--   were averaged (a class whose TPR or FPR is undefined in all but one group has no eqodds[class]).
 -- Paper: f1_delta_paper, signed and cell-averaged over the age x sex cells (attribute age_group_sex, groups
 --   '<age group>_<sex>'), each cell's F1 being macro-F1 with zero_division = 1: for age_group the mean over the old
 --   cells minus the mean over the young ones ('old-young'); for sex the mean over age groups of M - F ('M-F').
 --   eqodds_paper: for an attribute with exactly two groups a and b ('a|b'), the mean over classes of
---   (|TPR_a - TPR_b| + |FPR_a - FPR_b|) / 2.
+--   (|TPR_a - TPR_b| + |FPR_a - FPR_b|) / 2, over the classes defined in both groups (eqodds_paper_classes of
+--   them): for two groups, eqodds_paper equals eqodds.
 -- group_metrics is read once (materialized): its per-class AUC and ECE are the costly part of any query.
 CREATE OR REPLACE VIEW metric_values AS
 WITH gm AS MATERIALIZED (
@@ -84,10 +86,12 @@ two_group_rates AS (
     SELECT
         replicate, run_id, split, attribute, substr(metric, length(family) + 1) AS class_key,
         min(group_name) || '|' || max(group_name) AS direction,
-        abs(arg_min(value, group_name) FILTER (WHERE family = 'tpr')
-            - arg_max(value, group_name) FILTER (WHERE family = 'tpr')) AS tpr_diff,
-        abs(arg_min(value, group_name) FILTER (WHERE family = 'fpr')
-            - arg_max(value, group_name) FILTER (WHERE family = 'fpr')) AS fpr_diff,
+        -- the _null forms keep a group's undefined (NULL) rate: arg_min would skip it and take the other group's
+        -- rate twice, counting a class absent from one group as a zero difference
+        abs(arg_min_null(value, group_name) FILTER (WHERE family = 'tpr')
+            - arg_max_null(value, group_name) FILTER (WHERE family = 'tpr')) AS tpr_diff,
+        abs(arg_min_null(value, group_name) FILTER (WHERE family = 'fpr')
+            - arg_max_null(value, group_name) FILTER (WHERE family = 'fpr')) AS fpr_diff,
         min(n) AS n,
         count(DISTINCT group_name) AS n_groups
     FROM gm
@@ -106,12 +110,21 @@ UNION ALL
 SELECT replicate, run_id, split, attribute, 'gap', 'eqodds_worst', 'eqodds_worst', max(value), min(n)
 FROM class_odds GROUP BY replicate, run_id, split, attribute
 UNION ALL
+SELECT replicate, run_id, split, attribute, 'gap', 'eqodds_classes', 'eqodds_classes', count(value), min(n)
+FROM class_odds GROUP BY replicate, run_id, split, attribute
+UNION ALL
 SELECT replicate, run_id, split, attribute, direction, 'f1_delta_paper', 'f1_delta_paper', value, n FROM age_delta
 UNION ALL
 SELECT replicate, run_id, split, attribute, direction, 'f1_delta_paper', 'f1_delta_paper', value, n FROM sex_delta
 UNION ALL
 SELECT replicate, run_id, split, attribute, direction, 'eqodds_paper', 'eqodds_paper',
        avg((tpr_diff + fpr_diff) / 2), min(n)
+FROM two_group_rates
+WHERE n_groups = 2
+GROUP BY replicate, run_id, split, attribute, direction
+UNION ALL
+SELECT replicate, run_id, split, attribute, direction, 'eqodds_paper_classes', 'eqodds_paper_classes',
+       count((tpr_diff + fpr_diff) / 2), min(n)
 FROM two_group_rates
 WHERE n_groups = 2
 GROUP BY replicate, run_id, split, attribute, direction;

@@ -226,6 +226,11 @@ class Store:
         finally:
             os.close(fd)  # closing the descriptor releases the lock
 
+    def embedding_lock(self, model: str, weights_id: str, cohort: str):
+        """The lock of one embedding slice (model, weights_id, cohort): one pass, or one repair, at a time."""
+        key = hashlib.sha256(f"{weights_id}\0{cohort}".encode()).hexdigest()[:16]
+        return self.lock(f"embed-{model}-{key}", holder=f"an embedding pass of {model} on cohort '{cohort}'")
+
     # ---- runs and predictions -----------------------------------------------------------------
     def write_run(self, run: dict, predictions: pa.Table) -> str:
         """Record one finished run and its predictions as a unit (see :meth:`write_runs`)."""
