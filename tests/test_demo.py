@@ -17,7 +17,30 @@ def _sex_delta(out, bias):
     rows = bootstrap.bootstrap_intervals(con, run_ids, "test", n_resamples=400, seed=0,
                                          families=["f1_delta_paper"], class_scores=False).to_pylist()
     (delta,) = [r for r in rows if r["attribute"] == "sex"]
+    _runs_json_equals_the_views(result.store, con)
     return delta
+
+
+def _runs_json_equals_the_views(store, con):
+    """Every number `embedkit runs --json` prints for a run is the fairness_summary view's."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from embedkit.cli import app
+
+    out = CliRunner().invoke(app, ["--store", str(store.path), "runs", "--json"])
+    assert out.exit_code == 0, out.output
+    runs = json.loads(out.output)
+    assert runs
+    views = {(r, s, m): (v, n) for r, s, m, v, n in con.sql(
+        "SELECT run_id, split, metric, value, n FROM fairness_summary WHERE attribute = 'all' "
+        "AND metric IN ('accuracy', 'macro_f1')").fetchall()}
+    for run in runs:
+        for split in ("train", "val", "test"):
+            for metric in ("accuracy", "macro_f1"):
+                value, n = views[(run["run_id"], split, metric)]
+                assert run["metrics"][split][metric] == value and run["metrics"][split]["n"] == n
 
 
 @pytest.mark.slow
