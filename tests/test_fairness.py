@@ -582,3 +582,52 @@ def test_eqodds_and_the_paper_variant_agree_on_a_class_absent_from_one_group():
         fpr = {s: ((g["y_pred"] == c) & (g["y_true"] != c)).sum() / (g["y_true"] != c).sum() for s, g in df.groupby("sex")}
         terms.append((abs(rate["M"] - rate["F"]) + abs(fpr["M"] - fpr["F"])) / 2)
     assert got["eqodds"] == pytest.approx(np.mean(terms), abs=1e-12)
+
+
+def test_bca_interval_equals_scipy_on_the_same_draws(con):
+    """The accuracy gap by sex: our BCa bounds are scipy.stats.bootstrap(method='BCa')'s, given our draws.
+
+    scipy resamples each sample (group) on its own, as the stratified patient bootstrap does; its samples here are
+    the patients of each group, and its statistic counts their rows (a patient may have several images)."""
+    from scipy import stats
+
+    n_resamples, level = 300, 0.95
+    rows = bootstrap.bootstrap_intervals(con, ["run-a"], "test", n_resamples=n_resamples, seed=4,
+                                         families=["accuracy_gap"], class_scores=False).to_pylist()
+    (ours,) = [r for r in rows if r["attribute"] == "sex"]
+    with db.scoped(con, ["run-a"], "test", class_scores=False):  # our draws again (same seed: same replicates)
+        members = con.sql(bootstrap._MEMBERS_SQL, params={"split": "test", "runs": ["run-a"]}).to_arrow_table()
+        bootstrap._load_weights(con, bootstrap.draw_weights(members, n_resamples, 4))
+        draws = np.array([v for (v,) in con.sql(
+            "SELECT value FROM metric_values WHERE replicate > 0 AND attribute = 'sex' AND metric = 'accuracy_gap' "
+            "ORDER BY replicate").fetchall()])
+        con.execute("DELETE FROM resample_weights")
+    frame = con.sql("SELECT unit_id, sex, correct FROM predictions_base WHERE run_id = 'run-a' AND split = 'test'").df()
+    per = frame.groupby(["sex", "unit_id"]).agg(k=("correct", "sum"), n=("correct", "size")).reset_index()
+    k = {s: g["k"].to_numpy(float) for s, g in per.groupby("sex")}
+    n = {s: g["n"].to_numpy(float) for s, g in per.groupby("sex")}
+
+    def gap(f_idx, m_idx, axis=-1):
+        f_idx, m_idx = f_idx.astype(int), m_idx.astype(int)
+        acc_f = k["F"][f_idx].sum(axis) / n["F"][f_idx].sum(axis)
+        acc_m = k["M"][m_idx].sum(axis) / n["M"][m_idx].sum(axis)
+        return np.abs(acc_f - acc_m)
+
+    data = (np.arange(len(k["F"]), dtype=float), np.arange(len(k["M"]), dtype=float))
+    assert gap(*data) == pytest.approx(ours["value"], abs=1e-12)
+    prior = stats.bootstrap(data, gap, n_resamples=2, rng=0, method="percentile")
+    prior.bootstrap_distribution = draws
+    ref = stats.bootstrap(data, gap, n_resamples=0, bootstrap_result=prior, method="BCa", confidence_level=level)
+    assert ours["ci_low"] == pytest.approx(ref.confidence_interval.low, abs=1e-12)
+    assert ours["ci_high"] == pytest.approx(ref.confidence_interval.high, abs=1e-12)
+    percentile = np.quantile(draws, [0.025, 0.975])
+    assert (ours["pct_low"], ours["pct_high"]) == pytest.approx(tuple(percentile), abs=1e-12)
+
+
+def test_every_gap_interval_contains_its_estimate_or_says_why_not(con):
+    rows = bootstrap.bootstrap_intervals(con, ["run-a", "run-b"], "test", n_resamples=200, seed=0,
+                                         class_scores=False).to_pylist()
+    gaps = [r for r in rows if r["group_or_gap"] == "gap" and r["value"] is not None and r["ci_low"] is not None]
+    assert len(gaps) > 20
+    for r in gaps:
+        assert r["ci_low"] - TOL <= r["value"] <= r["ci_high"] + TOL or "no" in (r["ci_note"] or ""), r

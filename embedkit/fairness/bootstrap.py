@@ -6,6 +6,17 @@ go into the ``resample_weights`` table; ``group_rows`` multiplies each row's ``w
 it computes replicate ``r`` beside the observed sample (replicate 0) in one query, and ``metric_intervals`` reads off
 percentile intervals. No metric is written a second time in Python.
 
+The interval reported (``ci_low``, ``ci_high``) is the BCa interval (bias-corrected and accelerated; Efron &
+Tibshirani 1993, ch. 14): a max - min gap is biased upward (the replicates' gaps sit above the observed one), and a
+percentile interval ignores that bias, so it often lies wholly above its own estimate. BCa shifts the quantile
+levels by the bias z0 (the share of replicates below the estimate) and the skew a (from a jackknife: one patient
+left out at a time, within its group, computed by the same views as negative replicates); unlike the basic
+(reverse-percentile) interval it stays inside the range of the replicates (a gap's interval never goes below 0).
+It is the interval scipy.stats.bootstrap(method='BCa') computes from the same draws (tests/test_fairness.py).
+No interval built from replicate quantiles can contain an estimate that lies below (or above) 95% of the
+replicates (BCa, like the percentile interval, then excludes it); ``ci_note`` says so, with the bias, instead of
+printing an interval that seems to contradict its estimate. ``pct_low``/``pct_high`` keep the percentile interval.
+
 Patients, not images, are the unit because images of one patient are not independent; the draws depend only on the
 seed and on which patients a group holds, so runs scored on the same split share them (a paired comparison), and
 adding an attribute does not change another attribute's draws.
@@ -28,10 +39,19 @@ WHERE replicate = 0 AND split = $split AND list_contains($runs, run_id)
 ORDER BY attribute, group_name, row_id
 """
 
-_INTERVALS_SQL = """
-SELECT *
-FROM metric_intervals
-ORDER BY run_id, attribute, group_or_gap, metric
+REPLICATES = "_embedkit_replicates"
+_REPLICATES_SQL = f"""
+CREATE OR REPLACE TEMP TABLE {REPLICATES} AS
+SELECT run_id, split, attribute, group_or_gap, family, metric, replicate, value, n
+FROM metric_values
+WHERE $families IS NULL OR list_contains($families, family)
+"""
+_INTERVALS_SQL = f"SELECT * FROM interval_summary('{REPLICATES}') ORDER BY run_id, attribute, group_or_gap, metric"
+_REPLICATE_VALUES_SQL = f"""
+SELECT run_id, attribute, group_or_gap, metric, replicate, value
+FROM {REPLICATES}
+WHERE replicate <> 0 AND value IS NOT NULL
+ORDER BY run_id, attribute, group_or_gap, metric, replicate
 """
 
 WEIGHTS_SCHEMA = pa.schema(
@@ -87,6 +107,69 @@ def draw_weights(members: pa.Table, n_resamples: int, seed: int = 0) -> pa.Table
     return pa.concat_tables(parts)
 
 
+def jackknife_weights(members: pa.Table) -> tuple[pa.Table, dict[tuple[str, int], tuple[str, int]]]:
+    """Leave-one-patient-out replicates, numbered -1, -2, ... per (attribute, split): replicate -k holds every row of
+    the attribute's split except the rows of the k-th patient (within its group: the strata of the bootstrap).
+
+    Returns the multiplicities (as :func:`draw_weights`) and, per (attribute, replicate), the patient's stratum and
+    that stratum's number of patients (the jackknife's n in the acceleration).
+    """
+    frame = members.select(["attribute", "split", "group_name", "row_id", "unit_id"]).to_pandas()
+    frame["unit_id"] = frame["unit_id"].astype(str)
+    parts: list[pa.Table] = []
+    strata: dict[tuple[str, int], tuple[str, int]] = {}
+    for (attribute, split), rows in frame.groupby(["attribute", "split"], sort=True):
+        rows = rows.sort_values(["group_name", "row_id"], kind="stable").reset_index(drop=True)
+        units = rows[["group_name", "unit_id"]].drop_duplicates().reset_index(drop=True)
+        sizes = units.groupby("group_name").size()
+        row_ids = rows["row_id"].to_numpy(dtype=object)
+        for k, (group, unit) in enumerate(units.itertuples(index=False), start=1):
+            keep = ~((rows["group_name"] == group) & (rows["unit_id"] == unit)).to_numpy()
+            strata[(attribute, -k)] = (group, int(sizes[group]))
+            parts.append(pa.table({
+                "replicate": pa.array(np.full(int(keep.sum()), -k, dtype=np.int32)),
+                "attribute": pa.array([attribute] * int(keep.sum()), pa.string()),
+                "split": pa.array([split] * int(keep.sum()), pa.string()),
+                "row_id": pa.array(row_ids[keep], pa.string()),
+                "multiplicity": pa.array(np.ones(int(keep.sum()), dtype=np.int64)),
+            }, schema=WEIGHTS_SCHEMA))
+    return (pa.concat_tables(parts) if parts else WEIGHTS_SCHEMA.empty_table()), strata
+
+
+def bca_bounds(value: float, draws: np.ndarray, jackknife: dict[str, np.ndarray], level: float
+               ) -> tuple[float, float, str | None]:
+    """The BCa interval of one statistic: ``draws`` its bootstrap replicates, ``jackknife`` its leave-one-out values
+    per stratum. Returns (low, high, note); the note says why an interval does not contain the estimate."""
+    from scipy.special import ndtr, ndtri
+
+    alpha = (1 - level) / 2
+    p0 = (np.count_nonzero(draws < value) + np.count_nonzero(draws <= value)) / (2 * len(draws))
+    num = den = 0.0
+    for values in jackknife.values():
+        n = len(values)
+        u = (n - 1) * (values.mean() - values)
+        num += float(np.sum(u ** 3)) / n ** 3
+        den += float(np.sum(u ** 2)) / n ** 2
+    accel = num / (6 * den ** 1.5) if den > 0 else 0.0
+    note = None
+    if p0 in (0.0, 1.0):
+        low, high = np.quantile(draws, [alpha, 1 - alpha])
+        side = "below" if p0 == 0 else "above"
+        note = (f"the estimate lies {side} every replicate (bias {draws.mean() - value:+.3f}): no bootstrap interval "
+                "contains it; percentile interval shown")
+        return float(low), float(high), note
+    z0 = float(ndtri(p0))
+    levels = []
+    for z in (float(ndtri(alpha)), -float(ndtri(alpha))):
+        levels.append(float(ndtr(z0 + (z0 + z) / (1 - accel * (z0 + z)))))
+    low, high = np.quantile(draws, levels)
+    if not low <= value <= high:
+        note = (f"the estimate lies {'below' if value < low else 'above'} {100 * (1 - p0 if value < low else p0):.0f}% "
+                f"of the replicates (bias {draws.mean() - value:+.3f}, typical of a max - min gap on small groups): "
+                "no interval built from them can contain it")
+    return float(low), float(high), note
+
+
 def bootstrap_intervals(
     con,
     run_ids: Sequence[str],
@@ -97,12 +180,14 @@ def bootstrap_intervals(
     families: Iterable[str] | None = None,
     class_scores: bool = True,
 ) -> pa.Table:
-    """Every metric and gap of ``run_ids`` on ``split`` with its percentile bootstrap interval.
+    """Every metric and gap of ``run_ids`` on ``split`` with its BCa bootstrap interval (see the module docstring).
 
-    ``con`` comes from :func:`embedkit.fairness.db.connect`. Returns the rows of ``metric_intervals``: run_id,
-    split, attribute, group_or_gap, family, metric, value, n, ci_low, ci_high, n_replicates. ``families`` keeps only
-    those metric families (e.g. ``["macro_f1", "f1_gap", "eqodds"]``); ``class_scores=False`` skips AUC and
-    classwise ECE, the costly part. Deterministic for a given seed; the resample table is emptied afterwards.
+    ``con`` comes from :func:`embedkit.fairness.db.connect`. Returns the rows of ``metric_intervals`` (run_id,
+    split, attribute, group_or_gap, family, metric, value, n, n_replicates) with ``ci_low``/``ci_high`` the BCa
+    interval, ``pct_low``/``pct_high`` the percentile one and ``ci_note`` (why an interval excludes its estimate, else
+    null). ``families`` keeps only those metric families (e.g. ``["macro_f1", "f1_gap", "eqodds"]``);
+    ``class_scores=False`` skips AUC and classwise ECE, the costly part. Deterministic for a given seed; the
+    resample table is emptied afterwards.
     """
     if not 0 < level < 1:
         raise FairnessError(f"the confidence level must lie between 0 and 1, got {level}")
@@ -113,19 +198,47 @@ def bootstrap_intervals(
         members = con.sql(_MEMBERS_SQL, params={"split": split, "runs": runs}).to_arrow_table()
         if members.num_rows == 0:
             raise FairnessError(f"no predictions of run(s) {', '.join(runs)} on split {split!r} to resample")
-        weights = draw_weights(members, n_resamples, seed)
+        jackknife, strata = jackknife_weights(members)
+        weights = pa.concat_tables([draw_weights(members, n_resamples, seed), jackknife])
         try:
             _load_weights(con, weights)
             con.execute(f"SET VARIABLE ci_level = {float(level)!r}")
+            con.execute(_REPLICATES_SQL, {"families": list(families) if families is not None else None})
             table = con.sql(_INTERVALS_SQL).to_arrow_table()
+            replicates = con.sql(_REPLICATE_VALUES_SQL).to_arrow_table()
         finally:
             con.execute(f"DELETE FROM {RESAMPLE_WEIGHTS}")
+            con.execute(f"DROP TABLE IF EXISTS {REPLICATES}")
             con.execute(f"SET VARIABLE ci_level = {float(CI_LEVEL)!r}")
-    if families is not None:
-        import pyarrow.compute as pc
+    return _with_bca(table, replicates, strata, level)
 
-        table = table.filter(pc.is_in(table["family"], pa.array(list(families), pa.string())))
-    return table
+
+def _with_bca(table: pa.Table, replicates: pa.Table, strata: dict, level: float) -> pa.Table:
+    """``table`` (interval_summary rows) with the percentile bounds renamed pct_* and the BCa ones as ci_*."""
+    frame = replicates.to_pandas()
+    keys = ["run_id", "attribute", "group_or_gap", "metric"]
+    by_key = {k: g for k, g in frame.groupby(keys, sort=False)} if len(frame) else {}
+    low, high, notes = [], [], []
+    for row in table.select([*keys, "value"]).to_pylist():
+        reps = by_key.get(tuple(row[k] for k in keys))
+        value = row["value"]
+        if reps is None or value is None:
+            low.append(None), high.append(None), notes.append(None)
+            continue
+        draws = reps.loc[reps["replicate"] > 0, "value"].to_numpy(dtype=float)
+        jack = reps[reps["replicate"] < 0]
+        if len(draws) == 0:
+            low.append(None), high.append(None), notes.append(None)
+            continue
+        stratum = [strata.get((row["attribute"], int(r)), ("", 0))[0] for r in jack["replicate"]]
+        groups = {s: jack["value"].to_numpy(dtype=float)[np.asarray(stratum) == s] for s in set(stratum)}
+        lo, hi, note = bca_bounds(float(value), draws, groups, level)
+        low.append(lo), high.append(hi), notes.append(note)
+    table = table.rename_columns(["pct_low" if c == "ci_low" else "pct_high" if c == "ci_high" else c
+                                  for c in table.column_names])
+    return (table.append_column("ci_low", pa.array(low, pa.float64()))
+            .append_column("ci_high", pa.array(high, pa.float64()))
+            .append_column("ci_note", pa.array(notes, pa.string())))
 
 
 def _load_weights(con, weights: pa.Table) -> None:

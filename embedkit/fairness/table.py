@@ -14,6 +14,7 @@ from embedkit.fairness import bootstrap, db
 # (fairness_summary).
 _FAIRNESS_GROUP_ROWS = ("accuracy", "f1", "macro_f1", "var_f1", "ece")
 _FAIRNESS_GAP_ROWS = ("accuracy_gap", "f1_gap", "eqodds", "eqodds_worst", "ece_gap", "f1_delta_paper", "eqodds_paper")
+OUTSIDE_FLAG = "‡"
 _FAIRNESS_LABELS = {
     "eqodds": "EqOdds", "eqodds_worst": "EqOdds (worst class)", "f1_delta_paper": "dF1 (paper, signed)",
     "eqodds_paper": "EqOdds (paper, 2 groups)",
@@ -61,8 +62,9 @@ def print_tables(con, rows: list[dict], runs: list[dict], attributes: list[str],
         console.print(table_)
     notes = [f"split {split}; * = fewer than {min_n} rows (a gap: its smallest group)."]
     if ci > 0:
-        notes.append(f"[CI]: 95% percentile bootstrap over {ci} resamples of patients within groups (seed {seed}); "
-                     "a max-min gap grows under resampling, so its interval can sit above a small estimate.")
+        notes.append(f"[CI]: 95% BCa bootstrap interval over {ci} resamples of patients within groups (seed {seed}); "
+                     f"{OUTSIDE_FLAG} = the estimate lies outside every interval its replicates allow (a max-min gap "
+                     "grows under resampling on small groups): read it as the bias, not as a contradiction.")
     console.print(" ".join(notes))
 
 
@@ -73,6 +75,8 @@ def format_cell(row: Optional[dict], min_n: int, with_ci: bool) -> str:
     text = f"{row['value']:.3f}"
     if with_ci and row.get("ci_low") is not None:
         text += f" [{row['ci_low']:.3f}, {row['ci_high']:.3f}]"
+        if row.get("ci_note"):
+            text += f" {OUTSIDE_FLAG}"  # the interval excludes its estimate: the notes say why
     if row["n"] is not None and row["n"] < min_n:
         text += " *"  # fewer rows than --min-n: flagged, not hidden
     return text

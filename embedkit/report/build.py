@@ -134,7 +134,7 @@ def header_facts(data: ReportData, min_n: int, created: datetime) -> list[tuple[
     cohorts = ", ".join(sorted(map(str, runs["cohort"].dropna().unique()))) or "—"
     code_versions = ", ".join(sorted(map(str, runs["code_version"].dropna().unique()))) or "unknown"
     if data.n_resamples:
-        boot = (f"{data.n_resamples} resamples of patients within each group (stratified), {CI_LEVEL:.0%} percentile "
+        boot = (f"{data.n_resamples} resamples of patients within each group (stratified), {CI_LEVEL:.0%} BCa "
                 f"intervals, seed {data.seed}")
     else:
         boot = "none (values without intervals)"

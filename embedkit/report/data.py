@@ -43,7 +43,7 @@ class ReportData:
     #                     random_weights, setting (config minus seed-like keys), arm (the pooled row's key as
     #                     text: runs pool only when all but the seed is equal), variant (what sets the arm apart
     #                     from arms of the same model and method, e.g. "epochs=20"; "" when nothing needs saying)
-    values: pd.DataFrame  # run_id, attribute, group_or_gap, metric, value, n, ci_low, ci_high
+    values: pd.DataFrame  # run_id, attribute, group_or_gap, metric, value, n, ci_low, ci_high, ci_note
     bins: pd.DataFrame  # run_id, attribute, group_name, bin, n, confidence, accuracy
     classes: list[str]
     split: str
@@ -144,8 +144,10 @@ def collect(
             ).to_arrow_table().to_pandas()
         values["ci_low"] = float("nan")
         values["ci_high"] = float("nan")
+        values["ci_note"] = None
     keep = values["attribute"].isin(["all", *attributes])
-    values = values.loc[keep, ["run_id", "attribute", "group_or_gap", "metric", "value", "n", "ci_low", "ci_high"]]
+    values = values.loc[keep, ["run_id", "attribute", "group_or_gap", "metric", "value", "n", "ci_low", "ci_high",
+                               "ci_note"]]
 
     with scoped(con, run_ids, split, class_scores=False):
         bins = con.sql(

@@ -18,6 +18,7 @@ from embedkit.fairness.db import CI_LEVEL, ECE_BINS
 from embedkit.report.data import RANDOM_LABEL, ReportData, arm_key
 
 SMALL_FLAG = "†"
+OUTSIDE_FLAG = "‡"  # the interval excludes its estimate (a biased gap): the table's note says why
 
 METHOD_LABELS: dict[str, str] = {
     "zeroshot": "zero-shot", "lp": "linear probe", "mlp": "MLP head", "logreg": "logistic regression",
@@ -47,6 +48,7 @@ class Cell:
     digits: int = 3
     small: bool = False
     show_n: bool = False
+    outside: bool = False  # the bootstrap interval excludes the value (ci_note of embedkit.fairness.bootstrap)
 
     def text(self) -> str:
         """The cell as text: value [lo, hi] or mean ± std, then (n=..) when asked and the small-group flag."""
@@ -58,6 +60,7 @@ class Cell:
             out = f"{self.value:.{d}f}{spread}"  # the row's Runs column says how many seeds
         elif self.ci_low is not None and not _missing(self.ci_low) and not _missing(self.ci_high):
             out = f"{self.value:.{d}f} [{self.ci_low:.{d}f}, {self.ci_high:.{d}f}]"
+            out += f" {OUTSIDE_FLAG}" if self.outside else ""
         else:
             out = f"{self.value:.{d}f}"
         if self.show_n and self.n is not None:
@@ -96,7 +99,7 @@ def pooled(data: ReportData, per_run: bool = False) -> Pool:
         frame = data.values.merge(data.runs[["run_id", "arm"]], on="run_id")
     grouped = frame.groupby(["arm", "attribute", "group_or_gap", "metric"], sort=False)
     out = grouped.agg(value=("value", "mean"), std=("value", "std"), k=("run_id", "nunique"), n=("n", "min"),
-                      ci_low=("ci_low", "first"), ci_high=("ci_high", "first"))
+                      ci_low=("ci_low", "first"), ci_high=("ci_high", "first"), ci_note=("ci_note", "first"))
     # an interval belongs to one run: a pooled row shows the spread over seeds instead
     out.loc[out["k"] > 1, ["ci_low", "ci_high"]] = float("nan")
     return dict(zip(out.index, out.to_dict("records")))
@@ -192,6 +195,7 @@ def cell(pool: Pool, arm: str, attribute: str, group: str, metric: str, min_n: i
         ci_high=None if _missing(row["ci_high"]) else float(row["ci_high"]),
         std=None if _missing(row["std"]) else float(row["std"]),
         k=int(row["k"]), n=n, digits=digits_for(metric), small=n is not None and n < min_n, show_n=show_n,
+        outside=isinstance(row.get("ci_note"), str),
     )
 
 
@@ -251,8 +255,9 @@ def build_tables(data: ReportData, min_n: int = MIN_GROUP_N) -> list[Table]:
         rows,
         ["Var_F1: sample variance (ddof 1) of the per-class F1. F1 gap: max - min over groups of the group's "
          "macro-F1. EqOdds: per class (|ΔTPR| + |ΔFPR|) / 2, mean over classes and worst class. ECE gap: max - min "
-         f"of the top-label ECE ({ECE_BINS} bins). A max - min gap is biased upwards under resampling, so its "
-         "percentile interval can sit above the observed value.", spread_note, small_note],
+         f"of the top-label ECE ({ECE_BINS} bins). Intervals are BCa (bias-corrected and accelerated). A max - min "
+         f"gap is biased upwards under resampling: where the observed gap lies below almost every replicate, no "
+         f"interval built from them contains it, and the cell is marked {OUTSIDE_FLAG}.", spread_note, small_note],
     ))
 
     paper_attrs = [a for a in data.attributes if a in ("age_group", "sex")]
