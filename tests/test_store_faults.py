@@ -34,9 +34,38 @@ SWEEP = ["sweep", "--model", MODEL, "--head", "lp", "--grid", "lr=1e-3,1e-2", "-
 
 
 def _cli(store_dir: Path, args: list[str], fault: str | None = None) -> subprocess.CompletedProcess:
+    """The command in its own process (a kill must kill a process), or in this one for an injected I/O error: the
+    same entry point (embedkit.cli.main, which turns errors into one line) without the cost of a start-up."""
+    if fault and not fault.startswith("kill"):
+        return _in_process(store_dir, args, fault)
     env = {**os.environ, FAULT_ENV: fault} if fault else {k: v for k, v in os.environ.items() if k != FAULT_ENV}
     return subprocess.run([sys.executable, "-m", "embedkit.cli", "--store", str(store_dir), *args],
                           capture_output=True, text=True, timeout=300, env=env)
+
+
+def _in_process(store_dir: Path, args: list[str], fault: str) -> subprocess.CompletedProcess:
+    import contextlib
+    import io
+
+    import torch
+
+    from embedkit import cli
+    from embedkit.store import store as store_module
+
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    threads, argv = torch.get_num_threads(), sys.argv
+    os.environ[FAULT_ENV], store_module._fault_count = fault, 0
+    sys.argv = ["embedkit", "--store", str(store_dir), *args]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            cli.main()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        del os.environ[FAULT_ENV]
+        sys.argv = argv
+        torch.set_num_threads(threads)
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def _vector_store(path: Path) -> Path:
@@ -104,7 +133,7 @@ def _faults_then_rerun(tmp_path: Path, args: list[str], kind: str, runs_expected
             assert faulted.stderr.startswith("error: No space left on device"), faulted.stderr
         # all or nothing: the batch is invisible, or (a fault after the runs commit) visible whole
         assert assert_consistent(store_dir, tmp_path) in (0, runs_expected)
-        rerun = _cli(store_dir, args)
+        rerun = _cli(store_dir, args) if kind == "kill" else _in_process(store_dir, args, "")
         assert rerun.returncode == 0, rerun.stderr
         assert assert_consistent(store_dir, tmp_path) == runs_expected
         np.testing.assert_array_equal(_probs(store_dir), expected)
@@ -204,3 +233,71 @@ def test_doctor_finds_and_repairs_orphans_duplicates_and_stale_copies(tmp_path):
     clean = runner.invoke(app, ["--store", str(store_dir), "doctor"])
     assert clean.exit_code == 0 and "no orphans" in clean.output
     assert _cli(store_dir, PROBE).returncode == 0  # the repaired slice trains again
+
+
+def _cohort_store(tmp_path: Path, name: str) -> Path:
+    from conftest import write_cohort_images
+
+    folder = tmp_path / "images"
+    if not folder.is_dir():
+        write_cohort_images(folder, n_per_class=4)
+    frame = write_cohort_images(tmp_path / "scratch", n_per_class=4)  # the same rows (same seed), for the manifest
+    manifest = tmp_path / "m.csv"
+    frame.to_csv(manifest, index=False)
+    store_dir = tmp_path / name
+    result = CliRunner().invoke(app, ["--store", str(store_dir), "data", "import", str(manifest), "--images",
+                                      str(folder), "--cohort", "c"])
+    assert result.exit_code == 0, result.output
+    return store_dir
+
+
+EMBED = ["embed", "--model", "tiny-clip", "--random-init", "--cohort", "c", "--workers", "0", "--batch-size", "4",
+         "--chunk-images", "8", "--quiet"]
+
+
+def _embedded(store_dir: Path) -> dict:
+    store = Store(store_dir)
+    rows = store.read("emb_tiny_clip").to_pandas() if store.has("emb_tiny_clip") else None
+    return {"rows": rows, "prompts": store.count("prompts_tiny_clip")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["kill", "enospc"])
+def test_embed_faults_at_every_write_never_duplicate_and_a_rerun_completes(tmp_path, kind):
+    reference = _cohort_store(tmp_path, "reference")
+    assert _cli(reference, EMBED).returncode == 0
+    expected = _embedded(reference)
+    n = len(expected["rows"])
+    expected_vectors = expected["rows"].set_index("row_id")["vector"]
+    point = 0
+    while True:
+        point += 1
+        store_dir = _cohort_store(tmp_path, f"{kind}-{point}")
+        faulted = _cli(store_dir, EMBED, f"{kind}:{point}")
+        if faulted.returncode == 0:
+            break
+        assert faulted.returncode == (-9 if kind == "kill" else 1), faulted.stderr
+        if kind == "enospc":
+            assert faulted.stderr.startswith("error: No space left on device"), faulted.stderr
+        partial = _embedded(store_dir)["rows"]
+        assert partial is None or (partial["row_id"].is_unique and len(partial) <= n)
+        rerun = _cli(store_dir, EMBED) if kind == "kill" else _in_process(store_dir, EMBED, "")
+        assert rerun.returncode == 0, rerun.stderr
+        done = _embedded(store_dir)
+        assert len(done["rows"]) == n and done["rows"]["row_id"].is_unique
+        assert done["prompts"] == expected["prompts"]
+        got = done["rows"].set_index("row_id")["vector"]
+        for row_id, vector in expected_vectors.items():
+            np.testing.assert_array_equal(got[row_id], vector)
+    assert point > 6  # weights, prompts and three chunks: every gap between them was visited
+
+
+def test_a_probe_racing_an_unfinished_embedding_pass_is_refused(tmp_path):
+    store_dir = _cohort_store(tmp_path, "s")
+    assert _cli(store_dir, EMBED, "kill:6").returncode == -9  # the pass dies after its first chunk
+    rows = _embedded(store_dir)["rows"]
+    assert 0 < len(rows) < 24
+    probe = _cli(store_dir, ["probe", "--model", "tiny-clip", "--epochs", "1", "--hidden", "8"])
+    assert probe.returncode == 1 and probe.stderr.startswith("error: ") and "Traceback" not in probe.stderr
+    assert f"{24 - len(rows)} of 24 rows" in probe.stderr and "--allow-partial" in probe.stderr
+    assert not Store(store_dir).has("runs") or Store(store_dir).count("runs") == 0
