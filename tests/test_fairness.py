@@ -631,3 +631,13 @@ def test_every_gap_interval_contains_its_estimate_or_says_why_not(con):
     assert len(gaps) > 20
     for r in gaps:
         assert r["ci_low"] - TOL <= r["value"] <= r["ci_high"] + TOL or "no" in (r["ci_note"] or ""), r
+
+
+def test_two_group_attributes_get_the_signed_difference_beside_the_gap(con):
+    point = _summary(con, "run-a")
+    f, m = point[("sex", "F", "macro_f1")][0], point[("sex", "M", "macro_f1")][0]
+    diff = point[("sex", "F-M", "f1_diff")][0]
+    assert diff == pytest.approx(f - m, abs=TOL) and abs(diff) == pytest.approx(point[("sex", "gap", "f1_gap")][0])
+    acc = point[("sex", "F", "accuracy")][0] - point[("sex", "M", "accuracy")][0]
+    assert point[("sex", "F-M", "accuracy_diff")][0] == pytest.approx(acc, abs=TOL)
+    assert not any(k[2] == "f1_diff" for k in point if k[0] == "age_group_sex")  # four groups: no signed difference

@@ -13,10 +13,11 @@ from embedkit.fairness import bootstrap, db
 # The metric families the paper-style table (and --json) shows; AUC and the rest are one `embedkit sql` away
 # (fairness_summary).
 _FAIRNESS_GROUP_ROWS = ("accuracy", "f1", "macro_f1", "var_f1", "ece")
-_FAIRNESS_GAP_ROWS = ("accuracy_gap", "f1_gap", "eqodds", "eqodds_worst", "ece_gap", "f1_delta_paper", "eqodds_paper")
+_FAIRNESS_GAP_ROWS = ("accuracy_gap", "f1_gap", "f1_diff", "eqodds", "eqodds_worst", "ece_gap", "f1_delta_paper",
+                      "eqodds_paper")
 OUTSIDE_FLAG = "‡"
 _FAIRNESS_LABELS = {
-    "eqodds": "EqOdds", "eqodds_worst": "EqOdds (worst class)", "f1_delta_paper": "dF1 (paper, signed)",
+    "f1_diff": "macro-F1 difference (signed)", "eqodds": "EqOdds", "eqodds_worst": "EqOdds (worst class)", "f1_delta_paper": "dF1 (paper, signed)",
     "eqodds_paper": "EqOdds (paper, 2 groups)",
 }
 
@@ -124,7 +125,7 @@ def _fairness_tables(rows: list[dict], runs: list[dict], attributes: list[str], 
             label = labels.get(metric) or (f"F1 {metric[3:-1]}" if metric.startswith("f1[") else metric)
             table.add_row(label, *cells)
         if attribute != "all":
-            for metric in ("eqodds", "eqodds_worst", "f1_delta_paper", "eqodds_paper"):
+            for metric in ("f1_diff", "eqodds", "eqodds_worst", "f1_delta_paper", "eqodds_paper"):
                 found = {r["run_id"]: r for r in rows if r["attribute"] == attribute and r["metric"] == metric}
                 if not found:
                     continue

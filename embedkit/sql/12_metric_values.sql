@@ -9,6 +9,9 @@
 --   without 'macro_', then '_gap', then its class: f1_gap (of macro_f1), accuracy_gap, ece_gap, classwise_ece_gap,
 --   l1_calibration_gap (the paper's |g1 - g2| for two groups), auc_gap (of macro_auc), f1_gap[class], tpr_gap[class],
 --   ...; a gap needs two groups with a defined value (the attribute 'all', one group, has none).
+-- Signed differences (attributes with exactly two groups, a < b by name; group_or_gap 'a-b', e.g. 'F-M'):
+--   accuracy_diff, f1_diff (of macro_f1), ece_diff = value(a) - value(b): the direction a max - min gap hides, and
+--   an estimate whose bootstrap distribution is not pushed upward the way |difference| is.
 --   Equalized odds, one-vs-rest on y_pred: eqodds[class] = (tpr_gap[class] + fpr_gap[class]) / 2; eqodds is their
 --   mean over classes (the paper's EqOdds for two groups), eqodds_worst their max, eqodds_classes how many classes
 --   were averaged (a class whose TPR or FPR is undefined in all but one group has no eqodds[class]).
@@ -81,6 +84,20 @@ sex_delta AS (
     FROM sex_by_age
     GROUP BY replicate, run_id, split
 ),
+signed AS (
+    -- an attribute with exactly two groups a < b (by name): the signed difference a - b beside the unsigned gap
+    SELECT
+        replicate, run_id, split, attribute,
+        replace(family, 'macro_', '') || '_diff' AS family,
+        replace(family, 'macro_', '') || '_diff' || substr(metric, length(family) + 1) AS metric,
+        min(group_name) || '-' || max(group_name) AS direction,
+        arg_min_null(value, group_name) - arg_max_null(value, group_name) AS value,
+        min(n) AS n
+    FROM gm
+    WHERE attribute <> 'all' AND family IN ('accuracy', 'macro_f1', 'ece')
+    GROUP BY replicate, run_id, split, attribute, family, metric
+    HAVING count(DISTINCT group_name) = 2
+),
 two_group_rates AS (
     -- per (attribute, class) of an attribute with exactly two groups: |TPR_a - TPR_b| and |FPR_a - FPR_b|
     SELECT
@@ -101,6 +118,8 @@ two_group_rates AS (
 SELECT replicate, run_id, split, attribute, group_name AS group_or_gap, family, metric, value, n FROM gm
 UNION ALL
 SELECT replicate, run_id, split, attribute, 'gap', family, metric, value, n FROM spreads
+UNION ALL
+SELECT replicate, run_id, split, attribute, direction, family, metric, value, n FROM signed
 UNION ALL
 SELECT replicate, run_id, split, attribute, 'gap', 'eqodds', 'eqodds' || class_key, value, n FROM class_odds
 UNION ALL
