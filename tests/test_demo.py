@@ -18,6 +18,11 @@ def _sex_delta(out, bias):
                                          families=["f1_delta_paper"], class_scores=False).to_pylist()
     (delta,) = [r for r in rows if r["attribute"] == "sex"]
     _runs_json_equals_the_views(result.store, con)
+    gaps = bootstrap.bootstrap_intervals(con, run_ids, "test", n_resamples=400, seed=0, class_scores=False,
+                                         families=["accuracy_gap", "f1_gap", "eqodds", "ece_gap"]).to_pylist()
+    # every interval of a gap contains its estimate, or its note says why none can
+    assert all(r["ci_low"] - 1e-12 <= r["value"] <= r["ci_high"] + 1e-12 or r["ci_note"] for r in gaps
+               if r["value"] is not None and r["ci_low"] is not None)
     return delta
 
 

@@ -301,3 +301,22 @@ def test_a_probe_racing_an_unfinished_embedding_pass_is_refused(tmp_path):
     assert probe.returncode == 1 and probe.stderr.startswith("error: ") and "Traceback" not in probe.stderr
     assert f"{24 - len(rows)} of 24 rows" in probe.stderr and "--allow-partial" in probe.stderr
     assert not Store(store_dir).has("runs") or Store(store_dir).count("runs") == 0
+
+
+def test_two_embedding_passes_at_once_write_every_row_once(tmp_path):
+    """Started together: one pass embeds, the other is refused with one line naming the holder, or (when it starts
+    after the first has finished) finds every row there. Never a row twice."""
+    store_dir = _cohort_store(tmp_path, "s")
+    base = [sys.executable, "-m", "embedkit.cli", "--store", str(store_dir)]
+    procs = [subprocess.Popen([*base, *EMBED], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    codes = sorted(p.returncode for p in procs)
+    for p, (out, err) in zip(procs, outs):
+        if p.returncode:
+            assert err.startswith("error: pid ") and "holds" in err and "Traceback" not in err, err
+        else:
+            assert "24 rows, 0 already there" in out or "0 rows, 24 already there" in out, out
+    assert codes in ([0, 0], [0, 1])
+    rows = _embedded(store_dir)["rows"]
+    assert len(rows) == 24 and rows["row_id"].is_unique
