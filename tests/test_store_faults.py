@@ -320,3 +320,28 @@ def test_two_embedding_passes_at_once_write_every_row_once(tmp_path):
     assert codes in ([0, 0], [0, 1])
     rows = _embedded(store_dir)["rows"]
     assert len(rows) == 24 and rows["row_id"].is_unique
+
+
+@pytest.mark.slow
+def test_a_real_full_disk_gives_one_line_and_records_nothing_half(tmp_path):
+    """The store on a 8 MiB tmpfs filled to the brim: probe fails with one line, the store stays consistent, and
+    once space is freed the same command completes (skipped where this process may not mount a tmpfs)."""
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8M", "tmpfs", str(mount)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        store_dir = _vector_store(mount / "s")
+        free = os.statvfs(mount).f_bavail * os.statvfs(mount).f_frsize
+        filler = mount / "filler"
+        filler.write_bytes(b"\0" * max(free - 40 * 1024, 0))
+        full = _cli(store_dir, PROBE)
+        assert full.returncode == 1 and full.stderr.startswith("error: No space left on device"), full.stderr
+        assert "Traceback" not in full.stderr and len(full.stderr.strip().splitlines()) == 1
+        assert assert_consistent(store_dir, tmp_path) == 0
+        filler.unlink()
+        assert _cli(store_dir, PROBE).returncode == 0
+        assert assert_consistent(store_dir, tmp_path) == 1
+    finally:
+        subprocess.run(["umount", str(mount)], capture_output=True)

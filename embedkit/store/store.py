@@ -21,6 +21,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import signal
 import time
 import uuid
@@ -44,6 +45,8 @@ class StoreBusy(StoreError):
     """Another process holds a lock this write needs."""
 
 
+_WRITE_REFUSALS = {errno.ENOSPC: "No space left on device", errno.EDQUOT: "Disk quota exceeded",
+                   errno.EROFS: "Read-only file system", errno.EACCES: "Permission denied"}
 LOCKS_DIR = "_locks"
 JOURNAL_DIR = "_journal"
 RUN_COMMIT_WAIT_S = 120.0  # a run commit takes milliseconds to seconds; waiting longer means a stuck writer
@@ -160,23 +163,25 @@ class Store:
         if data.num_rows == 0:
             return
         data = data.select(schema.names).cast(schema)
-        table = self._open_or_create(name, schema)
-        _fault_point()
-        table.merge_insert(keys).when_matched_update_all().when_not_matched_insert_all().execute(data)
-        _fault_point()
+        with self._writing(name):
+            table = self._open_or_create(name, schema)
+            _fault_point()
+            table.merge_insert(keys).when_matched_update_all().when_not_matched_insert_all().execute(data)
+            _fault_point()
 
     def append(self, name: str, data: pa.Table, schema: pa.Schema) -> None:
         """Append rows in one atomic commit (a killed process leaves either all of them or none)."""
         if data.num_rows == 0:
             return
         data = data.select(schema.names).cast(schema)
-        table = self._open_or_create(name, schema)
-        for f in table.schema:  # a table of an older layout: its extra (nullable) columns get nulls
-            if f.name not in data.schema.names:
-                data = data.append_column(f, pa.nulls(data.num_rows, f.type))
-        _fault_point()
-        table.add(data)
-        _fault_point()
+        with self._writing(name):
+            table = self._open_or_create(name, schema)
+            for f in table.schema:  # a table of an older layout: its extra (nullable) columns get nulls
+                if f.name not in data.schema.names:
+                    data = data.append_column(f, pa.nulls(data.num_rows, f.type))
+            _fault_point()
+            table.add(data)
+            _fault_point()
 
     def read(self, name: str, where: str | None = None, columns: list[str] | None = None) -> pa.Table:
         """Read a table (optionally filtered and projected); an absent table raises StoreError."""
@@ -188,13 +193,31 @@ class Store:
 
     def delete(self, name: str, where: str) -> None:
         if self.has(name):
-            _fault_point()
-            self.open(name).delete(where)
-            _fault_point()
+            with self._writing(name):
+                _fault_point()
+                self.open(name).delete(where)
+                _fault_point()
 
     def dataset(self, name: str):
         """The table as a pyarrow-compatible Lance dataset (for DuckDB; filters are pushed down)."""
         return self.open(name).to_lance()
+
+    @contextmanager
+    def _writing(self, name: str):
+        """Turn the operating system's refusal of a write (a full disk, a read-only store, no permission), raised
+        by Lance as a RuntimeError naming 'os error N' or by Python as an OSError, into one StoreError line."""
+        try:
+            yield
+        except (OSError, RuntimeError) as exc:
+            code = getattr(exc, "errno", None)
+            match = re.search(r"\(os error (\d+)\)", str(exc))
+            code = int(match.group(1)) if match and code is None else code
+            if code not in _WRITE_REFUSALS:
+                raise
+            raise StoreError(f"{_WRITE_REFUSALS[code]} while writing table '{name}' in {self.path}: this write was "
+                             "not recorded, and a run is stored whole or not at all; "
+                             f"{'free some space' if code in (errno.ENOSPC, errno.EDQUOT) else 'fix the permissions'}"
+                             " and run the command again (it picks up where it stopped)") from exc
 
     # ---- locks ----------------------------------------------------------------------------------
     @contextmanager
