@@ -289,7 +289,9 @@ class Store:
 
                 predictions = predictions.filter(pc.is_in(predictions["run_id"], pa.array(ids)))
             entry = self._journal_open(ids)
-            if self.has("predictions"):  # leftovers of an attempt with the same ids (a resumed fine-tuning run)
+            # leftovers of an attempt with the same ids (a resumed fine-tuning run); counted first, since a
+            # delete is a commit of its own even when it matches nothing
+            if self.count("predictions", sql_in("run_id", ids)):
                 self.delete("predictions", sql_in("run_id", ids))
             self.append("predictions", predictions, schemas.PREDICTIONS)
             self.append("runs", pa.Table.from_pylist(rows, schema=schemas.RUNS), schemas.RUNS)
