@@ -188,7 +188,8 @@ def test_heads_use_the_current_splits_and_refuse_an_unfinished_pass(store, small
     assert json.loads(run["metrics"])["val"]["n"] == int((moved["split"] == "val").sum())
     # a pass killed after some chunks: heads refuse, name what is missing and the command that finishes it
     store.delete("emb_tiny_clip", "row_id IN ('c/00000_000.png', 'c/01001_000.png')")
-    with pytest.raises(HeadsError, match=r"2 of 24 rows .*`embedkit embed --model tiny-clip --cohort c`"):
+    with pytest.raises(HeadsError,
+                       match=r"2 of 24 rows .*`embedkit embed --model tiny-clip --cohort c --random-init --seed 0`"):
         run_probe(store, "tiny-clip", HeadConfig("lp", epochs=1, hidden=8), seed=0)
     partial = run_probe(store, "tiny-clip", HeadConfig("lp", epochs=1, hidden=8), seed=0, allow_partial=True)
     assert json.loads(partial["config"])["partial"] == {"missing_rows": 2, "rows": 22}

@@ -128,6 +128,17 @@ def choose_slice(store: Store, model: str, cohort: str | None, weights_id: str |
     return cohort, weights_id
 
 
+def _embed_command(model: str, cohort: str, weights_id: str) -> str:
+    """The command that resumes the pass which wrote ``weights_id`` (random weights need their flag and seed)."""
+    from embedkit.models.registry import random_init_id
+
+    command = f"embedkit embed --model {model} --cohort {cohort}"
+    seed = weights_id.rsplit(":", 1)[-1]
+    if seed.isdigit() and weights_id == random_init_id(model, int(seed)):
+        return f"{command} --random-init --seed {seed}"
+    return command + " --weights <the same weights>"
+
+
 def load_vectors(store: Store, model: str, cohort: str | None = None, weights_id: str | None = None,
                  allow_partial: bool = False) -> CohortVectors:
     """Read the vectors of ``model`` for one cohort and one weights_id (both inferred when unambiguous), with each
@@ -152,8 +163,8 @@ def load_vectors(store: Store, model: str, cohort: str | None = None, weights_id
     if missing and not allow_partial:
         raise HeadsError(
             f"{missing} of {len(images)} rows of cohort '{cohort}' have no '{model}' vectors under weights "
-            f"{weights_id}: the embedding pass did not finish. Finish it with `embedkit embed --model {model} "
-            f"--cohort {cohort}` (it resumes), or pass --allow-partial to go on without them (recorded in the run)"
+            f"{weights_id}: the embedding pass did not finish. Finish it with `{_embed_command(model, cohort, weights_id)}`"
+            f" (it resumes), or pass --allow-partial to go on without them (recorded in the run)"
         )
     # images is in row_id order: that order makes every head's inputs (and so its shuffles and predictions)
     # independent of storage order. Vectors of rows the cohort no longer has (a re-import dropped them) are ignored.
