@@ -1,4 +1,4 @@
-"""The store never reports what did not happen: kills and I/O errors at every gap between two writes, and racing writers.
+"""The store never reports what did not happen: kills and I/O errors at every gap between writes, and racing writers.
 
 Each command runs as a real process with EMBEDKIT_FAULT (embedkit/store/store.py): "kill:N" SIGKILLs it at its
 N-th fault point, "enospc:N" makes that point fail with "No space left on device". Fault points sit before and

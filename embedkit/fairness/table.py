@@ -17,7 +17,8 @@ _FAIRNESS_GAP_ROWS = ("accuracy_gap", "f1_gap", "f1_diff", "eqodds", "eqodds_wor
                       "eqodds_paper")
 OUTSIDE_FLAG = "‡"
 _FAIRNESS_LABELS = {
-    "f1_diff": "macro-F1 difference (signed)", "eqodds": "EqOdds", "eqodds_worst": "EqOdds (worst class)", "f1_delta_paper": "dF1 (paper, signed)",
+    "f1_diff": "macro-F1 difference (signed)", "eqodds": "EqOdds", "eqodds_worst": "EqOdds (worst class)",
+    "f1_delta_paper": "dF1 (paper, signed)",
     "eqodds_paper": "EqOdds (paper, 2 groups)",
 }
 

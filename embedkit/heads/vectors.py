@@ -163,8 +163,8 @@ def load_vectors(store: Store, model: str, cohort: str | None = None, weights_id
     if missing and not allow_partial:
         raise HeadsError(
             f"{missing} of {len(images)} rows of cohort '{cohort}' have no '{model}' vectors under weights "
-            f"{weights_id}: the embedding pass did not finish. Finish it with `{_embed_command(model, cohort, weights_id)}`"
-            f" (it resumes), or pass --allow-partial to go on without them (recorded in the run)"
+            f"{weights_id}: the embedding pass did not finish. Finish it with "
+            f"`{_embed_command(model, cohort, weights_id)}` (it resumes), or pass --allow-partial to go on without them (recorded in the run)"
         )
     # images is in row_id order: that order makes every head's inputs (and so its shuffles and predictions)
     # independent of storage order. Vectors of rows the cohort no longer has (a re-import dropped them) are ignored.

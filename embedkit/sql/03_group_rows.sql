@@ -8,7 +8,8 @@
 --   text columns would dominate the cost, as in class_score_metrics; a collision needs two of a store's groups, not
 --   rows, to share a 64-bit hash).
 -- The attribute list is filled in when the connection is made ({{attribute_columns}}); a NULL value leaves the row
--- out of that attribute only. Rows without a single label (y_true NULL) are not scored: no metric counts them. Replicates are drawn per attribute (stratified by its groups), so resample_weights is
+-- out of that attribute only. Rows without a single label (y_true NULL) are not scored: no metric counts them.
+-- Replicates are drawn per attribute (stratified by its groups), so resample_weights is
 -- keyed by attribute; it is keyed by split and row_id, not run, so runs compared side by side share the same draws.
 CREATE OR REPLACE VIEW group_rows AS
 WITH members AS NOT MATERIALIZED (
