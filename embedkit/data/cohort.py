@@ -57,6 +57,12 @@ def read_manifest(path: str | Path, mapping: dict[str, str] | None = None) -> pd
         frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
         raise CohortError(f"{path}: not a readable CSV manifest ({exc})") from None
+    if frame.empty:
+        raise CohortError(f"{path}: the manifest has a header but no rows")
+    header = _header(path)
+    twice = sorted({c for c in header if header.count(c) > 1})
+    if twice:  # pandas would rename the second one ('sex.1') and it would travel, unnoticed, as an extra
+        raise CohortError(f"{path}: column(s) {twice} appear more than once in the header; keep one of each")
     mapping = mapping or {}
     unknown_sources = [c for c in mapping if c not in frame.columns]
     if unknown_sources:
@@ -66,7 +72,21 @@ def read_manifest(path: str | Path, mapping: dict[str, str] | None = None) -> pd
     bad_fields = [f for f in mapping.values() if f not in FIELDS]
     if bad_fields:
         raise CohortError(f"--map targets {bad_fields} are not fields; fields are {', '.join(FIELDS)}")
+    renamed = [mapping.get(c, c) for c in frame.columns]
+    clash = sorted({c for c in renamed if renamed.count(c) > 1})
+    if clash:
+        sources = {f: [c for c in frame.columns if mapping.get(c, c) == f] for f in clash}
+        raise CohortError(f"{path}: --map would give two columns the name(s) {clash} ({sources}); drop the "
+                          "mapping or map the other column elsewhere")
     return frame.rename(columns=mapping)
+
+
+def _header(path: Path) -> list[str]:
+    """The manifest's column names as written (pandas renames repeated ones)."""
+    import csv
+
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        return next(csv.reader(f), [])
 
 
 def parse_mapping(items: list[str]) -> dict[str, str]:

@@ -110,6 +110,9 @@ class Store:
 
     def __init__(self, path: str | Path | None = None):
         self.path = resolve_store_path(path)
+        if self.path.exists() and not self.path.is_dir():
+            raise StoreError(f"the store {self.path} is a file, not a folder: point --store / ${STORE_ENV} at a "
+                             "folder (a new one is created on the first write)")
         self._db = None
 
     @property
