@@ -44,3 +44,51 @@ def test_a_store_path_that_is_a_file_is_refused(tmp_path):
         result = _embedkit(*args, env={**os.environ, "EMBEDKIT_STORE": str(target)})
         assert result.returncode == 1 and "is a file, not a folder" in result.stderr, (args, result.stderr)
     assert target.read_text() == "x"
+
+
+class _Hostile:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def _bad_weight_files(folder):
+    """(name, bytes) of weights files that cannot be loaded: truncated, malformed, and pickles of non-tensors."""
+    import io
+
+    import torch
+
+    good = io.BytesIO()
+    torch.save({"w": torch.zeros(4)}, good)
+    hostile = io.BytesIO()
+    torch.save({"w": _Hostile()}, hostile)
+    return {
+        "truncated.bin": good.getvalue()[: len(good.getvalue()) // 2],
+        "hostile.bin": hostile.getvalue(),
+        "malformed.safetensors": b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}......",
+        "text.bin": b"this is not a checkpoint\n",
+    }
+
+
+OPEN_CLIP_FILES = ("open_clip_pytorch_model.bin", "open_clip_model.safetensors")
+
+
+# BiomedCLIP's weights go through the same reader as CLIP's (openclip._checkpoint_state); GLoRIA's Lightning file has
+# its own restricted unpickler, tested in test_models_gloria.py.
+@pytest.mark.parametrize("model, files", [("tiny-clip", OPEN_CLIP_FILES),
+                                          ("tiny-medclip-rn50", ("pytorch_model.bin", "pytorch_model.bin"))])
+def test_unreadable_weights_are_one_error_without_unsafe_advice(tmp_path, capfd, model, files):
+    from embedkit.models import bert
+    from embedkit.models.base import CheckpointError
+    from embedkit.models.registry import get_spec
+
+    for name, data in _bad_weight_files(tmp_path).items():
+        folder = tmp_path / f"{model}-{name}"
+        folder.mkdir()
+        file = folder / files[name.endswith(".safetensors")]
+        file.write_bytes(data)
+        (folder / "vocab.txt").write_text("\n".join(bert.synthetic_vocab(512)) + "\n")
+        with pytest.raises(CheckpointError) as info:
+            get_spec(model).load(folder)
+        message = str(info.value)
+        assert str(file) in message and "weights_only" not in message and "\n" not in message, message
+    assert "this must never run" not in capfd.readouterr().out

@@ -59,6 +59,45 @@ class CheckpointError(EmbedkitError, ValueError):
     """A weights file that cannot be read, or whose keys or shapes do not fit the model after the clean-up."""
 
 
+def read_tensor_file(path, release: str, unwrap: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file or of a torch file holding a state dict (with ``unwrap``, also the
+    ``{"state_dict": ...}`` of a training checkpoint).
+
+    ``torch.load`` runs with ``weights_only=True``: a downloaded pickle never runs code. Any file that cannot be read
+    so (truncated, malformed, a pickle of other objects) is one CheckpointError naming the file and ``release`` (what
+    to download again); torch's own advice to retry with weights_only=False is never passed on.
+    """
+    import pickle
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import SafetensorError
+            from safetensors.torch import load_file
+
+            try:
+                state = load_file(str(path), device="cpu")
+            except SafetensorError as exc:
+                raise CheckpointError(f"{path} is not a readable safetensors file ({exc}); download {release} "
+                                      "again") from None
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - torch's restricted unpickler fails on garbage in many ways
+        reason = "it holds objects other than tensors, which embedkit never unpickles" \
+            if isinstance(exc, pickle.UnpicklingError) else "truncated, damaged or not a checkpoint"
+        raise CheckpointError(f"{path} is not a readable PyTorch state dict ({type(exc).__name__}: {reason}); "
+                              f"download {release} again") from None
+    if unwrap and isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} should hold a plain state dict (name -> tensor) as {release} does; "
+                              f"found {type(state).__name__}")
+    return state
+
+
 def _key_list(keys: list[str], limit: int = 12) -> str:
     shown = ", ".join(keys[:limit])
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")

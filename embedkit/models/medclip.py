@@ -9,7 +9,6 @@ HF ``SwinModel``) with ``vision_model.projection_head`` for Swin, ``text_model.m
 from __future__ import annotations
 
 import math
-import pickle
 import re
 from pathlib import Path
 from typing import Mapping
@@ -20,7 +19,7 @@ from PIL import Image
 from torch import nn
 
 from embedkit.models import bert
-from embedkit.models.base import CheckpointError, VisionLanguageModel, key_mismatches
+from embedkit.models.base import CheckpointError, VisionLanguageModel, key_mismatches, read_tensor_file
 from embedkit.models.registry import MissingWeightsError, ModelSpec
 
 # Preprocessing constants of the authors' feature extractor (one grayscale channel).
@@ -304,23 +303,6 @@ def clean_state_dict(
     return cleaned
 
 
-def _read_state_dict(weights: Path) -> dict[str, torch.Tensor]:
-    # weights_only: a downloaded pickle must not run code; the authors' file is a plain state dict.
-    try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
-        raise CheckpointError(
-            f"{weights} is not a readable PyTorch state dict ({type(exc).__name__}: {exc}). Re-download and unzip "
-            f"the MedCLIP release."
-        ) from None
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(
-            f"{weights} should hold a plain state dict (name -> tensor) as the MedCLIP release does; "
-            f"found {type(state).__name__}."
-        )
-    return dict(state)
-
-
 def load(spec: ModelSpec, path: str | Path) -> MedCLIP:
     """MedCLIP with the authors' weights: ``path`` is the unzipped folder or its ``pytorch_model.bin``.
 
@@ -331,7 +313,7 @@ def load(spec: ModelSpec, path: str | Path) -> MedCLIP:
     if not weights.is_file():
         raise MissingWeightsError(f"{WEIGHTS_FILE} not found at {weights}. " + spec.missing_message(path))
     tokenizer = bert.clinical_bert_tokenizer(weights, spec.name, _vocab_size(spec.tiny))
-    state = _read_state_dict(weights)
+    state = read_tensor_file(weights, "the MedCLIP release (unzip it)")
     model = MedCLIP(spec, tokenizer)
     model.load_state_dict(clean_state_dict(state, model, source=str(weights)), strict=True)
     return model.eval()

@@ -28,7 +28,7 @@ from PIL import Image
 from torch import nn
 
 from embedkit.models import bert
-from embedkit.models.base import CheckpointError, VisionLanguageModel, load_strict
+from embedkit.models.base import CheckpointError, VisionLanguageModel, load_strict, read_tensor_file
 from embedkit.models.registry import MissingWeightsError, ModelSpec
 
 __all__ = [
@@ -318,19 +318,9 @@ def _find_checkpoint(spec: ModelSpec, path: Path) -> Path:
     raise _missing(spec, path, " or ".join(CHECKPOINT_FILES))
 
 
-def _read_state_dict(file: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a safetensors or torch file; ``torch.load`` only with ``weights_only=True`` (no code runs)."""
-    if file.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(file), device="cpu")
-    else:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]  # open_clip training checkpoints wrap the weights
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{file}: not a state dict of tensors (found {type(state).__name__})")
-    return state
+def _checkpoint_state(spec: ModelSpec, checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors (open_clip training checkpoints wrap them in "state_dict"), keys cleaned."""
+    return _clean_keys(read_tensor_file(checkpoint, f"the {spec.name} checkpoint", unwrap=True))
 
 
 def _clean_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -358,7 +348,7 @@ def _load_bert_folder(spec: ModelSpec, folder: Path) -> OpenClipModel:
     if not _uses_bert(config):
         raise CheckpointError(f"{folder / 'open_clip_config.json'}: text tower is not a BERT (no hf_model_name)")
     model = _create(spec, config, seed=0)
-    _load_strict(spec, model, _clean_keys(_read_state_dict(checkpoint)), checkpoint)
+    _load_strict(spec, model, _checkpoint_state(spec, checkpoint), checkpoint)
 
     tok_cfg = json.loads((folder / "tokenizer_config.json").read_text())
     # bert.load_tokenizer reads vocab.txt with `vocab=` (transformers 5 ignores `vocab_file=`: all [UNK]).
@@ -383,6 +373,6 @@ def load(spec: ModelSpec, path: str | Path) -> OpenClipModel:
         return _load_bert_folder(spec, path)
     checkpoint = _find_checkpoint(spec, path)
     model = _create(spec, config, seed=0)
-    _load_strict(spec, model, _clean_keys(_read_state_dict(checkpoint)), checkpoint)
+    _load_strict(spec, model, _checkpoint_state(spec, checkpoint), checkpoint)
     tokenizer = _clip_bpe_tokenizer(int(config["model_cfg"]["text_cfg"]["context_length"]))
     return _wrap(spec, model, config, tokenizer)
