@@ -92,3 +92,23 @@ def test_unreadable_weights_are_one_error_without_unsafe_advice(tmp_path, capfd,
         message = str(info.value)
         assert str(file) in message and "weights_only" not in message and "\n" not in message, message
     assert "this must never run" not in capfd.readouterr().out
+
+
+def test_weights_holding_nan_are_refused_before_any_pass(tmp_path):
+    import torch
+
+    from embedkit.models import bert
+    from embedkit.models.base import CheckpointError
+    from embedkit.models.registry import get_spec
+
+    spec = get_spec("tiny-medclip-rn50")
+    state = spec.build(seed=0).state_dict()
+    name = next(k for k, v in state.items() if v.is_floating_point() and v.numel() > 1)
+    state[name] = state[name].clone()
+    state[name].view(-1)[0] = float("nan")
+    folder = tmp_path / "w"
+    folder.mkdir()
+    torch.save(state, folder / "pytorch_model.bin")
+    (folder / "vocab.txt").write_text("\n".join(bert.synthetic_vocab(512)) + "\n")
+    with pytest.raises(CheckpointError, match=rf"weight '{name}' holds NaN"):
+        spec.load(folder)

@@ -57,7 +57,9 @@ class ModelSpec:
         path = Path(path)
         if not path.exists():
             raise MissingWeightsError(self.missing_message(path))
-        return self.family_module().load(self, path)
+        model = self.family_module().load(self, path)
+        _refuse_non_finite(model, path)
+        return model
 
     def missing_message(self, where: Path | None) -> str:
         files = ", ".join(self.weight_files)
@@ -151,3 +153,15 @@ def instantiate(spec: ModelSpec, weights: str | Path | None = None, random_init:
         raise MissingWeightsError(spec.missing_message(None))
     model = spec.load(path)
     return model, state_dict_hash(model), str(path)
+
+
+def _refuse_non_finite(model, path: Path) -> None:
+    """NaN or infinite weights would embed every image as NaN: refuse them before a pass starts, naming the tensor."""
+    import torch
+
+    from embedkit.models.base import CheckpointError
+
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{path}: weight '{name}' holds NaN or infinite values; the file is damaged or "
+                                  "was saved from a diverged run: use the released weights")
