@@ -688,10 +688,11 @@ def doctor_cmd(
     from dataclasses import asdict
 
     from embedkit.store.doctor import examine
+    from embedkit.store.store import StoreError
 
     store = get_store(ctx)
     if not store.table_names():
-        raise typer.BadParameter(f"no store at {store.path}", param_hint="--store")
+        raise StoreError(f"no store at {store.path}: point --store / $EMBEDKIT_STORE at one")
     findings = examine(store, repair)
     if as_json:
         echo_json([asdict(f) for f in findings])
