@@ -215,25 +215,33 @@ def bootstrap_intervals(
 
 def _with_bca(table: pa.Table, replicates: pa.Table, strata: dict, level: float) -> pa.Table:
     """``table`` (interval_summary rows) with the percentile bounds renamed pct_* and the BCa ones as ci_*."""
-    frame = replicates.to_pandas()
+    import pandas as pd
+
     keys = ["run_id", "attribute", "group_or_gap", "metric"]
-    by_key = {k: g for k, g in frame.groupby(keys, sort=False)} if len(frame) else {}
+    frame = replicates.to_pandas()
+    # one integer per statistic; the replicate rows sorted by it, each statistic a contiguous slice
+    codes = frame.groupby(keys, sort=False).ngroup().to_numpy() if len(frame) else np.zeros(0, dtype=int)
+    firsts = frame.drop_duplicates(keys)[keys]
+    position = {key: i for i, key in enumerate(firsts.itertuples(index=False, name=None))}
+    order = np.argsort(codes, kind="stable")
+    codes, values = codes[order], frame["value"].to_numpy(dtype=float)[order]
+    replicate = frame["replicate"].to_numpy()[order]
+    lookup = pd.DataFrame([(a, r, g) for (a, r), (g, _) in strata.items()], columns=["attribute", "replicate", "g"])
+    stratum = (frame[["attribute", "replicate"]].iloc[order].merge(lookup, how="left", on=["attribute", "replicate"])
+               ["g"].fillna("").to_numpy(dtype=object))
+    bounds = np.searchsorted(codes, np.arange(len(position) + 1))
     low, high, notes = [], [], []
     for row in table.select([*keys, "value"]).to_pylist():
-        reps = by_key.get(tuple(row[k] for k in keys))
-        value = row["value"]
-        if reps is None or value is None:
-            low.append(None), high.append(None), notes.append(None)
-            continue
-        draws = reps.loc[reps["replicate"] > 0, "value"].to_numpy(dtype=float)
-        jack = reps[reps["replicate"] < 0]
-        if len(draws) == 0:
-            low.append(None), high.append(None), notes.append(None)
-            continue
-        stratum = [strata.get((row["attribute"], int(r)), ("", 0))[0] for r in jack["replicate"]]
-        groups = {s: jack["value"].to_numpy(dtype=float)[np.asarray(stratum) == s] for s in set(stratum)}
-        lo, hi, note = bca_bounds(float(value), draws, groups, level)
-        low.append(lo), high.append(hi), notes.append(note)
+        i = position.get(tuple(row[k] for k in keys))
+        result = (None, None, None)
+        if i is not None and row["value"] is not None:
+            part = slice(bounds[i], bounds[i + 1])
+            draws = values[part][replicate[part] > 0]
+            jack = replicate[part] < 0
+            groups = {g: values[part][jack][stratum[part][jack] == g] for g in set(stratum[part][jack])}
+            if len(draws):
+                result = bca_bounds(float(row["value"]), draws, groups, level)
+        low.append(result[0]), high.append(result[1]), notes.append(result[2])
     table = table.rename_columns(["pct_low" if c == "ci_low" else "pct_high" if c == "ci_high" else c
                                   for c in table.column_names])
     return (table.append_column("ci_low", pa.array(low, pa.float64()))
