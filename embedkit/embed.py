@@ -20,7 +20,7 @@ import pyarrow as pa
 import torch
 
 from embedkit.data.cohort import CohortError, cohort_classes, load_cohort
-from embedkit.data.images import decode_image
+from embedkit.data.images import ImageDecodeError, decode_image
 from embedkit.models import prompts as prompt_sets
 from embedkit.models.registry import ModelSpec
 from embedkit.store import schemas
@@ -63,6 +63,15 @@ class EmbedSummary:
     def line(self) -> str:
         return (f"{self.images} images ({self.rows} rows, {self.skipped} already there) in {self.seconds:.1f} s, "
                 f"{self.images_per_second:.1f} images/s -> table {self.table}, weights_id {self.weights_id}")
+
+
+def _decode_failure(exc: Exception) -> str:
+    """One line for an image that failed to decode during the pass (a DataLoader worker wraps the message in its
+    traceback; the reason is its last line)."""
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    reason = lines[-1].split("ImageDecodeError: ", 1)[-1] if lines else str(exc)
+    return (f"{reason}; the chunks embedded before it are kept. Fix or remove the file (or re-import the cohort "
+            "with verification and --skip-bad) and run the same command again: it resumes")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -293,6 +302,8 @@ def _embed_paths(store, spec, model, weights_id, todo, paths, sets, dev, batch_s
                     index, pixels = next(batches)
                 except StopIteration:
                     break
+                except ImageDecodeError as exc:  # from a worker: its message carries the worker's traceback
+                    raise ImageDecodeError(_decode_failure(exc)) from None
                 computing = time.perf_counter()
                 with autocast:
                     vectors, sims = _encode_batch(model, pixels.to(dev, non_blocking=True), local_inputs)

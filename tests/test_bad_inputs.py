@@ -112,3 +112,52 @@ def test_weights_holding_nan_are_refused_before_any_pass(tmp_path):
     (folder / "vocab.txt").write_text("\n".join(bert.synthetic_vocab(512)) + "\n")
     with pytest.raises(CheckpointError, match=rf"weight '{name}' holds NaN"):
         spec.load(folder)
+
+
+def _png_header_only(path, width: int, height: int) -> None:
+    """A PNG whose header claims width x height (8-bit grey) and whose data is a few bytes: a decompression bomb's
+    shape without its cost."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+
+
+def test_decompression_bombs_and_strips_are_rejected_rows_not_crashes(tmp_path):
+    from PIL import Image
+
+    from conftest import write_cohort_images
+
+    folder = tmp_path / "images"
+    frame = write_cohort_images(folder, n_per_class=2)
+    bomb, strip, large = frame["image_id"][0], frame["image_id"][1], frame["image_id"][2]
+    _png_header_only(folder / bomb, 30000, 30000)  # past PIL's own bomb limit
+    _png_header_only(folder / large, 9000, 9000)  # below PIL's, above a radiograph's
+    Image.new("L", (1, 40000)).save(folder / strip)
+    manifest = tmp_path / "m.csv"
+    frame.to_csv(manifest, index=False)
+    store = tmp_path / "s"
+    result = _embedkit("--store", str(store), "data", "import", str(manifest), "--images", str(folder), "--cohort", "c",
+                       "--skip-bad")
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    from embedkit.store.store import Store
+
+    rejects = {r["image_id"]: r["reason"] for r in Store(store).read("rejects").to_pylist()}
+    assert "decompression bomb" in rejects[bomb]
+    assert "1 x 40000 pixels: one side is more than" in rejects[strip]
+    assert "9000 x 9000 pixels, over the limit of 64 megapixels" in rejects[large]
+    assert Store(store).count("images") == len(frame) - 3
+    # without verification the pass meets the bomb itself: one line, from a worker process too
+    unverified = tmp_path / "u"
+    assert _embedkit("--store", str(unverified), "data", "import", str(manifest), "--images", str(folder), "--cohort",
+                     "c", "--no-verify").returncode == 0
+    embed = _embedkit("--store", str(unverified), "embed", "--model", "tiny-clip", "--random-init", "--cohort", "c",
+                      "--workers", "1", "--quiet")
+    assert embed.returncode == 1 and "Traceback" not in embed.stderr, embed.stderr
+    assert embed.stderr.startswith("error: image ") and len(embed.stderr.strip().splitlines()) == 1, embed.stderr
+    assert "it resumes" in embed.stderr
