@@ -161,3 +161,17 @@ def test_decompression_bombs_and_strips_are_rejected_rows_not_crashes(tmp_path):
     assert embed.returncode == 1 and "Traceback" not in embed.stderr, embed.stderr
     assert embed.stderr.startswith("error: image ") and len(embed.stderr.strip().splitlines()) == 1, embed.stderr
     assert "it resumes" in embed.stderr
+
+
+def test_labels_that_differ_only_in_case_are_rejected_not_new_classes(tmp_path):
+    import pandas as pd
+
+    from embedkit.data.cohort import validate_cohort
+
+    rows = [{"image_id": f"{i}.png", "label": label, "age": 40, "sex": "M"}
+            for i, label in enumerate(["Effusion"] * 3 + ["effusion", "EFFUSION", "Edema"])]
+    validated = validate_cohort(pd.DataFrame(rows), "c", verify_images=False)
+    reasons = {r.image_id: r.reason for r in validated.rejects}
+    assert set(reasons) == {"3.png", "4.png"}
+    assert "label 'effusion' differs only in case from 'Effusion'" in reasons["3.png"]
+    assert sorted(validated.rows["label"].unique()) == ["Edema", "Effusion"]

@@ -108,6 +108,17 @@ def _split_labels(value) -> list[str]:
     return [v.strip() for v in str(value).split(LABEL_SEPARATOR) if v.strip()]
 
 
+def _case_variants(labels: pd.Series) -> dict[str, str]:
+    """``{spelling: canonical}`` for labels that differ only in case from a more common spelling of the same label."""
+    counts = pd.Series([v for ls in labels for v in ls], dtype=object).value_counts()
+    out: dict[str, str] = {}
+    for _, spellings in counts.groupby(counts.index.map(str.casefold)):
+        if len(spellings) > 1:
+            ranked = sorted(spellings.items(), key=lambda kv: (-kv[1], kv[0]))
+            out.update({spelling: ranked[0][0] for spelling, _ in ranked[1:]})
+    return out
+
+
 def _missing(value) -> bool:
     return value is None or (isinstance(value, float) and np.isnan(value)) or (isinstance(value, str) and not value.strip())
 
@@ -167,6 +178,12 @@ def validate_cohort(
     labels = labels.where(labels.map(len) > 0, label.map(lambda v: [] if pd.isna(v) else [v]))
     label = label.fillna(labels.map(lambda ls: ls[0] if len(ls) == 1 else None).astype("string"))
     check(labels.map(len) == 0, "missing label")
+    variants = _case_variants(labels)
+    if variants:  # 'Effusion' and 'EFFUSION' would become two classes
+        odd = labels.map(lambda ls: [v for v in ls if v in variants])
+        check(odd.map(len) > 0, odd.map(lambda vs: "; ".join(
+            f"label '{v}' differs only in case from '{variants[v]}', the spelling most rows use: spell each class "
+            "one way" for v in vs)))
     if classes is not None:
         unknown = labels.map(lambda ls: [v for v in ls if v not in classes])
         check(unknown.map(len) > 0, unknown.map(lambda u: f"label(s) {u} not among the cohort's classes {list(classes)}"))
