@@ -175,3 +175,22 @@ def test_labels_that_differ_only_in_case_are_rejected_not_new_classes(tmp_path):
     assert set(reasons) == {"3.png", "4.png"}
     assert "label 'effusion' differs only in case from 'Effusion'" in reasons["3.png"]
     assert sorted(validated.rows["label"].unique()) == ["Edema", "Effusion"]
+
+
+def test_paths_that_leave_the_images_folder_are_rejected(tmp_path):
+    import pandas as pd
+
+    from embedkit.data.cohort import validate_cohort
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(b"x")
+    rows = [{"image_id": "a.png", "path": "../outside.png"}, {"image_id": "b.png", "path": str(outside)},
+            {"image_id": "../outside.png"}, {"image_id": "c.png", "path": "sub/../c.png"}]
+    frame = pd.DataFrame([{**r, "label": "Effusion", "age": 40, "sex": "F"} for r in rows])
+    validated = validate_cohort(frame, "c", images_dir=folder, verify_images=False)
+    reasons = {r.image_id: r.reason for r in validated.rejects}
+    assert set(reasons) == {"a.png", "b.png", "../outside.png"}
+    assert all("lies outside the images folder" in r for r in reasons.values())
+    assert validated.rows["path"].tolist() == [str(folder.resolve() / "c.png")]  # normalised, inside

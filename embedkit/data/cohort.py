@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -203,6 +204,15 @@ def validate_cohort(
     split = _text(frame, "split")
     check(split.notna() & ~split.isin(SPLITS), "split '" + split.fillna("") + f"' is not one of {', '.join(SPLITS)}")
 
+    raw_path = _text(frame, "path")
+    relative = raw_path.notna() & ~raw_path.str.startswith("/").fillna(False)
+    base = str(images_dir) + "/" if images_dir is not None else ""
+    path = raw_path.where(~relative, base + raw_path).fillna(base + image_id)
+    if images_dir is not None:  # '..' or an absolute path must not reach files outside the folder given
+        path = path.map(lambda p: os.path.normpath(p) if isinstance(p, str) else p).astype("string")
+        outside = path.notna() & ~path.str.startswith(base).fillna(False)
+        check(outside, "path '" + raw_path.fillna(image_id).fillna("") + f"' lies outside the images folder {images_dir}")
+
     # Repeats are counted among otherwise valid rows, in manifest order: the k-th repeat gets row_id ...#k.
     valid = pd.concat(problems, axis=1).isna().all(axis=1)
     repeat = image_id[valid].groupby(image_id[valid]).cumcount().reindex(frame.index, fill_value=0)
@@ -216,10 +226,6 @@ def validate_cohort(
         for i in frame.index[bad]
     ]
     good = ~bad
-    raw_path = _text(frame, "path")
-    relative = raw_path.notna() & ~raw_path.str.startswith("/").fillna(False)
-    base = str(images_dir) + "/" if images_dir is not None else ""
-    path = raw_path.where(~relative, base + raw_path).fillna(base + image_id)
     extra_columns = [c for c in frame.columns if c not in FIELDS and c not in ("age_group", "row_id", "cohort")]
     if extra_columns:
         extra = frame[extra_columns].apply(
