@@ -1,4 +1,4 @@
-"""Bad input gets one `error:` line naming the file and the reason, and writes nothing (a start on issue 14's corpus)."""
+"""Bad input gets one `error:` line naming the file and the reason, and writes nothing (a start on issue 14)."""
 
 from __future__ import annotations
 

@@ -211,7 +211,8 @@ def validate_cohort(
     if images_dir is not None:  # '..' or an absolute path must not reach files outside the folder given
         path = path.map(lambda p: os.path.normpath(p) if isinstance(p, str) else p).astype("string")
         outside = path.notna() & ~path.str.startswith(base).fillna(False)
-        check(outside, "path '" + raw_path.fillna(image_id).fillna("") + f"' lies outside the images folder {images_dir}")
+        given = raw_path.fillna(image_id).fillna("")
+        check(outside, "path '" + given + f"' lies outside the images folder {images_dir}")
 
     # Repeats are counted among otherwise valid rows, in manifest order: the k-th repeat gets row_id ...#k.
     valid = pd.concat(problems, axis=1).isna().all(axis=1)
