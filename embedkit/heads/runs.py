@@ -72,9 +72,7 @@ def make_run(vectors: CohortVectors, method: str, config: dict, seed: int | None
     """A ``runs`` row: ``config`` gets the class order and the cohort fingerprint; ``metrics`` holds what training
     reports (iterations, best epoch, ...). Accuracy and macro-F1 per split are never stored: they are read from
     the SQL views (:func:`with_summaries`)."""
-    from embedkit.data.cohort import cohort_fingerprint
-
-    config = {**config, "classes": list(vectors.classes), "cohort_fingerprint": cohort_fingerprint(vectors.meta)}
+    config = {**config, "classes": list(vectors.classes), "cohort_fingerprint": vectors.fingerprint}
     if vectors.missing_rows:  # --allow-partial: the run says how much of its cohort it never saw
         config["partial"] = {"missing_rows": vectors.missing_rows, "rows": vectors.n}
     metrics = dict(extra_metrics or {})

@@ -184,7 +184,7 @@ def val_metrics(store: Store, run_ids: list[str], by: list[str]) -> dict:
     from embedkit.fairness.summary import selection_metrics
 
     f1, gaps, groups = selection_metrics(store, run_ids, by, "val")
-    f1_arr = np.array([f1.get(r, np.nan) if f1.get(r) is not None else np.nan for r in run_ids], dtype=float)
+    f1_arr = np.array([np.nan if f1.get(r) is None else f1[r] for r in run_ids], dtype=float)
     gap = np.array([max((g for g in gaps.get(r, {}).values() if g is not None), default=np.nan) for r in run_ids],
                    dtype=float)
     # Rounded: DuckDB's parallel sums may differ in the last bit from one query to the next, which must not turn a

@@ -11,6 +11,7 @@ is refused unless the caller allows a partial one (recorded in the run's config)
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -43,6 +44,13 @@ class CohortVectors:
     y: np.ndarray  # [N] int64, -1 = unlabelled
     meta: pd.DataFrame = field(repr=False)  # META_COLUMNS, one row per vector
     missing_rows: int = 0  # cohort rows without a vector (only with allow_partial)
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """The cohort fingerprint of these rows (row ids, labels, splits), computed once for all the runs of a sweep."""
+        from embedkit.data.cohort import cohort_fingerprint
+
+        return cohort_fingerprint(self.meta)
 
     @property
     def n(self) -> int:
@@ -164,7 +172,8 @@ def load_vectors(store: Store, model: str, cohort: str | None = None, weights_id
         raise HeadsError(
             f"{missing} of {len(images)} rows of cohort '{cohort}' have no '{model}' vectors under weights "
             f"{weights_id}: the embedding pass did not finish. Finish it with "
-            f"`{_embed_command(model, cohort, weights_id)}` (it resumes), or pass --allow-partial to go on without them (recorded in the run)"
+            f"`{_embed_command(model, cohort, weights_id)}` (it resumes), or pass --allow-partial to go on without "
+            "them (recorded in the run)"
         )
     # images is in row_id order: that order makes every head's inputs (and so its shuffles and predictions)
     # independent of storage order. Vectors of rows the cohort no longer has (a re-import dropped them) are ignored.
