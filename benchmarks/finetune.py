@@ -15,6 +15,7 @@ import argparse
 import time
 
 import torch
+from PIL import Image
 
 from embedkit.finetune.train import build_network, train_step
 from embedkit.models.registry import get_spec
@@ -27,9 +28,9 @@ def step_seconds(name: str, method: str, batch_size: int, steps: int) -> tuple[f
     net, _, info = build_network(model, method, n_classes=6, seed=77, rank=spec.lora_rank)
     if method == "ft":
         net.tower.train()
-    channels = 1 if spec.family == "medclip" else 3
+    shape = model.image_transform()(Image.new("L", (256, 256))).shape  # the family's input: channels and size
     generator = torch.Generator().manual_seed(0)
-    pixels = torch.randn(batch_size, channels, 224, 224, generator=generator)
+    pixels = torch.randn(batch_size, *shape, generator=generator)
     labels = torch.randint(0, 6, (batch_size,), generator=generator)
     optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4, weight_decay=1e-5)
     train_step(net, optimizer, pixels, labels)  # warm-up: allocations, AdamW state

@@ -21,7 +21,6 @@ import torch
 
 from embedkit.data.cohort import CohortError, cohort_classes, load_cohort
 from embedkit.data.images import ImageDecodeError, decode_image
-from embedkit.models import prompts as prompt_sets
 from embedkit.models.registry import ModelSpec
 from embedkit.store import schemas
 from embedkit.store.store import Store, embeddings_table, prompts_table, sql_eq
@@ -84,14 +83,14 @@ def resolve_device(device: str) -> torch.device:
 
 def _record_weights(store: Store, spec: ModelSpec, model, weights_id: str, source: str) -> None:
     row = {"model": spec.name, "weights_id": weights_id, "source": source, "embed_dim": model.embed_dim,
-           "logit_scale": float(model.zeroshot_logit_scale()), "zeroshot_rule": spec.zeroshot_rule,
+           "logit_scale": float(model.zeroshot_logit_scale()), "zeroshot_rule": spec.family.zeroshot_rule,
            "created_at": datetime.now(timezone.utc)}
     store.upsert("weights", pa.Table.from_pylist([row], schema=schemas.WEIGHTS), ["model", "weights_id"],
                  schemas.WEIGHTS)
 
 
 def _prompt_sets_for(spec: ModelSpec, extra: list[str]) -> list[str]:
-    sets = ["clip"] if spec.prompt_style == "clip" else ["chexpert-nih", "chexpert-authors"]
+    sets = list(spec.family.prompt_sets)
     return sets + [s for s in extra if s not in sets]
 
 
@@ -106,8 +105,7 @@ def embed_prompts(store: Store, spec: ModelSpec, model, weights_id: str, classes
     table = prompts_table(spec.name)
     out = {}
     for raw in sets:
-        name = prompt_sets.set_name(raw)
-        by_class = prompt_sets.prompt_set(raw, classes)
+        name, by_class = spec.family.prompts(raw, classes)
         out[name] = by_class
         where = f"{sql_eq('weights_id', weights_id)} AND {sql_eq('prompt_set', name)}"
         if force:
@@ -193,26 +191,6 @@ def _embed_cohort(store: Store, spec: ModelSpec, model, weights_id: str, source:
                         time.perf_counter() - start, table)
 
 
-def _local_similarity_inputs(spec: ModelSpec, model, sets: dict[str, dict[str, list[str]]]) -> dict:
-    """GLoRIA only: each set's word features (prompt_index order), encoded once for the whole pass."""
-    if spec.zeroshot_rule != "gloria":
-        return {}
-    return {name: model.encode_text_words(model.tokenize([t for ts in by_class.values() for t in ts]))
-            for name, by_class in sets.items()}
-
-
-def _encode_batch(model, pixels: torch.Tensor, local_inputs: dict) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
-    """Image vectors, plus (GLoRIA) the local similarity to every prompt of every set, from one image pass."""
-    if not local_inputs:
-        return model.encode_image(pixels), {}
-    from embedkit.models.gloria import local_similarity
-
-    global_raw, local = model.encode_image_local(pixels)
-    sims = {name: local_similarity(local, words.words, words.word_mask).float().cpu().numpy()
-            for name, words in local_inputs.items()}
-    return torch.nn.functional.normalize(global_raw.float(), dim=-1), sims
-
-
 class _ThreadBudget:
     """Gives the CPU cores to the decoding workers when decoding, not the model, limits the pass.
 
@@ -257,7 +235,9 @@ def _embed_paths(store, spec, model, weights_id, todo, paths, sets, dev, batch_s
         # lancedb holds an async runtime that fork() can leave mid-operation: start workers fresh instead.
         multiprocessing_context="forkserver" if workers else None,
     )
-    local_inputs = _local_similarity_inputs(spec, model, sets)
+    # What the family's per-image extras need of the prompts (GLoRIA: word features), encoded once for the pass.
+    local_inputs = model.prompt_context({name: [t for ts in by_class.values() for t in ts]
+                                         for name, by_class in sets.items()})
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
     pending_idx: list[np.ndarray] = []
     pending_vec: list[np.ndarray] = []
@@ -306,7 +286,7 @@ def _embed_paths(store, spec, model, weights_id, todo, paths, sets, dev, batch_s
                     raise ImageDecodeError(_decode_failure(exc)) from None
                 computing = time.perf_counter()
                 with autocast:
-                    vectors, sims = _encode_batch(model, pixels.to(dev, non_blocking=True), local_inputs)
+                    vectors, sims = model.encode_image_extras(pixels.to(dev, non_blocking=True), local_inputs)
                 for name, sim in sims.items():
                     pending_sim[name].append(sim)
                 pending_idx.append(index.numpy())

@@ -78,7 +78,7 @@ def test_lora_targets_change_the_output_and_merge_to_the_same_model(name):
     with torch.no_grad():
         before = model.encode_image(x)
     torch.manual_seed(0)
-    lora = apply_lora(model.image_tower(), spec.lora_rank, 1.0)
+    lora = apply_lora(model, spec.lora_rank, 1.0)
     assert lora.modules == EXPECTED_MODULES[name]
     assert not any(m.endswith("out_proj") for m in lora.modules)
     with torch.no_grad():
@@ -141,7 +141,7 @@ def test_full_size_towers_get_lora_where_the_paper_puts_it(name, layout, n_modul
 
 def test_lora_parameter_counts_follow_rank():
     spec, model = _frozen("tiny-clip")
-    apply_lora(model.image_tower(), 16, 1.0)
+    apply_lora(model, 16, 1.0)
     # Per block (width 64, MLP 256, rank 16): in_proj 16*64 + 192*16, out_proj 16*64 + 64*16,
     # c_fc 16*64 + 256*16, c_proj 16*256 + 64*16 = 4096 + 2048 + 5120 + 5120; two blocks.
     assert count_parameters(model) == 2 * 16384
@@ -186,12 +186,12 @@ def test_attention_lora_is_w_plus_delta_once_and_never_moves_the_base():
 def test_targets_peft_would_ignore_or_that_do_not_exist_are_refused(targets, message):
     _, model = _frozen("tiny-clip")
     with pytest.raises(LoraTargetError, match=message):
-        apply_lora(model.image_tower(), 4, 1.0, targets)
+        apply_lora(model, 4, 1.0, targets)
 
 
 def test_user_targets_narrow_the_default():
     _, model = _frozen("tiny-biomedclip")
-    lora = apply_lora(model.image_tower(), 4, 1.0, ["attn.qkv"])
+    lora = apply_lora(model, 4, 1.0, ["attn.qkv"])
     assert lora.modules == ["trunk.blocks.0.attn.qkv", "trunk.blocks.1.attn.qkv"]
 
 

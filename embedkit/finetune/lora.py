@@ -1,6 +1,8 @@
 """LoRA on the image tower of every model family, through peft.
 
-Which modules get LoRA is decided per tower layout (found by looking at the tower, not at the model name):
+Which modules get LoRA is the family's fact: ``model.lora_layout()`` (embedkit/models/base.py ``TowerLayout``)
+names the tower's repeated blocks and the default targets inside each; this module resolves user targets against
+it, refuses targets peft would silently ignore, and wraps the tower. The layouts the families ship:
 
 ==============  ===============================================  ==========================================
 layout          blocks                                           default targets inside each block
@@ -29,56 +31,24 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from peft.tuners.lora.layer import MultiheadAttention as PeftLoraMultiheadAttention
 from torch import nn
 
 from embedkit.errors import EmbedkitError
+from embedkit.models.base import TowerLayout
+
+if TYPE_CHECKING:
+    from embedkit.models.base import VisionLanguageModel
 
 
 class LoraTargetError(EmbedkitError, ValueError):
     """LoRA targets that do not exist in the tower, or that peft would silently ignore."""
 
 
-@dataclass(frozen=True)
-class TowerLayout:
-    """Where the repeated blocks of an image tower are and which of their modules get LoRA by default."""
-
-    kind: str
-    block: str  # regular expression fully matching a block's module name
-    targets: tuple[str, ...]  # default targets, module names relative to a block
-
-
-_OPENCLIP_VIT = TowerLayout("openclip-vit", r"transformer\.resblocks\.\d+", ("attn", "mlp.c_fc", "mlp.c_proj"))
-_TIMM_VIT = TowerLayout("timm-vit", r"trunk\.blocks\.\d+", ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"))
-_SWIN_BLOCK = r"(?:.+\.)?encoder\.layers\.\d+\.blocks\.\d+"
-# transformers 5 renamed Swin's modules; both namings are recognised so either version fine-tunes the same layers.
-_SWIN_V5 = TowerLayout("swin", _SWIN_BLOCK, ("attention.q_proj", "attention.k_proj", "attention.v_proj",
-                                             "attention.o_proj", "mlp.fc1", "mlp.fc2"))
-_SWIN_V4 = TowerLayout("swin", _SWIN_BLOCK, ("attention.self.query", "attention.self.key", "attention.self.value",
-                                             "attention.output.dense", "intermediate.dense", "output.dense"))
-_RESNET = TowerLayout("resnet", r"(?:.+\.)?layer[1-4]\.\d+", ("conv1", "conv2", "conv3"))
-
 _SUPPORTED = (nn.Linear, nn.Conv2d, nn.MultiheadAttention)
-
-
-def tower_layout(tower: nn.Module) -> TowerLayout:
-    """The layout of ``tower`` (see the module docstring), found from its module names and types."""
-    names = dict(tower.named_modules())
-    if any(isinstance(m, nn.MultiheadAttention) for m in names.values()):
-        return _OPENCLIP_VIT
-    if any(re.fullmatch(_TIMM_VIT.block, n) for n in names):
-        return _TIMM_VIT
-    swin_blocks = [n for n in names if re.fullmatch(_SWIN_BLOCK, n)]
-    if swin_blocks:
-        return _SWIN_V5 if f"{swin_blocks[0]}.attention.q_proj" in names else _SWIN_V4
-    if any(re.fullmatch(_RESNET.block, n) for n in names):
-        return _RESNET
-    raise LoraTargetError(
-        f"no known block layout in the image tower {type(tower).__name__} (open_clip ViT, timm ViT, Swin or "
-        f"ResNet): LoRA targets cannot be chosen for it; use --method ft"
-    )
 
 
 def _candidates(tower: nn.Module, layout: TowerLayout) -> list[str]:
@@ -209,8 +179,10 @@ class LoraTower:
     alpha: float
 
 
-def apply_lora(tower: nn.Module, rank: int, alpha: float, targets: list[str] | None = None) -> LoraTower:
-    """Put LoRA (rank ``rank``, alpha ``alpha``, no dropout, no bias) on ``tower`` in place; only LoRA trains.
+def apply_lora(model: "VisionLanguageModel", rank: int, alpha: float, targets: list[str] | None = None
+               ) -> LoraTower:
+    """Put LoRA (rank ``rank``, alpha ``alpha``, no dropout, no bias) on ``model``'s image tower in place, where
+    its family's layout says; only LoRA trains.
 
     The adapter's random A matrices draw from torch's global RNG: seed it before calling for reproducible runs.
     """
@@ -218,7 +190,10 @@ def apply_lora(tower: nn.Module, rank: int, alpha: float, targets: list[str] | N
 
     if rank < 1:
         raise LoraTargetError(f"LoRA rank must be at least 1, got {rank}")
-    layout = tower_layout(tower)
+    tower, layout = model.image_tower(), model.lora_layout()
+    if layout is None:
+        raise LoraTargetError(f"no LoRA layout is known for the image tower {type(tower).__name__}: LoRA targets "
+                              "cannot be chosen for it; use --method ft")
     modules = resolve_targets(tower, layout, targets)
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, bias="none", target_modules=modules)
     config._register_custom_module({nn.MultiheadAttention: ExactMultiheadAttention})

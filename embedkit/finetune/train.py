@@ -219,7 +219,7 @@ def build_network(model: nn.Module, method: str, n_classes: int, seed: int, rank
     torch.manual_seed(seed)
     lora = None
     if method == "lora":
-        lora = apply_lora(tower, rank, alpha, targets)
+        lora = apply_lora(model, rank, alpha, targets)
         info.update(rank=rank, lora_layout=lora.layout.kind, lora_targets=lora.targets,
                     lora_modules=len(lora.modules))
     else:

@@ -1,17 +1,13 @@
-"""Zero-shot classification off the stored image and prompt vectors, by each model's own rule (MODELS.md).
+"""Zero-shot classification off the stored image and prompt vectors, by each model family's own rule.
 
-- ``scaled_cosine`` (CLIP, BiomedCLIP): logits = logit_scale * cos(image, prompt) for every prompt; a class's
-  score is the MEAN of its prompts' logits (``--ensemble max``: the max). This is the mean of per-prompt logits,
-  not the cosine with a re-normalised class-mean prompt embedding; with one prompt per class both coincide.
-- ``medclip``: exp(clamped logit_scale) * cos(image, prompt) per prompt, then mean over the class's prompts
-  (the authors' ``ensemble=True``) or max. The multiplier is clamped to at most 100, as the authors clamp.
-- ``gloria``: (global cosine + stored local similarity) / 2, max over the class's prompts, then each class
-  column z-normalised over a FIXED set: every row of the cohort stored under that weights_id (all splits).
-  Scoring a subset alone would give different scores; the run config records the set.
-Probabilities are the softmax of the class scores.
+The rule belongs to the family (``spec.family``, see embedkit/models/base.py and docs/models.md): CLIP and
+BiomedCLIP scale cosines by the learned logit scale and average a class's prompts; MedCLIP clamps the scale to 100
+first; GLoRIA adds the stored local similarity and z-normalises each class column over a FIXED set (every row of
+the cohort stored under the weights), which the run config records. This module loads what the rule needs from the
+store, calls it, and records the run. Probabilities are the softmax of the class scores.
 
 The logit scale comes from the store's ``weights`` table (written by the embedding pass from the loaded
-weights); ``logit_scale=`` overrides it; when neither exists the rule's default is used and the config says so.
+weights); ``logit_scale=`` overrides it; when neither exists the family's default is used and the config says so.
 """
 
 from __future__ import annotations
@@ -20,12 +16,8 @@ import numpy as np
 
 from embedkit.heads.runs import record_run, softmax
 from embedkit.heads.vectors import CohortVectors, HeadsError, load_vectors
+from embedkit.models.base import ModelFamily
 from embedkit.store.store import Store, prompts_table, sql_eq
-
-RULES = ("scaled_cosine", "medclip", "gloria")
-DEFAULT_LOGIT_SCALE = {"scaled_cosine": 100.0, "medclip": 100.0, "gloria": 1.0}
-MEDCLIP_SCALE_MAX = 100.0  # exp(log 100): the MedCLIP authors' clamp
-
 
 def _unit(x: np.ndarray) -> np.ndarray:
     """Rows scaled to unit L2 norm (computed in float64 so cosines do not depend on storage rounding)."""
@@ -61,32 +53,32 @@ def load_prompts(store: Store, model: str, weights_id: str, prompt_set: str | No
     return prompt_set, rows["class"].tolist(), rows["prompt_index"].to_numpy(np.int64), vectors
 
 
-def resolve_logit_scale(store: Store, model: str, weights_id: str, rule: str,
+def resolve_logit_scale(store: Store, model: str, weights_id: str, family: ModelFamily,
                         override: float | None = None) -> tuple[float, str]:
     """(multiplier applied to cosines, where it came from): --logit-scale, else the weights table, else default."""
     if override is not None:
         scale, source = float(override), "--logit-scale"
     else:
-        scale, source = DEFAULT_LOGIT_SCALE[rule], f"default for rule {rule} (no weights row in the store)"
+        scale = family.default_logit_scale
+        source = f"default for rule {family.zeroshot_rule} (no weights row in the store)"
         if store.has("weights"):
             found = store.read("weights", f"{sql_eq('model', model)} AND {sql_eq('weights_id', weights_id)}",
                                ["logit_scale"])["logit_scale"].to_pylist()
             found = [v for v in found if v is not None]
             if found:
                 scale, source = float(found[0]), "weights table (recorded by the embedding pass)"
-    if rule == "medclip" and scale > MEDCLIP_SCALE_MAX:
-        scale, source = MEDCLIP_SCALE_MAX, source + ", clamped to 100 as the MedCLIP authors do"
+    scale, source = family.logit_scale(scale, source)
     if not np.isfinite(scale) or scale <= 0:
         raise HeadsError(f"logit scale {scale} ({source}) must be a positive number")
     return scale, source
 
 
 def _load_local_similarity(store: Store, vectors: CohortVectors, prompt_set: str, n_prompts: int) -> np.ndarray:
-    """GLoRIA's stored per (row, prompt) local similarity, aligned with ``vectors`` rows: [N, P]."""
+    """The stored per (row, prompt) local similarity (GLoRIA's), aligned with ``vectors`` rows: [N, P]."""
     from embedkit.embed import localsim_table  # the table name is defined once, by its writer
 
     table = localsim_table(vectors.model)
-    hint = f"run `embedkit embed --model {vectors.model} --cohort {vectors.cohort}` (it stores them for GLoRIA)"
+    hint = f"run `embedkit embed --model {vectors.model} --cohort {vectors.cohort}` (it stores them for this model)"
     if not store.has(table):
         raise HeadsError(f"no local similarities for '{vectors.model}' (table {table}): {hint}")
     where = f"{sql_eq('weights_id', vectors.weights_id)} AND {sql_eq('prompt_set', prompt_set)}"
@@ -105,37 +97,30 @@ def _load_local_similarity(store: Store, vectors: CohortVectors, prompt_set: str
     return local
 
 
-def class_scores(rule: str, image: np.ndarray, prompts: np.ndarray, prompt_class: np.ndarray, n_classes: int,
-                 logit_scale: float, ensemble: str = "mean", local_sim: np.ndarray | None = None) -> np.ndarray:
-    """Class scores [N, C] of ``image`` vectors against ``prompts`` [P, d] by ``rule`` (see module docstring)."""
+def class_scores(family: ModelFamily, image: np.ndarray, prompts: np.ndarray, prompt_class: np.ndarray,
+                 n_classes: int, logit_scale: float, ensemble: str, local_sim: np.ndarray | None = None) -> np.ndarray:
+    """Class scores [N, C] of ``image`` vectors against ``prompts`` [P, d] by the family's rule."""
     cosine = _unit(image) @ _unit(prompts).T  # [N, P]
-    if rule == "gloria":
-        from embedkit.models.gloria import zeroshot_scores  # the authors' rule lives with the model family
-
-        if local_sim is None:
-            raise ValueError("the gloria rule needs the stored local similarities")
-        return np.asarray(zeroshot_scores(cosine, local_sim, prompt_class, n_classes), dtype=np.float64)
-    if rule not in RULES:
-        raise HeadsError(f"unknown zero-shot rule '{rule}'; known: {RULES}")
-    if ensemble not in ("mean", "max"):
-        raise HeadsError(f"--ensemble must be mean or max, not '{ensemble}'")
-    logits = logit_scale * cosine
-    reduce = np.mean if ensemble == "mean" else np.max
-    return np.stack([reduce(logits[:, prompt_class == c], axis=1) for c in range(n_classes)], axis=1)
+    return family.class_scores(cosine, prompt_class, n_classes, logit_scale, ensemble, local_sim)
 
 
 def run_zeroshot(store: Store, model: str, cohort: str | None = None, weights_id: str | None = None,
-                 prompt_set: str | None = None, ensemble: str = "mean", logit_scale: float | None = None,
+                 prompt_set: str | None = None, ensemble: str | None = None, logit_scale: float | None = None,
                  study_id: str | None = None, allow_partial: bool = False) -> dict:
-    """Score every row of the cohort zero-shot and record the run; returns the ``runs`` row."""
-    from embedkit.models.prompts import DEFAULT_SET
+    """Score every row of the cohort zero-shot and record the run; returns the ``runs`` row.
+
+    ``ensemble`` (how a class's prompts combine) defaults to the family's first; a family with one refuses others.
+    """
     from embedkit.models.registry import get_spec
 
-    spec = get_spec(model)
-    rule = spec.zeroshot_rule
+    family = get_spec(model).family
+    ensemble = ensemble or family.ensembles[0]
+    if ensemble not in family.ensembles:
+        raise HeadsError(f"--ensemble {ensemble}: the {family.zeroshot_rule} rule combines a class's prompts by "
+                         f"{' or '.join(family.ensembles)}")
     vectors = load_vectors(store, model, cohort, weights_id, allow_partial)
     prompt_set, prompt_classes, prompt_index, prompt_vecs = load_prompts(
-        store, model, vectors.weights_id, prompt_set, DEFAULT_SET.get(spec.prompt_style))
+        store, model, vectors.weights_id, prompt_set, family.prompt_sets[0])
     if prompt_vecs.shape[1] != vectors.dim:
         raise HeadsError(f"prompt vectors have width {prompt_vecs.shape[1]} but image vectors {vectors.dim}: "
                          f"re-embed model '{model}' (`embedkit embed --model {model} --force`)")
@@ -146,30 +131,26 @@ def run_zeroshot(store: Store, model: str, cohort: str | None = None, weights_id
                          f"'{vectors.cohort}': choose another --prompt-set or embed one that covers every class")
     used = np.array([c in lookup for c in prompt_classes])  # prompts of classes outside the cohort are unused
     prompt_class = np.array([lookup[c] for c, u in zip(prompt_classes, used) if u], dtype=np.int64)
+    per_class = {c: int(np.sum(prompt_class == i)) for i, c in enumerate(vectors.classes)}
+    try:
+        family.check_prompts(prompt_set, per_class)
+    except ValueError as exc:
+        raise HeadsError(f"prompt set '{prompt_set}': {exc}") from None
     local = None
-    if rule == "gloria":
+    if family.uses_local_similarity:
         local = _load_local_similarity(store, vectors, prompt_set, len(prompt_classes))[:, used]
-        ensemble = "max"  # GLoRIA's rule: max over a class's prompts
-    scale, scale_source = resolve_logit_scale(store, model, vectors.weights_id, rule, logit_scale)
-    scores = class_scores(rule, vectors.X, prompt_vecs[used], prompt_class, len(vectors.classes), scale,
+    scale, scale_source = resolve_logit_scale(store, model, vectors.weights_id, family, logit_scale)
+    scores = class_scores(family, vectors.X, prompt_vecs[used], prompt_class, len(vectors.classes), scale,
                           ensemble, local)
+    scored_rows = (f"all {vectors.n} rows of cohort '{vectors.cohort}' stored for weights_id "
+                   f"'{vectors.weights_id}' (all splits)")
     config = {
-        "rule": rule,
+        "rule": family.zeroshot_rule,
         "prompt_set": prompt_set,
-        "prompts_per_class": {c: int(np.sum(prompt_class == i)) for i, c in enumerate(vectors.classes)},
+        "prompts_per_class": per_class,
         "prompt_classes_unused": sorted({c for c, u in zip(prompt_classes, used) if not u}),
-        "ensemble": ensemble,
-        "class_score": {
-            "scaled_cosine": f"{ensemble} over the class's prompts of logit_scale * cosine (per-prompt logits)",
-            "medclip": f"{ensemble} over the class's prompts of min(logit_scale, 100) * cosine",
-            "gloria": "max over the class's prompts of (global cosine + local similarity) / 2, z-normalised",
-        }[rule],
-        "logit_scale": scale if rule != "gloria" else None,
-        "logit_scale_source": scale_source if rule != "gloria" else "not used: GLoRIA z-normalises instead",
+        **family.zeroshot_settings(ensemble, scale, scale_source, scored_rows),
         "probabilities": "softmax of the class scores",
         **({"study_id": study_id} if study_id else {}),  # make_run copies it to the runs row
     }
-    if rule == "gloria":
-        config["znorm_set"] = (f"all {vectors.n} rows of cohort '{vectors.cohort}' stored for weights_id "
-                               f"'{vectors.weights_id}' (all splits), population std per class column")
     return record_run(store, vectors, "zeroshot", config, None, softmax(scores), scores.argmax(axis=1))

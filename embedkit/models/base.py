@@ -1,14 +1,46 @@
-"""What every model family provides: the interface the embedding pass, zero-shot and fine-tuning rely on."""
+"""What every model family provides: the interface the embedding pass, zero-shot and fine-tuning rely on.
+
+A family is one module under ``embedkit/models/`` that defines two things:
+
+- a :class:`VisionLanguageModel` subclass: preprocessing, tokenization, the two towers, the LoRA layout of its
+  image tower and any per-image extras the embedding pass stores (GLoRIA's local similarities);
+- ``FAMILY``, a :class:`ModelFamily`: what needs no built model, because it runs off stored vectors: how to
+  build and load, which prompt sets a pass embeds, and the zero-shot rule that turns cosines into class scores.
+
+Nothing outside ``embedkit/models/`` asks which family a model is; it calls these methods. The families and their
+checkpoints are described in docs/models.md.
+"""
 
 from __future__ import annotations
 
 import hashlib
-from typing import Callable
+import pickle
+import types
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
 
+import numpy as np
 import torch
 from torch import nn
 
 from embedkit.errors import EmbedkitError
+
+if TYPE_CHECKING:
+    from embedkit.models.registry import ModelSpec
+
+
+@dataclass(frozen=True)
+class TowerLayout:
+    """Where the repeated blocks of an image tower are and which of their modules get LoRA by default."""
+
+    kind: str
+    block: str  # regular expression fully matching a block's module name
+    targets: tuple[str, ...]  # default targets, module names relative to a block
+
+
+# torchvision-style ResNets (MedCLIP-RN50, GLoRIA): the bottleneck convolutions of every block; the stem is left alone.
+RESNET_LAYOUT = TowerLayout("resnet", r"(?:.+\.)?layer[1-4]\.\d+", ("conv1", "conv2", "conv3"))
 
 
 class VisionLanguageModel(nn.Module):
@@ -43,6 +75,75 @@ class VisionLanguageModel(nn.Module):
         """The image encoder whose parameters LoRA and full fine-tuning adapt."""
         raise NotImplementedError
 
+    def lora_layout(self) -> TowerLayout | None:
+        """Where LoRA goes in :meth:`image_tower` (None: no known layout; only full fine-tuning then)."""
+        return None
+
+    # -- per-image extras besides the vector (GLoRIA's local similarities; none for the others) ----------------
+
+    def prompt_context(self, prompts: dict[str, list[str]]) -> dict[str, Any]:
+        """What the image pass needs of each prompt set ({set: prompts in prompt_index order}) to compute
+        :meth:`encode_image_extras`; computed once per pass. Empty: the family stores no extras."""
+        return {}
+
+    def encode_image_extras(self, pixels: torch.Tensor, context: dict[str, Any]
+                            ) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
+        """Image vectors [B, embed_dim] and, per prompt set of ``context``, a [B, P] per-prompt local similarity
+        from the same forward pass (stored beside the vectors; used by the family's zero-shot rule)."""
+        return self.encode_image(pixels), {}
+
+
+class ModelFamily:
+    """What embedkit knows of a family without building a model: construction, prompt sets and zero-shot scoring.
+
+    The defaults are CLIP's rule, ``scaled_cosine``: logits = logit_scale * cos(image, prompt) for every prompt,
+    and a class's score is the mean (``ensemble="max"``: the max) of its prompts' logits. This is the mean of
+    per-prompt logits, not the cosine with a re-normalised class-mean prompt; with one prompt per class they agree.
+    Families with another rule override :meth:`class_scores` and :meth:`zeroshot_settings`.
+    """
+
+    module: str  # embedkit.models.<module>
+    zeroshot_rule = "scaled_cosine"  # the rule's name, recorded with the weights and every zero-shot run
+    prompt_sets: tuple[str, ...] = ("clip",)  # embedded by every pass; the first is zero-shot's default
+    default_logit_scale = 100.0  # used when the store has no weights row to take the learned scale from
+    uses_local_similarity = False  # zero-shot reads the stored per-prompt local similarity
+    ensembles: tuple[str, ...] = ("mean", "max")  # how a class's prompts combine; the first is the default
+
+    def build(self, spec: "ModelSpec", seed: int) -> VisionLanguageModel:
+        """The real architecture of ``spec`` with random weights, deterministic for ``seed``; offline."""
+        raise NotImplementedError
+
+    def load(self, spec: "ModelSpec", path: Path) -> VisionLanguageModel:
+        """The authors' released weights from ``path``, loaded strictly after the family's key clean-up."""
+        raise NotImplementedError
+
+    def prompts(self, name: str, classes: tuple[str, ...]) -> tuple[str, dict[str, list[str]]]:
+        """(stored set name, {class: prompts}) of prompt set ``name`` (a built-in set or a YAML/JSON file)."""
+        from embedkit.models import prompts
+
+        return prompts.set_name(name), prompts.prompt_set(name, classes)
+
+    def logit_scale(self, scale: float, source: str) -> tuple[float, str]:
+        """The multiplier zero-shot applies to cosines, from the recorded one (a family may clamp it)."""
+        return scale, source
+
+    def check_prompts(self, prompt_set: str, prompts_per_class: dict[str, int]) -> None:
+        """Refuse a prompt set the rule cannot score (raise ValueError with the reason)."""
+
+    def class_scores(self, cosine: np.ndarray, prompt_class: np.ndarray, n_classes: int, logit_scale: float,
+                     ensemble: str, local_sim: np.ndarray | None = None) -> np.ndarray:
+        """Class scores [N, C] from the cosines [N, P] of every image with every prompt of the set."""
+        logits = logit_scale * cosine
+        reduce = np.mean if ensemble == "mean" else np.max
+        return np.stack([reduce(logits[:, prompt_class == c], axis=1) for c in range(n_classes)], axis=1)
+
+    def zeroshot_settings(self, ensemble: str, logit_scale: float, scale_source: str, scored_rows: str) -> dict:
+        """What a zero-shot run records of the rule: ensemble, how a class score is formed, the scale used
+        (``scored_rows`` says which rows were scored together, for rules whose scores depend on it)."""
+        return {"ensemble": ensemble,
+                "class_score": f"{ensemble} over the class's prompts of logit_scale * cosine (per-prompt logits)",
+                "logit_scale": logit_scale, "logit_scale_source": scale_source}
+
 
 def state_dict_hash(model: nn.Module) -> str:
     """Content hash of a model's weights: sha256 over parameter and buffer names and bytes, sorted by name."""
@@ -67,9 +168,6 @@ def read_tensor_file(path, release: str, unwrap: bool = False) -> dict[str, torc
     so (truncated, malformed, a pickle of other objects) is one CheckpointError naming the file and ``release`` (what
     to download again); torch's own advice to retry with weights_only=False is never passed on.
     """
-    import pickle
-    from pathlib import Path
-
     path = Path(path)
     try:
         if path.suffix == ".safetensors":
@@ -126,3 +224,112 @@ def load_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str, h
     if problems:
         raise CheckpointError(f"{source} does not fit the model: " + "; ".join(problems) + "." + hint)
     model.load_state_dict(state, strict=True)
+
+
+# --- pickled training checkpoints: a restricted unpickler -------------------------------------------------------
+
+
+class RefusedGlobal:
+    """Stands in for any global the restricted unpickler refuses: built from anything, does nothing.
+
+    The real object is never imported or called, so a malicious ``__reduce__`` (os.system, eval, ...) cannot run.
+    """
+
+    origin = "?"
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "RefusedGlobal":
+        return object.__new__(cls)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
+    def append(self, item: Any) -> None:
+        pass
+
+    def extend(self, items: Any) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"<refused global {self.origin}>"
+
+
+_TENSOR_REBUILDERS = {
+    ("torch._utils", "_rebuild_tensor"),
+    ("torch._utils", "_rebuild_tensor_v2"),
+    ("torch._utils", "_rebuild_parameter"),
+}
+_STORAGE_NAMES = {
+    "UntypedStorage", "FloatStorage", "DoubleStorage", "HalfStorage", "BFloat16Storage", "LongStorage",
+    "IntStorage", "ShortStorage", "CharStorage", "ByteStorage", "BoolStorage",
+}
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Resolves only tensor rebuilders, ``torch.Size``, dtypes, storage types and ``collections.OrderedDict``.
+
+    Every other global becomes an inert :class:`RefusedGlobal` subclass; nothing else is imported.
+    """
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _TENSOR_REBUILDERS:
+            import torch._utils
+
+            return getattr(torch._utils, name)
+        if module == "collections" and name == "OrderedDict":
+            import collections
+
+            return collections.OrderedDict
+        if module == "torch":
+            if name == "Size":
+                return torch.Size
+            if name in _STORAGE_NAMES:
+                return getattr(torch, name)
+            if isinstance(getattr(torch, name, None), torch.dtype):
+                return getattr(torch, name)
+        return type(f"Refused_{name}", (RefusedGlobal,), {"origin": f"{module}.{name}", "__module__": __name__})
+
+
+def _restricted_load(file: Any, **kwargs: Any) -> Any:
+    return RestrictedUnpickler(file, **kwargs).load()
+
+
+# torch.load only needs a module-like object with Unpickler and load; its wrapper defers to our find_class.
+_RESTRICTED_PICKLE = types.ModuleType(__name__ + ".restricted_pickle")
+_RESTRICTED_PICKLE.Unpickler = RestrictedUnpickler  # type: ignore[attr-defined]
+_RESTRICTED_PICKLE.load = _restricted_load  # type: ignore[attr-defined]
+
+
+def read_checkpoint_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The ``state_dict`` of a PyTorch Lightning checkpoint, read without executing anything in the pickle.
+
+    ``torch.load(weights_only=True)`` rejects GLoRIA's file (it also holds the training config object), and a
+    full unpickle would run whatever the file asks; this reads everything through :class:`RestrictedUnpickler`
+    and keeps only ``state_dict``, which must map names to tensors. A bare state dict is accepted too.
+    """
+    path = Path(path)
+    try:
+        obj = torch.load(path, map_location="cpu", pickle_module=_RESTRICTED_PICKLE, weights_only=False)
+    except RuntimeError as exc:
+        if "explicit pickle_module" in str(exc):  # TORCH_FORCE_WEIGHTS_ONLY_LOAD is set
+            raise CheckpointError(
+                f"{path}: unset TORCH_FORCE_WEIGHTS_ONLY_LOAD; embedkit reads this Lightning checkpoint with its "
+                "own restricted unpickler (weights_only cannot read it)"
+            ) from None
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({exc})") from None
+    except Exception as exc:  # anything a corrupt or hostile file can raise while being read
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({exc})") from None
+    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    if not isinstance(state, dict) or not state:
+        raise CheckpointError(
+            f"{path}: expected a Lightning checkpoint (a dict with 'state_dict'), got {type(obj).__name__}"
+        )
+    bad = [k for k, v in state.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))]
+    if bad:
+        raise CheckpointError(f"{path}: state_dict entries that are not tensors: {bad[:5]}")
+    return dict(state)

@@ -1,6 +1,6 @@
 """GLoRIA (Huang et al., ICCV 2021): a ResNet-50 image tower and Bio_ClinicalBERT with global and local features.
 
-Written from the facts in MODELS.md ("GLoRIA"); module names follow the authors' checkpoint so the released
+Written from the facts in docs/models.md ("GLoRIA"); module names follow the authors' checkpoint so the released
 ``chexpert_resnet50.ckpt`` loads 1:1 after stripping its ``gloria.`` prefix:
 
 - ``img_encoder.model.*``: torchvision resnet50 with ``fc = Identity`` (no fc keys);
@@ -16,9 +16,7 @@ too large to store, so the embedding pass computes :func:`local_similarity` per 
 
 from __future__ import annotations
 
-import pickle
 import re
-import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, NamedTuple, Sequence
@@ -30,9 +28,10 @@ from PIL import Image
 from torch import nn
 
 from embedkit.models import bert
-from embedkit.models.base import CheckpointError, VisionLanguageModel, load_strict
+from embedkit.models.base import (RESNET_LAYOUT, CheckpointError, ModelFamily, TowerLayout, VisionLanguageModel,
+                                  load_strict, read_checkpoint_state_dict)
 
-# --- constants of the released model (MODELS.md; the authors' chexpert pretraining config) ---
+# --- constants of the released model (docs/models.md; the authors' chexpert pretraining config) ---
 WORD_NUM = 97  # text max length, in word pieces, [CLS] and [SEP] included
 LAST_N_LAYERS = 4  # BERT hidden layers summed into word and sentence embeddings
 MODEL_INPUT_SIZE = 299  # the 224 crop is upsampled to this before the ResNet (gives 19 x 19 layer3 regions)
@@ -217,6 +216,22 @@ class Gloria(VisionLanguageModel):
         """``img_encoder`` (trunk and both embedders): what LoRA and full fine-tuning adapt."""
         return self.img_encoder
 
+    def lora_layout(self) -> TowerLayout:
+        """The ResNet-50 trunk's bottleneck convolutions (the embedders stay frozen under LoRA)."""
+        return RESNET_LAYOUT
+
+    def prompt_context(self, prompts: dict[str, list[str]]) -> dict[str, TextWords]:
+        """Each set's word features, encoded once for the whole pass (the local similarity needs them)."""
+        return {name: self.encode_text_words(self.tokenize(texts)) for name, texts in prompts.items()}
+
+    def encode_image_extras(self, pixels: torch.Tensor, context: dict[str, TextWords]
+                            ) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
+        """Global image vectors and the local similarity to every prompt of every set, from one image pass."""
+        global_raw, local = self.encode_image_local(pixels)
+        sims = {name: local_similarity(local, words.words, words.word_mask).float().cpu().numpy()
+                for name, words in context.items()}
+        return F.normalize(global_raw.float(), dim=-1), sims
+
     # -- zero-shot pieces ---------------------------------------------------------------------------------------
 
     def encode_image_local(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -329,7 +344,7 @@ def local_similarity(local_feats: torch.Tensor, words: torch.Tensor, word_mask: 
         a_rw   = softmax over words w  of (v_r . e_w)           (AttnGAN's word normalisation, as the authors)
         b_wr   = softmax over regions r of (4 * a_rw)           (attention temperature 4)
         c_w    = sum_r b_wr v_r                                  (the word's attended visual context)
-        s(p)   = log( max_w exp(5 * cos(e_w, c_w)) )             (= 5 * max_w cos; MODELS.md: "max over words, log")
+        s(p)   = log( max_w exp(5 * cos(e_w, c_w)) )             (= 5 * max_w cos: the authors' "max over words, log")
     ``local_feats`` [B, D, H, W]; ``words`` [P, W, D]; ``word_mask`` [P, W] (bool). Computed in float32 even
     under autocast: the features are unnormalised, and bf16 dot products would shift the word softmax.
     """
@@ -445,117 +460,6 @@ class GloriaImageTransform:
         return "GloriaImageTransform(resize_long=256 BOX, pad=256, crop=224, norm=0.5/0.5)"
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Checkpoint reading: a restricted unpickler
-# ----------------------------------------------------------------------------------------------------------------
-
-
-class RefusedGlobal:
-    """Stands in for any global the restricted unpickler refuses: built from anything, does nothing.
-
-    The real object is never imported or called, so a malicious ``__reduce__`` (os.system, eval, ...) cannot run.
-    """
-
-    origin = "?"
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> "RefusedGlobal":
-        return object.__new__(cls)
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def __setstate__(self, state: Any) -> None:
-        pass
-
-    def __setitem__(self, key: Any, value: Any) -> None:
-        pass
-
-    def append(self, item: Any) -> None:
-        pass
-
-    def extend(self, items: Any) -> None:
-        pass
-
-    def __repr__(self) -> str:
-        return f"<refused global {self.origin}>"
-
-
-_TENSOR_REBUILDERS = {
-    ("torch._utils", "_rebuild_tensor"),
-    ("torch._utils", "_rebuild_tensor_v2"),
-    ("torch._utils", "_rebuild_parameter"),
-}
-_STORAGE_NAMES = {
-    "UntypedStorage", "FloatStorage", "DoubleStorage", "HalfStorage", "BFloat16Storage", "LongStorage",
-    "IntStorage", "ShortStorage", "CharStorage", "ByteStorage", "BoolStorage",
-}
-
-
-class RestrictedUnpickler(pickle.Unpickler):
-    """Resolves only tensor rebuilders, ``torch.Size``, dtypes, storage types and ``collections.OrderedDict``.
-
-    Every other global becomes an inert :class:`RefusedGlobal` subclass; nothing else is imported.
-    """
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _TENSOR_REBUILDERS:
-            import torch._utils
-
-            return getattr(torch._utils, name)
-        if module == "collections" and name == "OrderedDict":
-            import collections
-
-            return collections.OrderedDict
-        if module == "torch":
-            if name == "Size":
-                return torch.Size
-            if name in _STORAGE_NAMES:
-                return getattr(torch, name)
-            if isinstance(getattr(torch, name, None), torch.dtype):
-                return getattr(torch, name)
-        return type(f"Refused_{name}", (RefusedGlobal,), {"origin": f"{module}.{name}", "__module__": __name__})
-
-
-def _restricted_load(file: Any, **kwargs: Any) -> Any:
-    return RestrictedUnpickler(file, **kwargs).load()
-
-
-# torch.load only needs a module-like object with Unpickler and load; its wrapper defers to our find_class.
-_RESTRICTED_PICKLE = types.ModuleType(__name__ + ".restricted_pickle")
-_RESTRICTED_PICKLE.Unpickler = RestrictedUnpickler  # type: ignore[attr-defined]
-_RESTRICTED_PICKLE.load = _restricted_load  # type: ignore[attr-defined]
-
-
-def read_checkpoint_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """The ``state_dict`` of a PyTorch Lightning checkpoint, read without executing anything in the pickle.
-
-    ``torch.load(weights_only=True)`` rejects GLoRIA's file (it also holds the training config object), and a
-    full unpickle would run whatever the file asks; this reads everything through :class:`RestrictedUnpickler`
-    and keeps only ``state_dict``, which must map names to tensors. A bare state dict is accepted too.
-    """
-    path = Path(path)
-    try:
-        obj = torch.load(path, map_location="cpu", pickle_module=_RESTRICTED_PICKLE, weights_only=False)
-    except RuntimeError as exc:
-        if "explicit pickle_module" in str(exc):  # TORCH_FORCE_WEIGHTS_ONLY_LOAD is set
-            raise CheckpointError(
-                f"{path}: unset TORCH_FORCE_WEIGHTS_ONLY_LOAD; embedkit reads this Lightning checkpoint with its "
-                "own restricted unpickler (weights_only cannot read it)"
-            ) from None
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({exc})") from None
-    except Exception as exc:  # anything a corrupt or hostile file can raise while being read
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({exc})") from None
-    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
-    if not isinstance(state, dict) or not state:
-        raise CheckpointError(
-            f"{path}: expected a Lightning checkpoint (a dict with 'state_dict'), got {type(obj).__name__}"
-        )
-    bad = [k for k, v in state.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))]
-    if bad:
-        raise CheckpointError(f"{path}: state_dict entries that are not tensors: {bad[:5]}")
-    return dict(state)
-
-
 def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Strip the Lightning ``gloria.`` prefix and drop ``*position_ids`` (modern transformers has no such key)."""
     out = {}
@@ -628,3 +532,36 @@ def load(spec: Any, path: str | Path) -> Gloria:
     model = Gloria(arch, tokenizer)
     _load_strict(model, state, ckpt)
     return model.eval()
+
+
+class GloriaFamily(ModelFamily):
+    """GLoRIA's zero-shot: (global cosine + stored local similarity) / 2, max over a class's prompts, then each
+    class column z-normalised over a FIXED set: every row of the cohort stored under the weights (all splits)."""
+
+    module = "gloria"
+    zeroshot_rule = "gloria"
+    prompt_sets = ("chexpert-nih", "chexpert-authors")
+    default_logit_scale = 1.0  # not used: the rule z-normalises instead
+    uses_local_similarity = True
+    ensembles = ("max",)
+
+    def build(self, spec: Any, seed: int) -> Gloria:
+        return build(spec, seed)
+
+    def load(self, spec: Any, path: Path) -> Gloria:
+        return load(spec, path)
+
+    def class_scores(self, cosine: np.ndarray, prompt_class: np.ndarray, n_classes: int, logit_scale: float,
+                     ensemble: str, local_sim: np.ndarray | None = None) -> np.ndarray:
+        if local_sim is None:
+            raise ValueError("the gloria rule needs the stored local similarities")
+        return np.asarray(zeroshot_scores(cosine, local_sim, prompt_class, n_classes), dtype=np.float64)
+
+    def zeroshot_settings(self, ensemble: str, logit_scale: float, scale_source: str, scored_rows: str) -> dict:
+        return {"ensemble": "max",
+                "class_score": "max over the class's prompts of (global cosine + local similarity) / 2, z-normalised",
+                "logit_scale": None, "logit_scale_source": "not used: GLoRIA z-normalises instead",
+                "znorm_set": f"{scored_rows}, population std per class column"}
+
+
+FAMILY = GloriaFamily()

@@ -3,7 +3,7 @@
 Module names follow the authors' release so their ``pytorch_model.bin`` loads 1:1 (after the key clean-up in
 :func:`clean_state_dict`): ``vision_model.model.*`` (torchvision ResNet-50 whose ``fc`` is the projection, or an
 HF ``SwinModel``) with ``vision_model.projection_head`` for Swin, ``text_model.model.*`` (``BertModel`` with pooler),
-``text_model.projection_head`` and ``logit_scale``. Facts are from MODELS.md ("MedCLIP", "Common pitfalls").
+``text_model.projection_head`` and ``logit_scale``. Facts: docs/models.md ("MedCLIP").
 """
 
 from __future__ import annotations
@@ -19,8 +19,18 @@ from PIL import Image
 from torch import nn
 
 from embedkit.models import bert
-from embedkit.models.base import CheckpointError, VisionLanguageModel, key_mismatches, read_tensor_file
+from embedkit.models.base import (RESNET_LAYOUT, CheckpointError, ModelFamily, TowerLayout, VisionLanguageModel,
+                                  key_mismatches, read_tensor_file)
 from embedkit.models.registry import MissingWeightsError, ModelSpec
+
+# LoRA in every Swin block: the query/key/value/output projections and both MLP layers. transformers 5 renamed
+# Swin's modules; both namings are recognised so either version fine-tunes the same layers.
+_SWIN_BLOCK = r"(?:.+\.)?encoder\.layers\.\d+\.blocks\.\d+"
+SWIN_LAYOUT = TowerLayout("swin", _SWIN_BLOCK, ("attention.q_proj", "attention.k_proj", "attention.v_proj",
+                                                "attention.o_proj", "mlp.fc1", "mlp.fc2"))
+SWIN_V4_LAYOUT = TowerLayout("swin", _SWIN_BLOCK, ("attention.self.query", "attention.self.key",
+                                                   "attention.self.value", "attention.output.dense",
+                                                   "intermediate.dense", "output.dense"))
 
 # Preprocessing constants of the authors' feature extractor (one grayscale channel).
 PIXEL_MEAN = 0.5862785803043838
@@ -214,6 +224,14 @@ class MedCLIP(VisionLanguageModel):
         """``vision_model``: the backbone plus its projection (ResNet ``fc`` / Swin ``projection_head``)."""
         return self.vision_model
 
+    def lora_layout(self) -> TowerLayout:
+        """The ResNet's bottleneck convolutions, or every Swin block's attention and MLP projections."""
+        if self.variant == "resnet":
+            return RESNET_LAYOUT
+        names = dict(self.vision_model.named_modules())
+        block = next(n for n in names if re.fullmatch(_SWIN_BLOCK, n))
+        return SWIN_LAYOUT if f"{block}.attention.q_proj" in names else SWIN_V4_LAYOUT
+
 
 def _vocab_size(fields_tiny: bool) -> int:
     return (bert.TINY_BERT if fields_tiny else bert.CLINICAL_BERT)["vocab_size"]
@@ -317,3 +335,31 @@ def load(spec: ModelSpec, path: str | Path) -> MedCLIP:
     model = MedCLIP(spec, tokenizer)
     model.load_state_dict(clean_state_dict(state, model, source=str(weights)), strict=True)
     return model.eval()
+
+
+class MedClipFamily(ModelFamily):
+    """MedCLIP's zero-shot: exp(logit_scale) * cosine per prompt, the scale clamped to 100 as the authors clamp it,
+    then the mean (the authors' ``ensemble=True``) or max over a class's CheXpert-style prompts."""
+
+    module = "medclip"
+    zeroshot_rule = "medclip"
+    prompt_sets = ("chexpert-nih", "chexpert-authors")
+    scale_max = 100.0  # exp(log 100): the authors clamp logit_scale to [0, log 100]
+
+    def build(self, spec: ModelSpec, seed: int) -> MedCLIP:
+        return build(spec, seed)
+
+    def load(self, spec: ModelSpec, path: Path) -> MedCLIP:
+        return load(spec, path)
+
+    def logit_scale(self, scale: float, source: str) -> tuple[float, str]:
+        if scale > self.scale_max:
+            return self.scale_max, source + ", clamped to 100 as the MedCLIP authors do"
+        return scale, source
+
+    def zeroshot_settings(self, ensemble: str, logit_scale: float, scale_source: str, scored_rows: str) -> dict:
+        return {**super().zeroshot_settings(ensemble, logit_scale, scale_source, scored_rows),
+                "class_score": f"{ensemble} over the class's prompts of min(logit_scale, 100) * cosine"}
+
+
+FAMILY = MedClipFamily()

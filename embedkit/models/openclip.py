@@ -28,7 +28,8 @@ from PIL import Image
 from torch import nn
 
 from embedkit.models import bert
-from embedkit.models.base import CheckpointError, VisionLanguageModel, load_strict, read_tensor_file
+from embedkit.models.base import (CheckpointError, ModelFamily, TowerLayout, VisionLanguageModel, load_strict,
+                                  read_tensor_file)
 from embedkit.models.registry import MissingWeightsError, ModelSpec
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "ClipImageTransform",
     "OpenClipModel",
     "CheckpointError",
+    "FAMILY",
     "build",
     "load",
     "model_config",
@@ -66,6 +68,11 @@ _DROPPED_PREFIXES: tuple[str, ...] = ("text.transformer.pooler.",)
 _DROPPED_SUFFIXES: tuple[str, ...] = ("position_ids",)
 
 TINY_TIMM_VIT = "embedkit_tiny_vit_patch16_224"
+
+# Where LoRA goes: every residual block of the ViT. open_clip's own ViT (OpenAI CLIP) uses nn.MultiheadAttention,
+# targeted whole (see embedkit.finetune.lora for why not its out_proj by name); a timm ViT (BiomedCLIP) has Linears.
+OPENCLIP_VIT_LAYOUT = TowerLayout("openclip-vit", r"transformer\.resblocks\.\d+", ("attn", "mlp.c_fc", "mlp.c_proj"))
+TIMM_VIT_LAYOUT = TowerLayout("timm-vit", r"trunk\.blocks\.\d+", ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -168,6 +175,10 @@ class OpenClipModel(VisionLanguageModel):
     def image_tower(self) -> nn.Module:
         """open_clip's ``visual`` module (a VisionTransformer, or a TimmModel with ``trunk`` and ``head``)."""
         return self.model.visual
+
+    def lora_layout(self) -> TowerLayout:
+        """Every ViT block: a timm trunk (BiomedCLIP) or open_clip's own transformer (OpenAI CLIP)."""
+        return TIMM_VIT_LAYOUT if hasattr(self.model.visual, "trunk") else OPENCLIP_VIT_LAYOUT
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -376,3 +387,18 @@ def load(spec: ModelSpec, path: str | Path) -> OpenClipModel:
     _load_strict(spec, model, _checkpoint_state(spec, checkpoint), checkpoint)
     tokenizer = _clip_bpe_tokenizer(int(config["model_cfg"]["text_cfg"]["context_length"]))
     return _wrap(spec, model, config, tokenizer)
+
+
+class OpenClipFamily(ModelFamily):
+    """OpenAI CLIP and BiomedCLIP: ``scaled_cosine`` zero-shot with the CLIP-style templates."""
+
+    module = "openclip"
+
+    def build(self, spec: ModelSpec, seed: int) -> OpenClipModel:
+        return build(spec, seed)
+
+    def load(self, spec: ModelSpec, path: Path) -> OpenClipModel:
+        return load(spec, path)
+
+
+FAMILY = OpenClipFamily()

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import importlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from embedkit.constants import WEIGHTS_ENV
 from embedkit.errors import EmbedkitError
+
+if TYPE_CHECKING:
+    from embedkit.models.base import ModelFamily
 
 
 class UnknownModelError(EmbedkitError, ValueError):
@@ -23,43 +27,49 @@ class MissingWeightsError(EmbedkitError, FileNotFoundError):
     pass
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ModelSpec:
-    """What embedkit needs to know about one model name.
+    """What embedkit needs to know about one model name (keyword-built: each field says what it is).
 
-    ``family`` names the module ``embedkit.models.<family>`` which provides
-    ``build(spec, seed) -> VisionLanguageModel`` (real architecture, random weights) and
-    ``load(spec, path) -> VisionLanguageModel`` (the authors' released weights, strict after key clean-up).
+    ``module`` names the family module ``embedkit.models.<module>``; its ``FAMILY`` (a
+    :class:`~embedkit.models.base.ModelFamily`) builds, loads and scores zero-shot for every spec of the family.
     """
 
     name: str
-    family: str
+    module: str
     config: str  # the family's own architecture name (e.g. "ViT-B-16-quickgelu", "swin", "tiny")
     embed_dim: int
-    zeroshot_rule: str  # "scaled_cosine" | "medclip" | "gloria"
-    prompt_style: str  # "clip" | "chexpert"
     weight_files: tuple[str, ...]  # what the user must download (relative to the model's weights folder)
     weight_source: str  # where users get them
     lora_rank: int = 16  # the paper's LoRA rank for this image tower
+    embed_rate: tuple[float, float] = (5.0, 600.0)  # images/s of the embedding pass (2-core CPU, one GPU): plans
+    tiny_embed_dim: int = 32  # the embedding width of the model's tiny twin
     tiny: bool = False
     description: str = ""
-    extra: dict = field(default_factory=dict)
 
-    def family_module(self):
-        return importlib.import_module(f"embedkit.models.{self.family}")
+    @property
+    def family(self) -> ModelFamily:
+        """The family's behaviour (imported on first use: family modules pull in torch, open_clip, transformers)."""
+        return importlib.import_module(f"embedkit.models.{self.module}").FAMILY
 
     def build(self, seed: int = 0):
         """Build the real architecture with random weights (deterministic for ``seed``)."""
-        return self.family_module().build(self, seed)
+        return self.family.build(self, seed)
 
     def load(self, path: str | Path):
-        """Load the authors' released weights from ``path`` (a file or folder, per MODELS.md)."""
+        """Load the authors' released weights from ``path`` (a file or folder, per docs/models.md)."""
         path = Path(path)
         if not path.exists():
             raise MissingWeightsError(self.missing_message(path))
-        model = self.family_module().load(self, path)
+        model = self.family.load(self, path)
         _refuse_non_finite(model, path)
         return model
+
+    def tiny_twin(self) -> "ModelSpec":
+        """The same code path at small widths, random init only: ``tiny-<name>`` for tests and the demo."""
+        return replace(self, name="tiny-" + self.name, config="tiny-" + self.config, embed_dim=self.tiny_embed_dim,
+                       embed_rate=TINY_EMBED_RATE, tiny=True,
+                       description=f"tiny {self.name} (same code path, small widths; tests and demo)")
 
     def missing_message(self, where: Path | None) -> str:
         files = ", ".join(self.weight_files)
@@ -93,31 +103,34 @@ MEDCLIP_SOURCE = "the MedCLIP authors' release (github.com/RyanWangZf/MedCLIP, R
 GLORIA_SOURCE = ("the GLoRIA authors' release (github.com/marshuang80/gloria, README 'pretrained models'); "
                  + CLINICAL_BERT_VOCAB)
 
+TINY_EMBED_RATE = (45.0, 1000.0)  # images/s of every tiny twin (CPU, GPU)
+
 _SPECS: list[ModelSpec] = [
-    ModelSpec("clip", "openclip", "ViT-B-16-quickgelu", 512, "scaled_cosine", "clip",
-              ("open_clip_model.safetensors",), OPENAI_CLIP_SOURCE, lora_rank=16,
+    ModelSpec(name="clip", module="openclip", config="ViT-B-16-quickgelu", embed_dim=512,
+              weight_files=("open_clip_model.safetensors",), weight_source=OPENAI_CLIP_SOURCE,
               description="OpenAI CLIP ViT-B/16 (QuickGELU), the general-domain baseline"),
-    ModelSpec("biomedclip", "openclip", "biomedclip", 512, "scaled_cosine", "clip",
-              ("open_clip_config.json", "open_clip_pytorch_model.bin", "vocab.txt", "tokenizer_config.json"),
-              BIOMEDCLIP_SOURCE, lora_rank=16,
+    ModelSpec(name="biomedclip", module="openclip", config="biomedclip", embed_dim=512,
+              weight_files=("open_clip_config.json", "open_clip_pytorch_model.bin", "vocab.txt",
+                            "tokenizer_config.json"),
+              weight_source=BIOMEDCLIP_SOURCE,
               description="BiomedCLIP: timm ViT-B/16 + PubMedBERT, trained on PMC-15M"),
-    ModelSpec("medclip-rn50", "medclip", "resnet50", 512, "medclip", "chexpert",
-              ("pytorch_model.bin", "vocab.txt"), MEDCLIP_SOURCE + " medclip-pretrained.zip; " + CLINICAL_BERT_VOCAB, lora_rank=4,
+    ModelSpec(name="medclip-rn50", module="medclip", config="resnet50", embed_dim=512,
+              weight_files=("pytorch_model.bin", "vocab.txt"),
+              weight_source=MEDCLIP_SOURCE + " medclip-pretrained.zip; " + CLINICAL_BERT_VOCAB,
+              lora_rank=4, embed_rate=(6.0, 800.0),
               description="MedCLIP with a ResNet-50 image tower and Bio_ClinicalBERT"),
-    ModelSpec("medclip-vit", "medclip", "swin", 512, "medclip", "chexpert",
-              ("pytorch_model.bin", "vocab.txt"), MEDCLIP_SOURCE + " medclip-vit-pretrained.zip; " + CLINICAL_BERT_VOCAB, lora_rank=16,
+    ModelSpec(name="medclip-vit", module="medclip", config="swin", embed_dim=512,
+              weight_files=("pytorch_model.bin", "vocab.txt"),
+              weight_source=MEDCLIP_SOURCE + " medclip-vit-pretrained.zip; " + CLINICAL_BERT_VOCAB,
+              embed_rate=(4.0, 500.0),
               description="MedCLIP with a Swin-Tiny image tower ('ViT' in the paper) and Bio_ClinicalBERT"),
-    ModelSpec("gloria", "gloria", "resnet50", 768, "gloria", "chexpert",
-              ("chexpert_resnet50.ckpt", "vocab.txt"), GLORIA_SOURCE, lora_rank=4,
+    ModelSpec(name="gloria", module="gloria", config="resnet50", embed_dim=768,
+              weight_files=("chexpert_resnet50.ckpt", "vocab.txt"), weight_source=GLORIA_SOURCE,
+              lora_rank=4, embed_rate=(2.0, 300.0), tiny_embed_dim=48,
               description="GLoRIA ResNet-50 with global and local (word x region) features"),
 ]
-# Tiny configurations: the same code paths at small widths, for tests and the demo (random init only).
-_SPECS += [
-    ModelSpec("tiny-" + s.name, s.family, "tiny-" + s.config, 48 if s.family == "gloria" else 32,
-              s.zeroshot_rule, s.prompt_style, s.weight_files, s.weight_source, lora_rank=s.lora_rank, tiny=True,
-              description=f"tiny {s.name} (same code path, small widths; tests and demo)")
-    for s in list(_SPECS)
-]
+# Tiny twins: the same code paths at small widths, for tests and the demo (random init only).
+_SPECS += [s.tiny_twin() for s in list(_SPECS)]
 
 MODELS: dict[str, ModelSpec] = {s.name: s for s in _SPECS}
 
