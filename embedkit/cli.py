@@ -377,11 +377,11 @@ def _run_json(run: dict) -> dict:
 @app.command("zeroshot")
 def zeroshot_cmd(
     ctx: typer.Context,
-    model: str = typer.Option(..., help="Model name (its rule: scaled_cosine, medclip or gloria; see MODELS.md)"),
+    model: str = typer.Option(..., help="Model name (each family scores by its authors' rule: docs/models.md)"),
     cohort: Optional[str] = typer.Option(None, help="Cohort (default: the only one embedded for this model)"),
     weights_id: Optional[str] = typer.Option(None, help="Which weights' vectors (needed when several were embedded)"),
     prompt_set: Optional[str] = typer.Option(None, help="Stored prompt set (default: the model's own style)"),
-    ensemble: str = typer.Option("mean", help="mean | max over a class's prompts (GLoRIA always max)"),
+    ensemble: Optional[str] = typer.Option(None, help="How a class's prompts combine: mean | max where the model's rule allows (default: the rule's own)"),
     logit_scale: Optional[float] = typer.Option(None, help="Override the logit scale recorded in the store"),
     allow_partial: bool = typer.Option(False, help="Go on when some cohort rows have no vectors (recorded in the run)"),
     as_json: bool = typer.Option(False, "--json", help="Print the run as JSON"),

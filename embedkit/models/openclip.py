@@ -40,6 +40,8 @@ __all__ = [
     "CheckpointError",
     "FAMILY",
     "build",
+    "clip_tokenizer",
+    "create_clip",
     "load",
     "model_config",
 ]
@@ -110,7 +112,7 @@ class ClipImageTransform:
 
 
 @lru_cache(maxsize=4)
-def _clip_bpe_tokenizer(context_length: int):
+def clip_tokenizer(context_length: int):
     # The BPE vocabulary ships inside open_clip (offline); loading it takes a moment, so share one instance.
     from open_clip.tokenizer import SimpleTokenizer
 
@@ -245,7 +247,7 @@ def _localise_text_tower(spec: ModelSpec, model_cfg: dict) -> dict:
     return model_cfg
 
 
-def _create(spec: ModelSpec, config: dict, seed: int) -> nn.Module:
+def create_clip(spec: ModelSpec, config: dict, seed: int) -> nn.Module:
     """Instantiate the open_clip model for ``config`` with random weights drawn from ``seed``, in eval mode.
 
     Works under ``with torch.device("meta"):`` (no memory, for shape tests).
@@ -284,12 +286,12 @@ def build(spec: ModelSpec, seed: int = 0) -> OpenClipModel:
     BERT-based models get a synthetic WordPiece vocabulary of the real size (the real one comes with the weights).
     """
     config = model_config(spec)
-    model = _create(spec, config, seed)
+    model = create_clip(spec, config, seed)
     context_length = int(config["model_cfg"]["text_cfg"]["context_length"])
     if _uses_bert(config):
         tokenizer = _BertPromptTokenizer(bert.synthetic_tokenizer(model.text.config.vocab_size), context_length)
     else:
-        tokenizer = _clip_bpe_tokenizer(context_length)
+        tokenizer = clip_tokenizer(context_length)
     return _wrap(spec, model, config, tokenizer)
 
 
@@ -358,7 +360,7 @@ def _load_bert_folder(spec: ModelSpec, folder: Path) -> OpenClipModel:
         raise CheckpointError(f"{folder / 'open_clip_config.json'} has no 'model_cfg'")
     if not _uses_bert(config):
         raise CheckpointError(f"{folder / 'open_clip_config.json'}: text tower is not a BERT (no hf_model_name)")
-    model = _create(spec, config, seed=0)
+    model = create_clip(spec, config, seed=0)
     _load_strict(spec, model, _checkpoint_state(spec, checkpoint), checkpoint)
 
     tok_cfg = json.loads((folder / "tokenizer_config.json").read_text())
@@ -383,9 +385,9 @@ def load(spec: ModelSpec, path: str | Path) -> OpenClipModel:
     if _uses_bert(config):
         return _load_bert_folder(spec, path)
     checkpoint = _find_checkpoint(spec, path)
-    model = _create(spec, config, seed=0)
+    model = create_clip(spec, config, seed=0)
     _load_strict(spec, model, _checkpoint_state(spec, checkpoint), checkpoint)
-    tokenizer = _clip_bpe_tokenizer(int(config["model_cfg"]["text_cfg"]["context_length"]))
+    tokenizer = clip_tokenizer(int(config["model_cfg"]["text_cfg"]["context_length"]))
     return _wrap(spec, model, config, tokenizer)
 
 
