@@ -128,6 +128,12 @@ _SPECS: list[ModelSpec] = [
               weight_files=("chexpert_resnet50.ckpt", "vocab.txt"), weight_source=GLORIA_SOURCE,
               lora_rank=4, embed_rate=(2.0, 300.0), tiny_embed_dim=48,
               description="GLoRIA ResNet-50 with global and local (word x region) features"),
+    ModelSpec(name="chexzero", module="chexzero", config="ViT-B-32-quickgelu", embed_dim=512,
+              weight_files=("best_64_5e-05_original_22000_0.864.pt",),
+              weight_source="the CheXzero authors' checkpoints (github.com/rajpurkarlab/CheXzero, README 'Model "
+                            "Checkpoints')",
+              embed_rate=(15.0, 1500.0),  # ViT-B/32: a quarter of ViT-B/16's image tokens
+              description="CheXzero: OpenAI CLIP ViT-B/32 trained on MIMIC-CXR images and reports"),
 ]
 # Tiny twins: the same code paths at small widths, for tests and the demo (random init only).
 _SPECS += [s.tiny_twin() for s in list(_SPECS)]
