@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from embedkit.cli import app
 from embedkit.data.cohort import CohortError, import_cohort, validate_cohort
+from embedkit.data.images import ImageDecodeError
 from embedkit.embed import embed_cohort
 from embedkit.models.registry import UnknownModelError, get_spec, instantiate
 from embedkit.store import schemas
@@ -104,7 +105,7 @@ def test_a_corrupt_image_stops_the_pass_with_its_name_and_keeps_earlier_chunks(s
     _import(store, frame, folder)
     broken = sorted(folder.iterdir())[-1]
     broken.write_bytes(b"corrupted after import")
-    with pytest.raises(Exception, match=broken.name):
+    with pytest.raises(ImageDecodeError, match=broken.name):
         _embed(store, chunk_images=8)
     assert 0 < store.count("emb_tiny_clip") < len(frame)
 

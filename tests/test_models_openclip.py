@@ -42,15 +42,6 @@ def pixels(seed: int = 0, n: int = 2) -> torch.Tensor:
     return torch.randn(n, 3, 224, 224, generator=torch.Generator().manual_seed(seed))
 
 
-def hash_or_xfail(model: torch.nn.Module) -> str:
-    # TODO(lead): base.state_dict_hash fails on 0-dim tensors (logit_scale is a scalar in open_clip checkpoints):
-    # `t.view(torch.uint8)` needs `t.reshape(-1).view(torch.uint8)`. Remove this guard once fixed.
-    try:
-        return state_dict_hash(model)
-    except RuntimeError as exc:
-        pytest.xfail(f"state_dict_hash cannot hash 0-dim tensors yet: {exc}")
-
-
 # ---------------------------------------------------------------------------------------------- full size, meta
 
 
@@ -125,7 +116,7 @@ def test_random_init_is_deterministic_per_seed(name):
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not all(torch.equal(sa[k], sc[k]) for k in sa)
     assert math.isclose(a.zeroshot_logit_scale(), 1 / 0.07, rel_tol=1e-6)  # open_clip's init
-    assert hash_or_xfail(a) == hash_or_xfail(b) != hash_or_xfail(c)
+    assert state_dict_hash(a) == state_dict_hash(b) != state_dict_hash(c)  # logit_scale is 0-dim: hashed too
 
 
 @pytest.mark.parametrize("name", ["tiny-clip", "tiny-biomedclip"])
