@@ -75,7 +75,7 @@ def test_full_size_architecture_on_meta():
     with torch.device("meta"):
         model = get_spec("gloria").build(seed=0)
     sd = model.state_dict()
-    assert sum(p.numel() for p in model.parameters()) == 134_178_368  # MODELS.md: 134.2 M
+    assert sum(p.numel() for p in model.parameters()) == 134_178_368  # docs/models.md: 134.2 M
     assert len(sd) == 520
     shapes = {
         "img_encoder.model.conv1.weight": (64, 3, 7, 7),

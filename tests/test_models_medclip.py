@@ -61,7 +61,7 @@ def test_full_resnet_variant_keys_shapes_and_counts():
     assert shapes["text_model.model.pooler.dense.weight"] == (768, 768)
     assert shapes["text_model.projection_head.weight"] == (512, 768)
     assert shapes["logit_scale"] == ()
-    # MODELS.md's 133.3 M parameters and 520 keys: the 520 count the 53 BatchNorm num_batches_tracked buffers
+    # docs/models.md's 133.3 M parameters and 520 keys: the 520 count the 53 BatchNorm num_batches_tracked buffers
     # (319 vision + 200 text + logit_scale) and no embeddings.position_ids.
     assert round(_n_params(model) / 1e6, 1) == 133.3
     assert _n_params(model) == 133_260_097

@@ -93,7 +93,7 @@ def test_paper_cohort_sizes(paper: pd.DataFrame) -> None:
 @needs_metadata
 def test_paper_cohort_leaks_as_designed(paper: pd.DataFrame) -> None:
     report = nih.leak_report(paper)
-    # DESIGN.md: 39 repeated images (rows), 9 images and 23 patients in both train and test.
+    # docs/cohorts.md: 39 repeated images (rows), 9 images and 23 patients in both train and test.
     assert report["repeated_rows"] == 39
     assert report["repeated_images"] == 29
     assert report["images_shared"] == {"train/val": 6, "train/test": 9, "val/test": 2}

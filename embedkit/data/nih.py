@@ -156,7 +156,7 @@ def full_cohort(meta: pd.DataFrame) -> pd.DataFrame:
 
 
 def paper_cohort(meta: pd.DataFrame) -> pd.DataFrame:
-    """Protocol ``nih6x200-paper``: the ISBI 2025 study's 6x200 cohort, transcribed literally (see DESIGN.md).
+    """Protocol ``nih6x200-paper``: the ISBI 2025 study's 6x200 cohort, transcribed literally (docs/cohorts.md).
 
     1. keep single-label images of the six classes; age group by ``pd.cut(age, [0, 60, 100], right=False)``;
     2. per disease -> age group (young, old) -> sex (M, F): ``Patient_ID`` = Image Index prefix,

@@ -1,6 +1,6 @@
 """Trained heads off the stored vectors: linear probe (lp), MLP head (mlp), logistic regression (logreg).
 
-The paper's heads (DESIGN.md, "Heads and fine-tuning"):
+The paper's heads (docs/heads.md):
 - lp:  Linear(d, hidden) -> Linear(hidden, C), no activation;
 - mlp: Linear(d, hidden) -> BatchNorm1d -> ReLU -> Linear(hidden, C);
 trained with AdamW on cross-entropy over the train split, mini-batches drawn from a fresh shuffle each epoch,

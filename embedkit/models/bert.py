@@ -1,7 +1,7 @@
 """BERT text towers built offline: configs of the released checkpoints, tiny configs, and vocab-file tokenizers.
 
 BiomedCLIP (PubMedBERT), MedCLIP and GLoRIA (Bio_ClinicalBERT) all use a plain BERT. Nothing here touches the hub:
-configs are written out from MODELS.md, and tokenizers are built from a ``vocab.txt`` the user supplies (real
+configs are written out from the released ones (docs/models.md), and tokenizers are built from a ``vocab.txt`` the user supplies (real
 weights) or from a synthetic vocabulary (random init, labelled as such through ``weights_id``).
 """
 
