@@ -75,22 +75,17 @@ def main() -> None:
 
 # ---- data ------------------------------------------------------------------------------------------------------
 
-NIH_PROTOCOLS = ("nih6x200", "nih6x200-paper", "nih")
 
+def _imported(ctx, built, manifest_out: Optional[Path]) -> None:
+    """After an import (a :class:`embedkit.data.build.BuiltCohort`): write the manifest if asked; one summary line."""
+    from embedkit.data.cohort import write_manifest
 
-def _import_rows(ctx, frame, cohort: str, images, classes, allow_repeats: bool, verify: bool, skip_bad: bool,
-                 manifest_out: Optional[Path]) -> None:
-    """Validate, optionally write the manifest, and import; prints one summary line."""
-    from embedkit.data.cohort import import_cohort, validate_cohort, write_manifest
-
-    validated = validate_cohort(frame, cohort, images_dir=images, classes=classes, allow_repeats=allow_repeats,
-                                verify_images=verify)
-    result = import_cohort(get_store(ctx), validated, cohort, skip_bad=skip_bad)
     if manifest_out:
-        write_manifest(validated.rows, manifest_out)
+        write_manifest(built.rows, manifest_out)
         typer.echo(f"manifest written: {manifest_out}")
+    result = built.result
     rejected = f", {result.rejected} rejected (see the rejects table)" if result.rejected else ""
-    typer.echo(f"cohort '{cohort}': {result.imported} rows imported into {get_store(ctx).path}{rejected}")
+    typer.echo(f"cohort '{result.cohort}': {result.imported} rows imported into {get_store(ctx).path}{rejected}")
 
 
 @data_app.command("nih")
@@ -105,27 +100,24 @@ def data_nih(
     skip_bad: bool = typer.Option(False, help="Import the good rows and record the bad ones in the rejects table"),
 ) -> None:
     """NIH ChestX-ray14 cohorts: the paper's 6x200 (exact, leaks), a clean 6x200, or all 112,120 images."""
-    from embedkit.constants import NIH_CLASSES
     from embedkit.data import nih
+    from embedkit.data.build import import_nih
 
-    if protocol not in NIH_PROTOCOLS:
-        raise typer.BadParameter(f"unknown protocol '{protocol}'; choose one of {', '.join(NIH_PROTOCOLS)}")
+    if protocol not in nih.PROTOCOLS:
+        raise typer.BadParameter(f"unknown protocol '{protocol}'; choose one of {', '.join(nih.PROTOCOLS)}")
     if metadata is not None:
-        meta = nih.read_metadata(metadata)
-        frame = {"nih6x200-paper": nih.paper_cohort, "nih6x200": nih.clean_cohort, "nih": nih.full_cohort}[protocol](meta)
-    elif protocol == "nih":
+        frame = nih.cohort_for(protocol, nih.read_metadata(metadata))
+    elif protocol == nih.PROTOCOL_FULL:
         raise typer.BadParameter("--protocol nih needs --metadata Data_Entry_2017_v2020.csv[.gz]")
     else:
         frame = nih.shipped_manifest(protocol)
     if images is None and verify:
         raise typer.BadParameter("--images DIR is needed to verify the images (or pass --no-verify)")
-    if protocol == "nih6x200-paper":
+    if protocol == nih.PROTOCOL_PAPER:
         leaks = nih.leak_report(frame)
         typer.secho("WARNING: nih6x200-paper reproduces the study's cohort, which leaks: "
                     + ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in leaks.items()), fg=typer.colors.YELLOW, err=True)
-    classes = None if protocol == "nih" else NIH_CLASSES
-    _import_rows(ctx, frame, cohort or protocol, images, classes, protocol == "nih6x200-paper", verify, skip_bad,
-                 manifest_out)
+    _imported(ctx, import_nih(get_store(ctx), protocol, frame, images, cohort, verify, skip_bad), manifest_out)
 
 
 @data_app.command("import")
@@ -141,11 +133,13 @@ def data_import(
     manifest_out: Optional[Path] = typer.Option(None, help="Also write the cohort as CSV here"),
 ) -> None:
     """Import any other dataset (CheXpert-, MIMIC-, PadChest-style CSV) mapped onto embedkit's fields."""
+    from embedkit.data.build import import_rows
     from embedkit.data.cohort import parse_mapping, read_manifest
 
     frame = read_manifest(manifest, parse_mapping(map_))
     allowed = tuple(c.strip() for c in classes.split(",")) if classes else None
-    _import_rows(ctx, frame, cohort, images, allowed, False, verify, skip_bad, manifest_out)
+    _imported(ctx, import_rows(get_store(ctx), frame, cohort, images, allowed, verify=verify, skip_bad=skip_bad),
+              manifest_out)
 
 
 @data_app.command("synth")
@@ -160,21 +154,12 @@ def data_synth(
     manifest_out: Optional[Path] = typer.Option(None, help="Also write the cohort as CSV here"),
 ) -> None:
     """Synthetic chest X-rays for every row of a manifest (real ages and sexes), imported as a cohort."""
-    import time
+    from embedkit.data.build import import_synthetic
 
-    from embedkit.data import nih, synth
-    from embedkit.data.cohort import read_manifest
-
-    spec = synth.parse_bias(bias) if bias else None
-    frame = nih.shipped_manifest(cohort) if cohort in ("nih6x200", "nih6x200-paper") else read_manifest(cohort)
-    start = time.perf_counter()
-    written = synth.synthesize(frame, out, size=size, seed=seed, bias=spec)
-    seconds = time.perf_counter() - start
-    typer.echo(f"{len(written)} synthetic images written to {out} in {seconds:.1f} s"
-               + (f" (bias: {spec})" if spec else ""))
-    frame = frame.merge(written[["image_id", "biased"]], on="image_id", how="left")
-    frame["bias"] = str(spec) if spec else None
-    _import_rows(ctx, frame, name, out, None, frame["image_id"].duplicated().any(), True, False, manifest_out)
+    built = import_synthetic(get_store(ctx), out, manifest=cohort, cohort=name, size=size, seed=seed, bias=bias)
+    typer.echo(f"{built.images} synthetic images written to {out} in {built.seconds:.1f} s"
+               + (f" (bias: {built.bias})" if built.bias else ""))
+    _imported(ctx, built, manifest_out)
 
 
 @data_app.command("info")

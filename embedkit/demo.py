@@ -44,8 +44,8 @@ def run_demo(
     workers: int = 2,
 ) -> DemoResult:
     """Run the demo into ``out`` (re-running reuses what is already there: the store resumes)."""
-    from embedkit.data import nih, synth
-    from embedkit.data.cohort import cohort_names, import_cohort, validate_cohort
+    from embedkit.data.build import SYNTHETIC_COHORT, import_synthetic
+    from embedkit.data.cohort import cohort_names
     from embedkit.embed import embed_cohort
     from embedkit.heads.probe import HeadConfig, run_probe
     from embedkit.heads.zeroshot import run_zeroshot
@@ -61,20 +61,16 @@ def run_demo(
         _say(f"[green]done[/green] {name} ({result.steps[-1][1]:.1f} s)")
 
     start = time.perf_counter()
-    if "synthetic" not in cohort_names(store):
-        frame = nih.shipped_manifest("nih6x200")
-        spec = synth.parse_bias(bias) if bias else None
-        written = synth.synthesize(frame, out / "images", size=size, seed=seed, bias=spec)
-        frame = frame.merge(written[["image_id", "biased"]], on="image_id", how="left").assign(bias=str(spec or ""))
-        import_cohort(store, validate_cohort(frame, "synthetic", images_dir=out / "images"), "synthetic")
+    if SYNTHETIC_COHORT not in cohort_names(store):
+        import_synthetic(store, out / "images", size=size, seed=seed, bias=bias)
     step(f"synthetic NIH 6x200 cohort, 1200 images, planted bias: {bias or 'none'}", start)
 
     for name in models:
         start = time.perf_counter()
         spec = get_spec(name)
         model, weights_id, source = instantiate(spec, random_init=True, seed=seed)
-        summary = embed_cohort(store, spec, model, weights_id, source, "synthetic", device="auto", workers=workers,
-                               progress=False)
+        summary = embed_cohort(store, spec, model, weights_id, source, SYNTHETIC_COHORT, device="auto",
+                               workers=workers, progress=False)
         step(f"embed {name}: {summary.line()}", start)
 
     done = {(r["model"], r["method"]) for r in store.read("runs").to_pylist()} if store.has("runs") else set()
@@ -88,9 +84,9 @@ def run_demo(
             if (name, method) in done:
                 continue
             if method == "zeroshot":
-                run = run_zeroshot(store, name, cohort="synthetic")
+                run = run_zeroshot(store, name, cohort=SYNTHETIC_COHORT)
             else:
-                run = run_probe(store, name, HeadConfig(head=method, epochs=epochs), seed=77, cohort="synthetic")
+                run = run_probe(store, name, HeadConfig(head=method, epochs=epochs), seed=77, cohort=SYNTHETIC_COHORT)
             result.run_ids.append(run["run_id"])
         step(f"heads {name}: {', '.join(methods)}", start)
     torch.set_num_threads(threads)

@@ -3,3 +3,7 @@
 
 class EmbedkitError(Exception):
     """Bad input or state that the user can fix; the message says what is wrong, where, and what to do."""
+
+
+class DeviceError(EmbedkitError):
+    """The device asked for is not there (``--device cuda`` where torch sees no CUDA device)."""

@@ -194,3 +194,16 @@ def test_paths_that_leave_the_images_folder_are_rejected(tmp_path):
     assert set(reasons) == {"a.png", "b.png", "../outside.png"}
     assert all("lies outside the images folder" in r for r in reasons.values())
     assert validated.rows["path"].tolist() == [str(folder.resolve() / "c.png")]  # normalised, inside
+
+
+def test_a_missing_cuda_device_is_a_device_error_with_its_message(monkeypatch):
+    import torch
+
+    from embedkit.device import has_gpu, resolve_device
+    from embedkit.errors import DeviceError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU-only machine, whatever runs the test
+    with pytest.raises(DeviceError, match=r"^--device cuda asked for, but torch sees no CUDA device here$"):
+        resolve_device("cuda:0")
+    assert resolve_device("auto").type == "cpu" and resolve_device("cpu").type == "cpu"
+    assert (has_gpu("auto"), has_gpu("cpu"), has_gpu("cuda:1")) == (False, False, True)

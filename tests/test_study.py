@@ -115,6 +115,8 @@ def test_bad_settings_fail_at_the_door(tmp_path):
         make_config(methods="lp,logreg")
     with pytest.raises(StudyError, match="exclude each other"):
         make_config(random_init=True, weights_dir=str(tmp_path))
+    with pytest.raises(StudyError, match=r"^bad seeds '7,x': use a range"):  # names the setting, a flag or a file key
+        make_config(seeds="7,x")
     path = tmp_path / "s.yaml"
     path.write_text("cpu_ok: yes please\n")
     with pytest.raises(StudyError, match="cpu_ok must be true or false"):
@@ -179,9 +181,9 @@ def test_released_weights_use_the_weights_id_recorded_for_their_path(store, tmp_
 
 
 def test_gpu_regimes_are_skipped_with_a_note_unless_cpu_ok(store, monkeypatch):
-    import embedkit.study as study
+    from embedkit.study import plan
 
-    monkeypatch.setattr(study, "_has_gpu", lambda device: False)  # a CPU-only machine, whatever runs the test
+    monkeypatch.setattr(plan, "has_gpu", lambda device: False)  # a CPU-only machine, whatever runs the test
     config = make_config(name="g", models="tiny-clip", methods="lp,lora,ft", seeds="1", cohort="synthetic",
                          random_init=True)
     steps = plan_study(store, config)
@@ -200,30 +202,31 @@ def test_gpu_regimes_are_skipped_with_a_note_unless_cpu_ok(store, monkeypatch):
 # ---- running, resuming, planning (heads only: seconds) ----------------------------------------------------------
 
 
-def test_stop_after_and_rerun_finish_without_redoing_steps(shared):
+def test_stop_after_and_rerun_finish_without_redoing_steps(tmp_path, images):
+    store = _store_with_cohort(tmp_path, images)  # its own: no other test has embedded anything in it
     config = make_config(name="resume", models="tiny-clip", methods="zeroshot,lp,mlp", seeds="1,2", **CHEAP)
-    total = len(run_study(shared, config, plan_only=True).todo)
-    assert total in (5, 6)  # 1 zero-shot + 2 lp + 2 mlp, and the embedding unless another test made it already
-    first = run_study(shared, config, progress=False, stop_after=3)
+    total = len(run_study(store, config, plan_only=True).todo)
+    assert total == 6  # the embedding, 1 zero-shot, 2 lp, 2 mlp
+    first = run_study(store, config, progress=False, stop_after=3)
     assert len(first.run) == 3 and first.stopped and first.report is None
-    second = run_study(shared, config, progress=False)
+    second = run_study(store, config, progress=False)
     assert len(second.run) == total - 3 and not second.stopped
-    runs = _study_runs(shared, "resume")
+    runs = _study_runs(store, "resume")
     assert sorted((r["method"], r["seed"]) for r in runs) == [("lp", 1), ("lp", 2), ("mlp", 1), ("mlp", 2),
                                                               ("zeroshot", None)]
-    assert second.report == shared.path.parent / "study-resume" / "report.html" and second.report.is_file()
+    assert second.report == store.path.parent / "study-resume" / "report.html" and second.report.is_file()
     assert {s.run_id for s in second.steps if s.run_id} == {r["run_id"] for r in runs}
-    row = stored_study(shared, "resume")
+    row = stored_study(store, "resume")
     assert row["config"]["seeds"] == [1, 2] and row["created_at"] <= row["updated_at"]
 
-    again = run_study(shared, config, plan_only=True)
+    again = run_study(store, config, plan_only=True)
     assert again.nothing_to_do and not again.todo
     assert plan_lines(again)[-1].startswith("nothing to do: 7 done, 0 to do")
-    rerun = run_study(shared, config, progress=False)
-    assert rerun.run == [] and len(_study_runs(shared, "resume")) == 5  # a finished study runs nothing
+    rerun = run_study(store, config, progress=False)
+    assert rerun.run == [] and len(_study_runs(store, "resume")) == 5  # a finished study runs nothing
 
     grown = make_config(name="resume", models="tiny-clip", methods="zeroshot,lp,mlp", seeds="1,2,3", **CHEAP)
-    planned = run_study(shared, grown, plan_only=True).todo
+    planned = run_study(store, grown, plan_only=True).todo
     assert [(s.kind, s.seed) for s in planned] == [("lp", 3), ("mlp", 3)]  # zero-shot has no seed
     assert all(s.estimate_s and s.estimate_s > 0 for s in planned)
 
@@ -251,9 +254,9 @@ def test_runs_outside_the_study_do_not_count_as_its_steps(shared):
 
 
 def test_without_cpu_ok_a_cpu_study_runs_the_heads_and_reports_them(shared, monkeypatch):
-    import embedkit.study as study
+    from embedkit.study import plan
 
-    monkeypatch.setattr(study, "_has_gpu", lambda device: False)
+    monkeypatch.setattr(plan, "has_gpu", lambda device: False)
     config = make_config(name="nocpu", models="tiny-clip", methods="lp,ft", seeds="1", **CHEAP)
     result = run_study(shared, config, progress=False)
     assert [(s.kind, s.status) for s in result.steps if s.kind in ("lp", "ft")] == [("lp", "done"), ("ft", "skipped")]
@@ -265,12 +268,12 @@ def test_without_cpu_ok_a_cpu_study_runs_the_heads_and_reports_them(shared, monk
 def test_a_fine_tune_cut_short_is_resumed_from_its_checkpoint(shared, monkeypatch):
     from embedkit.finetune import train
     from embedkit.models.registry import random_init_id
-    import embedkit.study as study
+    from embedkit.study.run import _finetune_run_id
 
     config = make_config(name="ckpt", models="tiny-clip", methods="lora", seeds="1", cpu_ok=True,
                          **{**CHEAP, "ft_epochs": 2})
     key = step_key("lora", "tiny-clip", random_init_id("tiny-clip", 0), 1, {"cohort": "c", "epochs": 2})
-    run_id = study._finetune_run_id("ckpt", key)
+    run_id = _finetune_run_id("ckpt", key)
     # What a killed study leaves: the step's run, checkpointed after its first epoch and never finished.
     cut = train.finetune(shared, train.FinetuneConfig(model="tiny-clip", method="lora", cohort="c", random_init=True,
                                                       epochs=2, seed=1, workers=0, study_id="ckpt"),

@@ -41,7 +41,8 @@ REQUIRED_COLUMNS: tuple[str, ...] = (
 PROTOCOL_PAPER = "nih6x200-paper"
 PROTOCOL_CLEAN = "nih6x200"
 PROTOCOL_FULL = "nih"
-SHIPPED_PROTOCOLS: tuple[str, ...] = (PROTOCOL_PAPER, PROTOCOL_CLEAN)
+SHIPPED_PROTOCOLS: tuple[str, ...] = (PROTOCOL_PAPER, PROTOCOL_CLEAN)  # their manifests ship with the package
+PROTOCOLS: tuple[str, ...] = (PROTOCOL_CLEAN, PROTOCOL_PAPER, PROTOCOL_FULL)  # the default first
 
 PER_CELL = 50  # images per (label, age group, sex) cell; 4 cells x 50 = 200 per class
 CELL_TARGETS: dict[str, int] = {"train": 35, "val": 5, "test": 10}
@@ -411,7 +412,7 @@ def cohort_for(protocol: str, meta: pd.DataFrame) -> pd.DataFrame:
     """Build the cohort of ``protocol`` (``nih6x200``, ``nih6x200-paper`` or ``nih``) from the metadata."""
     builders = {PROTOCOL_CLEAN: clean_cohort, PROTOCOL_PAPER: paper_cohort, PROTOCOL_FULL: full_cohort}
     if protocol not in builders:
-        raise EmbedkitError(f"unknown NIH protocol {protocol!r}; choose one of {', '.join(builders)}")
+        raise EmbedkitError(f"unknown NIH protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
     return builders[protocol](meta)
 
 

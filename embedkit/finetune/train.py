@@ -306,7 +306,7 @@ def checkpoint_dir(store: Store, run_id: str) -> Path:
 
 def _prepare(store: Store, config: FinetuneConfig, run_id: str) -> _Session:
     from embedkit.data.cohort import cohort_classes, load_cohort
-    from embedkit.embed import resolve_device
+    from embedkit.device import resolve_device
     from embedkit.models.registry import get_spec, instantiate
 
     config.validate()

@@ -65,8 +65,8 @@ def _convert(key: str, text: str, kind: type):
     return int(value) if kind is int else value
 
 
-def parse_seeds(text: str | int) -> list[int]:
-    """``"0-9"`` -> 0..9; ``"0,3,7"``; ``"0-4,10"``; a single number."""
+def parse_seeds(text: str | int, option: str = "--seeds") -> list[int]:
+    """``"0-9"`` -> 0..9; ``"0,3,7"``; ``"0-4,10"``; a single number. ``option`` names the setting in errors."""
     seeds: list[int] = []
     for part in str(text).split(","):
         part = part.strip()
@@ -79,7 +79,7 @@ def parse_seeds(text: str | int) -> list[int]:
         elif part.isdigit():
             seeds.append(int(part))
         else:
-            raise HeadsError(f"bad --seeds '{text}': use a range (0-9), a list (0,3,7) or both (0-4,10)")
+            raise HeadsError(f"bad {option} '{text}': use a range (0-9), a list (0,3,7) or both (0-4,10)")
     return list(dict.fromkeys(seeds))
 
 

@@ -1,0 +1,32 @@
+"""Which torch device a command runs on: ``--device auto | cpu | cuda[:N]``, checked once, in one place."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from embedkit.errors import DeviceError
+
+if TYPE_CHECKING:
+    import torch
+
+
+def resolve_device(device: str) -> "torch.device":
+    """``auto``: CUDA when torch sees it, else the CPU; ``cuda[:N]`` on a machine without CUDA raises DeviceError."""
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DeviceError("--device cuda asked for, but torch sees no CUDA device here")
+    return torch.device(device)
+
+
+def has_gpu(device: str) -> bool:
+    """Whether ``device`` means a GPU, without touching one (``cuda`` counts: :func:`resolve_device` checks it)."""
+    if device == "cpu":
+        return False
+    if device.startswith("cuda"):
+        return True
+    import torch
+
+    return torch.cuda.is_available()
