@@ -50,7 +50,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from embedkit.data.cohort import import_cohort, validate_cohort
-    from embedkit.embed import resolve_device
+    from embedkit.device import resolve_device
     from embedkit.finetune.train import FinetuneConfig, finetune
     from embedkit.store.store import Store
 

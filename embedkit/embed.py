@@ -21,6 +21,7 @@ import torch
 
 from embedkit.data.cohort import CohortError, cohort_classes, load_cohort
 from embedkit.data.images import ImageDecodeError, decode_image
+from embedkit.device import resolve_device
 from embedkit.models.registry import ModelSpec
 from embedkit.store import schemas
 from embedkit.store.store import Store, embeddings_table, prompts_table, sql_eq
@@ -71,14 +72,6 @@ def _decode_failure(exc: Exception) -> str:
     reason = lines[-1].split("ImageDecodeError: ", 1)[-1] if lines else str(exc)
     return (f"{reason}; the chunks embedded before it are kept. Fix or remove the file (or re-import the cohort "
             "with verification and --skip-bad) and run the same command again: it resumes")
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise CohortError("--device cuda asked for, but torch sees no CUDA device here")
-    return torch.device(device)
 
 
 def _record_weights(store: Store, spec: ModelSpec, model, weights_id: str, source: str) -> None:

@@ -18,10 +18,7 @@ from embedkit.store.store import Store, embeddings_table, sql_eq
 from embedkit.study.config import GPU_METHODS, HEAD_METHODS, SEED_INIT, StudyConfig
 
 # ---- the speed table: rough time estimates (labelled as estimates wherever shown) -------------------------
-# Images/s of one embedding pass (forward only): (2 CPU cores, one GPU). ViT-B/16 embeds ~4-5 images/s on 2 cores.
-EMBED_RATE = {"clip": (5.0, 600.0), "biomedclip": (5.0, 600.0), "medclip-rn50": (6.0, 800.0),
-              "medclip-vit": (4.0, 500.0), "gloria": (2.0, 300.0)}
-TINY_RATE = (45.0, 1000.0)
+# A model's embedding speed is its spec's ``embed_rate`` (embedkit/models/registry.py); the rest are here.
 TRAIN_COST = 2.5  # a training image (augmentation, forward, backward) costs a few forward passes
 LOAD_SECONDS = {False: 10.0, True: 3.0}  # building or loading one model (full size, tiny)
 HEAD_SECONDS = 2.0  # a head off stored vectors: seconds whatever the model
@@ -184,8 +181,7 @@ def _embedded(store: Store, model: str, weights_id: str | None, config: StudyCon
 def _rate(model: str, gpu: bool) -> float:
     from embedkit.models.registry import get_spec
 
-    spec = get_spec(model)
-    cpu_rate, gpu_rate = TINY_RATE if spec.tiny else EMBED_RATE.get(model, (4.0, 500.0))
+    cpu_rate, gpu_rate = get_spec(model).embed_rate
     return gpu_rate if gpu else cpu_rate
 
 
