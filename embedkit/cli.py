@@ -486,7 +486,7 @@ def runs_cmd(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable listing"),
 ) -> None:
     """List runs (newest first); `embedkit runs delete RUN_ID` or --delete RUN_ID removes one."""
-    from embedkit.heads.runs import delete_run, list_runs
+    from embedkit.store.runs import delete_run, list_runs
 
     if ctx.invoked_subcommand:
         return
@@ -521,7 +521,7 @@ def runs_cmd(
 @runs_app.command("delete")
 def runs_delete_cmd(ctx: typer.Context, run_id: str = typer.Argument(..., help="The run to delete")) -> None:
     """Delete a run and its predictions."""
-    from embedkit.heads.runs import delete_run
+    from embedkit.store.runs import delete_run
 
     n = delete_run(get_store(ctx), run_id)
     typer.echo(f"deleted run {run_id} and its {n} predictions")
@@ -552,8 +552,9 @@ def fairness_cmd(
     from embedkit.fairness import db, table
 
     attributes = _split_list(by)
-    con = db.connect(get_store(ctx), table.attributes_to_slice(attributes))
-    runs = db.select_runs(con, run, model, method, split)
+    store = get_store(ctx)
+    con = db.connect(store, table.attributes_to_slice(attributes))
+    runs = db.scored_runs(store, run, model, method, split)
     rows = table.fairness_rows(con, runs, attributes, split, ci, seed, min_n)
     if as_json:
         echo_json({"split": split, "attributes": attributes, "n_resamples": ci, "seed": seed, "min_n": min_n,

@@ -114,7 +114,7 @@ def _print_fairness(store: Store, ci: int, seed: int) -> None:
 
     attributes = ["sex", "age_group"]
     con = db.connect(store, fairness_table.attributes_to_slice(attributes))
-    runs = db.select_runs(con, split="test")
+    runs = db.scored_runs(store, split="test")
     rows = fairness_table.fairness_rows(con, runs, attributes, "test", ci, seed, MIN_GROUP_N)
     index = {(r["run_id"], r["attribute"], r["group_or_gap"], r["metric"]): r for r in rows}
 

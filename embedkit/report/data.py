@@ -67,21 +67,20 @@ def select_runs(
     methods: Sequence[str] | None = None,
     study: str | None = None,
 ) -> pd.DataFrame:
-    """The stored runs matching every filter given (none given: all runs), oldest first.
+    """The stored runs matching every filter given (none given: all runs), oldest first
+    (:func:`embedkit.store.runs.select_runs`).
 
     Unknown run ids raise ReportError naming them; a selection that matches nothing raises with what exists.
     """
+    from embedkit.store.runs import select_runs as stored_runs
+
     if not store.has("runs"):
         raise ReportError(f"the store {store.path} has no runs yet: run a head (e.g. `embedkit probe`) first")
-    frame = store.read("runs").to_pandas()
     if runs:
-        unknown = sorted(set(runs) - set(frame["run_id"]))
+        unknown = sorted(set(runs) - set(stored_runs(store, run_ids=runs).column("run_id").to_pylist()))
         if unknown:
             raise ReportError(f"no run {', '.join(map(repr, unknown))} in {store.path}: list them with `embedkit runs`")
-        frame = frame[frame["run_id"].isin(list(runs))]
-    for column, wanted in (("model", models), ("method", methods), ("study_id", [study] if study else None)):
-        if wanted:
-            frame = frame[frame[column].isin(list(wanted))]
+    frame = stored_runs(store, runs, models, methods, study).to_pandas()
     if frame.empty:
         everything = store.read("runs", columns=["model", "method", "study_id"]).to_pandas()
         have = "; ".join(
@@ -90,7 +89,7 @@ def select_runs(
         )
         raise ReportError(f"no run matches the selection (models={models}, methods={methods}, study={study}). "
                           f"The store holds {have}.")
-    return frame.sort_values(["created_at", "run_id"]).reset_index(drop=True)
+    return frame
 
 
 def connection_attributes(by: Sequence[str]) -> list[str]:
@@ -119,12 +118,12 @@ def collect(
     from embedkit.fairness.bootstrap import bootstrap_intervals
     from embedkit.fairness.db import connect, scoped
 
+    from embedkit.store.runs import prediction_counts
+
     attributes = [a for a in dict.fromkeys(a.strip() for a in by) if a and a != "all"]
+    counts = prediction_counts(store, run_table["run_id"].tolist())
+    scored = {run_id for run_id, splits in counts.items() if splits.get(split)}
     con = connect(store, connection_attributes(attributes))
-    scored = set(con.sql(
-        "SELECT DISTINCT run_id FROM predictions WHERE split = $split AND list_contains($runs, run_id)",
-        params={"split": split, "runs": run_table["run_id"].tolist()},
-    ).to_arrow_table().column("run_id").to_pylist())
     skipped = [r for r in run_table["run_id"] if r not in scored]
     run_table = run_table[run_table["run_id"].isin(scored)]
     if run_table.empty:
