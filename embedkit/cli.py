@@ -544,16 +544,16 @@ def fairness_cmd(
     split: str = typer.Option("test", "--split", help="Split the predictions were scored on."),
     by: str = typer.Option("sex,age_group", "--by", help="Attributes (columns of images), comma-separated."),
     ci: int = typer.Option(1000, "--ci", help="Bootstrap resamples of patients within groups (0: no intervals)."),
-    min_n: int = typer.Option(MIN_GROUP_N, "--min-n", help="Flag (*) groups and gaps resting on fewer rows."),
+    min_n: int = typer.Option(MIN_GROUP_N, "--min-n", help="Flag (†) groups and gaps resting on fewer rows."),
     seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON rows instead of tables."),
 ) -> None:
     """Paper-style fairness table: accuracy, per-class F1, Var_F1, F1 gap, EqOdds, ECE gap per attribute."""
-    from embedkit.fairness import db, table
+    from embedkit.fairness import catalogue, db, table
 
     attributes = _split_list(by)
     store = get_store(ctx)
-    con = db.connect(store, table.attributes_to_slice(attributes))
+    con = db.connect(store, catalogue.attributes_to_slice(attributes))
     runs = db.scored_runs(store, run, model, method, split)
     rows = table.fairness_rows(con, runs, attributes, split, ci, seed, min_n)
     if as_json:

@@ -110,10 +110,10 @@ def _print_fairness(store: Store, ci: int, seed: int) -> None:
     from rich.table import Table
 
     from embedkit.constants import MIN_GROUP_N
-    from embedkit.fairness import db, table as fairness_table
+    from embedkit.fairness import catalogue, db, table as fairness_table
 
     attributes = ["sex", "age_group"]
-    con = db.connect(store, fairness_table.attributes_to_slice(attributes))
+    con = db.connect(store, catalogue.attributes_to_slice(attributes))
     runs = db.scored_runs(store, split="test")
     rows = fairness_table.fairness_rows(con, runs, attributes, "test", ci, seed, MIN_GROUP_N)
     index = {(r["run_id"], r["attribute"], r["group_or_gap"], r["metric"]): r for r in rows}
@@ -122,7 +122,7 @@ def _print_fairness(store: Store, ci: int, seed: int) -> None:
         return fairness_table.format_cell(index.get((run_id, attribute, group, metric)), MIN_GROUP_N, with_ci)
 
     table = Table(title=f"test split, 95% BCa bootstrap intervals over {ci} patient resamples", title_justify="left",
-                  caption=f"{fairness_table.OUTSIDE_FLAG}: the gap lies below almost every resampled gap (a max - min "
+                  caption=f"{catalogue.OUTSIDE_FLAG}: the gap lies below almost every resampled gap (a max - min "
                           "gap is biased upward on small groups), so no interval from them contains it",
                   caption_justify="left")
     for column in ("model", "method", "accuracy", "macro-F1", "F1 F", "F1 M", "F1 gap sex [CI]",
