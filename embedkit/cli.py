@@ -683,9 +683,13 @@ def doctor_cmd(
     ctx: typer.Context,
     repair: bool = typer.Option(False, "--repair", help="Remove what is found (orphans, duplicates, stale copies)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable findings."),
+    drop_table: Optional[str] = typer.Option(None, "--drop-table", metavar="TABLE",
+                                             help="Drop this table instead (e.g. emb_<model> of another width)."),
+    yes: bool = typer.Option(False, "--yes", help="With --drop-table: drop a core table (images, runs, "
+                                                  "predictions, weights, studies) too."),
 ) -> None:
     """Check the store for what interrupted or racing writers left: orphan predictions, duplicate vectors or runs,
-    stale copies of cohort columns. Exit 1 when something is found and not repaired."""
+    stale copies of cohort columns. Exit 1 when something is found and not repaired. --drop-table drops a table."""
     from dataclasses import asdict
 
     from embedkit.store.doctor import examine
@@ -694,6 +698,10 @@ def doctor_cmd(
     store = get_store(ctx)
     if not store.table_names():
         raise StoreError(f"no store at {store.path}: point --store / $EMBEDKIT_STORE at one")
+    if drop_table:
+        dropped = store.drop_table(drop_table, core=yes)
+        typer.echo(f"dropped {', '.join(dropped)} from {store.path}")
+        return
     findings = examine(store, repair)
     if as_json:
         echo_json([asdict(f) for f in findings])
