@@ -37,9 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from embedkit.constants import NIH_CLASSES  # noqa: E402
 from embedkit.heads.probe import HeadConfig  # noqa: E402
-from embedkit.store.runs import make_run, predictions_table, softmax  # noqa: E402
 from embedkit.heads.sweep import expand, train_grid  # noqa: E402
 from embedkit.heads.vectors import CohortVectors  # noqa: E402
+from embedkit.store.runs import make_run, predictions_table, softmax  # noqa: E402
 from embedkit.store.store import Store  # noqa: E402
 
 N_TRAIN, N_VAL, N_TEST, DIM = 840, 120, 240, 512

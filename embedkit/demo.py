@@ -51,6 +51,7 @@ def run_demo(
     from embedkit.heads.zeroshot import run_zeroshot
     from embedkit.models.registry import get_spec, instantiate
     from embedkit.report import build_report
+    from embedkit.store.runs import select_runs
 
     out = Path(out)
     store = Store(out / "store")
@@ -77,7 +78,7 @@ def run_demo(
                                progress=False)
         step(f"embed {name}: {summary.line()}", start)
 
-    done = {(r["model"], r["method"]) for r in store.read("runs").to_pylist()} if store.has("runs") else set()
+    done = {(r["model"], r["method"]) for r in select_runs(store).to_pylist()}
     import torch
 
     threads = torch.get_num_threads()

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from embedkit.heads.probe import HeadConfig, training_arrays
-from embedkit.store.runs import make_run, predictions_table, softmax
 from embedkit.heads.vectors import CohortVectors, HeadsError, load_vectors
+from embedkit.store.runs import make_run, predictions_table, softmax
 from embedkit.store.store import Store, new_run_id
 
 GRID_KEYS: dict[str, dict[str, type]] = {

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from embedkit.store.runs import record_run, softmax
 from embedkit.heads.vectors import CohortVectors, HeadsError, load_vectors
+from embedkit.store.runs import record_run, softmax
 from embedkit.store.store import Store, prompts_table, sql_eq
 
 RULES = ("scaled_cosine", "medclip", "gloria")

@@ -15,11 +15,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Sequence
 
+from embedkit.fairness.catalogue import SMALL_FLAG
 from embedkit.fairness.db import ECE_BINS
 from embedkit.markdown import markdown_table
 from embedkit.report.data import RANDOM_LABEL, ReportData, ReportError, collect, select_runs
 from embedkit.report.tables import (
-    METHOD_LABELS, MIN_GROUP_N, SMALL_FLAG, Table, build_tables, ordered_runs, pooled, runs_table,
+    METHOD_LABELS, MIN_GROUP_N, Table, build_tables, ordered_runs, pooled, runs_table,
 )
 from embedkit.store.store import Store
 

@@ -74,7 +74,7 @@ def select_runs(
             raise ReportError(f"no run {', '.join(map(repr, unknown))} in {store.path}: list them with `embedkit runs`")
     frame = stored_runs(store, runs, models, methods, study).to_pandas()
     if frame.empty:
-        everything = store.read("runs", columns=["model", "method", "study_id"]).to_pandas()
+        everything = stored_runs(store).to_pandas()
         have = "; ".join(
             f"{c}: {', '.join(sorted(map(str, everything[c].dropna().unique()))) or 'none'}"
             for c in ("model", "method", "study_id")
