@@ -266,7 +266,8 @@ def render_markdown(data: ReportData, title: str, header: list[tuple[str, str]],
             lines += ["### Reliability diagrams per run", "", RELIABILITY_INTRO, ""]
         lines += [f"![{fig.title}]({fig.name})", "", f"**{fig.title}.** {fig.caption}", ""]
     runs = runs_table(data, min_n)
-    lines += ["## Runs", ""] + markdown_table(runs.columns, runs.text_rows()) + [""] + [f"_{n}_" for n in runs.notes] + [""]
+    lines += ["## Runs", ""] + markdown_table(runs.columns, runs.text_rows()) + [""]
+    lines += [f"_{n}_" for n in runs.notes] + [""]
     return "\n".join(lines)
 
 
