@@ -37,9 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from embedkit.constants import NIH_CLASSES  # noqa: E402
 from embedkit.heads.probe import HeadConfig  # noqa: E402
-from embedkit.heads.runs import make_run, predictions_table, softmax  # noqa: E402
 from embedkit.heads.sweep import expand, train_grid  # noqa: E402
 from embedkit.heads.vectors import CohortVectors  # noqa: E402
+from embedkit.store.runs import make_run, predictions_table, softmax  # noqa: E402
 from embedkit.store.store import Store  # noqa: E402
 
 N_TRAIN, N_VAL, N_TEST, DIM = 840, 120, 240, 512
@@ -142,8 +142,8 @@ def store_write_seconds(vectors: CohortVectors, logits: np.ndarray, head: str) -
         store = Store(Path(tmp) / "store")
         start = time.perf_counter()
         probs = softmax(logits)
-        runs = [make_run(vectors, head, {"head": head}, r % 10, logits[r].argmax(1)) for r in range(len(logits))]
-        store.write_runs(runs, predictions_table([r["run_id"] for r in runs], vectors, probs))
+        runs = [make_run(vectors, head, {"head": head}, r % 10) for r in range(len(logits))]
+        store.write_runs(runs, predictions_table([r["run_id"] for r in runs], vectors.meta, vectors.y, probs))
         return time.perf_counter() - start
 
 

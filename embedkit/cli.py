@@ -471,7 +471,7 @@ def runs_cmd(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable listing"),
 ) -> None:
     """List runs (newest first); `embedkit runs delete RUN_ID` or --delete RUN_ID removes one."""
-    from embedkit.heads.runs import delete_run, list_runs
+    from embedkit.store.runs import delete_run, list_runs
 
     if ctx.invoked_subcommand:
         return
@@ -506,7 +506,7 @@ def runs_cmd(
 @runs_app.command("delete")
 def runs_delete_cmd(ctx: typer.Context, run_id: str = typer.Argument(..., help="The run to delete")) -> None:
     """Delete a run and its predictions."""
-    from embedkit.heads.runs import delete_run
+    from embedkit.store.runs import delete_run
 
     n = delete_run(get_store(ctx), run_id)
     typer.echo(f"deleted run {run_id} and its {n} predictions")
@@ -529,16 +529,17 @@ def fairness_cmd(
     split: str = typer.Option("test", "--split", help="Split the predictions were scored on."),
     by: str = typer.Option("sex,age_group", "--by", help="Attributes (columns of images), comma-separated."),
     ci: int = typer.Option(1000, "--ci", help="Bootstrap resamples of patients within groups (0: no intervals)."),
-    min_n: int = typer.Option(MIN_GROUP_N, "--min-n", help="Flag (*) groups and gaps resting on fewer rows."),
+    min_n: int = typer.Option(MIN_GROUP_N, "--min-n", help="Flag (†) groups and gaps resting on fewer rows."),
     seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON rows instead of tables."),
 ) -> None:
     """Paper-style fairness table: accuracy, per-class F1, Var_F1, F1 gap, EqOdds, ECE gap per attribute."""
-    from embedkit.fairness import db, table
+    from embedkit.fairness import catalogue, db, table
 
     attributes = _split_list(by)
-    con = db.connect(get_store(ctx), table.attributes_to_slice(attributes))
-    runs = db.select_runs(con, run, model, method, split)
+    store = get_store(ctx)
+    con = db.connect(store, catalogue.attributes_to_slice(attributes))
+    runs = db.scored_runs(store, run, model, method, split)
     rows = table.fairness_rows(con, runs, attributes, split, ci, seed, min_n)
     if as_json:
         echo_json({"split": split, "attributes": attributes, "n_resamples": ci, "seed": seed, "min_n": min_n,
@@ -667,9 +668,13 @@ def doctor_cmd(
     ctx: typer.Context,
     repair: bool = typer.Option(False, "--repair", help="Remove what is found (orphans, duplicates, stale copies)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable findings."),
+    drop_table: Optional[str] = typer.Option(None, "--drop-table", metavar="TABLE",
+                                             help="Drop this table instead (e.g. emb_<model> of another width)."),
+    yes: bool = typer.Option(False, "--yes", help="With --drop-table: drop a core table (images, runs, "
+                                                  "predictions, weights, studies) too."),
 ) -> None:
     """Check the store for what interrupted or racing writers left: orphan predictions, duplicate vectors or runs,
-    stale copies of cohort columns. Exit 1 when something is found and not repaired."""
+    stale copies of cohort columns. Exit 1 when something is found and not repaired. --drop-table drops a table."""
     from dataclasses import asdict
 
     from embedkit.store.doctor import examine
@@ -678,6 +683,10 @@ def doctor_cmd(
     store = get_store(ctx)
     if not store.table_names():
         raise StoreError(f"no store at {store.path}: point --store / $EMBEDKIT_STORE at one")
+    if drop_table:
+        dropped = store.drop_table(drop_table, core=yes)
+        typer.echo(f"dropped {', '.join(dropped)} from {store.path}")
+        return
     findings = examine(store, repair)
     if as_json:
         echo_json([asdict(f) for f in findings])

@@ -51,6 +51,7 @@ def run_demo(
     from embedkit.heads.zeroshot import run_zeroshot
     from embedkit.models.registry import get_spec, instantiate
     from embedkit.report import build_report
+    from embedkit.store.runs import select_runs
 
     out = Path(out)
     store = Store(out / "store")
@@ -73,7 +74,7 @@ def run_demo(
                                workers=workers, progress=False)
         step(f"embed {name}: {summary.line()}", start)
 
-    done = {(r["model"], r["method"]) for r in store.read("runs").to_pylist()} if store.has("runs") else set()
+    done = {(r["model"], r["method"]) for r in select_runs(store).to_pylist()}
     import torch
 
     threads = torch.get_num_threads()
@@ -106,11 +107,11 @@ def _print_fairness(store: Store, ci: int, seed: int) -> None:
     from rich.table import Table
 
     from embedkit.constants import MIN_GROUP_N
-    from embedkit.fairness import db, table as fairness_table
+    from embedkit.fairness import catalogue, db, table as fairness_table
 
     attributes = ["sex", "age_group"]
-    con = db.connect(store, fairness_table.attributes_to_slice(attributes))
-    runs = db.select_runs(con, split="test")
+    con = db.connect(store, catalogue.attributes_to_slice(attributes))
+    runs = db.scored_runs(store, split="test")
     rows = fairness_table.fairness_rows(con, runs, attributes, "test", ci, seed, MIN_GROUP_N)
     index = {(r["run_id"], r["attribute"], r["group_or_gap"], r["metric"]): r for r in rows}
 
@@ -118,7 +119,7 @@ def _print_fairness(store: Store, ci: int, seed: int) -> None:
         return fairness_table.format_cell(index.get((run_id, attribute, group, metric)), MIN_GROUP_N, with_ci)
 
     table = Table(title=f"test split, 95% BCa bootstrap intervals over {ci} patient resamples", title_justify="left",
-                  caption=f"{fairness_table.OUTSIDE_FLAG}: the gap lies below almost every resampled gap (a max - min "
+                  caption=f"{catalogue.OUTSIDE_FLAG}: the gap lies below almost every resampled gap (a max - min "
                           "gap is biased upward on small groups), so no interval from them contains it",
                   caption_justify="left")
     for column in ("model", "method", "accuracy", "macro-F1", "F1 F", "F1 M", "F1 gap sex [CI]",

@@ -12,7 +12,7 @@ def _sex_delta(out, bias):
     result = run_demo(out, models=("tiny-clip",), methods=("mlp",), bias=bias, size=128, ci=200, workers=0)
     assert result.report.is_file()
     con = db.connect(result.store, ["sex", "age_group", "age_group_sex"])
-    run_ids = [r["run_id"] for r in db.select_runs(con, split="test")]
+    run_ids = [r["run_id"] for r in db.scored_runs(result.store, split="test")]
     assert len(run_ids) == 1
     rows = bootstrap.bootstrap_intervals(con, run_ids, "test", n_resamples=400, seed=0,
                                          families=["f1_delta_paper"], class_scores=False).to_pylist()

@@ -14,7 +14,8 @@ from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 from typer.testing import CliRunner
 
 from embedkit.constants import AGE_OLD_FROM, NIH_CLASSES
-from embedkit.fairness import bootstrap, db
+from embedkit.fairness import bootstrap, catalogue, db
+from embedkit.fairness.catalogue import SMALL_FLAG
 from embedkit.store import schemas
 from embedkit.store.store import Store
 
@@ -326,6 +327,37 @@ def test_weighted_rows_match_sklearn_sample_weight(con, frame):
             )
 
 
+# ---- the metric catalogue: what the tables show is what the views compute ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def computed_families(con) -> set[str]:
+    """Every family metric_values emits on the toy store (two-group and four-group attributes, AUC included)."""
+    table = con.sql("SELECT DISTINCT family FROM metric_values WHERE replicate = 0").to_arrow_table()
+    return set(table.column("family").to_pylist())
+
+
+@pytest.mark.parametrize("family", [m.family for m in catalogue.METRICS])
+def test_every_catalogued_family_is_computed_by_the_views(computed_families, family):
+    assert family in computed_families
+
+
+@pytest.mark.parametrize("family", sorted(catalogue.UNLISTED))
+def test_every_unlisted_family_is_computed_by_the_views(computed_families, family):
+    assert family in computed_families  # a stale name here would hide a family that is gone
+
+
+def test_every_family_the_views_compute_is_catalogued_or_deliberately_unlisted(computed_families):
+    listed = {m.family for m in catalogue.METRICS}
+    assert {f for f in computed_families if not catalogue.accounted_for(f)} == set()
+    assert {"var_f1_gap", "auc_gap", "f1_zd1_gap", "ece_diff"} <= computed_families  # derived: accounted for
+    assert not catalogue.accounted_for("made_up") and not catalogue.accounted_for("made_up_gap")  # it can fail
+    assert listed & catalogue.UNLISTED == set()
+    assert len(listed) == len(catalogue.METRICS)  # one line per family
+    for m in catalogue.METRICS:  # a group-level family's gap column names a catalogued gap
+        assert m.gap is None or (m.level == "group" and catalogue.BY_FAMILY[m.gap].level == "gap")
+
+
 # ---- bootstrap ---------------------------------------------------------------------------------------------------
 
 
@@ -491,7 +523,7 @@ def test_cli_fairness_table_flags_small_groups(store):
     sizes = _summary(db.connect(store, ["age_group_sex"]), "run-a")
     for cell in ("old_F", "old_M", "young_F", "young_M"):
         n = sizes[("age_group_sex", cell, "accuracy")][1]
-        assert f"{cell} (n={n}){' *' if n < 95 else ''}" in out
+        assert f"{cell} (n={n}){' ' + SMALL_FLAG if n < 95 else ''}" in out
 
 
 def test_cli_fairness_unknown_run(store):

@@ -343,7 +343,7 @@ def test_cli_finetune_then_resume(cohort_store):
     from typer.testing import CliRunner
 
     from embedkit.cli import app
-    from embedkit.heads.runs import list_runs
+    from embedkit.store.runs import list_runs
 
     runner = CliRunner()
     base = ["--store", str(cohort_store.path), "finetune"]

@@ -12,11 +12,11 @@ from typer.testing import CliRunner
 from embedkit.cli import app
 from embedkit.constants import NIH_CLASSES
 from embedkit.heads.probe import HeadConfig, run_probe
-from embedkit.heads.runs import list_runs
 from embedkit.heads.vectors import HeadsError, load_vectors
 from embedkit.heads.zeroshot import run_zeroshot
 from embedkit.store import schemas
-from embedkit.store.store import sql_eq
+from embedkit.store.runs import list_runs
+from embedkit.store.store import StoreError, sql_eq
 from heads_synth import (COHORT, WEIGHTS, random_prompts, write_prompts, write_vectors, write_weights_row)
 
 FAST = dict(epochs=4, hidden=32, lr=3e-3)  # a few epochs of a narrow head: the suite stays fast
@@ -287,4 +287,4 @@ def test_cli_lists_filters_and_deletes_runs(clip_store):
     assert out.exit_code == 0, out.output
     assert list_runs(store) == [] and store.count("predictions") == 0
     bad = runner.invoke(app, [*base, "runs", "delete", "nope"])
-    assert bad.exit_code != 0 and isinstance(bad.exception, HeadsError)
+    assert bad.exit_code != 0 and isinstance(bad.exception, StoreError)

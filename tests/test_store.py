@@ -61,3 +61,55 @@ def test_store_path_resolution(monkeypatch, tmp_path):
 def test_reading_an_absent_table_says_so(store):
     with pytest.raises(StoreError, match="table 'runs' does not exist"):
         store.read("runs")
+
+
+# ---- dropping a table: `embedkit doctor --drop-table` ----------------------------------------------------------
+
+
+def _doctor(store, *args):
+    from typer.testing import CliRunner
+
+    from embedkit.cli import app
+
+    return CliRunner().invoke(app, ["--store", str(store.path), "doctor", *args])
+
+
+def test_the_width_message_names_the_drop_command_and_the_command_drops_the_table(store):
+    store.upsert("emb_m", _vectors(2, 4), ["row_id", "weights_id"], schemas.embeddings_schema(4))
+    with pytest.raises(StoreError, match="embedkit doctor --drop-table emb_m") as refused:
+        store.upsert("emb_m", _vectors(2, 8), ["row_id", "weights_id"], schemas.embeddings_schema(8))
+    assert "embedkit sql" not in str(refused.value)
+    result = _doctor(store, "--drop-table", "emb_m")
+    assert result.exit_code == 0, result.output
+    assert "dropped emb_m" in result.output and not store.has("emb_m")
+    store.upsert("emb_m", _vectors(2, 8), ["row_id", "weights_id"], schemas.embeddings_schema(8))
+    assert store.count("emb_m") == 2
+
+
+def test_drop_table_refuses_unknown_tables_naming_the_ones_there(store):
+    store.upsert("emb_m", _vectors(2, 4), ["row_id", "weights_id"], schemas.embeddings_schema(4))
+    result = _doctor(store, "--drop-table", "emb_nope")
+    assert result.exit_code != 0 and isinstance(result.exception, StoreError)
+    assert "no table 'emb_nope'" in str(result.exception) and "emb_m" in str(result.exception)
+    assert store.has("emb_m")
+
+
+def test_a_core_table_needs_yes_and_runs_go_with_their_predictions(store):
+    store.write_run({"run_id": "r1", "model": "m", "method": "lp", "config": {}}, _predictions("r1", 5))
+    refused = _doctor(store, "--drop-table", "runs")
+    assert refused.exit_code != 0 and isinstance(refused.exception, StoreError)
+    assert "core table" in str(refused.exception) and "--yes" in str(refused.exception)
+    assert store.count("runs") == 1 and store.count("predictions") == 5
+    result = _doctor(store, "--drop-table", "predictions", "--yes")
+    assert result.exit_code == 0, result.output
+    assert not store.has("runs") and not store.has("predictions")
+
+
+def test_drop_table_waits_for_no_embedding_pass(store):
+    from embedkit.store.store import StoreBusy
+
+    store.upsert("emb_m", _vectors(2, 4), ["row_id", "weights_id"], schemas.embeddings_schema(4))
+    with store.embedding_lock("m", "w", "c"):  # a pass of model m is writing
+        result = _doctor(store, "--drop-table", "emb_m")
+        assert isinstance(result.exception, StoreBusy) and store.has("emb_m")
+    assert _doctor(store, "--drop-table", "emb_m").exit_code == 0 and not store.has("emb_m")

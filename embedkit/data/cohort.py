@@ -23,6 +23,9 @@ from embedkit.errors import EmbedkitError
 from embedkit.store import schemas
 from embedkit.store.store import Store, sql_eq, sql_in
 
+# The columns of a manifest embedkit writes (write_manifest), in order; a path column follows when known.
+MANIFEST_COLUMNS: tuple[str, ...] = ("image_id", "label", "labels", "patient_id", "age", "age_group", "sex", "view",
+                                     "split")
 # Fields a manifest maps onto; image_id and at least one of label/labels are required.
 FIELDS = ("image_id", "path", "label", "labels", "age", "sex", "view", "patient_id", "split")
 _SEX_VALUES = {"m": "M", "male": "M", "f": "F", "female": "F"}
@@ -85,8 +88,10 @@ def read_manifest(path: str | Path, mapping: dict[str, str] | None = None) -> pd
 def _header(path: Path) -> list[str]:
     """The manifest's column names as written (pandas renames repeated ones)."""
     import csv
+    import gzip
 
-    with open(path, newline="", encoding="utf-8-sig") as f:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", newline="", encoding="utf-8-sig") as f:
         return next(csv.reader(f), [])
 
 
@@ -348,13 +353,41 @@ def cohort_names(store: Store) -> list[str]:
     return sorted(set(store.read("images", columns=["cohort"])["cohort"].to_pylist()))
 
 
-def write_manifest(rows: pd.DataFrame, path: str | Path) -> None:
-    """Write a cohort as CSV: image_id,label,labels,patient_id,age,age_group,sex,view,split (+ path if known)."""
+def write_manifest(rows: pd.DataFrame, path: str | Path) -> Path:
+    """Write a cohort as a manifest CSV that :func:`read_manifest` reads back: :data:`MANIFEST_COLUMNS` (+ path when
+    the rows have one), ``labels`` joined with "|". A name ending in .gz is gzipped with a fixed mtime (stable
+    bytes: the shipped NIH manifests are written here)."""
+    path = Path(path)
     out = rows.copy()
     out["labels"] = out["labels"].map(lambda v: LABEL_SEPARATOR.join(_split_labels(v)))
-    columns = ["image_id", "label", "labels", "patient_id", "age", "age_group", "sex", "view", "split"]
-    columns += [c for c in ("path",) if c in out.columns]
-    out[columns].to_csv(path, index=False)
+    columns = [*MANIFEST_COLUMNS, *(c for c in ("path",) if c in out.columns)]
+    compression = {"method": "gzip", "mtime": 0} if path.suffix == ".gz" else None
+    out[columns].to_csv(path, index=False, compression=compression)
+    return path
+
+
+def leak_report(rows: pd.DataFrame) -> dict[str, object]:
+    """Count what a cohort repeats and leaks across splits.
+
+    Keys: ``rows``; ``repeated_rows`` (rows whose image_id appeared on an earlier row); ``repeated_images``
+    (distinct image_ids on more than one row); ``images_in_several_splits`` and ``patients_in_several_splits``;
+    ``images_shared`` and ``patients_shared``: counts per split pair, e.g. ``{"train/test": 9, ...}``. Rows
+    without a split are ignored for the split figures.
+    """
+    repeated = rows["image_id"].duplicated(keep="first")
+    with_split = rows[rows["split"].notna()]
+    report: dict[str, object] = {
+        "rows": int(len(rows)),
+        "repeated_rows": int(repeated.sum()),
+        "repeated_images": int(rows.loc[repeated, "image_id"].nunique()),
+    }
+    for column, name in (("image_id", "images"), ("patient_id", "patients")):
+        sets = {s: set(with_split.loc[with_split["split"] == s, column]) for s in SPLITS}
+        report[f"{name}_in_several_splits"] = int((with_split.groupby(column)["split"].nunique() > 1).sum())
+        report[f"{name}_shared"] = {
+            f"{a}/{b}": len(sets[a] & sets[b]) for i, a in enumerate(SPLITS) for b in SPLITS[i + 1:]
+        }
+    return report
 
 
 def cohort_problems(rows: pd.DataFrame, rejects: pd.DataFrame | None = None, min_cell: int = 10) -> list[str]:
@@ -365,15 +398,13 @@ def cohort_problems(rows: pd.DataFrame, rejects: pd.DataFrame | None = None, min
     no_split = int(rows["split"].isna().sum())
     if no_split:
         problems.append(f"{no_split} row(s) have no split")
-    repeats = int(rows["image_id"].duplicated().sum())
-    if repeats:
-        problems.append(f"{repeats} repeated row(s) of {rows.loc[rows['image_id'].duplicated(), 'image_id'].nunique()} image(s)")
+    leaks = leak_report(rows)
+    if leaks["repeated_rows"]:
+        problems.append(f"{leaks['repeated_rows']} repeated row(s) of {leaks['repeated_images']} image(s)")
+    for name in ("images", "patients"):
+        if leaks[f"{name}_in_several_splits"]:
+            problems.append(f"{leaks[f'{name}_in_several_splits']} {name[:-1]}(s) appear in more than one split")
     with_split = rows.dropna(subset=["split"])
-    for key, what in (("image_id", "image(s)"), ("patient_id", "patient(s)")):
-        n_splits = with_split.groupby(key)["split"].nunique()
-        leaking = int((n_splits > 1).sum())
-        if leaking:
-            problems.append(f"{leaking} {what} appear in more than one split")
     cells = with_split.groupby(["split", "label", "age_group", "sex"]).size()
     small = cells[cells < min_cell]
     if len(small):

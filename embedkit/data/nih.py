@@ -26,7 +26,9 @@ import numpy as np
 import pandas as pd
 
 from embedkit.constants import AGE_GROUPS, AGE_OLD_FROM, LABEL_SEPARATOR, NIH_CLASSES, SEXES, SPLITS, age_group
+from embedkit.data.cohort import leak_report, read_manifest, write_manifest
 from embedkit.errors import EmbedkitError
+from embedkit.markdown import markdown_table
 
 METADATA_NAME = "Data_Entry_2017_v2020.csv"
 # The metadata columns the protocols read (the file has more: follow-up number, image size, pixel spacing).
@@ -343,30 +345,6 @@ def _fill(
     return got
 
 
-def leak_report(cohort: pd.DataFrame) -> dict[str, object]:
-    """Count what a cohort repeats and leaks across splits.
-
-    Keys: ``rows``; ``repeated_rows`` (rows whose image_id appeared on an earlier row); ``repeated_images``
-    (distinct image_ids on more than one row); ``images_in_several_splits`` and ``patients_in_several_splits``;
-    ``images_shared`` and ``patients_shared``: counts per split pair, e.g. ``{"train/test": 9, ...}``. Rows
-    without a split are ignored for the split figures.
-    """
-    repeated = cohort["image_id"].duplicated(keep="first")
-    with_split = cohort[cohort["split"].notna()]
-    report: dict[str, object] = {
-        "rows": int(len(cohort)),
-        "repeated_rows": int(repeated.sum()),
-        "repeated_images": int(cohort.loc[repeated, "image_id"].nunique()),
-    }
-    for column, name in (("image_id", "images"), ("patient_id", "patients")):
-        sets = {s: set(with_split.loc[with_split["split"] == s, column]) for s in SPLITS}
-        report[f"{name}_in_several_splits"] = int((with_split.groupby(column)["split"].nunique() > 1).sum())
-        report[f"{name}_shared"] = {
-            f"{a}/{b}": len(sets[a] & sets[b]) for i, a in enumerate(SPLITS) for b in SPLITS[i + 1:]
-        }
-    return report
-
-
 def cell_report(cohort: pd.DataFrame) -> pd.DataFrame:
     """Counts per (label, age_group, sex) cell: one row per cell, a column per split, and ``total``.
 
@@ -398,13 +376,6 @@ def unfilled_cells(cohort: pd.DataFrame, targets: dict[str, int] = CELL_TARGETS)
     return table[off].reset_index(drop=True)
 
 
-def markdown_table(frame: pd.DataFrame) -> str:
-    """A GitHub Markdown table of ``frame`` (no index), for docs/cohorts.md."""
-    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
-    lines += ["| " + " | ".join(map(str, row)) + " |" for row in frame.itertuples(index=False)]
-    return "\n".join(lines)
-
-
 # ----------------------------------------------------------------------------------------------- manifests
 
 
@@ -416,32 +387,18 @@ def cohort_for(protocol: str, meta: pd.DataFrame) -> pd.DataFrame:
     return builders[protocol](meta)
 
 
-def to_manifest(cohort: pd.DataFrame) -> pd.DataFrame:
-    """The cohort as a flat manifest table: ``labels`` joined with "|", every other column as is."""
-    flat = cohort.loc[:, list(COLUMNS)].copy()
-    flat["labels"] = [LABEL_SEPARATOR.join(v) for v in flat["labels"]]
-    return flat
-
-
-def write_manifest(cohort: pd.DataFrame, path: str | Path) -> Path:
-    """Write ``cohort`` as a manifest CSV (gzip when the name ends in .gz, with a fixed mtime: stable bytes)."""
-    path = Path(path)
-    compression = {"method": "gzip", "mtime": 0} if path.suffix == ".gz" else None
-    to_manifest(cohort).to_csv(path, index=False, compression=compression)
-    return path
-
-
-def read_manifest(path: str | Path) -> pd.DataFrame:
-    """Read a manifest written by :func:`write_manifest` back into a cohort frame (ids stay zero-padded)."""
-    flat = pd.read_csv(path, dtype=str, keep_default_na=False)
+def manifest_cohort(path: str | Path) -> pd.DataFrame:
+    """A manifest written by :func:`embedkit.data.cohort.write_manifest` (a shipped one, say) read back into a
+    cohort frame: ``labels`` as lists, int64 age, ids kept as written (zero-padded)."""
+    flat = read_manifest(path)
     missing = [c for c in COLUMNS if c not in flat.columns]
     if missing:
         raise EmbedkitError(f"{path} lacks manifest column(s) {', '.join(missing)}")
     frame = flat.copy()
-    frame["labels"] = [v.split(LABEL_SEPARATOR) if v else [] for v in flat["labels"]]
+    frame["labels"] = [v.split(LABEL_SEPARATOR) if isinstance(v, str) and v else [] for v in flat["labels"]]
     frame["age"] = flat["age"].astype("int64")
     for col in ("label", "split"):
-        frame[col] = [v if v else None for v in flat[col]]
+        frame[col] = [v if isinstance(v, str) and v else None for v in flat[col]]
     return _finish(frame)
 
 
@@ -452,7 +409,7 @@ def shipped_manifest(protocol: str) -> pd.DataFrame:
             f"no shipped manifest for {protocol!r}; shipped: {', '.join(SHIPPED_PROTOCOLS)} "
             f"(protocol {PROTOCOL_FULL!r} is built from the metadata file)"
         )
-    return read_manifest(MANIFEST_DIR / f"{protocol}.csv.gz")
+    return manifest_cohort(MANIFEST_DIR / f"{protocol}.csv.gz")
 
 
 def write_manifests(metadata: str | Path, out_dir: str | Path = MANIFEST_DIR) -> list[Path]:
@@ -472,7 +429,8 @@ def summary_markdown(meta: pd.DataFrame) -> str:
         split_totals = cohort["split"].value_counts().reindex(list(SPLITS), fill_value=0)
         parts.append("splits: " + ", ".join(f"{s} {n}" for s, n in split_totals.items()) + "\n")
         unfilled = unfilled_cells(cohort)
-        parts.append("cells not at 35/5/10:\n\n" + (markdown_table(unfilled) if len(unfilled) else "none") + "\n")
+        table = "\n".join(markdown_table(unfilled.columns, unfilled.itertuples(index=False)))
+        parts.append("cells not at 35/5/10:\n\n" + (table if len(unfilled) else "none") + "\n")
     return "\n".join(parts)
 
 

@@ -262,40 +262,33 @@ def _quote(value: str) -> str:
     return "'" + str(value).replace("'", "''") + "'"
 
 
-def select_runs(
-    con,
+def scored_runs(
+    store,
     run_ids: Sequence[str] | None = None,
     model: str | None = None,
     method: str | None = None,
     split: str = "test",
 ) -> list[dict]:
-    """The runs (run_id, model, method, n) that match and have predictions on ``split``, oldest first.
+    """The runs (run_id, model, method, n) that match (:func:`embedkit.store.runs.select_runs`) and have
+    predictions on ``split`` (n of them), oldest first.
 
     Raises FairnessError naming what exists when nothing matches.
     """
-    rows = con.sql(
-        """
-        SELECT r.run_id, r.model, r.method, count(p.row_id) AS n, any_value(r.created_at) AS created_at
-        FROM runs AS r
-        JOIN predictions AS p ON p.run_id = r.run_id AND p.split = $split
-        WHERE ($runs IS NULL OR list_contains($runs, r.run_id))
-          AND ($model IS NULL OR r.model = $model)
-          AND ($method IS NULL OR r.method = $method)
-        GROUP BY r.run_id, r.model, r.method
-        ORDER BY created_at, r.run_id
-        """,
-        params={"split": split, "runs": list(run_ids) if run_ids else None, "model": model, "method": method},
-    ).to_arrow_table().to_pylist()
+    from embedkit.store.runs import prediction_counts, select_runs
+
+    selected = select_runs(store, run_ids, [model] if model else None, [method] if method else None).to_pylist()
+    counts = prediction_counts(store, [r["run_id"] for r in selected])
+    rows = [{"run_id": r["run_id"], "model": r["model"], "method": r["method"], "n": counts[r["run_id"]][split]}
+            for r in selected if counts.get(r["run_id"], {}).get(split)]
     if rows:
-        return [{k: r[k] for k in ("run_id", "model", "method", "n")} for r in rows]
-    known = con.sql(
-        "SELECT r.run_id, r.model, r.method, list(DISTINCT p.split ORDER BY p.split) AS splits FROM runs AS r "
-        "LEFT JOIN predictions AS p ON p.run_id = r.run_id GROUP BY ALL ORDER BY r.run_id LIMIT 20"
-    ).to_arrow_table().to_pylist()
+        return rows
+    known = sorted(select_runs(store).to_pylist(), key=lambda r: r["run_id"])[:20]
+    splits = prediction_counts(store, [r["run_id"] for r in known])
     wanted = ", ".join(
         f"{k}={v!r}" for k, v in (("run", run_ids), ("model", model), ("method", method), ("split", split)) if v
     )
-    listing = "; ".join(f"{r['run_id']} ({r['model']}/{r['method']}, splits {r['splits']})" for r in known)
+    listing = "; ".join(f"{r['run_id']} ({r['model']}/{r['method']}, splits {sorted(splits.get(r['run_id'], {}))})"
+                        for r in known)
     raise FairnessError(
         f"no run with predictions matches {wanted}. Runs in the store: {listing or 'none'}. "
         "Pick one with --run, or --model/--method, and a split it was scored on (--split)."

@@ -1,4 +1,5 @@
-"""The paper-style fairness table of `embedkit fairness`: which metrics, their intervals, and the Rich rendering.
+"""The paper-style fairness table of `embedkit fairness`: its rows (embedkit/fairness/catalogue.py says which
+metrics), their intervals, and the Rich rendering.
 
 Every number comes from the SQL views (``metric_intervals``) through :mod:`embedkit.fairness.bootstrap`.
 """
@@ -8,34 +9,15 @@ from __future__ import annotations
 import sys
 from typing import Optional
 
-from embedkit.fairness import bootstrap, db
-
-# The metric families the paper-style table (and --json) shows; AUC and the rest are one `embedkit sql` away
-# (fairness_summary).
-_FAIRNESS_GROUP_ROWS = ("accuracy", "f1", "macro_f1", "var_f1", "ece")
-_FAIRNESS_GAP_ROWS = ("accuracy_gap", "f1_gap", "f1_diff", "eqodds", "eqodds_worst", "ece_gap", "f1_delta_paper",
-                      "eqodds_paper")
-OUTSIDE_FLAG = "‡"
-_FAIRNESS_LABELS = {
-    "f1_diff": "macro-F1 difference (signed)", "eqodds": "EqOdds", "eqodds_worst": "EqOdds (worst class)",
-    "f1_delta_paper": "dF1 (paper, signed)",
-    "eqodds_paper": "EqOdds (paper, 2 groups)",
-}
-
-
-def attributes_to_slice(attributes: list[str]) -> list[str]:
-    """The attributes to register: the paper's signed F1 gaps for sex and age average over age x sex cells."""
-    wanted = list(attributes)
-    if {"sex", "age_group"} & set(attributes) and "age_group_sex" not in wanted:
-        wanted.append("age_group_sex")
-    return wanted
+from embedkit.fairness import bootstrap, catalogue, db
+from embedkit.fairness.catalogue import OUTSIDE_FLAG, SMALL_FLAG
 
 
 def fairness_rows(con, runs: list[dict], attributes: list[str], split: str, ci: int, seed: int,
                   min_n: int) -> list[dict]:
     """The table's rows (one per run, attribute, group or gap, metric) with intervals when ``ci`` > 0."""
     run_ids = [r["run_id"] for r in runs]
-    families = {*_FAIRNESS_GROUP_ROWS, *_FAIRNESS_GAP_ROWS}
+    families = set(catalogue.fairness_families())
     # The table shows no AUC: class_scores=False skips the rows x classes pass, most of the bootstrap's time.
     if ci > 0:
         table = bootstrap.bootstrap_intervals(con, run_ids, split, n_resamples=ci, seed=seed, class_scores=False)
@@ -62,7 +44,7 @@ def print_tables(con, rows: list[dict], runs: list[dict], attributes: list[str],
     console = Console(width=None if sys.stdout.isatty() else 200)  # piped: do not wrap at 80 columns
     for table_ in _fairness_tables(rows, runs, attributes, classes, min_n):
         console.print(table_)
-    notes = [f"split {split}; * = fewer than {min_n} rows (a gap: its smallest group)."]
+    notes = [f"split {split}; {SMALL_FLAG} = fewer than {min_n} rows (a gap: its smallest group)."]
     if ci > 0:
         notes.append(f"[CI]: 95% BCa bootstrap interval over {ci} resamples of patients within groups (seed {seed}); "
                      f"{OUTSIDE_FLAG} = the estimate lies outside every interval its replicates allow (a max-min gap "
@@ -71,7 +53,7 @@ def print_tables(con, rows: list[dict], runs: list[dict], attributes: list[str],
 
 
 def format_cell(row: Optional[dict], min_n: int, with_ci: bool) -> str:
-    """A value as printed in fairness tables: 3 decimals, [CI] when asked, * under the minimum group size."""
+    """A value as printed in fairness tables: 3 decimals, [CI] when asked, the small-group flag under ``min_n``."""
     if row is None or row["value"] is None:
         return "-"
     text = f"{row['value']:.3f}"
@@ -80,7 +62,7 @@ def format_cell(row: Optional[dict], min_n: int, with_ci: bool) -> str:
         if row.get("ci_note"):
             text += f" {OUTSIDE_FLAG}"  # the interval excludes its estimate: the notes say why
     if row["n"] is not None and row["n"] < min_n:
-        text += " *"  # fewer rows than --min-n: flagged, not hidden
+        text += f" {SMALL_FLAG}"  # fewer rows than --min-n: flagged, not hidden
     return text
 
 
@@ -90,9 +72,7 @@ def _fairness_tables(rows: list[dict], runs: list[dict], attributes: list[str], 
 
     index = {(r["run_id"], r["attribute"], r["group_or_gap"], r["metric"]): r for r in rows}
     one_run = len(runs) == 1
-    gap_of = {"accuracy": "accuracy_gap", "macro_f1": "f1_gap", "ece": "ece_gap"}
-    labels = {"accuracy": "Accuracy", "macro_f1": "macro-F1 (gap: F1 gap)", "var_f1": "Var_F1",
-              "ece": "ECE (gap: ECE gap)"}
+    labels = {m.family: m.label for m in catalogue.METRICS}
     tables = []
     for attribute in ["all", *attributes]:
         groups = sorted({r["group_or_gap"] for r in rows if r["attribute"] == attribute and r["metric"] == "accuracy"})
@@ -106,28 +86,35 @@ def _fairness_tables(rows: list[dict], runs: list[dict], attributes: list[str], 
             head = "" if one_run else f"{run['run_id']}\n{run['model']}/{run['method']}\n"
             for group in groups:
                 n = index.get((run["run_id"], attribute, group, "accuracy"), {}).get("n")
-                flag = " *" if n is not None and n < min_n else ""
+                flag = f" {SMALL_FLAG}" if n is not None and n < min_n else ""
                 name = "" if attribute == "all" else f"{group} "
                 table.add_column(f"{head}{name}(n={n}){flag}", justify="right")
                 columns.append((run["run_id"], group))
             if attribute != "all":
                 table.add_column(f"{head}max-min gap [CI]", justify="right")
                 columns.append((run["run_id"], None))
-        names = ["accuracy", *[f"f1[{c}]" for c in classes.get(runs[0]["run_id"], [])], "macro_f1", "var_f1", "ece"]
-        for metric in names:
+        # (metric, the metric of its max - min gap or None, label): the group-level rows, per-class ones expanded
+        lines: list[tuple[str, Optional[str], str]] = []
+        for m in catalogue.fairness_rows():
+            if m.per_class:
+                lines += [(m.metric(c), m.gap and f"{m.gap}[{c}]", m.class_label(c))
+                          for c in classes.get(runs[0]["run_id"], [])]
+            else:
+                gap_label = labels.get(m.gap, m.gap)
+                said = m.gap is None or gap_label == f"{m.label} gap"  # the label already names its gap
+                lines.append((m.metric(), m.gap, m.label if said else f"{m.label} (gap: {gap_label})"))
+        for metric, gap, label in lines:
             cells = []
             for run_id, group in columns:
                 if group is None:
-                    gap = gap_of.get(metric) or (f"f1_gap[{metric[3:-1]}]" if metric.startswith("f1[") else None)
                     cells.append(format_cell(index.get((run_id, attribute, "gap", gap)), min_n, True) if gap else "")
                 else:
                     cells.append(format_cell(index.get((run_id, attribute, group, metric)), min_n,
-                                                attribute == "all"))
-            label = labels.get(metric) or (f"F1 {metric[3:-1]}" if metric.startswith("f1[") else metric)
+                                             attribute == "all"))
             table.add_row(label, *cells)
         if attribute != "all":
-            for metric in ("f1_diff", "eqodds", "eqodds_worst", "f1_delta_paper", "eqodds_paper"):
-                found = {r["run_id"]: r for r in rows if r["attribute"] == attribute and r["metric"] == metric}
+            for m in catalogue.fairness_gap_rows():
+                found = {r["run_id"]: r for r in rows if r["attribute"] == attribute and r["metric"] == m.family}
                 if not found:
                     continue
                 cells = []
@@ -137,8 +124,6 @@ def _fairness_tables(rows: list[dict], runs: list[dict], attributes: list[str], 
                     if hit and hit["group_or_gap"] != "gap":
                         text = f"{hit['group_or_gap']}: {text}"  # a signed gap says which way it is taken
                     cells.append(text)
-                table.add_row(_FAIRNESS_LABELS[metric], *cells)
+                table.add_row(m.label, *cells)
         tables.append(table)
     return tables
-
-

@@ -41,7 +41,6 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -526,8 +525,7 @@ def _run(session: _Session, progress: bool, stop_after: int | None) -> FinetuneR
 
 def _finish(session: _Session, stopped_early: bool) -> FinetuneResult:
     """Predict every cohort row with the best epoch's weights and write the run; drop last.pt."""
-    from embedkit.heads.runs import code_version, softmax, with_summaries
-    from embedkit.store import schemas
+    from embedkit.store.runs import code_version, predictions_table, softmax, with_summaries
 
     if not (session.folder / "best.pt").exists():
         raise FinetuneError(f"run {session.run_id}: the validation loss was never finite (training diverged?); "
@@ -536,23 +534,12 @@ def _finish(session: _Session, stopped_early: bool) -> FinetuneResult:
     _load_trainable(session, best["state"])
     logits = _logits(session, list(range(len(session.paths))))[session.path_index]
     probs = softmax(logits)
-    y_pred = probs.argmax(axis=1)
-    split = session.rows["split"].to_numpy(dtype=object)
     metrics = dict(val_loss=session.best_val_loss, best_epoch=session.best_epoch, epochs_run=session.epochs_done,
                    stopped_early=stopped_early)
     cfg = session.config
     config = {**cfg.settings(), **session.extra_config, "classes": list(session.classes),
               "cohort_fingerprint": cohort_fingerprint(session.rows, FINGERPRINT_COLUMNS)}
-    offsets = np.arange(0, probs.size + 1, probs.shape[1], dtype=np.int32)
-    predictions = pa.table({
-        "run_id": pa.array([session.run_id] * len(session.rows), pa.string()),
-        "row_id": pa.array(session.rows["row_id"].to_numpy(dtype=object), pa.string()),
-        "image_id": pa.array(session.rows["image_id"].to_numpy(dtype=object), pa.string()),
-        "split": pa.array(split, pa.string()),
-        "y_true": pa.array(session.y.astype(np.int32), pa.int32(), mask=session.y < 0),  # null: no single label
-        "y_pred": pa.array(y_pred.astype(np.int32), pa.int32()),
-        "probs": pa.ListArray.from_arrays(pa.array(offsets), pa.array(probs.reshape(-1), pa.float32())),
-    }, schema=schemas.PREDICTIONS)
+    predictions = predictions_table([session.run_id], session.rows, session.y, probs)
     run = {"run_id": session.run_id, "model": session.spec.name, "weights_id": session.weights_id,
            "method": cfg.method, "cohort": cfg.cohort, "config": config, "seed": cfg.seed,
            "code_version": code_version(), "metrics": metrics, "study_id": cfg.study_id}

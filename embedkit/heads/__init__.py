@@ -2,5 +2,5 @@
 
 Nothing here touches an image file: every head reads one (model, cohort, weights_id) slice of the embedding
 store (:mod:`embedkit.heads.vectors`) and writes one ``runs`` row plus one ``predictions`` row per cohort row
-(:mod:`embedkit.heads.runs`).
+(:mod:`embedkit.store.runs`).
 """

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from embedkit.heads.runs import record_run, softmax
 from embedkit.heads.vectors import CohortVectors, HeadsError, load_vectors
+from embedkit.store.runs import record_run, softmax
 from embedkit.store.store import Store
 
 HEADS = ("lp", "mlp", "logreg")

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from embedkit.heads.probe import HeadConfig, training_arrays
-from embedkit.heads.runs import make_run, predictions_table, softmax
 from embedkit.heads.vectors import CohortVectors, HeadsError, load_vectors
+from embedkit.store.runs import make_run, predictions_table, softmax
 from embedkit.store.store import Store, new_run_id
 
 GRID_KEYS: dict[str, dict[str, type]] = {
@@ -295,9 +295,9 @@ def run_sweep(store: Store, model: str, head: str, grid: dict[str, list], seeds:
         config = {**cfg.settings(), "trainer": "batched L-BFGS" if head == "logreg" else "batched",
                   "sweep_id": sweep_id, "sweep_grid": grid, "sweep_select": str(selection),
                   "train_split": "train", "val_split": "val"}
-        runs.append(make_run(vectors, head, config, seed, fit.logits[r].argmax(axis=1), fit.extras[r]))
+        runs.append(make_run(vectors, head, config, seed, fit.extras[r]))
     # the ids the store holds: a run recorded before with the same inputs keeps its id (and is not stored twice)
-    run_ids = store.write_runs(runs, predictions_table([r["run_id"] for r in runs], vectors, probs,
+    run_ids = store.write_runs(runs, predictions_table([r["run_id"] for r in runs], vectors.meta, vectors.y, probs,
                                                        fit.logits.argmax(axis=2)))
     va = vectors.index("val")  # selection sees the val rows and nothing else
     metrics = {**val_metrics(store, run_ids, by), "loss": val_loss(probs[:, va], vectors.y[va])}

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from embedkit.heads.runs import record_run, softmax
 from embedkit.heads.vectors import CohortVectors, HeadsError, load_vectors
 from embedkit.models.base import ModelFamily
+from embedkit.store.runs import record_run, softmax
 from embedkit.store.store import Store, prompts_table, sql_eq
+
 
 def _unit(x: np.ndarray) -> np.ndarray:
     """Rows scaled to unit L2 norm (computed in float64 so cosines do not depend on storage rounding)."""

@@ -15,10 +15,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Sequence
 
+from embedkit.fairness.catalogue import SMALL_FLAG
 from embedkit.fairness.db import ECE_BINS
+from embedkit.markdown import markdown_table
 from embedkit.report.data import RANDOM_LABEL, ReportData, ReportError, collect, select_runs
 from embedkit.report.tables import (
-    METHOD_LABELS, MIN_GROUP_N, SMALL_FLAG, Table, build_tables, ordered_runs, pooled, runs_table,
+    METHOD_LABELS, MIN_GROUP_N, Table, build_tables, ordered_runs, pooled, runs_table,
 )
 from embedkit.store.store import Store
 
@@ -253,10 +255,10 @@ def render_markdown(data: ReportData, title: str, header: list[tuple[str, str]],
         models = ", ".join(sorted(data.runs.loc[data.runs["random_weights"], "model"].unique()))
         lines += [f"> **Random weights.** Model(s) {models} ran with **random weights** (--random-init), not released "
                   "weights: their numbers test the pipeline and say nothing about the released models.", ""]
-    lines += _md_table(["Audited", ""], [[f"**{k}**", v] for k, v in header]) + [""]
-    lines += ["### Models", ""] + _md_table(MODEL_COLUMNS, model_rows(data)) + ["", "## Tables", ""]
+    lines += markdown_table(["Audited", ""], [[f"**{k}**", v] for k, v in header]) + [""]
+    lines += ["### Models", ""] + markdown_table(MODEL_COLUMNS, model_rows(data)) + ["", "## Tables", ""]
     for table in tables:
-        lines += [f"### {table.title}", ""] + _md_table(table.columns, table.text_rows()) + [""]
+        lines += [f"### {table.title}", ""] + markdown_table(table.columns, table.text_rows()) + [""]
         lines += [f"_{n}_  " for n in table.notes] + [""]
     lines += ["## Figures", ""]
     for fig in figures:
@@ -264,17 +266,9 @@ def render_markdown(data: ReportData, title: str, header: list[tuple[str, str]],
             lines += ["### Reliability diagrams per run", "", RELIABILITY_INTRO, ""]
         lines += [f"![{fig.title}]({fig.name})", "", f"**{fig.title}.** {fig.caption}", ""]
     runs = runs_table(data, min_n)
-    lines += ["## Runs", ""] + _md_table(runs.columns, runs.text_rows()) + [""] + [f"_{n}_" for n in runs.notes] + [""]
+    lines += ["## Runs", ""] + markdown_table(runs.columns, runs.text_rows()) + [""]
+    lines += [f"_{n}_" for n in runs.notes] + [""]
     return "\n".join(lines)
-
-
-def _md_table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    def esc(text) -> str:
-        return str(text).replace("|", "\\|").replace("\n", " ")
-
-    out = ["| " + " | ".join(esc(c) for c in columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    out += ["| " + " | ".join(esc(c) for c in row) + " |" for row in rows]
-    return out
 
 
 def _safe_name(text: str) -> str:

@@ -15,17 +15,9 @@ from typing import Sequence
 import pandas as pd
 
 from embedkit.errors import EmbedkitError
+from embedkit.fairness import catalogue
 from embedkit.store.store import Store
 
-# The metrics the report reads (metric_intervals families): fewer families, less work for the bootstrap.
-REPORT_FAMILIES: tuple[str, ...] = (
-    "accuracy", "macro_f1", "f1", "var_f1", "ece",
-    "f1_gap", "eqodds", "eqodds_worst", "ece_gap", "l1_calibration_gap", "f1_delta_paper",
-)
-# Group-level metrics shown per group; every other family is read at attribute 'all' or as a gap.
-GROUP_FAMILIES: tuple[str, ...] = ("macro_f1", "ece")
-# The paper's signed F1 delta is cell-averaged over age x sex: its attribute must be sliced when both are asked for.
-PAPER_CELLS = "age_group_sex"
 RANDOM_PREFIX = "random-init:"
 RANDOM_LABEL = "random weights"
 ARM_SEPARATOR = "\x1f"  # joins an arm's key parts into one string (a plain groupby key)
@@ -67,39 +59,36 @@ def select_runs(
     methods: Sequence[str] | None = None,
     study: str | None = None,
 ) -> pd.DataFrame:
-    """The stored runs matching every filter given (none given: all runs), oldest first.
+    """The stored runs matching every filter given (none given: all runs), oldest first
+    (:func:`embedkit.store.runs.select_runs`).
 
     Unknown run ids raise ReportError naming them; a selection that matches nothing raises with what exists.
     """
+    from embedkit.store.runs import select_runs as stored_runs
+
     if not store.has("runs"):
         raise ReportError(f"the store {store.path} has no runs yet: run a head (e.g. `embedkit probe`) first")
-    frame = store.read("runs").to_pandas()
     if runs:
-        unknown = sorted(set(runs) - set(frame["run_id"]))
+        unknown = sorted(set(runs) - set(stored_runs(store, run_ids=runs).column("run_id").to_pylist()))
         if unknown:
             raise ReportError(f"no run {', '.join(map(repr, unknown))} in {store.path}: list them with `embedkit runs`")
-        frame = frame[frame["run_id"].isin(list(runs))]
-    for column, wanted in (("model", models), ("method", methods), ("study_id", [study] if study else None)):
-        if wanted:
-            frame = frame[frame[column].isin(list(wanted))]
+    frame = stored_runs(store, runs, models, methods, study).to_pandas()
     if frame.empty:
-        everything = store.read("runs", columns=["model", "method", "study_id"]).to_pandas()
+        everything = stored_runs(store).to_pandas()
         have = "; ".join(
             f"{c}: {', '.join(sorted(map(str, everything[c].dropna().unique()))) or 'none'}"
             for c in ("model", "method", "study_id")
         )
         raise ReportError(f"no run matches the selection (models={models}, methods={methods}, study={study}). "
                           f"The store holds {have}.")
-    return frame.sort_values(["created_at", "run_id"]).reset_index(drop=True)
+    return frame
 
 
 def connection_attributes(by: Sequence[str]) -> list[str]:
     """The attributes to slice by: those asked for, plus the age x sex cells when the paper's F1 delta needs them."""
-    attrs = [a for a in dict.fromkeys(a.strip() for a in by) if a and a != "all"]
+    attrs = catalogue.attributes_to_slice(by)
     if not attrs:
         raise ReportError("name at least one attribute for --by, e.g. sex,age_group")
-    if {"sex", "age_group"} & set(attrs) and PAPER_CELLS not in attrs:
-        return attrs + [PAPER_CELLS]
     return attrs
 
 
@@ -119,12 +108,12 @@ def collect(
     from embedkit.fairness.bootstrap import bootstrap_intervals
     from embedkit.fairness.db import connect, scoped
 
+    from embedkit.store.runs import prediction_counts
+
     attributes = [a for a in dict.fromkeys(a.strip() for a in by) if a and a != "all"]
+    counts = prediction_counts(store, run_table["run_id"].tolist())
+    scored = {run_id for run_id, splits in counts.items() if splits.get(split)}
     con = connect(store, connection_attributes(attributes))
-    scored = set(con.sql(
-        "SELECT DISTINCT run_id FROM predictions WHERE split = $split AND list_contains($runs, run_id)",
-        params={"split": split, "runs": run_table["run_id"].tolist()},
-    ).to_arrow_table().column("run_id").to_pylist())
     skipped = [r for r in run_table["run_id"] if r not in scored]
     run_table = run_table[run_table["run_id"].isin(scored)]
     if run_table.empty:
@@ -132,15 +121,17 @@ def collect(
     run_ids = run_table["run_id"].tolist()
 
     # The report shows no AUC or classwise ECE: class_scores=False skips them, the costly part of every replicate.
+    families = catalogue.report_families()
     if ci > 0:
-        values = bootstrap_intervals(con, run_ids, split, n_resamples=ci, seed=seed, families=REPORT_FAMILIES,
+        values = bootstrap_intervals(con, run_ids, split, n_resamples=ci, seed=seed, families=families,
                                      class_scores=False).to_pandas()
     else:
+        per_class = [m.family for m in catalogue.METRICS if m.per_class and m.family in families]
         with scoped(con, run_ids, split, class_scores=False):
             values = con.sql(
                 "SELECT run_id, attribute, group_or_gap, metric, value, n FROM fairness_summary "
-                "WHERE list_contains($metrics, metric) OR starts_with(metric, 'f1[')",
-                params={"metrics": [f for f in REPORT_FAMILIES if f != "f1"]},
+                "WHERE list_contains($metrics, metric) OR list_contains($per_class, split_part(metric, '[', 1))",
+                params={"metrics": [f for f in families if f not in per_class], "per_class": per_class},
             ).to_arrow_table().to_pandas()
         values["ci_low"] = float("nan")
         values["ci_high"] = float("nan")

@@ -14,24 +14,17 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from embedkit.constants import MIN_GROUP_N
+from embedkit.fairness import catalogue
+from embedkit.fairness.catalogue import OUTSIDE_FLAG, SMALL_FLAG
 from embedkit.fairness.db import CI_LEVEL, ECE_BINS
 from embedkit.report.data import RANDOM_LABEL, ReportData, arm_key
-
-SMALL_FLAG = "†"
-OUTSIDE_FLAG = "‡"  # the interval excludes its estimate (a biased gap): the table's note says why
 
 METHOD_LABELS: dict[str, str] = {
     "zeroshot": "zero-shot", "lp": "linear probe", "mlp": "MLP head", "logreg": "logistic regression",
     "lora": "LoRA", "ft": "full fine-tuning",
 }
 ATTRIBUTE_LABELS: dict[str, str] = {"sex": "sex", "age_group": "age", "age_group_sex": "age x sex", "view": "view"}
-# Fairness table columns: (metric, header); the paper's variants get their own table.
-GAP_COLUMNS: tuple[tuple[str, str], ...] = (
-    ("f1_gap", "F1 gap"), ("eqodds", "EqOdds"), ("eqodds_worst", "EqOdds worst class"), ("ece_gap", "ECE gap"),
-)
-PAPER_COLUMNS: tuple[tuple[str, str], ...] = (
-    ("f1_delta_paper", "F1 Δ paper"), ("l1_calibration_gap", "L1-calibration gap paper"),
-)
+PAPER_ATTRIBUTES = ("age_group", "sex")  # the paper's variants are defined for these attributes only
 RUN_COLUMNS: tuple[str, ...] = ("Run", "Model", "Weights", "Method", "Seed", "Cohort", "Study", "n")
 
 
@@ -82,11 +75,6 @@ class Table:
         return [[c.text() if isinstance(c, Cell) else str(c) for c in row] for row in self.rows]
 
 
-def digits_for(metric: str) -> int:
-    """Var_F1 is a variance of values in [0, 1], typically 1e-3: it needs more decimals than the rest."""
-    return 4 if metric == "var_f1" else 3
-
-
 Pool = dict[tuple[str, str, str, str], dict]  # (arm, attribute, group_or_gap, metric) -> pooled row
 
 
@@ -107,7 +95,7 @@ def pooled(data: ReportData, per_run: bool = False) -> Pool:
 
 def arms(data: ReportData) -> list[str]:
     """The arms in display order: cohort, model (first seen), released weights before random ones, method order."""
-    from embedkit.heads.runs import METHODS
+    from embedkit.store.runs import METHODS
 
     model_order = {m: i for i, m in enumerate(dict.fromkeys(data.runs["model"]))}
     method_order = {m: i for i, m in enumerate(METHODS)}
@@ -194,7 +182,7 @@ def cell(pool: Pool, arm: str, attribute: str, group: str, metric: str, min_n: i
         ci_low=None if _missing(row["ci_low"]) else float(row["ci_low"]),
         ci_high=None if _missing(row["ci_high"]) else float(row["ci_high"]),
         std=None if _missing(row["std"]) else float(row["std"]),
-        k=int(row["k"]), n=n, digits=digits_for(metric), small=n is not None and n < min_n, show_n=show_n,
+        k=int(row["k"]), n=n, digits=catalogue.digits(metric), small=n is not None and n < min_n, show_n=show_n,
         outside=isinstance(row.get("ci_note"), str),
     )
 
@@ -233,17 +221,16 @@ def build_tables(data: ReportData, min_n: int = MIN_GROUP_N) -> list[Table]:
                    "the seeds.")
     tables: list[Table] = []
 
-    util_cols = [("accuracy", "Accuracy"), ("macro_f1", "Macro-F1")] + [(f"f1[{c}]", f"F1 {c}") for c in data.classes]
+    util_cols = _whole_split_columns(data, catalogue.in_report_table("utility"))
     rows = []
     for arm in order:
         n = pool.get((arm, "all", "all", "accuracy"), {}).get("n")
         rows.append(arm_labels(data, arm) + [str(int(n)) if n is not None and not _missing(n) else "—"]
-                    + [cell(pool, arm, "all", "all", m, min_n) for m, _ in util_cols])
-    tables.append(Table("utility", f"Utility on the {data.split} split", labels + ["n"] + [h for _, h in util_cols],
+                    + [cell(pool, arm, "all", "all", m, min_n) for _, m, _ in util_cols])
+    tables.append(Table("utility", f"Utility on the {data.split} split", labels + ["n"] + [h for _, _, h in util_cols],
                         rows, [spread_note]))
 
-    fair_cols = [("all", "var_f1", "Var_F1 (across diseases)")]
-    fair_cols += [(a, m, f"{h} ({ATTRIBUTE_LABELS.get(a, a)})") for a in data.attributes for m, h in GAP_COLUMNS]
+    fair_cols = _columns(data, catalogue.in_report_table("fairness"), data.attributes)
     rows = []
     for arm in order:
         rows.append(arm_labels(data, arm) + [
@@ -260,13 +247,9 @@ def build_tables(data: ReportData, min_n: int = MIN_GROUP_N) -> list[Table]:
          f"interval built from them contains it, and the cell is marked {OUTSIDE_FLAG}.", spread_note, small_note],
     ))
 
-    paper_attrs = [a for a in data.attributes if a in ("age_group", "sex")]
+    paper_attrs = [a for a in data.attributes if a in PAPER_ATTRIBUTES]
     if paper_attrs:
-        cols = []
-        for a in paper_attrs:
-            for m, h in PAPER_COLUMNS:
-                direction = gap_direction(data, a, m) if m == "f1_delta_paper" else None
-                cols.append((a, m, f"{h} ({ATTRIBUTE_LABELS.get(a, a)}{', ' + direction if direction else ''})"))
+        cols = _columns(data, catalogue.in_report_table("paper"), paper_attrs)
         rows = [arm_labels(data, arm) + [gap_cell(pool, arm, a, m, min_n) for a, m, _ in cols] for arm in order]
         tables.append(Table(
             "paper", "The paper's fairness variants", labels + [h for _, _, h in cols], rows,
@@ -275,23 +258,48 @@ def build_tables(data: ReportData, min_n: int = MIN_GROUP_N) -> list[Table]:
              "|g1 - g2| of the mean over classes of |p_c - y_c|, on probabilities.", spread_note, small_note],
         ))
 
-    for metric, name in (("macro_f1", "Macro-F1"), ("ece", f"ECE (top-label, {ECE_BINS} bins)")):
+    for metric in catalogue.in_report_table("groups"):
         cols = [(a, g) for a in data.attributes for g in groups_of(data, a)]
-        rows = [arm_labels(data, arm) + [cell(pool, arm, a, g, metric, min_n, show_n=True) for a, g in cols]
+        rows = [arm_labels(data, arm) + [cell(pool, arm, a, g, metric.family, min_n, show_n=True) for a, g in cols]
                 for arm in order]
         tables.append(Table(
-            f"groups_{metric}", f"{name} per group", labels + [f"{ATTRIBUTE_LABELS.get(a, a)}: {g}" for a, g in cols],
-            rows, [spread_note, small_note],
+            f"groups_{metric.family}", f"{metric.heading} per group",
+            labels + [f"{ATTRIBUTE_LABELS.get(a, a)}: {g}" for a, g in cols], rows, [spread_note, small_note],
         ))
     return tables
+
+
+def _whole_split_columns(data: ReportData, metrics: list[catalogue.Metric]) -> list[tuple[str, str, str]]:
+    """(attribute 'all', metric, header) of group-level families, a per-class family expanded to its classes."""
+    out = []
+    for m in metrics:
+        if m.level != "group":
+            continue
+        if m.per_class:
+            out += [("all", m.metric(c), m.class_label(c)) for c in data.classes]
+        else:
+            out.append(("all", m.metric(), m.heading))
+    return out
+
+
+def _columns(data: ReportData, metrics: list[catalogue.Metric], attributes: list[str]) -> list[tuple[str, str, str]]:
+    """(attribute, metric, header) of a table's columns: group-level families for the whole split, then each
+    attribute's gaps (a signed gap's header says its direction, e.g. 'sex, M-F')."""
+    cols = _whole_split_columns(data, metrics)
+    for a in attributes:
+        for m in metrics:
+            if m.level != "gap":
+                continue
+            direction = gap_direction(data, a, m.family)
+            where = ATTRIBUTE_LABELS.get(a, a) + (f", {direction}" if direction not in (None, "gap") else "")
+            cols.append((a, m.family, f"{m.heading} ({where})"))
+    return cols
 
 
 def runs_table(data: ReportData, min_n: int = MIN_GROUP_N) -> Table:
     """One row per run with its own intervals (seeds are not pooled here): the appendix, and what a study reads."""
     pool = pooled(data, per_run=True)
-    cols = [("all", "accuracy", "Accuracy"), ("all", "macro_f1", "Macro-F1")]
-    cols += [(a, m, f"{h} ({ATTRIBUTE_LABELS.get(a, a)})") for a in data.attributes
-             for m, h in (("f1_gap", "F1 gap"), ("eqodds", "EqOdds"))]
+    cols = _columns(data, catalogue.in_report_table("runs"), data.attributes)
     rows = []
     for run_id in ordered_runs(data):
         r = data.runs[data.runs["run_id"] == run_id].iloc[0]

@@ -25,7 +25,7 @@ import re
 import signal
 import time
 import uuid
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable
@@ -50,6 +50,15 @@ _WRITE_REFUSALS = {errno.ENOSPC: "No space left on device", errno.EDQUOT: "Disk 
 LOCKS_DIR = "_locks"
 JOURNAL_DIR = "_journal"
 RUN_COMMIT_WAIT_S = 120.0  # a run commit takes milliseconds to seconds; waiting longer means a stuck writer
+# Tables that hold what nothing else can rebuild (the cohorts, the runs, where weights came from, the studies):
+# dropping one takes an explicit yes. Embeddings, prompts and local similarities are rebuilt by `embedkit embed`.
+CORE_TABLES: dict[str, str] = {
+    "images": "the cohorts: every view and head reads them",
+    "runs": "the runs; their predictions go with them",
+    "predictions": "every run's predictions; the runs go with them",
+    "weights": "where each model's weights came from",
+    "studies": "the studies and their settings",
+}
 
 # Fault injection for the crash tests (tests/test_store_faults.py): with EMBEDKIT_FAULT="kill:N" the process
 # SIGKILLs itself at the N-th fault point, with "enospc:N" that point raises "No space left on device". Every
@@ -158,7 +167,7 @@ class Store:
                 raise StoreError(
                     f"table '{name}' holds vectors of width {have}, but these vectors have width {want}. "
                     f"Embeddings of different widths cannot share a table: use the model that wrote it, "
-                    f"or drop the table (embedkit sql / a new --store)."
+                    f"drop the table (`embedkit doctor --drop-table {name}`) or use a new --store."
                 )
 
     def upsert(self, name: str, data: pa.Table, keys: list[str], schema: pa.Schema) -> None:
@@ -200,6 +209,47 @@ class Store:
                 _fault_point()
                 self.open(name).delete(where)
                 _fault_point()
+
+    def drop_table(self, name: str, core: bool = False) -> list[str]:
+        """Drop table ``name``; returns the tables dropped. ``runs`` and ``predictions`` go together (a run is its
+        row and its predictions). A core table (:data:`CORE_TABLES`) needs ``core=True``; an unknown name raises.
+
+        Dropping waits for run commits (the ``runs`` lock) and refuses while an embedding pass of the table's model
+        holds its lock, so no writer sees its table vanish half way.
+        """
+        names = self.table_names()
+        if name not in names:
+            raise StoreError(f"no table '{name}' in {self.path}; its tables: {', '.join(names) or 'none'}")
+        if name in CORE_TABLES and not core:
+            raise StoreError(f"'{name}' is a core table ({CORE_TABLES[name]}): nothing rebuilds it. "
+                             f"Pass --yes to drop it anyway")
+        tables = [t for t in ("predictions", "runs") if t in names] if name in ("runs", "predictions") else [name]
+        with ExitStack() as held:
+            if name in ("runs", "predictions"):
+                held.enter_context(self.lock("runs", wait_s=RUN_COMMIT_WAIT_S, holder=f"dropping table {name}"))
+            for lock in self._embedding_locks_of(name):
+                held.enter_context(self.lock(lock, holder=f"dropping table {name}"))
+            for table in tables:
+                with self._writing(table):
+                    _fault_point()
+                    self.db.drop_table(table)
+                    _fault_point()
+            if name in ("runs", "predictions"):
+                for entry in (self.path / JOURNAL_DIR).glob("*.json"):  # they name runs that are gone now
+                    entry.unlink(missing_ok=True)
+        return tables
+
+    def _embedding_locks_of(self, name: str) -> list[str]:
+        """The embedding-slice locks (``embed-<model>-<key>``) of the model whose emb_/prompts_/localsim_ table
+        ``name`` is: table names spell the model with '_' for '-', so models are compared that way."""
+        prefix = next((p for p in ("emb_", "prompts_", "localsim_") if name.startswith(p)), None)
+        folder = self.path / LOCKS_DIR
+        if prefix is None or not folder.is_dir():
+            return []
+        model = name[len(prefix):]
+        stems = (p.stem for p in folder.glob("embed-*.lock"))
+        # embed-<model>-<16 hex digits>: the model is what lies between
+        return sorted(s for s in stems if s[len("embed-"):-17].replace("-", "_") == model)
 
     def dataset(self, name: str):
         """The table as a pyarrow-compatible Lance dataset (for DuckDB; filters are pushed down)."""

@@ -75,11 +75,10 @@ def step_settings(config: StudyConfig, method: str) -> dict:
 
 def study_runs(store: Store, study: str) -> dict[str, str]:
     """{step key: run_id} of the runs the study already holds (keys rebuilt from each run's own row)."""
-    if not store.has("runs"):
-        return {}
+    from embedkit.store.runs import select_runs
+
     out: dict[str, str] = {}
-    rows = store.read("runs", sql_eq("study_id", study)).to_pylist()
-    for row in sorted(rows, key=lambda r: (r["created_at"], r["run_id"])):
+    for row in select_runs(store, study=study).to_pylist():
         config = json.loads(row["config"] or "{}")
         settings = _settings_of(row["method"], row["cohort"], config.get("epochs"))
         out.setdefault(step_key(row["method"], row["model"], row["weights_id"], row["seed"], settings), row["run_id"])
