@@ -91,7 +91,6 @@ CHEXPERT_NIH = {
 }
 
 BUILTIN_SETS = ("clip", "chexpert-nih", "chexpert-authors")
-DEFAULT_SET = {"clip": "clip", "chexpert": "chexpert-nih"}  # by ModelSpec.prompt_style
 PROMPTS_PER_CLASS = 10  # CheXpert-style prompts sampled per class, as the authors sampled n per class
 PROMPT_SEED = 0
 
