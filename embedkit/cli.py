@@ -313,7 +313,8 @@ _FINETUNE = partial(LibraryDefault, "embedkit.finetune.train", "FinetuneConfig")
 def finetune_cmd(
     ctx: typer.Context,
     model: Optional[str] = typer.Option(None, help="Model name (see `embedkit models`); not needed with --resume"),
-    method: Optional[FinetuneMethod] = typer.Option(None, help="lora (adapters on the frozen image tower) | ft (every tower weight)"),
+    method: Optional[FinetuneMethod] = typer.Option(None, help="lora: adapters on the frozen image tower; ft: every "
+                                                          "tower weight"),
     cohort: str = typer.Option(_FINETUNE("cohort"), help="Cohort in the store (train/val/test splits)"),
     weights: Optional[Path] = typer.Option(None, help="Weights file or folder in the authors' format"),
     weights_dir: Optional[Path] = typer.Option(None, envvar="EMBEDKIT_WEIGHTS", help="Folder with one sub-folder per model"),
@@ -328,7 +329,8 @@ def finetune_cmd(
     batch_size: int = typer.Option(_FINETUNE("batch_size"), help="Images per step"),
     seed: int = typer.Option(_FINETUNE("seed"), help="Seed of the head, LoRA init, shuffles and augmentations"),
     schedule: Schedule = typer.Option(_FINETUNE("schedule"), help="LR schedule, stepped per epoch"),
-    early_stopping: int = typer.Option(_FINETUNE("early_stopping"), help="Stop after N epochs without a lower val loss (0: never)"),
+    early_stopping: int = typer.Option(_FINETUNE("early_stopping"),
+                                       help="Stop after N epochs without a lower val loss (0: never)"),
     augment: bool = typer.Option(True, "--augment/--no-augment", help="The paper's flips, rotation and jitter on training images"),
     device: str = typer.Option(_FINETUNE("device"), help="auto | cpu | cuda | cuda:N"),
     amp: Amp = typer.Option(_FINETUNE("amp"), help="Autocast on CUDA (CPU runs float32)"),
@@ -417,8 +419,8 @@ def zeroshot_cmd(
 def probe_cmd(
     ctx: typer.Context,
     model: str = typer.Option(..., help="Model whose stored vectors to train on"),
-    head: Head = typer.Option(_HEAD("head"),
-                              help="lp (Linear-Linear) | mlp (Linear-BN-ReLU-Linear) | logreg"),
+    head: Head = typer.Option(_HEAD("head"), help="lp: Linear-Linear; mlp: Linear-BN-ReLU-Linear; logreg: "
+                                                  "logistic regression"),
     cohort: Optional[str] = typer.Option(None, help="Cohort (default: the only one embedded for this model)"),
     weights_id: Optional[str] = typer.Option(None, help="Which weights' vectors (needed when several were embedded)"),
     lr: float = typer.Option(_HEAD("lr"), help="AdamW learning rate (lp, mlp)"),
@@ -652,7 +654,8 @@ def report_cmd(
     method: Optional[list[Method]] = typer.Option(None, "--method", help="Only runs of this method (repeatable)."),
     study: Optional[str] = typer.Option(None, "--study", help="Only runs of this study_id."),
     split: str = typer.Option(_REPORT("split"), "--split", help="Split the metrics are computed on."),
-    ci: int = typer.Option(_REPORT("ci"), "--ci", help="Bootstrap resamples of patients within groups (0: no intervals)."),
+    ci: int = typer.Option(_REPORT("ci"), "--ci",
+                           help="Bootstrap resamples of patients within groups (0: no intervals)."),
     by: str = by_option(_REPORT("by"), "The report's tables and figures, one per attribute."),
     seed: int = typer.Option(_REPORT("seed"), "--seed", help="Seed of the bootstrap draws."),
     min_n: int = typer.Option(_REPORT("min_n"), "--min-n", help="Flag (†) groups and gaps resting on fewer rows."),
