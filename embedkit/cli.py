@@ -15,6 +15,7 @@ import typer
 from embedkit import __version__
 from embedkit.constants import MIN_GROUP_N, STORE_ENV
 from embedkit.errors import EmbedkitError
+from embedkit.fairness.db import DEFAULT_ATTRIBUTES
 from embedkit.options import Amp, Ensemble, FinetuneMethod, Head, LibraryDefault, Method, Schedule, by_option, parse_by
 from embedkit.output import OutputFormat, echo_json, print_run
 
@@ -400,8 +401,7 @@ def zeroshot_cmd(
     cohort: Optional[str] = typer.Option(None, help="Cohort (default: the only one embedded for this model)"),
     weights_id: Optional[str] = typer.Option(None, help="Which weights' vectors (needed when several were embedded)"),
     prompt_set: Optional[str] = typer.Option(None, help="Stored prompt set (default: the model's own style)"),
-    ensemble: Ensemble = typer.Option(LibraryDefault("embedkit.heads.zeroshot", "run_zeroshot",
-                                                                     "ensemble"),
+    ensemble: Ensemble = typer.Option(LibraryDefault("embedkit.heads.zeroshot", "run_zeroshot", "ensemble"),
                                       help="Over a class's prompts (GLoRIA always max)"),
     logit_scale: Optional[float] = typer.Option(None, help="Override the logit scale recorded in the store"),
     allow_partial: bool = typer.Option(False, help="Go on when some cohort rows have no vectors (recorded in the run)"),
@@ -458,7 +458,7 @@ def sweep_cmd(
     seeds: str = typer.Option("0-9", help="Seeds: 0-9, 0,3,7 or 0-4,10"),
     select: str = typer.Option(_SWEEP("select"),
                                help="val_macro_f1 | val_loss | fair:f1_gap<=B (val split only)"),
-    by: str = by_option(_SWEEP("by"), "Groups of the F1 gap of fair:..., the largest over the attributes."),
+    by: str = by_option(_SWEEP("by"), "Groups whose F1 gap fair:f1_gap<=B bounds (the largest over the attributes)."),
     cohort: Optional[str] = typer.Option(None, help="Cohort (default: the only one embedded for this model)"),
     weights_id: Optional[str] = typer.Option(None, help="Which weights' vectors (needed when several were embedded)"),
     lr: float = typer.Option(_HEAD("lr"), help="Learning rate where the grid does not set it"),
@@ -567,7 +567,7 @@ def fairness_cmd(
     table.print_tables(con, rows, runs, attributes, split, ci, seed, min_n)
 
 
-_VIEWS_BY = "The views' attributes (default: sex, age_group, age_group_sex, view)."
+_VIEWS_BY = f"The views' attributes (default: {', '.join(DEFAULT_ATTRIBUTES)})."
 
 
 @app.command("sql")
@@ -680,14 +680,16 @@ def report_cmd(
 # ---- demo ------------------------------------------------------------------------------------------------------
 
 
+_DEMO = partial(LibraryDefault, "embedkit.demo", "run_demo")
+
+
 @app.command("demo")
 def demo_cmd(
     out: Path = typer.Option(Path("demo-out"), help="Folder for the demo's store, images and report"),
-    models: str = typer.Option(",".join(("tiny-clip", "tiny-biomedclip", "tiny-medclip-rn50", "tiny-medclip-vit", "tiny-gloria")),
-                               help="Models to embed (comma-separated)"),
-    bias: str = typer.Option("sex=F:signal=0.3", help="Planted unfairness of the synthetic cohort ('' for none)"),
-    ci: int = typer.Option(1000, help="Bootstrap resamples for the intervals"),
-    epochs: int = typer.Option(100, help="Probe epochs (the paper's 100)"),
+    models: str = typer.Option(_DEMO("models"), help="Models to embed (comma-separated)"),
+    bias: str = typer.Option(_DEMO("bias"), help="Planted unfairness of the synthetic cohort ('' for none)"),
+    ci: int = typer.Option(_DEMO("ci"), help="Bootstrap resamples for the intervals"),
+    epochs: int = typer.Option(_DEMO("epochs"), help="Probe epochs (the paper's 100)"),
 ) -> None:
     """The embedded default end to end, no downloads: synthetic X-rays, tiny models, heads, fairness, report."""
     import time
