@@ -16,7 +16,8 @@ from embedkit import __version__
 from embedkit.constants import MIN_GROUP_N, STORE_ENV
 from embedkit.errors import EmbedkitError
 from embedkit.fairness.db import DEFAULT_ATTRIBUTES
-from embedkit.options import Amp, Ensemble, FinetuneMethod, Head, LibraryDefault, Method, Schedule, by_option, parse_by
+from embedkit.options import (Amp, Ensemble, FinetuneMethod, Head, LibraryDefault, Method, Schedule, Split, by_option,
+                              parse_by)
 from embedkit.output import OutputFormat, echo_json, print_run
 
 app = typer.Typer(
@@ -546,7 +547,7 @@ def fairness_cmd(
     run: Optional[list[str]] = typer.Option(None, "--run", help="Run id (repeat for several)."),
     model: Optional[str] = typer.Option(None, "--model", help="Every run of this model."),
     method: Optional[Method] = typer.Option(None, "--method", help="Every run of this method."),
-    split: str = typer.Option("test", "--split", help="Split the predictions were scored on."),
+    split: Split = typer.Option(Split.test, "--split", help="Split the predictions were scored on."),
     by: str = by_option("sex,age_group", "The tables to print, one per attribute."),
     ci: int = typer.Option(1000, "--ci", help="Bootstrap resamples of patients within groups (0: no intervals)."),
     min_n: int = typer.Option(MIN_GROUP_N, "--min-n", help="Flag (*) groups and gaps resting on fewer rows."),
@@ -556,7 +557,7 @@ def fairness_cmd(
     """Paper-style fairness table: accuracy, per-class F1, Var_F1, F1 gap, EqOdds, ECE gap per attribute."""
     from embedkit.fairness import db, table
 
-    attributes = parse_by(by)
+    attributes, split = parse_by(by), split.value
     con = db.connect(get_store(ctx), table.attributes_to_slice(attributes))
     runs = db.select_runs(con, run, model, method and method.value, split)
     rows = table.fairness_rows(con, runs, attributes, split, ci, seed, min_n)
@@ -653,7 +654,7 @@ def report_cmd(
     model: Optional[list[str]] = typer.Option(None, "--model", help="Only runs of this model (repeatable)."),
     method: Optional[list[Method]] = typer.Option(None, "--method", help="Only runs of this method (repeatable)."),
     study: Optional[str] = typer.Option(None, "--study", help="Only runs of this study_id."),
-    split: str = typer.Option(_REPORT("split"), "--split", help="Split the metrics are computed on."),
+    split: Split = typer.Option(_REPORT("split"), "--split", help="Split the metrics are computed on."),
     ci: int = typer.Option(_REPORT("ci"), "--ci",
                            help="Bootstrap resamples of patients within groups (0: no intervals)."),
     by: str = by_option(_REPORT("by"), "The report's tables and figures, one per attribute."),
@@ -670,9 +671,9 @@ def report_cmd(
         raise typer.BadParameter("--ci is a number of resamples: 0 (no intervals) or more")
     attributes = parse_by(by)
     start = time.perf_counter()
-    html_path = build_report(get_store(ctx), out, runs=run or None, study=study, split=split, ci=ci, by=attributes,
-                             seed=seed, models=model or None, methods=[m.value for m in method or ()] or None,
-                             min_n=min_n, title=title)
+    html_path = build_report(get_store(ctx), out, runs=run or None, study=study, split=split.value, ci=ci,
+                             by=attributes, seed=seed, models=model or None,
+                             methods=[m.value for m in method or ()] or None, min_n=min_n, title=title)
     typer.echo(f"report written in {time.perf_counter() - start:.1f} s: {html_path} "
                f"(Markdown: {html_path.with_name('report.md')})")
 

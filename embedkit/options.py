@@ -16,6 +16,11 @@ from typing import Any, Optional
 
 import typer
 
+from embedkit.constants import SPLITS
+
+# A cohort's splits (embedkit.constants.SPLITS, light to import: the Enum is built from it).
+Split = Enum("Split", [(s, s) for s in SPLITS], type=str)
+
 
 class Head(str, Enum):
     """A trained head (embedkit.heads.probe.HEADS)."""

@@ -11,7 +11,8 @@ import typer.main
 from embedkit import cli
 from embedkit.fairness.attributes import columns_of, parse_by
 from embedkit.fairness.db import FairnessError
-from embedkit.options import Amp, Ensemble, FinetuneMethod, Head, LibraryDefault, Method, Schedule
+from embedkit.constants import SPLITS
+from embedkit.options import Amp, Ensemble, FinetuneMethod, Head, LibraryDefault, Method, Schedule, Split
 
 
 def _main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
@@ -65,7 +66,7 @@ def test_the_choices_are_the_librarys():
 
     assert tuple(Head) == probe.HEADS and tuple(Method) == runs.METHODS
     assert tuple(FinetuneMethod) == train.METHODS and tuple(Schedule) == train.SCHEDULES
-    assert tuple(Amp) == train.AMP_MODES and tuple(Ensemble) == ("mean", "max")
+    assert tuple(Amp) == train.AMP_MODES and tuple(Ensemble) == ("mean", "max") and tuple(Split) == SPLITS
 
 
 def _commands(command, path=()):
@@ -86,6 +87,7 @@ def test_every_default_read_from_the_library_resolves_to_its_options_type():
     assert found[("probe", "epochs")] == HeadConfig.__dataclass_fields__["epochs"].default
     assert found[("probe", "head")] is Head.lp and found[("sweep", "by")] == "sex"
     assert found[("finetune", "amp")] is Amp.bf16 and found[("report", "by")] == "sex,age_group"
+    assert found[("report", "split")] is Split.test
     assert len(found) > 30
 
 
