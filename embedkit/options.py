@@ -1,9 +1,9 @@
 """Option types of the command line: the fixed choices (str Enums, so --help lists them and Typer refuses the rest),
 defaults read from the library, and ``--by``.
 
-The choices mirror the library's tuples (``embedkit.heads.probe.HEADS``, ``embedkit.finetune.train.METHODS``, ...),
-which live in modules that import torch; tests/test_cli.py checks they stay equal, so `embedkit --help` need not
-import torch to list them.
+The choices are the library's tuples (``embedkit.heads.probe.HEADS``, ``embedkit.finetune.train.METHODS``, ...)
+written out again: those modules import torch, which `embedkit --help` must not wait for. tests/test_cli.py checks
+that each Enum equals its tuple.
 """
 
 from __future__ import annotations
