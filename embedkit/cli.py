@@ -6,6 +6,7 @@ Heavy libraries (torch, open_clip, lancedb, ...) are imported inside commands so
 from __future__ import annotations
 
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -14,6 +15,10 @@ import typer
 from embedkit import __version__
 from embedkit.constants import MIN_GROUP_N, STORE_ENV
 from embedkit.errors import EmbedkitError
+from embedkit.fairness.db import DEFAULT_ATTRIBUTES
+from embedkit.options import (Amp, Ensemble, FinetuneMethod, Head, LibraryDefault, Method, Schedule, Split, by_option,
+                              parse_by)
+from embedkit.output import OutputFormat, echo_json, print_run
 
 app = typer.Typer(
     help="Fairness audits of CLIP-style medical vision-language models, around an embedding store.",
@@ -49,28 +54,51 @@ def get_store(ctx: typer.Context):
     return Store(ctx.obj["store"] if ctx.obj else None)
 
 
-def echo_json(obj) -> None:
-    import json
+# Recent Typer releases ship their own copy of click (typer._click), older ones use click itself: take the
+# exception classes from typer's BadParameter, whichever click that is.
+_USAGE_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+_CLICK_EXCEPTION = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 
-    typer.echo(json.dumps(obj, indent=2, default=str))
+
+def _fail(message: str, code: int) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    sys.exit(code)
+
+
+def _usage_message(exc) -> str:
+    """A usage error as one line: the option and what is wrong with it (the valid choices, where click lists
+    them), and where the options are listed."""
+    if isinstance(exc, typer.BadParameter) and exc.param is None and exc.param_hint is None:
+        return " ".join(exc.message.split())  # raised by a command with its whole sentence
+    text = " ".join(exc.format_message().split()).replace("Value error, ", "").rstrip(".")
+    text = text[:1].lower() + text[1:]
+    return text + (f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else "")
 
 
 def main() -> None:
-    """Console entry point: user-fixable errors print one message and exit 1 (no traceback)."""
+    """Console entry point: every user error is one `error:` line on stderr (no box, no traceback), exit 2 for a
+    usage error (an unknown, missing or bad option) and 1 for the rest."""
     try:
-        app()
+        code = app(standalone_mode=False)
+    except _USAGE_ERROR as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            sys.exit(exc.exit_code)  # `embedkit` alone: the help, printed already
+        _fail(_usage_message(exc), exc.exit_code)
+    except _CLICK_EXCEPTION as exc:  # e.g. a file option that cannot be opened
+        _fail(" ".join(exc.format_message().split()), exc.exit_code)
+    except typer.Abort:
+        _fail("aborted", 1)
     except EmbedkitError as exc:
-        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-        sys.exit(1)
+        _fail(str(exc), 1)
     except OSError as exc:
         import errno
 
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
             raise
         where = f" ({exc.filename})" if exc.filename else ""
-        typer.secho(f"error: {exc.strerror}{where}: nothing after the last completed step was recorded (a run is "
-                    "stored whole or not at all); fix that and run the command again", fg=typer.colors.RED, err=True)
-        sys.exit(1)
+        _fail(f"{exc.strerror}{where}: nothing after the last completed step was recorded (a run is stored whole "
+              "or not at all); fix that and run the command again", 1)
+    sys.exit(code if isinstance(code, int) else 0)  # typer.Exit(n) comes back as n without standalone mode
 
 
 # ---- data ------------------------------------------------------------------------------------------------------
@@ -221,6 +249,10 @@ def models_cmd(
             typer.echo(f"{'':<20} needs {', '.join(item['files'])}; from {item['source']}")
 
 
+# Defaults stated once, in the library (read when the command runs or shows its --help).
+_EMBED = partial(LibraryDefault, "embedkit.embed", "embed_cohort")
+
+
 @app.command("embed")
 def embed_cmd(
     ctx: typer.Context,
@@ -230,12 +262,13 @@ def embed_cmd(
     weights_dir: Optional[Path] = typer.Option(None, envvar="EMBEDKIT_WEIGHTS", help="Folder with one sub-folder per model"),
     random_init: bool = typer.Option(False, help="Real architecture, random weights (labelled random-init in the store)"),
     seed: int = typer.Option(0, help="Seed of --random-init"),
-    device: str = typer.Option("auto", help="auto | cpu | cuda"),
-    batch_size: int = typer.Option(64, help="Images per forward pass"),
-    workers: int = typer.Option(2, help="DataLoader worker processes decoding images"),
+    device: str = typer.Option(_EMBED("device"), help="auto | cpu | cuda | cuda:N"),
+    batch_size: int = typer.Option(_EMBED("batch_size"), help="Images per forward pass"),
+    workers: int = typer.Option(_EMBED("workers"), help="DataLoader worker processes decoding images"),
     prompts: list[str] = typer.Option([], help="Extra prompt set: a YAML/JSON file {class: [prompts]} (repeatable)"),
     force: bool = typer.Option(False, help="Re-embed rows already embedded with these weights"),
-    chunk_images: int = typer.Option(256, help="Images per store commit (a killed run loses at most one chunk)"),
+    chunk_images: int = typer.Option(_EMBED("chunk_images"),
+                                     help="Images per store commit (a killed run loses at most one chunk)"),
     quiet: bool = typer.Option(False, help="No progress bar"),
 ) -> None:
     """Embed a cohort's images and its class prompts with one model into the store."""
@@ -260,30 +293,35 @@ _FINETUNE_FIXED_ON_RESUME = ("cohort", "weights", "weights_dir", "random_init", 
                              "augment", "amp")
 
 
+_FINETUNE = partial(LibraryDefault, "embedkit.finetune.train", "FinetuneConfig")
+
+
 @app.command("finetune")
 def finetune_cmd(
     ctx: typer.Context,
     model: Optional[str] = typer.Option(None, help="Model name (see `embedkit models`); not needed with --resume"),
-    method: Optional[str] = typer.Option(None, help="lora (adapters on the frozen image tower) | ft (every tower weight)"),
-    cohort: str = typer.Option("nih6x200", help="Cohort in the store (train/val/test splits)"),
+    method: Optional[FinetuneMethod] = typer.Option(None, help="lora: adapters on the frozen image tower; ft: every "
+                                                          "tower weight"),
+    cohort: str = typer.Option(_FINETUNE("cohort"), help="Cohort in the store (train/val/test splits)"),
     weights: Optional[Path] = typer.Option(None, help="Weights file or folder in the authors' format"),
     weights_dir: Optional[Path] = typer.Option(None, envvar="EMBEDKIT_WEIGHTS", help="Folder with one sub-folder per model"),
     random_init: bool = typer.Option(False, help="Real architecture, random weights (labelled random-init in the store)"),
-    seed_init: int = typer.Option(0, help="Seed of --random-init"),
+    seed_init: int = typer.Option(_FINETUNE("seed_init"), help="Seed of --random-init"),
     rank: Optional[int] = typer.Option(None, help="LoRA rank (default: the model's, 16 for ViT/Swin, 4 for ResNet)"),
-    alpha: float = typer.Option(1.0, help="LoRA alpha (the paper's 1)"),
+    alpha: float = typer.Option(_FINETUNE("alpha"), help="LoRA alpha (the paper's 1)"),
     targets: Optional[str] = typer.Option(None, help="LoRA targets inside each block, comma-separated (e.g. attn,mlp.c_fc); default per tower"),
-    epochs: int = typer.Option(100, help="Epochs"),
-    lr: float = typer.Option(1e-4, help="AdamW learning rate"),
-    wd: float = typer.Option(1e-5, help="AdamW weight decay"),
-    batch_size: int = typer.Option(64, help="Images per step"),
-    seed: int = typer.Option(77, help="Seed of the head, LoRA init, shuffles and augmentations"),
-    schedule: str = typer.Option("cosine", help="LR schedule, stepped per epoch: cosine | step | constant"),
-    early_stopping: int = typer.Option(0, help="Stop after N epochs without a lower val loss (0: never)"),
+    epochs: int = typer.Option(_FINETUNE("epochs"), help="Epochs"),
+    lr: float = typer.Option(_FINETUNE("lr"), help="AdamW learning rate"),
+    wd: float = typer.Option(_FINETUNE("wd"), help="AdamW weight decay"),
+    batch_size: int = typer.Option(_FINETUNE("batch_size"), help="Images per step"),
+    seed: int = typer.Option(_FINETUNE("seed"), help="Seed of the head, LoRA init, shuffles and augmentations"),
+    schedule: Schedule = typer.Option(_FINETUNE("schedule"), help="LR schedule, stepped per epoch"),
+    early_stopping: int = typer.Option(_FINETUNE("early_stopping"),
+                                       help="Stop after N epochs without a lower val loss (0: never)"),
     augment: bool = typer.Option(True, "--augment/--no-augment", help="The paper's flips, rotation and jitter on training images"),
-    device: str = typer.Option("auto", help="auto | cpu | cuda"),
-    amp: str = typer.Option("bf16", help="Autocast on CUDA: bf16 | fp16 | none (CPU runs float32)"),
-    workers: int = typer.Option(2, help="DataLoader worker processes decoding images"),
+    device: str = typer.Option(_FINETUNE("device"), help="auto | cpu | cuda | cuda:N"),
+    amp: Amp = typer.Option(_FINETUNE("amp"), help="Autocast on CUDA (CPU runs float32)"),
+    workers: int = typer.Option(_FINETUNE("workers"), help="DataLoader worker processes decoding images"),
     resume: Optional[str] = typer.Option(None, help="Continue this run from its last completed epoch (its own settings)"),
     stop_after: Optional[int] = typer.Option(None, hidden=True, help="Stop (resumably) after this many epochs"),
     quiet: bool = typer.Option(False, help="No progress output"),
@@ -302,7 +340,7 @@ def finetune_cmd(
                 f"--resume continues with the settings run '{resume}' started with; drop "
                 + ", ".join("--" + g.replace("_", "-") for g in given))
         saved = train.resumable_config(store, resume)
-        for name, value in (("model", model), ("method", method)):
+        for name, value in (("model", model), ("method", method and method.value)):
             if value is not None and value != getattr(saved, name):
                 raise train.FinetuneError(f"run '{resume}' is --{name} {getattr(saved, name)}, not {value}")
         result = train.resume(store, resume, device=device, workers=workers, progress=not quiet,
@@ -311,11 +349,11 @@ def finetune_cmd(
         if model is None or method is None:
             raise typer.BadParameter("--model and --method are needed (or --resume RUN)")
         config = train.FinetuneConfig(
-            model=model, method=method, cohort=cohort, weights=str(weights) if weights else None,
+            model=model, method=method.value, cohort=cohort, weights=str(weights) if weights else None,
             weights_dir=str(weights_dir) if weights_dir else None, random_init=random_init, seed_init=seed_init,
             rank=rank, alpha=alpha, targets=[t.strip() for t in targets.split(",") if t.strip()] if targets else None,
-            epochs=epochs, lr=lr, wd=wd, batch_size=batch_size, seed=seed, schedule=schedule,
-            early_stopping=early_stopping, augment=augment, amp=amp, device=device, workers=workers)
+            epochs=epochs, lr=lr, wd=wd, batch_size=batch_size, seed=seed, schedule=schedule.value,
+            early_stopping=early_stopping, augment=augment, amp=amp.value, device=device, workers=workers)
         result = train.finetune(store, config, progress=not quiet, stop_after=stop_after)
     if as_json:
         echo_json({"run_id": result.run_id, "finished": result.finished, "epochs_done": result.epochs_done,
@@ -339,24 +377,7 @@ def _set_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
-def _run_line(run: dict) -> str:
-    """One line per run: id, what ran, and test (else val) accuracy and macro-F1."""
-    import json
-
-    metrics = json.loads(run["metrics"]) if isinstance(run["metrics"], str) else run["metrics"]
-    split = "test" if "test" in metrics else next((s for s in ("val", "train") if s in metrics), None)
-    score = (f"{split} accuracy {metrics[split]['accuracy']:.4f}, macro-F1 {metrics[split]['macro_f1']:.4f}"
-             if split else "no labelled rows")
-    again = " (already recorded: same inputs, settings and seed; nothing new stored)" if run.get("already_recorded") \
-        else ""
-    return (f"run {run['run_id']}: {run['method']} {run['model']} on {run['cohort']} "
-            f"(weights {run['weights_id']}): {score}{again}")
-
-
-def _run_json(run: dict) -> dict:
-    import json
-
-    return {**run, **{k: json.loads(run[k]) if isinstance(run[k], str) else run[k] for k in ("config", "metrics")}}
+_HEAD = partial(LibraryDefault, "embedkit.heads.probe", "HeadConfig")
 
 
 @app.command("zeroshot")
@@ -365,8 +386,9 @@ def zeroshot_cmd(
     model: str = typer.Option(..., help="Model name (each family scores by its authors' rule: docs/models.md)"),
     cohort: Optional[str] = typer.Option(None, help="Cohort (default: the only one embedded for this model)"),
     weights_id: Optional[str] = typer.Option(None, help="Which weights' vectors (needed when several were embedded)"),
-    prompt_set: Optional[str] = typer.Option(None, help="Stored prompt set (default: the model's own style)"),
-    ensemble: Optional[str] = typer.Option(None, help="How a class's prompts combine: mean | max where the model's rule allows (default: the rule's own)"),
+    prompt_set: Optional[str] = typer.Option(None, help="Stored prompt set (default: the model's own)"),
+    ensemble: Optional[Ensemble] = typer.Option(None, help="How a class's prompts combine, where the model's rule "
+                                                "allows a choice (default: the rule's own)"),
     logit_scale: Optional[float] = typer.Option(None, help="Override the logit scale recorded in the store"),
     allow_partial: bool = typer.Option(False, help="Go on when some cohort rows have no vectors (recorded in the run)"),
     as_json: bool = typer.Option(False, "--json", help="Print the run as JSON"),
@@ -374,26 +396,29 @@ def zeroshot_cmd(
     """Zero-shot classification of every cohort row off the stored image and prompt vectors; one run."""
     from embedkit.heads.zeroshot import run_zeroshot
 
-    run = run_zeroshot(get_store(ctx), model, cohort, weights_id, prompt_set, ensemble, logit_scale,
+    run = run_zeroshot(get_store(ctx), model, cohort, weights_id, prompt_set, ensemble and ensemble.value,
+                       logit_scale,
                        allow_partial=allow_partial)
-    echo_json(_run_json(run)) if as_json else typer.echo(_run_line(run))
+    print_run(run, as_json)
 
 
 @app.command("probe")
 def probe_cmd(
     ctx: typer.Context,
     model: str = typer.Option(..., help="Model whose stored vectors to train on"),
-    head: str = typer.Option("lp", help="lp (Linear-Linear) | mlp (Linear-BN-ReLU-Linear) | logreg"),
+    head: Head = typer.Option(_HEAD("head"), help="lp: Linear-Linear; mlp: Linear-BN-ReLU-Linear; logreg: "
+                                                  "logistic regression"),
     cohort: Optional[str] = typer.Option(None, help="Cohort (default: the only one embedded for this model)"),
     weights_id: Optional[str] = typer.Option(None, help="Which weights' vectors (needed when several were embedded)"),
-    lr: float = typer.Option(1e-4, help="AdamW learning rate (lp, mlp)"),
-    wd: float = typer.Option(1e-5, help="AdamW weight decay (lp, mlp); L2 strength (logreg)"),
-    epochs: int = typer.Option(100, help="Epochs (lp, mlp); the best by val loss is kept"),
-    batch_size: int = typer.Option(64, help="Rows per step (lp, mlp)"),
-    hidden: int = typer.Option(1024, help="Hidden width (lp, mlp)"),
-    max_iter: int = typer.Option(100, help="L-BFGS iterations (logreg)"),
-    tol: float = typer.Option(1e-4, help="Stop at max |gradient| <= tol (logreg)"),
-    seed: int = typer.Option(77, help="Seed of the initial weights and the shuffles"),
+    lr: float = typer.Option(_HEAD("lr"), help="AdamW learning rate (lp, mlp)"),
+    wd: float = typer.Option(_HEAD("wd"), help="AdamW weight decay (lp, mlp); L2 strength (logreg)"),
+    epochs: int = typer.Option(_HEAD("epochs"), help="Epochs (lp, mlp); the best by val loss is kept"),
+    batch_size: int = typer.Option(_HEAD("batch_size"), help="Rows per step (lp, mlp)"),
+    hidden: int = typer.Option(_HEAD("hidden"), help="Hidden width (lp, mlp)"),
+    max_iter: int = typer.Option(_HEAD("max_iter"), help="L-BFGS iterations (logreg)"),
+    tol: float = typer.Option(_HEAD("tol"), help="Stop at max |gradient| <= tol (logreg)"),
+    seed: int = typer.Option(LibraryDefault("embedkit.heads.probe", "run_probe", "seed"),
+                             help="Seed of the initial weights and the shuffles"),
     threads: int = typer.Option(0, help="torch CPU threads (0: torch's default)"),
     allow_partial: bool = typer.Option(False, help="Go on when some cohort rows have no vectors (recorded in the run)"),
     as_json: bool = typer.Option(False, "--json", help="Print the run as JSON"),
@@ -402,30 +427,34 @@ def probe_cmd(
     from embedkit.heads.probe import HeadConfig, run_probe
 
     _set_threads(threads)
-    cfg = HeadConfig(head, lr=lr, wd=wd, epochs=epochs, batch_size=batch_size, hidden=hidden, max_iter=max_iter,
-                     tol=tol)
+    cfg = HeadConfig(head.value, lr=lr, wd=wd, epochs=epochs, batch_size=batch_size, hidden=hidden,
+                     max_iter=max_iter, tol=tol)
     run = run_probe(get_store(ctx), model, cfg, seed, cohort, weights_id, allow_partial=allow_partial)
-    echo_json(_run_json(run)) if as_json else typer.echo(_run_line(run))
+    print_run(run, as_json)
+
+
+_SWEEP = partial(LibraryDefault, "embedkit.heads.sweep", "run_sweep")
 
 
 @app.command("sweep")
 def sweep_cmd(
     ctx: typer.Context,
     model: str = typer.Option(..., help="Model whose stored vectors to train on"),
-    head: str = typer.Option("lp", help="lp | mlp | logreg"),
+    head: Head = typer.Option(_HEAD("head"), help="The head every configuration trains"),
     grid: str = typer.Option("", help='Values to sweep, e.g. "lr=1e-4,1e-3 wd=0,1e-5,1e-4 hidden=256,1024"'),
     seeds: str = typer.Option("0-9", help="Seeds: 0-9, 0,3,7 or 0-4,10"),
-    select: str = typer.Option("val_macro_f1", help="val_macro_f1 | val_loss | fair:f1_gap<=B (val split only)"),
-    by: str = typer.Option("sex", help="Group column(s) of the F1 gap, comma-separated (sex, age_group, view...)"),
+    select: str = typer.Option(_SWEEP("select"),
+                               help="val_macro_f1 | val_loss | fair:f1_gap<=B (val split only)"),
+    by: str = by_option(_SWEEP("by"), "Groups whose F1 gap fair:f1_gap<=B bounds (the largest over the attributes)."),
     cohort: Optional[str] = typer.Option(None, help="Cohort (default: the only one embedded for this model)"),
     weights_id: Optional[str] = typer.Option(None, help="Which weights' vectors (needed when several were embedded)"),
-    lr: float = typer.Option(1e-4, help="Learning rate where the grid does not set it"),
-    wd: float = typer.Option(1e-5, help="Weight decay / L2 strength where the grid does not set it"),
-    epochs: int = typer.Option(100, help="Epochs where the grid does not set them"),
-    batch_size: int = typer.Option(64, help="Batch size where the grid does not set it"),
-    hidden: int = typer.Option(1024, help="Hidden width where the grid does not set it"),
-    max_iter: int = typer.Option(100, help="logreg L-BFGS iterations where the grid does not set them"),
-    tol: float = typer.Option(1e-4, help="logreg gradient tolerance where the grid does not set it"),
+    lr: float = typer.Option(_HEAD("lr"), help="Learning rate where the grid does not set it"),
+    wd: float = typer.Option(_HEAD("wd"), help="Weight decay / L2 strength where the grid does not set it"),
+    epochs: int = typer.Option(_HEAD("epochs"), help="Epochs where the grid does not set them"),
+    batch_size: int = typer.Option(_HEAD("batch_size"), help="Batch size where the grid does not set it"),
+    hidden: int = typer.Option(_HEAD("hidden"), help="Hidden width where the grid does not set it"),
+    max_iter: int = typer.Option(_HEAD("max_iter"), help="logreg L-BFGS iterations where the grid does not set them"),
+    tol: float = typer.Option(_HEAD("tol"), help="logreg gradient tolerance where the grid does not set it"),
     models_per_slice: str = typer.Option("auto", "--slice",
                                          help="Models trained together per cache-sized slice: auto | all | N"),
     threads: int = typer.Option(0, help="torch CPU threads (0: torch's default)"),
@@ -445,17 +474,17 @@ def sweep_cmd(
     if models_per_slice not in ("auto", "all") and not models_per_slice.isdigit():
         raise HeadsError(f"--slice must be auto, all or a number, not '{models_per_slice}'")
     per_slice = int(models_per_slice) if models_per_slice.isdigit() else {"all": None, "auto": "auto"}[models_per_slice]
-    base = HeadConfig(head, lr=lr, wd=wd, epochs=epochs, batch_size=batch_size, hidden=hidden, max_iter=max_iter,
-                      tol=tol)
-    parsed, seed_list = parse_grid(grid, head), parse_seeds(seeds)
-    work = 0 if head == "logreg" else sum(c.epochs for c in expand(base, parsed)) * len(seed_list)
-    columns = [TextColumn(f"sweep {model} {head}"), BarColumn(), MofNCompleteColumn(), TextColumn("model-epochs"),
-               TimeElapsedColumn()]
+    base = HeadConfig(head.value, lr=lr, wd=wd, epochs=epochs, batch_size=batch_size, hidden=hidden,
+                      max_iter=max_iter, tol=tol)
+    parsed, seed_list, attributes = parse_grid(grid, head.value), parse_seeds(seeds), parse_by(by)
+    work = 0 if head is Head.logreg else sum(c.epochs for c in expand(base, parsed)) * len(seed_list)
+    columns = [TextColumn(f"sweep {model} {head.value}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("model-epochs"), TimeElapsedColumn()]
     with Progress(*columns, console=Console(stderr=True), disable=quiet or not work, transient=True) as bar:
         task = bar.add_task("sweep", total=work)
-        outcome = run_sweep(get_store(ctx), model, head, parsed, seed_list, base, select,
-                            [b.strip() for b in by.split(",") if b.strip()], cohort, weights_id, per_slice,
-                            progress=lambda n: bar.update(task, advance=n), allow_partial=allow_partial)
+        outcome = run_sweep(get_store(ctx), model, head.value, parsed, seed_list, base, select, attributes, cohort,
+                            weights_id, per_slice, progress=lambda n: bar.update(task, advance=n),
+                            allow_partial=allow_partial)
     if as_json:
         echo_json(outcome.to_json())
     else:
@@ -466,41 +495,23 @@ def sweep_cmd(
 def runs_cmd(
     ctx: typer.Context,
     model: Optional[str] = typer.Option(None, help="Only runs of this model"),
-    method: Optional[str] = typer.Option(None, help="Only runs of this method (zeroshot, lp, mlp, logreg, lora, ft)"),
-    delete: Optional[str] = typer.Option(None, "--delete", help="Delete this run and its predictions"),
+    method: Optional[Method] = typer.Option(None, help="Only runs of this method"),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable listing"),
 ) -> None:
-    """List runs (newest first); `embedkit runs delete RUN_ID` or --delete RUN_ID removes one."""
-    from embedkit.store.runs import delete_run, list_runs
+    """List runs (newest first); `embedkit runs delete RUN_ID` removes one."""
+    from embedkit.output import print_runs
+    from embedkit.store.runs import list_runs
 
     if ctx.invoked_subcommand:
         return
     store = get_store(ctx)
-    if delete:
-        n = delete_run(store, delete)
-        typer.echo(f"deleted run {delete} and its {n} predictions")
-        return
-    runs = list_runs(store, model, method)
+    runs = list_runs(store, model, method and method.value)
     if as_json:
         echo_json(runs)
-        return
-    if not runs:
+    elif not runs:
         typer.echo("no runs" + (" matching the filters" if model or method else f" in {store.path}"))
-        return
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"{len(runs)} runs in {store.path} (newest first; --json for configs and all metrics)")
-    table.add_column("run_id", no_wrap=True)
-    for col in ("model", "cohort", "weights_id", "seed", "test acc", "test F1"):
-        table.add_column(col, overflow="fold")
-    for r in runs:
-        test = r["metrics"].get("test", {})
-        fmt = lambda v: f"{v:.3f}" if isinstance(v, (int, float)) else "-"  # noqa: E731
-        seed = "-" if r["seed"] is None else str(r["seed"])
-        table.add_row(r["run_id"], r["model"], r["cohort"], r["weights_id"], seed, fmt(test.get("accuracy")),
-                      fmt(test.get("macro_f1")))
-    Console().print(table)
+    else:
+        print_runs(runs, str(store.path))
 
 
 @runs_app.command("delete")
@@ -512,12 +523,8 @@ def runs_delete_cmd(ctx: typer.Context, run_id: str = typer.Argument(..., help="
     typer.echo(f"deleted run {run_id} and its {n} predictions")
 
 
-
 # ---- fairness ----------------------------------------------------------------------------------------------------
 # embedkit fairness / sql / export: the DuckDB views over the store (embedkit/sql), bootstrap intervals.
-
-def _split_list(text: Optional[str]) -> list[str]:
-    return [part.strip() for part in (text or "").split(",") if part.strip()]
 
 
 @app.command("fairness")
@@ -525,9 +532,9 @@ def fairness_cmd(
     ctx: typer.Context,
     run: Optional[list[str]] = typer.Option(None, "--run", help="Run id (repeat for several)."),
     model: Optional[str] = typer.Option(None, "--model", help="Every run of this model."),
-    method: Optional[str] = typer.Option(None, "--method", help="Every run of this method (zeroshot, lp, mlp, ...)."),
-    split: str = typer.Option("test", "--split", help="Split the predictions were scored on."),
-    by: str = typer.Option("sex,age_group", "--by", help="Attributes (columns of images), comma-separated."),
+    method: Optional[Method] = typer.Option(None, "--method", help="Every run of this method."),
+    split: Split = typer.Option(Split.test, "--split", help="Split the predictions were scored on."),
+    by: str = by_option("sex,age_group", "The tables to print, one per attribute."),
     ci: int = typer.Option(1000, "--ci", help="Bootstrap resamples of patients within groups (0: no intervals)."),
     min_n: int = typer.Option(MIN_GROUP_N, "--min-n", help="Flag (†) groups and gaps resting on fewer rows."),
     seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap."),
@@ -536,10 +543,10 @@ def fairness_cmd(
     """Paper-style fairness table: accuracy, per-class F1, Var_F1, F1 gap, EqOdds, ECE gap per attribute."""
     from embedkit.fairness import catalogue, db, table
 
-    attributes = _split_list(by)
+    attributes, split = parse_by(by), split.value
     store = get_store(ctx)
     con = db.connect(store, catalogue.attributes_to_slice(attributes))
-    runs = db.scored_runs(store, run, model, method, split)
+    runs = db.scored_runs(store, run, model, method and method.value, split)
     rows = table.fairness_rows(con, runs, attributes, split, ci, seed, min_n)
     if as_json:
         echo_json({"split": split, "attributes": attributes, "n_resamples": ci, "seed": seed, "min_n": min_n,
@@ -548,46 +555,15 @@ def fairness_cmd(
     table.print_tables(con, rows, runs, attributes, split, ci, seed, min_n)
 
 
-def _print_result(table, fmt: str) -> None:
-    """Print an Arrow table as a Rich table, CSV or JSON rows."""
-    if fmt == "json":
-        echo_json(table.to_pylist())
-    elif fmt == "csv":
-        import csv
-        import io
-
-        buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(table.column_names)
-        for row in table.to_pylist():
-            writer.writerow(["" if row[c] is None else row[c] for c in table.column_names])
-        typer.echo(buffer.getvalue(), nl=False)
-    else:
-        from rich.console import Console
-        from rich.table import Table
-
-        out = Table()
-        for name in table.column_names:
-            out.add_column(name)
-        for row in table.to_pylist():
-            out.add_row(*("" if row[c] is None else (f"{row[c]:.6g}" if isinstance(row[c], float) else str(row[c]))
-                          for c in table.column_names))
-        Console(width=None if sys.stdout.isatty() else 200).print(out)
-        typer.echo(f"({table.num_rows} rows)")
-
-
-def _one_line(exc: Exception) -> str:
-    """DuckDB's message without its multi-line caret excerpt: the first line says what and where."""
-    return str(exc).strip().splitlines()[0]
+_VIEWS_BY = f"The views' attributes (default: {', '.join(DEFAULT_ATTRIBUTES)})."
 
 
 @app.command("sql")
 def sql_cmd(
     ctx: typer.Context,
     query: Optional[str] = typer.Argument(None, help="A DuckDB query; without one, read queries from stdin."),
-    fmt: str = typer.Option("table", "--format", "-f", help="table, csv or json."),
-    by: Optional[str] = typer.Option(None, "--by", help="Attributes of the views (default: sex, age_group, "
-                                                         "age_group_sex, view)."),
+    fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f", help="How results print."),
+    by: Optional[str] = by_option(None, _VIEWS_BY),
     allow_read: Optional[list[Path]] = typer.Option(None, "--allow-read",
                                                     help="A file or folder queries may read (repeatable)."),
 ) -> None:
@@ -596,71 +572,13 @@ def sql_cmd(
     Read-only: no statement writes a file, attaches a database, loads an extension or reaches the network, and
     files outside the store are read only where --allow-read names them.
     """
-    import duckdb
+    from embedkit import sqlshell
 
-    from embedkit.fairness import db
-
-    if fmt not in ("table", "csv", "json"):
-        raise typer.BadParameter("use table, csv or json", param_hint="--format")
-    store = get_store(ctx)
-    try:
-        con = db.connect(store, _split_list(by) or None)
-    except db.FairnessError:
-        if not store.table_names():
-            raise
-        # Before any run there are no predictions to build the fairness views on; the tables still answer.
-        typer.secho("note: the store has no predictions yet, so only its tables are registered (no fairness views)",
-                    err=True)
-        con = db.connect(store, views=False)
-    db.lock_down(con, allow_read or ())
-
-    def answer(text: str) -> None:
-        db.check_read_only(text)
-        result = con.sql(text)
-        if result is not None:
-            _print_result(result.to_arrow_table(), fmt)  # inside the try: some errors surface only here
-
-    if query is not None:
-        try:
-            answer(query)
-        except (duckdb.Error, db.FairnessError) as exc:
-            typer.secho(f"error: {_one_line(exc)}", fg=typer.colors.RED, err=True)
-            raise typer.Exit(1)
-        return
-    # Interactive: a statement ends at a line ending with ';' (or at a blank line, or at the end of input).
-    stdin = typer.get_text_stream("stdin")
-    prompt = stdin.isatty()
-    buffer: list[str] = []
-
-    def run_buffer() -> None:
-        text = "\n".join(buffer).strip()
-        buffer.clear()
-        if not text.rstrip(";").strip():
-            return
-        try:
-            answer(text)
-        except (duckdb.Error, db.FairnessError) as exc:
-            typer.secho(f"error: {_one_line(exc)}", fg=typer.colors.RED, err=True)
-
-    while True:
-        if prompt:
-            typer.echo("embedkit> " if not buffer else "     ...> ", nl=False)
-        line = stdin.readline()
-        if not line:
-            break
-        stripped = line.strip()
-        if not buffer and stripped in (".quit", ".exit"):
-            break
-        if not buffer and stripped == ".tables":
-            for name, kind in db.table_names(con):
-                typer.echo(f"{kind:5}  {name}")
-            continue
-        if stripped:
-            buffer.append(line.rstrip("\n"))
-        if buffer and (not stripped or stripped.endswith(";")):
-            run_buffer()
-    if buffer:
-        run_buffer()
+    con = sqlshell.connect(get_store(ctx), parse_by(by) or None, allow_read or ())
+    if query is None:
+        sqlshell.repl(con, fmt, typer.get_text_stream("stdin"))
+    elif not sqlshell.answer(con, query, fmt):
+        raise typer.Exit(1)
 
 
 @app.command("doctor")
@@ -705,13 +623,12 @@ def doctor_cmd(
 def export_cmd(
     ctx: typer.Context,
     parquet: Path = typer.Option(..., "--parquet", help="Directory for tables/*.parquet, views/*.parquet, views.sql."),
-    by: Optional[str] = typer.Option(None, "--by", help="Attributes of the views (default: sex, age_group, "
-                                                         "age_group_sex, view)."),
+    by: Optional[str] = by_option(None, _VIEWS_BY),
 ) -> None:
     """Export the store's non-vector tables and the fairness views as Parquet, with views.sql to rebuild the views."""
     from embedkit.fairness import db
 
-    attributes = _split_list(by) or None
+    attributes = parse_by(by) or None
     con = db.connect(get_store(ctx), attributes)
     written = db.export_parquet(con, parquet, attributes)
     for path in written:
@@ -721,20 +638,24 @@ def export_cmd(
 # ---- report ------------------------------------------------------------------------------------------------------
 
 
+_REPORT = partial(LibraryDefault, "embedkit.report.build", "build_report")
+
+
 @app.command("report")
 def report_cmd(
     ctx: typer.Context,
     out: Path = typer.Option(Path("embedkit-report"), "--out", help="Folder for report.html, report.md and the PNGs."),
     run: Optional[list[str]] = typer.Option(None, "--run", help="Run id (repeat for several; default: every run)."),
     model: Optional[list[str]] = typer.Option(None, "--model", help="Only runs of this model (repeatable)."),
-    method: Optional[list[str]] = typer.Option(None, "--method", help="Only runs of this method (repeatable)."),
+    method: Optional[list[Method]] = typer.Option(None, "--method", help="Only runs of this method (repeatable)."),
     study: Optional[str] = typer.Option(None, "--study", help="Only runs of this study_id."),
-    split: str = typer.Option("test", "--split", help="Split the metrics are computed on."),
-    ci: int = typer.Option(1000, "--ci", help="Bootstrap resamples of patients within groups (0: no intervals)."),
-    by: str = typer.Option("sex,age_group", "--by", help="Attributes (columns of images), comma-separated."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap draws."),
-    min_n: int = typer.Option(MIN_GROUP_N, "--min-n", help="Flag (†) groups and gaps resting on fewer rows."),
-    title: str = typer.Option("Fairness audit", "--title", help="Title of the report."),
+    split: Split = typer.Option(_REPORT("split"), "--split", help="Split the metrics are computed on."),
+    ci: int = typer.Option(_REPORT("ci"), "--ci",
+                           help="Bootstrap resamples of patients within groups (0: no intervals)."),
+    by: str = by_option(_REPORT("by"), "The report's tables and figures, one per attribute."),
+    seed: int = typer.Option(_REPORT("seed"), "--seed", help="Seed of the bootstrap draws."),
+    min_n: int = typer.Option(_REPORT("min_n"), "--min-n", help="Flag (†) groups and gaps resting on fewer rows."),
+    title: str = typer.Option(_REPORT("title"), "--title", help="Title of the report."),
 ) -> None:
     """An HTML report (self-contained: figures inlined, mail it as one file) and report.md with PNGs beside it."""
     import time
@@ -743,10 +664,11 @@ def report_cmd(
 
     if ci < 0:
         raise typer.BadParameter("--ci is a number of resamples: 0 (no intervals) or more")
-    attributes = [part.strip() for part in by.split(",") if part.strip()]
+    attributes = parse_by(by)
     start = time.perf_counter()
-    html_path = build_report(get_store(ctx), out, runs=run or None, study=study, split=split, ci=ci, by=attributes,
-                             seed=seed, models=model or None, methods=method or None, min_n=min_n, title=title)
+    html_path = build_report(get_store(ctx), out, runs=run or None, study=study, split=split.value, ci=ci,
+                             by=attributes, seed=seed, models=model or None,
+                             methods=[m.value for m in method or ()] or None, min_n=min_n, title=title)
     typer.echo(f"report written in {time.perf_counter() - start:.1f} s: {html_path} "
                f"(Markdown: {html_path.with_name('report.md')})")
 
@@ -754,14 +676,16 @@ def report_cmd(
 # ---- demo ------------------------------------------------------------------------------------------------------
 
 
+_DEMO = partial(LibraryDefault, "embedkit.demo", "run_demo")
+
+
 @app.command("demo")
 def demo_cmd(
     out: Path = typer.Option(Path("demo-out"), help="Folder for the demo's store, images and report"),
-    models: str = typer.Option(",".join(("tiny-clip", "tiny-biomedclip", "tiny-medclip-rn50", "tiny-medclip-vit", "tiny-gloria")),
-                               help="Models to embed (comma-separated)"),
-    bias: str = typer.Option("sex=F:signal=0.3", help="Planted unfairness of the synthetic cohort ('' for none)"),
-    ci: int = typer.Option(1000, help="Bootstrap resamples for the intervals"),
-    epochs: int = typer.Option(100, help="Probe epochs (the paper's 100)"),
+    models: str = typer.Option(_DEMO("models"), help="Models to embed (comma-separated)"),
+    bias: str = typer.Option(_DEMO("bias"), help="Planted unfairness of the synthetic cohort ('' for none)"),
+    ci: int = typer.Option(_DEMO("ci"), help="Bootstrap resamples for the intervals"),
+    epochs: int = typer.Option(_DEMO("epochs"), help="Probe epochs (the paper's 100)"),
 ) -> None:
     """The embedded default end to end, no downloads: synthetic X-rays, tiny models, heads, fairness, report."""
     import time

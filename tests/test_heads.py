@@ -283,8 +283,9 @@ def test_cli_lists_filters_and_deletes_runs(clip_store):
     assert table.exit_code == 0 and "2 runs in" in table.output
     out = runner.invoke(app, [*base, "runs", "delete", lp_id])
     assert out.exit_code == 0 and "1200 predictions" in out.output
-    out = runner.invoke(app, [*base, "runs", "--delete", zs_id])
+    out = runner.invoke(app, [*base, "runs", "delete", zs_id])
     assert out.exit_code == 0, out.output
+    assert runner.invoke(app, [*base, "runs", "--delete", zs_id]).exit_code == 2  # one delete verb: `runs delete`
     assert list_runs(store) == [] and store.count("predictions") == 0
     bad = runner.invoke(app, [*base, "runs", "delete", "nope"])
     assert bad.exit_code != 0 and isinstance(bad.exception, StoreError)

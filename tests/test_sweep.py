@@ -188,6 +188,22 @@ def test_sweep_cli_stores_every_run_and_reports_the_pick(vec_store):
     assert bad.exit_code != 0 and "cannot be swept" in str(bad.exception)
 
 
+def test_sweep_by_names_attributes_and_cells_as_fairness_does(vec_store):
+    runner = CliRunner()
+    base = ["--store", str(vec_store.path), "sweep", "--model", MODEL, "--head", "mlp", "--grid", "lr=1e-3,3e-3",
+            "--seeds", "0", "--epochs", "2", "--hidden", "16", "--quiet", "--json", "--select", "fair:f1_gap<=1"]
+    by_sex, by_cells = (json.loads(runner.invoke(app, [*base, "--by", by]).output)
+                        for by in ("sex", "sex, age_group*sex"))
+    assert by_cells["by"] == ["sex", "age_group_sex"]
+    assert by_cells["groups"] == {"sex": ["F", "M"], "age_group_sex": ["old_F", "old_M", "young_F", "young_M"]}
+    # the same runs (recorded once); the gap is the largest over the attributes, so the cells can only widen it
+    for sex, cells in zip(by_sex["configs"], by_cells["configs"]):
+        assert sex["run_ids"] == cells["run_ids"] and cells["val_f1_gap_mean"] >= sex["val_f1_gap_mean"]
+    assert runner.invoke(app, [*base, "--by", "age_group_sex"]).exit_code == 0  # the cell column by name
+    bad = runner.invoke(app, [*base, "--by", "sex*view"])
+    assert bad.exit_code == 2 and "no cell 'sex*view'" in bad.output
+
+
 def test_a_sweep_repeated_gives_identical_predictions(vec_store, tmp_path):
     from embedkit.store.store import Store
 

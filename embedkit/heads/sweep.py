@@ -10,8 +10,11 @@ Selection (``--select``) reads validation predictions only -- :func:`val_metrics
 nothing else, so the test split cannot influence the pick:
 - ``val_macro_f1``: highest mean (over seeds) val macro-F1;
 - ``val_loss``: lowest mean val cross-entropy;
-- ``fair:f1_gap<=B``: highest mean val macro-F1 among configurations whose mean val F1 gap (max - min macro-F1
-  over the groups of ``--by``) is at most B.
+- ``fair:f1_gap<=B``: highest mean val macro-F1 among configurations whose mean val F1 gap is at most B: the
+  largest over the attributes of ``--by`` of max - min macro-F1 over that attribute's groups. ``--by`` names
+  attributes as in `embedkit fairness` (:mod:`embedkit.fairness.attributes`): ``sex,age_group`` compares the sex
+  groups and the age groups, each on its own; ``age_group*sex`` (the cell attribute ``age_group_sex``) compares
+  the four age x sex cells.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from embedkit.fairness.attributes import columns_of
 from embedkit.heads.probe import HeadConfig, training_arrays
 from embedkit.heads.vectors import CohortVectors, HeadsError, load_vectors
 from embedkit.store.runs import make_run, predictions_table, softmax
@@ -276,7 +280,11 @@ def run_sweep(store: Store, model: str, head: str, grid: dict[str, list], seeds:
               cohort: str | None = None, weights_id: str | None = None,
               models_per_slice: int | str | None = "auto", progress=None,
               allow_partial: bool = False) -> SweepOutcome:
-    """Train the grid x seeds, store every run with its predictions, and pick a configuration on val only."""
+    """Train the grid x seeds, store every run with its predictions, and pick a configuration on val only.
+
+    ``by``: attribute names, a cell by its column (``age_group_sex``; the command line's ``age_group*sex`` is read by
+    :func:`embedkit.fairness.attributes.parse_by`).
+    """
     total_start = time.perf_counter()
     selection = Selection.parse(select)
     base = (base or HeadConfig(head)).with_(head=head)
@@ -285,7 +293,8 @@ def run_sweep(store: Store, model: str, head: str, grid: dict[str, list], seeds:
     configs = expand(base, grid)
     vectors = load_vectors(store, model, cohort, weights_id, allow_partial)
     by = list(by)
-    vectors.groups(by)  # validates the column names before any training
+    for attribute in by:  # validates the column names before any training
+        vectors.groups(columns_of(attribute))
     fit = train_grid(vectors, configs, seeds, models_per_slice, progress)
     probs = softmax(fit.logits)
     sweep_id = new_run_id("sweep")

@@ -1,0 +1,105 @@
+"""The command line's own behaviour: one `error:` line per user error, choices, defaults read from the library."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import typer.main
+
+from embedkit import cli
+from embedkit.fairness.attributes import columns_of, parse_by
+from embedkit.fairness.db import FairnessError
+from embedkit.constants import SPLITS
+from embedkit.models.registry import MODELS
+from embedkit.options import Amp, Ensemble, FinetuneMethod, Head, LibraryDefault, Method, Schedule, Split
+
+
+def _main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """`embedkit ARGS` through the console entry point (the one that turns errors into lines), in this process."""
+    monkeypatch.setattr(sys, "argv", ["embedkit", *args])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    out = capsys.readouterr()
+    return exit_.value.code, out.out, out.err
+
+
+@pytest.mark.parametrize("args, code, says", [
+    (["probe", "--model", "nope"], 1, "no embeddings for model 'nope'"),
+    (["probe"], 2, "missing option '--model'"),
+    (["probe", "--model", "x", "--head", "svm"], 2, "'--head': 'svm' is not one of 'lp', 'mlp', 'logreg'"),
+    (["probe", "--model", "x", "--epochs", "many"], 2, "'--epochs'"),
+    (["sql", "--format", "xml", "SELECT 1"], 2, "'xml' is not one of 'table', 'csv', 'json'"),
+    (["runs", "--delete", "x"], 2, "no such option: --delete"),
+    (["fairness", "--by", "sex*view"], 2, "--by: no cell 'sex*view'"),
+    (["embed", "--model", "tiny-clip", "--weights", "w.pt", "--random-init"], 2, "exclude each other"),
+    (["nonsense"], 2, "no such command 'nonsense'"),
+])
+def test_a_user_error_is_one_error_line(monkeypatch, capsys, tmp_path, args, code, says):
+    exit_code, out, err = _main(monkeypatch, capsys, "--store", str(tmp_path / "s"), *args)
+    assert exit_code == code and out == ""
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    assert says in err and "Traceback" not in err and "╭" not in err, err
+
+
+def test_help_and_version_still_print(monkeypatch, capsys):
+    code, out, _ = _main(monkeypatch, capsys, "--help")
+    assert code == 0 and "probe" in out and "sweep" in out
+    code, out, _ = _main(monkeypatch, capsys, "probe", "--help")
+    assert code == 0 and "<lp|mlp|logreg>" in out and "[default: " in out
+    code, out, _ = _main(monkeypatch, capsys, "--version")
+    assert code == 0 and out.startswith("embedkit ")
+
+
+def test_help_imports_no_model_code():
+    """Defaults and choices that live in torch-importing modules are read lazily: `embedkit --help` stays instant."""
+    probe = ("import sys\nfrom embedkit import cli\nsys.argv = ['embedkit', '--help']\n"
+             "try:\n    cli.main()\nexcept SystemExit:\n    pass\n"
+             "print(sorted(m for m in ('torch', 'numpy', 'pandas') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip().splitlines()[-1] == "[]", out.stderr
+
+
+def test_the_choices_are_the_librarys():
+    from embedkit.finetune import train
+    from embedkit.heads import probe
+    from embedkit.store import runs
+
+    assert tuple(Head) == probe.HEADS and tuple(Method) == runs.METHODS
+    assert tuple(FinetuneMethod) == train.METHODS and tuple(Schedule) == train.SCHEDULES
+    assert tuple(Amp) == train.AMP_MODES and tuple(Split) == SPLITS
+    every_rule = dict.fromkeys(e for spec in MODELS.values() for e in spec.family.ensembles)
+    assert tuple(Ensemble) == tuple(every_rule)
+
+
+def _commands(command, path=()):
+    yield path, command
+    for name, sub in getattr(command, "commands", {}).items():
+        yield from _commands(sub, (*path, name))
+
+
+def test_every_default_read_from_the_library_resolves_to_its_options_type():
+    from embedkit.heads.probe import HeadConfig
+
+    found = {}
+    for path, command in _commands(typer.main.get_command(cli.app)):
+        ctx = command.make_context("embedkit", [], resilient_parsing=True)
+        for param in command.params:
+            if isinstance(param.default, LibraryDefault):
+                found[(*path, param.name)] = param.process_value(ctx, param.default())
+    assert found[("probe", "epochs")] == HeadConfig.__dataclass_fields__["epochs"].default
+    assert found[("probe", "head")] is Head.lp and found[("sweep", "by")] == "sex"
+    assert found[("finetune", "amp")] is Amp.bf16 and found[("report", "by")] == "sex,age_group"
+    assert found[("report", "split")] is Split.test
+    assert len(found) > 30
+
+
+def test_by_names_attributes_and_cells():
+    assert parse_by(" sex, age_group*sex ,sex*age_group,view,") == ["sex", "age_group_sex", "view"]
+    assert parse_by(None) == [] and columns_of("age_group_sex") == ("age_group", "sex")
+    assert columns_of("view") == ("view",)
+    with pytest.raises(FairnessError, match="no cell 'sex\\*view'.*age_group\\*sex"):
+        parse_by("sex*view")
+    with pytest.raises(FairnessError, match="no cell"):
+        parse_by("age_group*sex*view")
