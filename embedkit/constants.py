@@ -25,6 +25,13 @@ SEXES: tuple[str, ...] = ("M", "F")
 MIN_GROUP_N = 30
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 
+# What a run can be: heads off stored vectors, then fine-tuning regimes streaming images (the CLI's choices too).
+HEADS: tuple[str, ...] = ("lp", "mlp", "logreg")
+FINETUNE_METHODS: tuple[str, ...] = ("lora", "ft")
+RUN_METHODS: tuple[str, ...] = ("zeroshot", *HEADS, *FINETUNE_METHODS)
+LR_SCHEDULES: tuple[str, ...] = ("cosine", "step", "constant")  # fine-tuning's, stepped once per epoch
+AMP_MODES: tuple[str, ...] = ("bf16", "fp16", "none")  # fine-tuning's autocast on CUDA
+
 # Columns of a cohort (one row per image of a cohort; row_id keys repeated images apart).
 COHORT_COLUMNS: tuple[str, ...] = (
     "row_id",

@@ -1,9 +1,8 @@
 """Option types of the command line: the fixed choices (str Enums, so --help lists them and Typer refuses the rest),
 defaults read from the library, and ``--by``.
 
-The choices are the library's tuples (``embedkit.heads.probe.HEADS``, ``embedkit.finetune.train.METHODS``, ...)
-written out again: those modules import torch, which `embedkit --help` must not wait for. tests/test_cli.py checks
-that each Enum equals its tuple.
+The choices are built from embedkit.constants, where the library reads the same tuples (light to import:
+`embedkit --help` never waits for torch).
 """
 
 from __future__ import annotations
@@ -16,52 +15,21 @@ from typing import Any, Optional
 
 import typer
 
-from embedkit.constants import SPLITS
-
-# A cohort's splits (embedkit.constants.SPLITS, light to import: the Enum is built from it).
-Split = Enum("Split", [(s, s) for s in SPLITS], type=str)
+from embedkit.constants import AMP_MODES, FINETUNE_METHODS, HEADS, LR_SCHEDULES, RUN_METHODS, SPLITS
 
 
-class Head(str, Enum):
-    """A trained head (embedkit.heads.probe.HEADS)."""
-
-    lp = "lp"
-    mlp = "mlp"
-    logreg = "logreg"
+def _choices(name: str, values: tuple[str, ...], doc: str) -> type[Enum]:
+    choice = Enum(name, [(v, v) for v in values], type=str)
+    choice.__doc__ = doc
+    return choice
 
 
-class Method(str, Enum):
-    """What produced a run (embedkit.store.runs.METHODS): a filter of `runs`, `fairness` and `report`."""
-
-    zeroshot = "zeroshot"
-    lp = "lp"
-    mlp = "mlp"
-    logreg = "logreg"
-    lora = "lora"
-    ft = "ft"
-
-
-class FinetuneMethod(str, Enum):
-    """Fine-tuning regimes (embedkit.finetune.train.METHODS)."""
-
-    lora = "lora"
-    ft = "ft"
-
-
-class Schedule(str, Enum):
-    """Learning-rate schedules of fine-tuning (embedkit.finetune.train.SCHEDULES)."""
-
-    cosine = "cosine"
-    step = "step"
-    constant = "constant"
-
-
-class Amp(str, Enum):
-    """Autocast modes of fine-tuning on CUDA (embedkit.finetune.train.AMP_MODES)."""
-
-    bf16 = "bf16"
-    fp16 = "fp16"
-    none = "none"
+Split = _choices("Split", SPLITS, "A cohort's split.")
+Head = _choices("Head", HEADS, "A trained head off the stored vectors.")
+Method = _choices("Method", RUN_METHODS, "What produced a run: a filter of `runs`, `fairness` and `report`.")
+FinetuneMethod = _choices("FinetuneMethod", FINETUNE_METHODS, "Fine-tuning regimes.")
+Schedule = _choices("Schedule", LR_SCHEDULES, "Learning-rate schedules of fine-tuning.")
+Amp = _choices("Amp", AMP_MODES, "Autocast modes of fine-tuning on CUDA.")
 
 
 class Ensemble(str, Enum):

@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from embedkit.constants import AMP_MODES, FINETUNE_METHODS, LR_SCHEDULES
 from embedkit.data.cohort import cohort_fingerprint
 from embedkit.errors import EmbedkitError
 from embedkit.finetune.augment import Augment, AugmentedImageFiles, KeySampler, epoch_order, torch_seed
@@ -56,9 +57,6 @@ if TYPE_CHECKING:
     from embedkit.finetune.lora import LoraTower
     from embedkit.models.registry import ModelSpec
 
-METHODS = ("lora", "ft")
-SCHEDULES = ("cosine", "step", "constant")
-AMP_MODES = ("bf16", "fp16", "none")
 HEAD_HIDDEN = 1024  # the paper's LP head width
 
 
@@ -95,10 +93,10 @@ class FinetuneConfig:
 
     def validate(self) -> None:
         """Raise :class:`FinetuneError` naming the first bad setting."""
-        if self.method not in METHODS:
-            raise FinetuneError(f"--method must be one of {', '.join(METHODS)}, not '{self.method}'")
-        if self.schedule not in SCHEDULES:
-            raise FinetuneError(f"--schedule must be one of {', '.join(SCHEDULES)}, not '{self.schedule}'")
+        if self.method not in FINETUNE_METHODS:
+            raise FinetuneError(f"--method must be one of {', '.join(FINETUNE_METHODS)}, not '{self.method}'")
+        if self.schedule not in LR_SCHEDULES:
+            raise FinetuneError(f"--schedule must be one of {', '.join(LR_SCHEDULES)}, not '{self.schedule}'")
         if self.amp not in AMP_MODES:
             raise FinetuneError(f"--amp must be one of {', '.join(AMP_MODES)}, not '{self.amp}'")
         for name in ("epochs", "batch_size"):

@@ -25,11 +25,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from embedkit.constants import HEADS
 from embedkit.heads.vectors import CohortVectors, HeadsError, load_vectors
 from embedkit.store.runs import record_run, softmax
 from embedkit.store.store import Store
 
-HEADS = ("lp", "mlp", "logreg")
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
 BN_EPS = 1e-5

@@ -95,7 +95,7 @@ def pooled(data: ReportData, per_run: bool = False) -> Pool:
 
 def arms(data: ReportData) -> list[str]:
     """The arms in display order: cohort, model (first seen), released weights before random ones, method order."""
-    from embedkit.store.runs import METHODS
+    from embedkit.constants import RUN_METHODS as METHODS
 
     model_order = {m: i for i, m in enumerate(dict.fromkeys(data.runs["model"]))}
     method_order = {m: i for i, m in enumerate(METHODS)}

@@ -28,8 +28,6 @@ from embedkit.store.store import Store, StoreError, new_run_id, sql_eq, sql_in
 if TYPE_CHECKING:  # the heads' slice of the store; only its attributes are read here
     from embedkit.heads.vectors import CohortVectors
 
-METHODS = ("zeroshot", "lp", "mlp", "logreg", "lora", "ft")
-
 
 @functools.lru_cache(maxsize=1)
 def code_version() -> str:
