@@ -233,7 +233,8 @@ def embed_cmd(
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     batch_size: int = typer.Option(64, help="Images per forward pass"),
     workers: int = typer.Option(2, help="DataLoader worker processes decoding images"),
-    prompts: list[str] = typer.Option([], help="Extra prompt set: a YAML/JSON file {class: [prompts]} (repeatable)"),
+    prompts: list[str] = typer.Option([], help="Extra prompt set: a built-in set (docs/models.md) or a YAML/JSON "
+                                      "file {class: [prompts]} (repeatable)"),
     force: bool = typer.Option(False, help="Re-embed rows already embedded with these weights"),
     chunk_images: int = typer.Option(256, help="Images per store commit (a killed run loses at most one chunk)"),
     quiet: bool = typer.Option(False, help="No progress bar"),
