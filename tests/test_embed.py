@@ -84,6 +84,9 @@ def test_gloria_stores_local_similarities_per_prompt(store, small_cohort):
     prompts = store.read("prompts_tiny_gloria").to_pandas()
     assert sorted(local["prompt_set"].unique()) == ["chexpert-gloria", "chexpert-nih"]  # GLoRIA embeds its own draw
     assert len(local) == 2 * len(frame)
+    # Stored verbatim, spaces and all: GLoRIA's zero-shot counts the raw prompt's characters.
+    gloria_prompts = prompts.loc[prompts["prompt_set"] == "chexpert-gloria", "prompt"].tolist()
+    assert " tiny bilateral pleural effusion" in gloria_prompts
     for name, group in prompts.groupby("prompt_set"):
         assert {len(s) for s in local.loc[local["prompt_set"] == name, "similarity"]} == {len(group)}
 

@@ -118,7 +118,8 @@ _NIH_SEED = 0
 def _authors_prompts(entry: dict[str, list[str]]) -> list[str]:
     """Every prompt the authors generate for one class of their table, in their order: the first list x the
     second x the third, by position, each ``f"{first} {second} {third}"``. Empty attributes leave their spaces
-    (" cardiomegaly unchanged "), and a repeated entry gives repeated prompts, as upstream."""
+    (" cardiomegaly unchanged "), kept because GLoRIA's zero-shot counts a prompt's raw characters; a repeated
+    entry gives repeated prompts, as upstream."""
     first, second, third = entry.values()
     return [f"{a} {b} {c}" for a in first for b in second for c in third]
 
