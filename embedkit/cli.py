@@ -265,7 +265,8 @@ def embed_cmd(
     device: str = typer.Option(_EMBED("device"), help="auto | cpu | cuda | cuda:N"),
     batch_size: int = typer.Option(_EMBED("batch_size"), help="Images per forward pass"),
     workers: int = typer.Option(_EMBED("workers"), help="DataLoader worker processes decoding images"),
-    prompts: list[str] = typer.Option([], help="Extra prompt set: a YAML/JSON file {class: [prompts]} (repeatable)"),
+    prompts: list[str] = typer.Option([], help="Extra prompt set: a built-in set (docs/models.md) or a YAML/JSON "
+                                      "file {class: [prompts]} (repeatable)"),
     force: bool = typer.Option(False, help="Re-embed rows already embedded with these weights"),
     chunk_images: int = typer.Option(_EMBED("chunk_images"),
                                      help="Images per store commit (a killed run loses at most one chunk)"),

@@ -87,6 +87,33 @@ def _prompt_sets_for(spec: ModelSpec, extra: list[str]) -> list[str]:
     return sets + [s for s in extra if s not in sets]
 
 
+def _prompt_pairs(by_class: dict[str, list[str]]) -> list[tuple[str, str]]:
+    return [(cls, text) for cls, texts in by_class.items() for text in texts]
+
+
+def _stored_prompts(store: Store, model: str, weights_id: str, prompt_set: str) -> list[tuple[str, str]]:
+    """(class, prompt) of a stored set in prompt_index order; empty when the set was never embedded."""
+    table = prompts_table(model)
+    if not store.has(table):
+        return []
+    where = f"{sql_eq('weights_id', weights_id)} AND {sql_eq('prompt_set', prompt_set)}"
+    stored = store.read(table, where, ["class", "prompt", "prompt_index"]).to_pandas().sort_values("prompt_index")
+    return list(stored[["class", "prompt"]].itertuples(index=False, name=None))
+
+
+def _refuse_stale_extras(store: Store, spec: ModelSpec, weights_id: str, cohort: str, classes: tuple[str, ...],
+                         set_names: list[str]) -> None:
+    """Per-image extras (GLoRIA's local similarities) are computed against each set's prompts when an image is
+    embedded: a set that differs from the stored one (embedkit changed it, or its file did) or is new would leave
+    the images already embedded with similarities to other prompts, or none. Refused before anything is written."""
+    changed = [name for name, by_class in (spec.family.prompts(raw, classes) for raw in set_names)
+               if _stored_prompts(store, spec.name, weights_id, name) != _prompt_pairs(by_class)]
+    if changed:
+        raise CohortError(f"prompt set(s) {', '.join(changed)} differ from what the images of cohort '{cohort}' "
+                          f"already embedded with {weights_id} were scored against: run the same command with "
+                          "--force to re-embed them (nothing was changed)")
+
+
 @torch.inference_mode()
 def embed_prompts(store: Store, spec: ModelSpec, model, weights_id: str, classes: tuple[str, ...],
                   sets: list[str], device: torch.device, force: bool = False) -> dict[str, dict[str, list[str]]]:
@@ -101,10 +128,8 @@ def embed_prompts(store: Store, spec: ModelSpec, model, weights_id: str, classes
         name, by_class = spec.family.prompts(raw, classes)
         out[name] = by_class
         where = f"{sql_eq('weights_id', weights_id)} AND {sql_eq('prompt_set', name)}"
-        if force:
-            store.delete(table, where)
-        elif store.count(table, where) == sum(len(v) for v in by_class.values()):
-            continue
+        if not force and _stored_prompts(store, spec.name, weights_id, name) == _prompt_pairs(by_class):
+            continue  # the same strings in the same order: the stored vectors are this set's
         rows, index = [], 0
         for cls, texts in by_class.items():
             tokens = {k: v.to(device) if torch.is_tensor(v) else v for k, v in model.tokenize(texts).items()}
@@ -171,9 +196,11 @@ def _embed_cohort(store: Store, spec: ModelSpec, model, weights_id: str, source:
         store.delete(table, where)
         store.delete(localsim_table(spec.name), f"{sql_eq('weights_id', weights_id)} AND row_id LIKE '{cohort}/%'")
     done = set(store.read(table, where, ["row_id"])["row_id"].to_pylist()) if store.has(table) else set()
+    set_names = _prompt_sets_for(spec, extra_prompt_sets or [])
+    if done and spec.family.uses_local_similarity:
+        _refuse_stale_extras(store, spec, weights_id, cohort, classes, set_names)
     _record_weights(store, spec, model, weights_id, source)
-    sets = embed_prompts(store, spec, model, weights_id, classes, _prompt_sets_for(spec, extra_prompt_sets or []),
-                         dev, force)
+    sets = embed_prompts(store, spec, model, weights_id, classes, set_names, dev, force)
     todo = rows[~rows["row_id"].isin(done)]
     paths = list(dict.fromkeys(todo["path"]))  # repeated images: one forward pass
     start = time.perf_counter()

@@ -82,10 +82,36 @@ def test_gloria_stores_local_similarities_per_prompt(store, small_cohort):
     _embed(store, model="tiny-gloria")
     local = store.read("localsim_tiny_gloria").to_pandas()
     prompts = store.read("prompts_tiny_gloria").to_pandas()
-    assert sorted(local["prompt_set"].unique()) == ["chexpert-authors", "chexpert-nih"]
+    assert sorted(local["prompt_set"].unique()) == ["chexpert-gloria", "chexpert-nih"]  # GLoRIA embeds its own draw
     assert len(local) == 2 * len(frame)
+    # Stored verbatim, spaces and all: GLoRIA's zero-shot counts the raw prompt's characters.
+    gloria_prompts = prompts.loc[prompts["prompt_set"] == "chexpert-gloria", "prompt"].tolist()
+    assert " tiny bilateral pleural effusion" in gloria_prompts
     for name, group in prompts.groupby("prompt_set"):
         assert {len(s) for s in local.loc[local["prompt_set"] == name, "similarity"]} == {len(group)}
+
+
+def test_a_changed_prompt_set_is_re_embedded_and_stale_local_similarities_are_refused(store, small_cohort, tmp_path):
+    frame, folder = small_cohort
+    _import(store, frame, folder)
+    mine = tmp_path / "mine.json"
+    mine.write_text(json.dumps({c: [f"an x-ray of {c}"] for c in sorted(frame["label"].unique())}))
+    _embed(store, extra_prompt_sets=[str(mine)])
+    mine.write_text(json.dumps({c: [f"a radiograph of {c}"] for c in sorted(frame["label"].unique())}))
+    _embed(store, extra_prompt_sets=[str(mine)])  # as many prompts as before, other strings: embedded again
+    stored = store.read("prompts_tiny_clip", "prompt_set = 'mine'").to_pandas()
+    assert len(stored) == 6 and stored["prompt"].str.startswith("a radiograph of").all()
+
+    _embed(store, model="tiny-gloria", extra_prompt_sets=[str(mine)])
+    before = store.read("localsim_tiny_gloria").num_rows, store.read("prompts_tiny_gloria").to_pandas()
+    mine.write_text(json.dumps({c: [f"no sign of {c}"] for c in sorted(frame["label"].unique())}))
+    with pytest.raises(CohortError, match="mine differ.*--force"):  # the images' similarities are to the old ones
+        _embed(store, model="tiny-gloria", extra_prompt_sets=[str(mine)])
+    assert store.read("localsim_tiny_gloria").num_rows == before[0]
+    assert store.read("prompts_tiny_gloria").to_pandas()["prompt"].tolist() == before[1]["prompt"].tolist()
+    _embed(store, model="tiny-gloria", extra_prompt_sets=[str(mine)], force=True)
+    local = store.read("localsim_tiny_gloria", "prompt_set = 'mine'").num_rows
+    assert local == len(frame)
 
 
 def test_width_mismatch_unknown_model_and_unknown_cohort_are_clear_errors(store, small_cohort):

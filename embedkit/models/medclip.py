@@ -343,6 +343,7 @@ class MedClipFamily(ModelFamily):
 
     module = "medclip"
     zeroshot_rule = "medclip"
+    # chexpert-nih covers NIH's six classes (the default); chexpert-authors is MedCLIP's draw, seeded, to reproduce it.
     prompt_sets = ("chexpert-nih", "chexpert-authors")
     scale_max = 100.0  # exp(log 100): the authors clamp logit_scale to [0, log 100]
 

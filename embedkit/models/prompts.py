@@ -1,11 +1,14 @@
 """Prompt sets: class -> list of prompts, one place for every set embedkit ships.
 
 - ``clip``: CLIP/BiomedCLIP-style templates (BiomedCLIP's authors score with "this is a photo of {label}").
-- ``chexpert-nih``: CheXpert-style severity x subtype x location prompts (the style MedCLIP and GLoRIA were
-  trained with) written for NIH's six classes, including Pneumothorax and NIH's "Effusion".
-- ``chexpert-authors``: the MedCLIP/GLoRIA authors' CheXpert prompt table (its "Pleural Effusion" answers NIH's
-  Effusion). The table has no Pneumothorax entry; that one class takes ``chexpert-nih``'s prompts (documented).
+- ``chexpert-nih``: embedkit's CheXpert-style prompts (severity, subtype, location: the style MedCLIP and GLoRIA
+  were trained with) written for NIH's six classes, including Pneumothorax and NIH's "Effusion".
+- ``chexpert-authors``: MedCLIP's draw from the authors' CheXpert prompt table, 10 per class, seeded.
+- ``chexpert-gloria``: GLoRIA's draw from the same table, 5 per class after ``random.seed(6)``: its exact prompts.
 - a YAML or JSON file of ``{class: [prompt, ...]}`` for the user's own (its set name is the file's stem).
+
+In the authors' sets NIH's "Effusion" takes the table's "Pleural Effusion"; the table has no Pneumothorax, so that
+class takes ``chexpert-nih``'s prompts.
 """
 
 from __future__ import annotations
@@ -31,7 +34,9 @@ CLIP_TEMPLATES = (
     "a radiograph of a patient with {name}",
 )
 
-# The authors' CheXpert prompt table (MedCLIP / GLoRIA), as published: severity x subtype x location.
+# The authors' CheXpert prompt table, as published (GLoRIA's and MedCLIP's constants hold the same one), under
+# the authors' class names. Their generator combines each class's three lists by POSITION, not by name, so the
+# order of the lists is part of the table: "Pleural Effusion" lists severity, location, subtype.
 CHEXPERT_AUTHORS = {
     "Atelectasis": {
         "severity": ["", "mild", "minimal"],
@@ -67,16 +72,31 @@ CHEXPERT_AUTHORS = {
         "subtype": ["pulmonary edema", "trace interstitial edema", "pulmonary interstitial edema"],
         "location": [""],
     },
-    "Effusion": {  # "Pleural Effusion" in the authors' table
+    "Pleural Effusion": {
         "severity": ["", "small", "stable", "large", "decreased", "increased"],
         "location": ["left", "right", "tiny"],
         "subtype": ["bilateral pleural effusion", "subpulmonic pleural effusion", "bilateral pleural effusion"],
     },
 }
 
-# embedkit's own table for NIH's six classes, in the same style; Pneumothorax is new.
+# The authors' class name of a cohort class where the two differ.
+_AUTHORS_CLASS = {"Effusion": "Pleural Effusion"}
+
+# How each authors' set is drawn from the table: (prompts per class, seed of Python's `random`). Both authors call
+# random.sample(all of a class's prompts, n) class after class in table order on the one module-level generator.
+AUTHORS_DRAWS = {
+    # MedCLIP: n = 10 (README, pretraining script); the README's draw is unseeded, so embedkit records its own
+    # seed: 42, the one MedCLIP's pretraining script sets before it draws its evaluation prompts this way.
+    "chexpert-authors": (10, 42),
+    # GLoRIA: n = 5 (the default its README's zero-shot example uses) after the random.seed(6) that importing
+    # gloria runs, nothing drawing in between: GLoRIA's prompts exactly.
+    "chexpert-gloria": (5, 6),
+}
+
+# embedkit's own table for NIH's six classes in the same style, combined severity x subtype x location by name:
+# the authors' first four classes, and its own Effusion and Pneumothorax (which the authors' table lacks).
 CHEXPERT_NIH = {
-    **CHEXPERT_AUTHORS,
+    **{cls: CHEXPERT_AUTHORS[cls] for cls in ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema")},
     "Effusion": {
         "severity": ["", "small", "stable", "large", "decreased", "increased"],
         "subtype": ["pleural effusion", "bilateral pleural effusion", "subpulmonic pleural effusion",
@@ -90,37 +110,60 @@ CHEXPERT_NIH = {
     },
 }
 
-BUILTIN_SETS = ("clip", "chexpert-nih", "chexpert-authors")
-PROMPTS_PER_CLASS = 10  # CheXpert-style prompts sampled per class, as the authors sampled n per class
-PROMPT_SEED = 0
+BUILTIN_SETS = ("clip", "chexpert-nih", *AUTHORS_DRAWS)
+_NIH_PER_CLASS = 10
+_NIH_SEED = 0
 
 
-def _combinations(table: dict) -> list[str]:
+def _authors_prompts(entry: dict[str, list[str]]) -> list[str]:
+    """Every prompt the authors generate for one class of their table, in their order: the first list x the
+    second x the third, by position, each ``f"{first} {second} {third}"``. Empty attributes leave their spaces
+    (" cardiomegaly unchanged "), kept because GLoRIA's zero-shot counts a prompt's raw characters; a repeated
+    entry gives repeated prompts, as upstream."""
+    first, second, third = entry.values()
+    return [f"{a} {b} {c}" for a in first for b in second for c in third]
+
+
+def _authors_draw(name: str) -> dict[str, list[str]]:
+    """The authors' draw of set ``name`` for every class of their table, under the authors' class names."""
+    n, seed = AUTHORS_DRAWS[name]
+    rng = random.Random(seed)  # the state random.seed(seed) gives the module-level generator
+    drawn = {}
+    for cls, entry in CHEXPERT_AUTHORS.items():  # every class in order: each one's draw moves the generator on
+        prompts = _authors_prompts(entry)
+        drawn[cls] = rng.sample(prompts, n) if n < len(prompts) else prompts
+    return drawn
+
+
+def _nih_combinations(table: dict[str, list[str]]) -> list[str]:
     combos = itertools.product(table["severity"], table["subtype"], table["location"])
-    # The authors' table repeats an entry; a set keeps each prompt once.
     return sorted({" ".join(part for part in combo if part) for combo in combos})
 
 
-def _sample_chexpert(table: dict[str, dict], classes: tuple[str, ...], n: int, seed: int) -> dict[str, list[str]]:
-    out = {}
-    for cls in classes:
-        entry = table.get(cls) or CHEXPERT_NIH.get(cls)
-        if entry is None:
-            raise PromptError(f"no CheXpert-style prompts for class '{cls}'; pass --prompts FILE with your own")
-        prompts = _combinations(entry)
-        rng = random.Random(f"{seed}:{cls}")  # seeded per class: adding a class does not change the others
-        out[cls] = sorted(rng.sample(prompts, min(n, len(prompts))))
-    return out
+def _nih_prompts(cls: str) -> list[str]:
+    entry = CHEXPERT_NIH.get(cls)
+    if entry is None:
+        raise PromptError(f"no CheXpert-style prompts for class '{cls}'; pass --prompts FILE with your own")
+    prompts = _nih_combinations(entry)
+    rng = random.Random(f"{_NIH_SEED}:{cls}")  # seeded per class: adding a class does not change the others
+    return sorted(rng.sample(prompts, min(_NIH_PER_CLASS, len(prompts))))
 
 
-def prompt_set(name: str, classes: tuple[str, ...], n: int = PROMPTS_PER_CLASS) -> dict[str, list[str]]:
+def _authors_set(name: str, classes: tuple[str, ...]) -> dict[str, list[str]]:
+    drawn = _authors_draw(name)
+    # A class outside the authors' table (NIH's Pneumothorax) takes chexpert-nih's prompts, so that every class of
+    # an NIH cohort is scored.
+    return {c: drawn.get(_AUTHORS_CLASS.get(c, c)) or _nih_prompts(c) for c in classes}
+
+
+def prompt_set(name: str, classes: tuple[str, ...]) -> dict[str, list[str]]:
     """The prompts of set ``name`` (a built-in set or a YAML/JSON file path) for ``classes``, in class order."""
     if name == "clip":
         return {c: [t.format(name=_CLASS_NAMES.get(c, c.lower())) for t in CLIP_TEMPLATES] for c in classes}
     if name == "chexpert-nih":
-        return _sample_chexpert(CHEXPERT_NIH, classes, n, PROMPT_SEED)
-    if name == "chexpert-authors":
-        return _sample_chexpert(CHEXPERT_AUTHORS, classes, n, PROMPT_SEED)
+        return {c: _nih_prompts(c) for c in classes}
+    if name in AUTHORS_DRAWS:
+        return _authors_set(name, classes)
     return _load_file(Path(name), classes)
 
 
