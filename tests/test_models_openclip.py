@@ -6,9 +6,11 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers / huggingface_hub are imported: never the hub
 
+import copy
 import json
 import math
 import pickle
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -199,6 +201,137 @@ def test_clip_missing_file_names_it(tmp_path):
     assert isinstance(err.value, FileNotFoundError)
     assert "open_clip_model.safetensors" in str(err.value)
     assert "huggingface.co/timm/vit_base_patch16_clip_224.openai" in str(err.value)
+
+
+# ---------------------------------------------------------------------------------------------- OpenAI's own files
+
+
+def write_openai_torchscript(model: VisionLanguageModel, file: Path) -> Path:
+    """What ``clip.load`` downloads: a traced CLIP saved with torch.jit.save, OpenAI's key names, the JIT integers.
+
+    OpenAI's model keeps the text causal mask as a plain attribute (tracing makes it a constant) and
+    ``input_resolution``, ``context_length``, ``vocab_size`` as buffers; open_clip's CLIP is made to match.
+    """
+    clip = copy.deepcopy(model.model)
+    mask = clip.attn_mask
+    delattr(clip, "attn_mask")
+    clip.attn_mask = mask
+    for name, value in (("input_resolution", 224), ("context_length", 77), ("vocab_size", 49408)):
+        clip.__dict__.pop(name, None)  # open_clip keeps two of them as plain ints
+        clip.register_buffer(name, torch.tensor(value))
+    text = model.tokenize(PROMPTS)["input_ids"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit's deprecation notices
+        traced = torch.jit.trace_module(clip, {"forward": (pixels(7), text), "encode_image": (pixels(7),),
+                                               "encode_text": (text,)}, check_trace=False)
+        file.parent.mkdir(parents=True, exist_ok=True)
+        torch.jit.save(traced, str(file))
+    return file
+
+
+def test_openai_torchscript_archive_loads_without_running_it(tmp_path, monkeypatch):
+    from embedkit.models.base import read_torchscript_tensors
+
+    spec = get_spec("tiny-clip")
+    source = spec.build(seed=1)
+    file = write_openai_torchscript(source, tmp_path / "clip" / "ViT-B-16.pt")
+    expected = set(source.model.state_dict()) | set(openclip.OPENAI_JIT_KEYS)
+    assert set(read_torchscript_tensors(file, "it")) == expected  # torch.jit.load(file).state_dict()'s keys
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.jit.load runs the archive's code")
+
+    monkeypatch.setattr(torch.jit, "load", refuse)
+    tokens = source.tokenize(PROMPTS)
+    img0, txt0 = embeddings(source, tokens)
+    for path in (file, file.parent):  # the file, or the folder clip.load caches it in
+        loaded = spec.family.load(spec, path)
+        img1, txt1 = embeddings(loaded, loaded.tokenize(PROMPTS))
+        assert torch.allclose(img0, img1, atol=1e-5) and torch.allclose(txt0, txt1, atol=1e-5)
+        assert math.isclose(loaded.zeroshot_logit_scale(), source.zeroshot_logit_scale(), rel_tol=1e-6)
+    assert not torch.allclose(embeddings(spec.build(seed=0), tokens)[0], img0, atol=1e-3)
+
+
+def test_openai_torchscript_half_precision(tmp_path):
+    # OpenAI's released archives hold fp16 weights (HalfStorage); they load into the fp32 model.
+    spec = get_spec("tiny-clip")
+    source = spec.build(seed=4)
+    file = write_openai_torchscript(source, tmp_path / "ViT-B-16.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit's deprecation notices
+        traced = torch.jit.load(str(file))  # the test's own file: running it here is fine
+        torch.jit.save(traced.half(), str(file))
+    rounded = spec.build(seed=4)
+    rounded.model.load_state_dict({k: v.half().float() for k, v in source.model.state_dict().items()})
+    tokens = source.tokenize(PROMPTS)
+    img0, txt0 = embeddings(rounded, tokens)
+    img1, txt1 = embeddings(spec.load(file), tokens)
+    assert torch.allclose(img0, img1, atol=1e-5) and torch.allclose(txt0, txt1, atol=1e-5)
+
+
+def test_openai_state_dict_with_jit_integers_loads_and_nothing_else_is_forgiven(tmp_path):
+    spec = get_spec("tiny-clip")
+    source = spec.build(seed=3)
+    jit = {"input_resolution": torch.tensor(224), "context_length": torch.tensor(77),
+           "vocab_size": torch.tensor(49408)}
+    file = write_clip_checkpoint(source, tmp_path / "ok" / "clip_state_dict.pt", extra=jit)
+    tokens = source.tokenize(PROMPTS)
+    img0, txt0 = embeddings(source, tokens)
+    img1, txt1 = embeddings(spec.load(file), tokens)
+    assert torch.equal(img0, img1) and torch.equal(txt0, txt1)
+    file = write_clip_checkpoint(source, tmp_path / "extra" / "clip_state_dict.pt",
+                                 extra={**jit, "image_resolution": torch.tensor(224)})
+    with pytest.raises(CheckpointError, match=r"1 unexpected key\(s\): image_resolution\b"):
+        spec.load(file)
+    # under a JIT key's name, anything but an integer is no JIT integer
+    file = write_clip_checkpoint(source, tmp_path / "float" / "clip_state_dict.pt",
+                                 extra={"vocab_size": torch.zeros(3)})
+    with pytest.raises(CheckpointError, match=r"unexpected key\(s\): vocab_size"):
+        spec.load(file)
+
+
+def _replace_entry(archive: Path, suffix: str, data: bytes, out: Path) -> Path:
+    import zipfile
+
+    with zipfile.ZipFile(archive) as src, zipfile.ZipFile(out, "w") as dst:
+        for info in src.infolist():
+            dst.writestr(info, data if info.filename.endswith(suffix) else src.read(info))
+    return out
+
+
+def test_hostile_or_damaged_torchscript_is_one_error(tmp_path, monkeypatch):
+    import pickletools
+    import zipfile
+
+    spec = get_spec("tiny-clip")
+    good = write_openai_torchscript(spec.build(seed=1), tmp_path / "good" / "ViT-B-16.pt")
+    marker = tmp_path / "ran"
+    command = f"touch {marker}".encode()
+    payload = b"\x80\x02cos\nsystem\nX" + len(command).to_bytes(4, "little") + command + b"\x85R."
+    # what pickle.loads would do with it: os.system(command)
+    assert [(op.name, arg) for op, arg, _ in pickletools.genops(payload)][1:5] == [
+        ("GLOBAL", "os system"), ("BINUNICODE", command.decode()), ("TUPLE1", None), ("REDUCE", None)]
+    hostile = _replace_entry(good, "/data.pkl", payload, tmp_path / "hostile.pt")
+    with zipfile.ZipFile(hostile) as z:
+        assert any(n.endswith("/constants.pkl") for n in z.namelist())  # still looks like TorchScript
+    monkeypatch.setattr(torch.jit, "load", lambda *a, **k: pytest.fail("torch.jit.load was called"))
+    with pytest.raises(CheckpointError) as err:
+        spec.load(hostile)
+    assert "os.system" in str(err.value) and str(hostile) in str(err.value) and "\n" not in str(err.value)
+    assert not marker.exists()
+
+    data = good.read_bytes()
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(data[: len(data) // 2])
+    # a storage entry cut short inside an intact zip, and a data.pkl that is not a pickle
+    short = _replace_entry(good, "/data/0", b"\x00" * 4, tmp_path / "short.pt")
+    garbage = _replace_entry(good, "/data.pkl", b"not a pickle at all", tmp_path / "garbage.pt")
+    for bad in (truncated, short, garbage):
+        with pytest.raises(CheckpointError) as err:
+            spec.load(bad)
+        message = str(err.value)
+        assert str(bad) in message and "huggingface.co/timm/vit_base_patch16_clip_224.openai" in message, message
+        assert "\n" not in message and "weights_only" not in message, message
 
 
 def write_biomedclip_folder(model: VisionLanguageModel, folder: Path, extra: dict | None = None) -> Path:

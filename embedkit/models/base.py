@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import sys
 import types
+import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -161,8 +164,8 @@ class CheckpointError(EmbedkitError, ValueError):
 
 
 def read_tensor_file(path, release: str, unwrap: bool = False) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file or of a torch file holding a state dict (with ``unwrap``, also the
-    ``{"state_dict": ...}`` of a training checkpoint).
+    """The tensors of a safetensors file, of a torch file holding a state dict (with ``unwrap``, also the
+    ``{"state_dict": ...}`` of a training checkpoint), or of a TorchScript archive (:func:`read_torchscript_tensors`).
 
     ``torch.load`` runs with ``weights_only=True``: a downloaded pickle never runs code. Any file that cannot be read
     so (truncated, malformed, a pickle of other objects) is one CheckpointError naming the file and ``release`` (what
@@ -170,7 +173,9 @@ def read_tensor_file(path, release: str, unwrap: bool = False) -> dict[str, torc
     """
     path = Path(path)
     try:
-        if path.suffix == ".safetensors":
+        if torchscript_archive_name(path) is not None:
+            state = read_torchscript_tensors(path, release)
+        elif path.suffix == ".safetensors":
             from safetensors import SafetensorError
             from safetensors.torch import load_file
 
@@ -244,7 +249,7 @@ class RefusedGlobal:
         pass
 
     def __setstate__(self, state: Any) -> None:
-        pass
+        self.state = state  # kept, never acted on: a TorchScript module's attributes (read_torchscript_tensors)
 
     def __setitem__(self, key: Any, value: Any) -> None:
         pass
@@ -278,9 +283,7 @@ class RestrictedUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _TENSOR_REBUILDERS:
-            import torch._utils
-
-            return getattr(torch._utils, name)
+            return getattr(torch._utils, name)  # imported by torch itself (a local import would shadow `torch`)
         if module == "collections" and name == "OrderedDict":
             import collections
 
@@ -333,3 +336,127 @@ def read_checkpoint_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if bad:
         raise CheckpointError(f"{path}: state_dict entries that are not tensors: {bad[:5]}")
     return dict(state)
+
+
+# --- TorchScript archives (OpenAI's CLIP release): tensors read from the zip, no TorchScript run -------------------
+
+# Globals a TorchScript data.pkl names besides tensors: its module classes (``__torch__.*``, kept as inert records
+# holding their attributes) and the typed-list helpers it writes for non-tensor attributes (not needed here).
+_TORCHSCRIPT_MODULES = "__torch__."
+_TORCHSCRIPT_INERT = (_TORCHSCRIPT_MODULES, "torch.jit._pickle.")
+
+
+def torchscript_archive_name(path: str | Path) -> str | None:
+    """The archive name (``<name>/data.pkl``) of a TorchScript zip, or None for anything else.
+
+    ``torch.save`` writes the same zip layout; only TorchScript adds ``<name>/constants.pkl`` and ``code/``.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return _archive_name(archive)
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return None
+
+
+def _archive_name(archive: zipfile.ZipFile) -> str | None:
+    names = set(archive.namelist())
+    for name in names:
+        top, _, rest = name.partition("/")
+        if rest == "data.pkl" and f"{top}/constants.pkl" in names:
+            return top
+    return None
+
+
+class _ForeignGlobal(pickle.UnpicklingError):
+    """A TorchScript data.pkl names a global no archive needs (``os.system``, ...): the file is refused."""
+
+
+class _TorchScriptUnpickler(RestrictedUnpickler):
+    """:class:`RestrictedUnpickler` that stops at the first global outside tensors and TorchScript's own classes,
+    and whose persistent ids ``("storage", type, key, location, numel)`` are the archive's ``<name>/data/<key>``
+    entries, read as bytes onto the CPU (the saved device is ignored)."""
+
+    def __init__(self, file: Any, archive: zipfile.ZipFile, name: str) -> None:
+        super().__init__(file)
+        self.archive = archive
+        self.name = name
+        self.storages: dict[str, torch.storage.TypedStorage] = {}
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = super().find_class(module, name)
+        if isinstance(found, type) and issubclass(found, RefusedGlobal) and \
+                not found.origin.startswith(_TORCHSCRIPT_INERT):
+            raise _ForeignGlobal(found.origin)  # still only a name: nothing was imported
+        return found
+
+    def persistent_load(self, saved_id: Any) -> torch.storage.TypedStorage:
+        kind, storage_type, key, _location, numel = saved_id
+        if kind != "storage" or not isinstance(key, str):
+            raise pickle.UnpicklingError(f"unknown persistent id {kind!r}")
+        if key not in self.storages:
+            with warnings.catch_warnings():  # a legacy storage class's dtype warns that TypedStorage is deprecated
+                warnings.simplefilter("ignore", UserWarning)
+                dtype = torch.uint8 if storage_type is torch.UntypedStorage else storage_type.dtype
+            data = bytearray(self.archive.read(f"{self.name}/data/{key}"))
+            nbytes = int(numel) * torch.empty((), dtype=dtype).element_size()
+            if len(data) != nbytes:
+                raise pickle.UnpicklingError(f"storage {key} holds {len(data)} bytes, {nbytes} expected")
+            untyped = torch.frombuffer(data, dtype=torch.uint8).untyped_storage() if data else torch.UntypedStorage(0)
+            self.storages[key] = torch.storage.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
+        return self.storages[key]
+
+
+def _module_tensors(module: RefusedGlobal, prefix: str, ancestors: frozenset[int],
+                    out: dict[str, torch.Tensor]) -> None:
+    """Every tensor attribute of a TorchScript module record and its submodules, under dotted names.
+
+    A traced module's tensor attributes are exactly its parameters and buffers (plain tensors become constants),
+    so this is what ``torch.jit.load(path).state_dict()`` returns.
+    """
+    for name, value in getattr(module, "state", {}).items():
+        if isinstance(value, torch.Tensor):
+            out[prefix + name] = value
+        elif (isinstance(value, RefusedGlobal) and value.origin.startswith(_TORCHSCRIPT_MODULES)
+              and id(value) not in ancestors):  # a shared submodule gets every name, a cycle none
+            _module_tensors(value, f"{prefix}{name}.", ancestors | {id(value)}, out)
+
+
+def read_torchscript_tensors(path: str | Path, release: str) -> dict[str, torch.Tensor]:
+    """The parameters and buffers of a TorchScript archive (what ``clip.load`` downloads), by dotted name.
+
+    ``torch.jit.load`` would compile and run the archive's code; instead ``data.pkl`` is read through
+    :class:`RestrictedUnpickler` (module objects become inert records keeping their attributes) and its storages
+    from the zip entries. A pickle naming any other global (``os.system``, ...) is refused before it is unpickled
+    further, and nothing is imported; any unreadable file is one CheckpointError naming ``release`` (what to
+    download again).
+    """
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            name = _archive_name(archive)
+            if name is None:
+                raise zipfile.BadZipFile("no <name>/data.pkl beside <name>/constants.pkl")
+            # torch records the byte order since 1.10; archives from before were little-endian in practice
+            order = archive.read(f"{name}/byteorder").decode().strip() \
+                if f"{name}/byteorder" in archive.namelist() else "little"
+            if order != sys.byteorder:
+                raise CheckpointError(f"{path} holds {order}-endian tensors and this machine is {sys.byteorder}-"
+                                      f"endian; embedkit does not convert them")
+            with archive.open(f"{name}/data.pkl") as data:
+                unpickler = _TorchScriptUnpickler(data, archive, name)
+                root = unpickler.load()
+        tensors: dict[str, torch.Tensor] = {}
+        if isinstance(root, RefusedGlobal) and root.origin.startswith(_TORCHSCRIPT_MODULES):
+            _module_tensors(root, "", frozenset({id(root)}), tensors)
+    except CheckpointError:
+        raise
+    except _ForeignGlobal as exc:
+        raise CheckpointError(f"{path}: its data.pkl asks for {exc}, which a TorchScript checkpoint never needs "
+                              f"(refused, nothing was run); download {release} again") from None
+    except Exception as exc:  # noqa: BLE001 - a damaged zip or pickle fails in many ways
+        raise CheckpointError(f"{path} is not a readable TorchScript archive ({type(exc).__name__}: truncated, "
+                              f"damaged or not a model); download {release} again") from None
+    if not tensors:
+        raise CheckpointError(f"{path} is a TorchScript archive without a module's tensors; download {release} "
+                              "again")
+    return tensors

@@ -6,8 +6,8 @@ chest X-rays paired with the impression sections of their reports.
   checkpoint loads 1:1 into open_clip's ``CLIP`` (the key names are OpenAI's).
 - Weights: the authors' checkpoints (``best_64_5e-05_original_22000_0.864.pt``, the best of their ten) are plain
   state dicts saved with ``torch.save(model.state_dict())``; read with ``weights_only=True``. OpenAI's JIT-era
-  keys ``input_resolution``, ``context_length`` and ``vocab_size`` are dropped if present; any other difference is
-  an error.
+  keys ``input_resolution``, ``context_length`` and ``vocab_size`` are dropped if present
+  (``openclip.drop_openai_jit_keys``); any other difference is an error.
 - Preprocessing: the authors store every image as 320 x 320 grayscale (longest side resized to 320 with Lanczos,
   sizes floored, pasted centred on black), then at test time repeat it on three channels, normalise the 0-255
   values with mean 101.48761 and std 83.43944, and resize the normalised tensor to 224 (bicubic, no antialias, as
@@ -37,7 +37,6 @@ PIXEL_MEAN = 101.48761  # on 0-255 values, every channel (the authors' cxr_stats
 PIXEL_STD = 83.43944
 PAIR_SET = "chexzero-pairs"
 NEGATION = "no {}"
-_JIT_KEYS = ("input_resolution", "context_length", "vocab_size")
 
 
 @dataclass(frozen=True)
@@ -91,7 +90,7 @@ def load(spec: ModelSpec, path: str | Path) -> openclip.OpenClipModel:
     """The authors' checkpoint (the ``.pt`` file, or a folder holding it), loaded strictly into ViT-B/32."""
     checkpoint = _checkpoint_file(spec, Path(path))
     state = read_tensor_file(checkpoint, f"the {spec.name} checkpoint ({spec.weight_source})", unwrap=True)
-    state = {k: v for k, v in state.items() if k not in _JIT_KEYS}
+    state = openclip.drop_openai_jit_keys(state)
     config = openclip.model_config(spec)
     model = openclip.create_clip(spec, config, seed=0)
     load_strict(model, state, f"{checkpoint} (model '{spec.name}', OpenAI CLIP {spec.config})",

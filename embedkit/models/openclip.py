@@ -7,7 +7,10 @@ We construct the open_clip model classes directly instead of going through ``ope
 nothing can reach the hub (its ``pretrained_text`` default downloads BERT) and key clean-up stays in our hands.
 
 Weights (``load``):
-- ``clip``: a file ``open_clip_model.safetensors`` / ``open_clip_pytorch_model.bin``, or a folder holding one.
+- ``clip``: a file ``open_clip_model.safetensors`` / ``open_clip_pytorch_model.bin`` / OpenAI's ``ViT-B-16.pt``,
+  or a folder holding one. Besides open_clip's files: an OpenAI-style state dict (same key names; its integer
+  entries ``input_resolution``, ``context_length``, ``vocab_size`` are dropped) and OpenAI's TorchScript archive
+  (what ``clip.load`` downloads), whose tensors are read without running it (``base.read_torchscript_tensors``).
 - ``biomedclip``: a folder in open_clip's ``local-dir:`` layout (``open_clip_config.json``,
   ``open_clip_pytorch_model.bin``, ``vocab.txt``, ``tokenizer_config.json``).
 - Either may also be a filled Hugging Face hub cache (the cache root, the ``models--org--name`` folder or one
@@ -42,6 +45,7 @@ __all__ = [
     "build",
     "clip_tokenizer",
     "create_clip",
+    "drop_openai_jit_keys",
     "load",
     "model_config",
 ]
@@ -63,6 +67,11 @@ _HF_REPOS: dict[str, str] = {
 
 # Checkpoint file names open_clip releases use, preferred first.
 CHECKPOINT_FILES: tuple[str, ...] = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+# OpenAI's own file name for an architecture (``clip.load`` caches it under ~/.cache/clip/), looked for after those.
+_OPENAI_FILES: dict[str, str] = {"ViT-B-16-quickgelu": "ViT-B-16.pt"}
+
+# Integers OpenAI's JIT-era model kept as buffers (clip.build_model reads and deletes them; no module has them).
+OPENAI_JIT_KEYS: tuple[str, ...] = ("input_resolution", "context_length", "vocab_size")
 
 # Keys released checkpoints carry that current modules do not have: BERT's unused pooler (BiomedCLIP builds its
 # text tower without one) and the old `position_ids` buffer that transformers no longer saves.
@@ -322,18 +331,27 @@ def _resolve_hf_cache(spec: ModelSpec, path: Path) -> Path:
     return found[-1]  # newest download
 
 
-def _find_checkpoint(spec: ModelSpec, path: Path) -> Path:
+def _find_checkpoint(spec: ModelSpec, path: Path, names: tuple[str, ...] = CHECKPOINT_FILES) -> Path:
     if path.is_file():
         return path
-    for name in CHECKPOINT_FILES:
+    for name in names:
         if (path / name).is_file():
             return path / name
-    raise _missing(spec, path, " or ".join(CHECKPOINT_FILES))
+    raise _missing(spec, path, " or ".join(names))
 
 
 def _checkpoint_state(spec: ModelSpec, checkpoint: Path) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors (open_clip training checkpoints wrap them in "state_dict"), keys cleaned."""
-    return _clean_keys(read_tensor_file(checkpoint, f"the {spec.name} checkpoint", unwrap=True))
+    return _clean_keys(read_tensor_file(checkpoint, f"the {spec.name} weights ({spec.weight_source})", unwrap=True))
+
+
+def drop_openai_jit_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` without OpenAI's JIT-era integers (:data:`OPENAI_JIT_KEYS`), as ``clip.build_model`` drops them.
+
+    Only 0-dim integer tensors go: anything else under those names is left for the strict load to name.
+    """
+    return {k: v for k, v in state.items()
+            if not (k in OPENAI_JIT_KEYS and v.ndim == 0 and not v.is_floating_point())}
 
 
 def _clean_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -384,9 +402,10 @@ def load(spec: ModelSpec, path: str | Path) -> OpenClipModel:
     config = model_config(spec)
     if _uses_bert(config):
         return _load_bert_folder(spec, path)
-    checkpoint = _find_checkpoint(spec, path)
+    openai_file = _OPENAI_FILES.get(spec.config.removeprefix("tiny-"))  # the tiny twin reads the same layouts
+    checkpoint = _find_checkpoint(spec, path, CHECKPOINT_FILES + ((openai_file,) if openai_file else ()))
     model = create_clip(spec, config, seed=0)
-    _load_strict(spec, model, _checkpoint_state(spec, checkpoint), checkpoint)
+    _load_strict(spec, model, drop_openai_jit_keys(_checkpoint_state(spec, checkpoint)), checkpoint)
     tokenizer = clip_tokenizer(int(config["model_cfg"]["text_cfg"]["context_length"]))
     return _wrap(spec, model, config, tokenizer)
 
