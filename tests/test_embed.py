@@ -46,7 +46,9 @@ def test_embed_writes_one_normalised_vector_per_row_and_the_prompts(store, small
     assert set(table.columns) == {"row_id", "cohort", "image_id", "model", "weights_id", "vector"}
     assert set(table["row_id"]) == set(store.read("images")["row_id"].to_pylist())
     prompts = store.read("prompts_tiny_clip").to_pandas()
-    assert set(prompts["prompt_set"]) == {"clip"} and prompts["prompt_index"].tolist() == list(range(len(prompts)))
+    assert set(prompts["prompt_set"]) == {"clip", "biomedclip-authors"}  # the family's sets
+    for _, one_set in prompts.groupby("prompt_set"):
+        assert one_set["prompt_index"].tolist() == list(range(len(one_set)))
     weights = store.read("weights").to_pylist()
     assert weights[0]["weights_id"] == "random-init:tiny-clip:0" and weights[0]["embed_dim"] == 32
 

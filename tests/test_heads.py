@@ -84,7 +84,7 @@ def test_scaled_cosine_uses_the_stored_logit_scale_and_the_mean_of_prompt_logits
     aligned = {c: np.stack([data["means"][i] + 0.1 * k for k in range(2)]) for i, c in enumerate(NIH_CLASSES)}
     write_prompts(store, "tiny-clip", aligned, "aligned")
     write_weights_row(store, "tiny-clip", 7.5, "scaled_cosine")
-    run = run_zeroshot(store, "tiny-clip", prompt_set="aligned")
+    run = run_zeroshot(store, "tiny-clip", prompt_set="aligned", ensemble="mean")
     config = json.loads(run["config"])
     assert config["logit_scale"] == 7.5 and "weights table" in config["logit_scale_source"]
     X = data["X"] / np.linalg.norm(data["X"], axis=1, keepdims=True)
@@ -96,6 +96,27 @@ def test_scaled_cosine_uses_the_stored_logit_scale_and_the_mean_of_prompt_logits
     assert json.loads(run["metrics"])["test"]["accuracy"] > 0.7  # prompts along the class signal work
     forced = run_zeroshot(store, "tiny-clip", prompt_set="aligned", logit_scale=2.0)
     assert json.loads(forced["config"])["logit_scale"] == 2.0
+
+
+def test_clip_default_is_open_clips_classifier_the_renormalised_mean_prompt_embedding(store):
+    data = write_vectors(store, "tiny-clip", 32)
+    prompts = random_prompts(32, per_class=3, seed=4)
+    write_prompts(store, "tiny-clip", prompts, "clip")
+    write_weights_row(store, "tiny-clip", 20.0, "scaled_cosine")
+    run = run_zeroshot(store, "tiny-clip")
+    config = json.loads(run["config"])
+    assert config["ensemble"] == "embedding" and "mean prompt embedding" in config["class_score"]
+    X = data["X"] / np.linalg.norm(data["X"], axis=1, keepdims=True)
+    classifier = []
+    for p in prompts.values():  # as open_clip builds it: unit templates, averaged, renormalised
+        mean = (p / np.linalg.norm(p, axis=1, keepdims=True)).mean(axis=0)
+        classifier.append(mean / np.linalg.norm(mean))
+    scores = 20.0 * X @ np.stack(classifier).T
+    expected = np.exp(scores - scores.max(1, keepdims=True))
+    expected /= expected.sum(1, keepdims=True)
+    np.testing.assert_allclose(_predictions(store, run["run_id"])["probs"], expected, atol=1e-5)
+    per_prompt = run_zeroshot(store, "tiny-clip", ensemble="mean")  # another rule, other numbers
+    assert not np.allclose(_predictions(store, per_prompt["run_id"])["probs"], expected, atol=1e-3)
 
 
 def test_medclip_rule_clamps_the_scale_at_100_and_supports_max(store):

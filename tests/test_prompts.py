@@ -182,5 +182,5 @@ def test_embed_stores_a_user_prompt_set_beside_the_default(store, small_cohort, 
     embed_cohort(store, spec, net, weights_id, source, "c", device="cpu", workers=0, progress=False,
                  extra_prompt_sets=[str(tmp_path / "mine.json")])
     prompts = store.read("prompts_tiny_clip").to_pandas()
-    assert sorted(prompts["prompt_set"].unique()) == ["clip", "mine"]
+    assert sorted(prompts["prompt_set"].unique()) == ["biomedclip-authors", "clip", "mine"]  # the family's two
     assert prompts.loc[prompts["prompt_set"] == "mine", "prompt"].tolist() == [f"{c} seen" for c in NIH_CLASSES]

@@ -101,8 +101,8 @@ def _load_local_similarity(store: Store, vectors: CohortVectors, prompt_set: str
 def class_scores(family: ModelFamily, image: np.ndarray, prompts: np.ndarray, prompt_class: np.ndarray,
                  n_classes: int, logit_scale: float, ensemble: str, local_sim: np.ndarray | None = None) -> np.ndarray:
     """Class scores [N, C] of ``image`` vectors against ``prompts`` [P, d] by the family's rule."""
-    cosine = _unit(image) @ _unit(prompts).T  # [N, P]
-    return family.class_scores(cosine, prompt_class, n_classes, logit_scale, ensemble, local_sim)
+    return family.class_scores(_unit(image), _unit(prompts), prompt_class, n_classes, logit_scale, ensemble,
+                               local_sim)
 
 
 def run_zeroshot(store: Store, model: str, cohort: str | None = None, weights_id: str | None = None,

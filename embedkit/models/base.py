@@ -102,7 +102,7 @@ class ModelFamily:
     The defaults are CLIP's rule, ``scaled_cosine``: logits = logit_scale * cos(image, prompt) for every prompt,
     and a class's score is the mean (``ensemble="max"``: the max) of its prompts' logits. This is the mean of
     per-prompt logits, not the cosine with a re-normalised class-mean prompt; with one prompt per class they agree.
-    Families with another rule override :meth:`class_scores` and :meth:`zeroshot_settings`.
+    Families with another rule override :meth:`class_scores` and :meth:`zeroshot_settings` (and ``ensembles``).
     """
 
     module: str  # embedkit.models.<module>
@@ -133,10 +133,11 @@ class ModelFamily:
     def check_prompts(self, prompt_set: str, prompts_per_class: dict[str, int]) -> None:
         """Refuse a prompt set the rule cannot score (raise ValueError with the reason)."""
 
-    def class_scores(self, cosine: np.ndarray, prompt_class: np.ndarray, n_classes: int, logit_scale: float,
-                     ensemble: str, local_sim: np.ndarray | None = None) -> np.ndarray:
-        """Class scores [N, C] from the cosines [N, P] of every image with every prompt of the set."""
-        logits = logit_scale * cosine
+    def class_scores(self, image: np.ndarray, prompts: np.ndarray, prompt_class: np.ndarray, n_classes: int,
+                     logit_scale: float, ensemble: str, local_sim: np.ndarray | None = None) -> np.ndarray:
+        """Class scores [N, C] of unit image vectors [N, d] against the set's unit prompt vectors [P, d]
+        (``prompt_class`` [P]: each prompt's class index)."""
+        logits = logit_scale * (image @ prompts.T)
         reduce = np.mean if ensemble == "mean" else np.max
         return np.stack([reduce(logits[:, prompt_class == c], axis=1) for c in range(n_classes)], axis=1)
 

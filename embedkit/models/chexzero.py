@@ -126,8 +126,9 @@ class CheXzeroFamily(ModelFamily):
             raise ValueError(f"the chexzero rule needs one (positive, negative) prompt pair per class, positive "
                              f"first; prompts per class here: {odd}. Use --prompt-set {PAIR_SET}")
 
-    def class_scores(self, cosine: np.ndarray, prompt_class: np.ndarray, n_classes: int, logit_scale: float,
-                     ensemble: str, local_sim: np.ndarray | None = None) -> np.ndarray:
+    def class_scores(self, image: np.ndarray, prompts: np.ndarray, prompt_class: np.ndarray, n_classes: int,
+                     logit_scale: float, ensemble: str, local_sim: np.ndarray | None = None) -> np.ndarray:
+        cosine = image @ prompts.T
         pairs = [np.flatnonzero(prompt_class == c) for c in range(n_classes)]
         return np.stack([cosine[:, pos] - cosine[:, neg] for pos, neg in pairs], axis=1)
 

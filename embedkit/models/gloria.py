@@ -552,11 +552,11 @@ class GloriaFamily(ModelFamily):
     def load(self, spec: Any, path: Path) -> Gloria:
         return load(spec, path)
 
-    def class_scores(self, cosine: np.ndarray, prompt_class: np.ndarray, n_classes: int, logit_scale: float,
-                     ensemble: str, local_sim: np.ndarray | None = None) -> np.ndarray:
+    def class_scores(self, image: np.ndarray, prompts: np.ndarray, prompt_class: np.ndarray, n_classes: int,
+                     logit_scale: float, ensemble: str, local_sim: np.ndarray | None = None) -> np.ndarray:
         if local_sim is None:
             raise ValueError("the gloria rule needs the stored local similarities")
-        return np.asarray(zeroshot_scores(cosine, local_sim, prompt_class, n_classes), dtype=np.float64)
+        return np.asarray(zeroshot_scores(image @ prompts.T, local_sim, prompt_class, n_classes), dtype=np.float64)
 
     def zeroshot_settings(self, ensemble: str, logit_scale: float, scale_source: str, scored_rows: str) -> dict:
         return {"ensemble": "max",

@@ -26,6 +26,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import nn
@@ -411,15 +412,37 @@ def load(spec: ModelSpec, path: str | Path) -> OpenClipModel:
 
 
 class OpenClipFamily(ModelFamily):
-    """OpenAI CLIP and BiomedCLIP: ``scaled_cosine`` zero-shot with the CLIP-style templates."""
+    """OpenAI CLIP and BiomedCLIP: zero-shot as open_clip and CLIP's paper build a classifier from templates.
+
+    ``ensemble="embedding"`` (the default): a class's prompt embeddings (each unit-norm) are averaged and the
+    mean renormalised; the class score is logit_scale * cosine with it. ``"mean"`` / ``"max"``: the mean or max of
+    the per-prompt logits instead (``scaled_cosine``). With one prompt per class (``biomedclip-authors``, the
+    template BiomedCLIP's authors score with) all three agree.
+    """
 
     module = "openclip"
+    prompt_sets = ("clip", "biomedclip-authors")
+    ensembles = ("embedding", "mean", "max")
 
     def build(self, spec: ModelSpec, seed: int) -> OpenClipModel:
         return build(spec, seed)
 
     def load(self, spec: ModelSpec, path: Path) -> OpenClipModel:
         return load(spec, path)
+
+    def class_scores(self, image: np.ndarray, prompts: np.ndarray, prompt_class: np.ndarray, n_classes: int,
+                     logit_scale: float, ensemble: str, local_sim: np.ndarray | None = None) -> np.ndarray:
+        if ensemble != "embedding":
+            return super().class_scores(image, prompts, prompt_class, n_classes, logit_scale, ensemble)
+        means = np.stack([prompts[prompt_class == c].mean(axis=0) for c in range(n_classes)])
+        return logit_scale * (image @ (means / np.linalg.norm(means, axis=1, keepdims=True)).T)
+
+    def zeroshot_settings(self, ensemble: str, logit_scale: float, scale_source: str, scored_rows: str) -> dict:
+        settings = super().zeroshot_settings(ensemble, logit_scale, scale_source, scored_rows)
+        if ensemble == "embedding":
+            settings["class_score"] = ("logit_scale * cosine with the class's mean prompt embedding, renormalised "
+                                       "(open_clip's zero-shot classifier)")
+        return settings
 
 
 FAMILY = OpenClipFamily()

@@ -28,6 +28,7 @@ class PromptError(EmbedkitError):
 # Plain-language names used inside templates.
 _CLASS_NAMES = {"Effusion": "pleural effusion"}
 
+BIOMEDCLIP_TEMPLATE = "this is a photo of {name}"  # the one template BiomedCLIP's authors score with
 CLIP_TEMPLATES = (
     "this is a photo of {name}",
     "a chest x-ray showing {name}",
@@ -110,7 +111,7 @@ CHEXPERT_NIH = {
     },
 }
 
-BUILTIN_SETS = ("clip", "chexpert-nih", *AUTHORS_DRAWS)
+BUILTIN_SETS = ("clip", "biomedclip-authors", "chexpert-nih", *AUTHORS_DRAWS)
 _NIH_PER_CLASS = 10
 _NIH_SEED = 0
 
@@ -160,6 +161,8 @@ def prompt_set(name: str, classes: tuple[str, ...]) -> dict[str, list[str]]:
     """The prompts of set ``name`` (a built-in set or a YAML/JSON file path) for ``classes``, in class order."""
     if name == "clip":
         return {c: [t.format(name=_CLASS_NAMES.get(c, c.lower())) for t in CLIP_TEMPLATES] for c in classes}
+    if name == "biomedclip-authors":
+        return {c: [BIOMEDCLIP_TEMPLATE.format(name=_CLASS_NAMES.get(c, c.lower()))] for c in classes}
     if name == "chexpert-nih":
         return {c: _nih_prompts(c) for c in classes}
     if name in AUTHORS_DRAWS:
