@@ -141,7 +141,7 @@ def fetch_release_file(release: ReleaseFile, target: Path, progress: bool = True
     return target
 
 
-def _resume_point(release: ReleaseFile, response, have: int) -> tuple[int, int | None]:
+def _resume_point(release: ReleaseFile, response: http.client.HTTPResponse, have: int) -> tuple[int, int | None]:
     """(bytes of the part to keep, the file's total size if the server says): 206 continues the part, 200 restarts."""
     length = response.headers.get("Content-Length")
     if response.status == 206:
@@ -155,7 +155,9 @@ def _resume_point(release: ReleaseFile, response, have: int) -> tuple[int, int |
     return 0, int(length) if length else None
 
 
-def _stream(response, part: Path, have: int, total: int | None, label: str, progress: bool) -> None:
+def _stream(response: http.client.HTTPResponse, part: Path, have: int, total: int | None, label: str,
+            progress: bool) -> None:
+    """Append the response body to ``part`` (or write it anew when ``have`` is 0), with a download bar."""
     from rich.console import Console
     from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
                                TransferSpeedColumn)

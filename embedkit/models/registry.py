@@ -111,7 +111,7 @@ class ModelSpec:
         )
 
     def weights_folder(self, weights_dir: str | Path | None = None) -> Path | None:
-        """This model's folder under ``weights_dir`` (or $EMBEDKIT_WEIGHTS): ``<root>/<name>``; None if neither is set."""
+        """This model's folder ``<root>/<name>``, root ``weights_dir`` or $EMBEDKIT_WEIGHTS; None if neither is set."""
         root = weights_dir or os.environ.get(WEIGHTS_ENV)
         return Path(root) / self.name if root else None
 
