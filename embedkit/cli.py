@@ -224,29 +224,58 @@ def data_info(
 # ---- models and embedding --------------------------------------------------------------------------------------
 
 
-@app.command("models")
+models_app = typer.Typer(help="The models: where each one's weights are, or how to get them; `pull NAME` fetches.")
+app.add_typer(models_app, name="models")
+_WEIGHTS_DIR_HELP = "Folder with one sub-folder per model"
+
+
+@models_app.callback(invoke_without_command=True)
 def models_cmd(
-    weights_dir: Optional[Path] = typer.Option(None, envvar="EMBEDKIT_WEIGHTS", help="Folder with one sub-folder per model"),
+    ctx: typer.Context,
+    weights_dir: Optional[Path] = typer.Option(None, envvar="EMBEDKIT_WEIGHTS", help=_WEIGHTS_DIR_HELP),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output"),
 ) -> None:
-    """Each model: embedding width, the files it needs, where users get them, and whether they are here."""
+    """Each model: embedding width, the files it needs, where they were found (the weights folder, then the Hugging
+    Face cache) or how to get them. Reads local files only; `embedkit models pull NAME` fetches."""
     from embedkit.models.registry import MODELS
 
+    if ctx.invoked_subcommand:
+        return
     listing = []
     for spec in MODELS.values():
-        found = None if spec.tiny else spec.find_weights(weights_dir)
+        found, place = (None, None) if spec.tiny else spec.locate_weights(None, weights_dir)
         listing.append({"model": spec.name, "embed_dim": spec.embed_dim, "description": spec.description,
                         "files": [] if spec.tiny else list(spec.weight_files),
                         "source": "random init only (test configuration)" if spec.tiny else spec.weight_source,
-                        "found": str(found) if found else None})
+                        "hf_repo": spec.hf_repo, "pullable": bool(spec.hf_repo or spec.releases),
+                        "found": str(found) if found else None, "found_in": place,
+                        "get": None if spec.tiny or found else spec.how_to_get()})
     if as_json:
         echo_json(listing)
         return
     for item in listing:
-        status = f"found: {item['found']}" if item["found"] else ("random init only" if not item["files"] else "not found")
+        status = (f"found ({item['found_in']}): {item['found']}" if item["found"]
+                  else "random init only" if not item["files"] else "not found")
         typer.echo(f"{item['model']:<20} dim {item['embed_dim']:<4} {status}")
         if item["files"]:
-            typer.echo(f"{'':<20} needs {', '.join(item['files'])}; from {item['source']}")
+            typer.echo(f"{'':<20} needs {', '.join(item['files'])}")
+        if item["get"]:
+            typer.echo(f"{'':<20} to get them: {item['get']}")
+
+
+@models_app.command("pull")
+def models_pull_cmd(
+    name: str = typer.Argument(..., help="Model name (see `embedkit models`)"),
+    weights_dir: Optional[Path] = typer.Option(None, envvar="EMBEDKIT_WEIGHTS",
+                                               help=_WEIGHTS_DIR_HELP + " (where release files go)"),
+    quiet: bool = typer.Option(False, help="No progress bar"),
+) -> None:
+    """Fetch a model's released files: hub models into the Hugging Face cache, authors' release files
+    (checksummed, resumable) into the weights folder. The only command that uses the network."""
+    from embedkit.models.pull import pull
+    from embedkit.models.registry import get_spec
+
+    typer.echo(f"{name}: {pull(get_spec(name), weights_dir, progress=not quiet)}")
 
 
 # Defaults stated once, in the library (read when the command runs or shows its --help).

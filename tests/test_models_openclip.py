@@ -7,6 +7,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers / huggingface_hub are imported: never the hub
 
 import copy
+import dataclasses
 import json
 import math
 import pickle
@@ -170,7 +171,7 @@ def test_clip_round_trip_file_and_folder(tmp_path, filename):
     assert not torch.equal(embeddings(spec.build(seed=0), tokens)[0], img0)
 
 
-def test_clip_from_hugging_face_cache_layout(tmp_path, monkeypatch):
+def test_clip_from_hugging_face_cache_layout(tmp_path):
     spec = get_spec("tiny-clip")
     source = spec.build(seed=2)
     repo = tmp_path / "models--timm--vit_base_patch16_clip_224.openai"
@@ -182,8 +183,8 @@ def test_clip_from_hugging_face_cache_layout(tmp_path, monkeypatch):
     expected = embeddings(source, tokens)[0]
     assert torch.equal(embeddings(spec.load(repo), tokens)[0], expected)
     # the cache root works too for models whose repository is known (the full `clip` maps to this repo)
-    monkeypatch.setitem(openclip._HF_REPOS, spec.config, "timm/vit_base_patch16_clip_224.openai")
-    assert torch.equal(embeddings(spec.load(tmp_path), tokens)[0], expected)
+    hub_spec = dataclasses.replace(spec, hf_repo="timm/vit_base_patch16_clip_224.openai")
+    assert torch.equal(embeddings(hub_spec.load(tmp_path), tokens)[0], expected)
 
 
 def test_clip_extra_key_is_named(tmp_path):

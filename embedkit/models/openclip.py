@@ -60,12 +60,6 @@ OPENAI_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 # The BERT config folder (package data) that replaces each config's hub name for the text tower.
 _BERT_FOLDERS: dict[str, str] = {"biomedclip": "biomedbert", "tiny-biomedclip": "tiny-bert"}
 
-# Hugging Face repositories of the released weights, to find them inside a filled hub cache.
-_HF_REPOS: dict[str, str] = {
-    "ViT-B-16-quickgelu": "timm/vit_base_patch16_clip_224.openai",
-    "biomedclip": "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224",
-}
-
 # Checkpoint file names open_clip releases use, preferred first.
 CHECKPOINT_FILES: tuple[str, ...] = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 # OpenAI's own file name for an architecture (``clip.load`` caches it under ~/.cache/clip/), looked for after those.
@@ -317,7 +311,7 @@ def _resolve_hf_cache(spec: ModelSpec, path: Path) -> Path:
     """Map a Hugging Face hub cache (root, ``models--org--name`` or snapshot) to the folder of files it holds."""
     if not path.is_dir():
         return path
-    repo = _HF_REPOS.get(spec.config)
+    repo = spec.hf_repo  # the hub repository of the released weights (registry.py)
     if repo and (path / ("models--" + repo.replace("/", "--"))).is_dir():
         path = path / ("models--" + repo.replace("/", "--"))
     snapshots = path / "snapshots"

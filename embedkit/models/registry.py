@@ -10,7 +10,7 @@ import importlib
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from embedkit.constants import WEIGHTS_ENV
 from embedkit.errors import EmbedkitError
@@ -27,6 +27,19 @@ class MissingWeightsError(EmbedkitError, FileNotFoundError):
     pass
 
 
+# Where a model's weights were found, in the order embedkit looks (see ModelSpec.locate_weights).
+WeightsPlace = Literal["--weights", "weights-dir", "hf-cache"]
+
+
+@dataclass(frozen=True)
+class ReleaseFile:
+    """One file of an authors' release that `embedkit models pull` fetches into the model's weights folder."""
+
+    url: str
+    sha256: str  # of the file as served: a download that does not match is deleted, never used
+    file: str  # its name in $EMBEDKIT_WEIGHTS/<model>/
+
+
 @dataclass(frozen=True, kw_only=True)
 class ModelSpec:
     """What embedkit needs to know about one model name (keyword-built: each field says what it is).
@@ -41,6 +54,8 @@ class ModelSpec:
     embed_dim: int
     weight_files: tuple[str, ...]  # what the user must download (relative to the model's weights folder)
     weight_source: str  # where users get them
+    hf_repo: str | None = None  # the Hugging Face hub repository holding weight_files (same relative paths)
+    releases: tuple[ReleaseFile, ...] = ()  # checksummed release files `models pull` may fetch (non-hub models)
     lora_rank: int = 16  # the paper's LoRA rank for this image tower
     embed_rate: tuple[float, float] = (5.0, 600.0)  # images/s of the embedding pass (2-core CPU, one GPU): plans
     tiny_embed_dim: int = 32  # the embedding width of the model's tiny twin
@@ -68,36 +83,79 @@ class ModelSpec:
     def tiny_twin(self) -> "ModelSpec":
         """The same code path at small widths, random init only: ``tiny-<name>`` for tests and the demo."""
         return replace(self, name="tiny-" + self.name, config="tiny-" + self.config, embed_dim=self.tiny_embed_dim,
-                       embed_rate=TINY_EMBED_RATE, tiny=True,
+                       embed_rate=TINY_EMBED_RATE, tiny=True, hf_repo=None, releases=(),
                        description=f"tiny {self.name} (same code path, small widths; tests and demo)")
 
-    def missing_message(self, where: Path | None) -> str:
+    def how_to_get(self) -> str:
+        """How a user gets this model's files: `embedkit models pull` where it can fetch them, and by hand."""
         files = ", ".join(self.weight_files)
-        place = f" at {where}" if where else ""
+        by_hand = (f"download {files} from {self.weight_source}, then pass --weights PATH, or put them in "
+                   f"$EMBEDKIT_WEIGHTS/{self.name}/")
+        if self.hf_repo:
+            return (f"`embedkit models pull {self.name}` fetches them from the Hugging Face hub ({self.hf_repo}) "
+                    f"into its cache; or {by_hand}")
+        if self.releases:
+            fetched = ", ".join(r.file for r in self.releases)
+            return (f"`embedkit models pull {self.name}` fetches {fetched} from the authors' release into "
+                    f"$EMBEDKIT_WEIGHTS/{self.name}/; or {by_hand}")
+        return by_hand
+
+    def missing_message(self, where: Path | None) -> str:
+        """The one-line error for absent weights: what is needed, how to get it, and the random-init way out."""
+        hub = " and the Hugging Face cache" if self.hf_repo else ""
+        place = f" at {where}" if where else f" (looked in $EMBEDKIT_WEIGHTS/{self.name}/{hub})"
         return (
-            f"No weights for model '{self.name}'{place}. It needs: {files}. Get them from {self.weight_source}, "
-            f"then pass --weights PATH, or put them in $EMBEDKIT_WEIGHTS/{self.name}/; "
+            f"No weights for model '{self.name}'{place}. "
+            f"It needs: {', '.join(self.weight_files)}. To get them: {self.how_to_get()}; "
             f"or run with --random-init for random weights (labelled random-init in the store)."
         )
 
-    def find_weights(self, weights_dir: str | Path | None = None) -> Path | None:
-        """Look for this model's files in ``weights_dir`` (or $EMBEDKIT_WEIGHTS)/<name>/; None if absent."""
+    def weights_folder(self, weights_dir: str | Path | None = None) -> Path | None:
+        """This model's folder ``<root>/<name>``, root ``weights_dir`` or $EMBEDKIT_WEIGHTS; None if neither is set."""
         root = weights_dir or os.environ.get(WEIGHTS_ENV)
-        if not root:
+        return Path(root) / self.name if root else None
+
+    def locate_weights(self, weights: str | Path | None = None,
+                       weights_dir: str | Path | None = None) -> tuple[Path | None, WeightsPlace | None]:
+        """Where this model's weights are, and which place that is; ``(None, None)`` when nowhere.
+
+        The order: ``weights`` (--weights PATH, taken as given: loading checks it); ``weights_dir`` (or
+        $EMBEDKIT_WEIGHTS) ``/<name>/`` holding every weight file; the snapshot folder of the standard Hugging Face
+        cache (HF_HUB_CACHE / HF_HOME) holding them, for models published on the hub. Only local files are read:
+        nothing here reaches the network (fetching is `embedkit models pull`).
+        """
+        if weights:
+            return Path(weights), "--weights"
+        folder = self.weights_folder(weights_dir)
+        if folder is not None and folder.is_dir() and all((folder / f).exists() for f in self.weight_files):
+            return folder, "weights-dir"
+        snapshot = self._hf_cache_snapshot()
+        if snapshot is not None:
+            return snapshot, "hf-cache"
+        return None, None
+
+    def find_weights(self, weights_dir: str | Path | None = None) -> Path | None:
+        """The weights folder :meth:`locate_weights` finds without a --weights path; None if absent."""
+        return self.locate_weights(None, weights_dir)[0]
+
+    def _hf_cache_snapshot(self) -> Path | None:
+        """The cached snapshot (of refs/main) holding every weight file, read with huggingface_hub's own lookup."""
+        if not self.hf_repo:
             return None
-        folder = Path(root) / self.name
-        if not folder.is_dir():
+        from huggingface_hub import try_to_load_from_cache
+
+        # try_to_load_from_cache only reads the cache folder (refs, snapshots; a dangling link counts as absent).
+        cached = [try_to_load_from_cache(self.hf_repo, f) for f in self.weight_files]
+        if not all(isinstance(p, str) for p in cached):
             return None
-        if all((folder / f).exists() for f in self.weight_files):
-            return folder
-        return None
+        return Path(cached[0]).parents[len(Path(self.weight_files[0]).parts) - 1]
 
 
-OPENAI_CLIP_SOURCE = (
-    "https://huggingface.co/timm/vit_base_patch16_clip_224.openai (open_clip_model.safetensors), "
-    "or open_clip's 'openai' pretrained tag"
-)
-BIOMEDCLIP_SOURCE = "https://huggingface.co/microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224 (all files)"
+OPENAI_CLIP_REPO = "timm/vit_base_patch16_clip_224.openai"
+BIOMEDCLIP_REPO = "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
+OPENAI_CLIP_SOURCE = (f"https://huggingface.co/{OPENAI_CLIP_REPO} (open_clip_model.safetensors), "
+                      "or open_clip's 'openai' pretrained tag")
+BIOMEDCLIP_SOURCE = f"https://huggingface.co/{BIOMEDCLIP_REPO} (all files)"
 CLINICAL_BERT_VOCAB = "vocab.txt from https://huggingface.co/emilyalsentzer/Bio_ClinicalBERT"
 MEDCLIP_SOURCE = "the MedCLIP authors' release (github.com/RyanWangZf/MedCLIP, README 'pretrained weights'): unzip"
 GLORIA_SOURCE = ("the GLoRIA authors' release (github.com/marshuang80/gloria, README 'pretrained models'); "
@@ -108,11 +166,12 @@ TINY_EMBED_RATE = (45.0, 1000.0)  # images/s of every tiny twin (CPU, GPU)
 _SPECS: list[ModelSpec] = [
     ModelSpec(name="clip", module="openclip", config="ViT-B-16-quickgelu", embed_dim=512,
               weight_files=("open_clip_model.safetensors",), weight_source=OPENAI_CLIP_SOURCE,
+              hf_repo=OPENAI_CLIP_REPO,
               description="OpenAI CLIP ViT-B/16 (QuickGELU), the general-domain baseline"),
     ModelSpec(name="biomedclip", module="openclip", config="biomedclip", embed_dim=512,
               weight_files=("open_clip_config.json", "open_clip_pytorch_model.bin", "vocab.txt",
                             "tokenizer_config.json"),
-              weight_source=BIOMEDCLIP_SOURCE,
+              weight_source=BIOMEDCLIP_SOURCE, hf_repo=BIOMEDCLIP_REPO,
               description="BiomedCLIP: timm ViT-B/16 + PubMedBERT, trained on PMC-15M"),
     ModelSpec(name="medclip-rn50", module="medclip", config="resnet50", embed_dim=512,
               weight_files=("pytorch_model.bin", "vocab.txt"),
@@ -158,8 +217,9 @@ def instantiate(spec: ModelSpec, weights: str | Path | None = None, random_init:
     """Build or load a model; returns ``(model, weights_id, source)``.
 
     ``random_init`` builds the real architecture with random weights, labelled ``random-init:<model>:<seed>``;
-    otherwise weights come from ``weights``, or ``weights_dir`` / $EMBEDKIT_WEIGHTS ``/<model>/``, and are
-    labelled by a content hash of what was loaded. No weights found is an error that says what to download.
+    otherwise weights come from the first place :meth:`ModelSpec.locate_weights` finds them (``weights``,
+    ``weights_dir`` / $EMBEDKIT_WEIGHTS ``/<model>/``, the Hugging Face cache), and are labelled by a content hash
+    of what was loaded. No weights found is an error that says how to get them; nothing is downloaded.
     """
     from embedkit.models.base import state_dict_hash
 
@@ -167,7 +227,7 @@ def instantiate(spec: ModelSpec, weights: str | Path | None = None, random_init:
         return spec.build(seed), random_init_id(spec.name, seed), "random-init"
     if spec.tiny:
         raise MissingWeightsError(f"'{spec.name}' is a test configuration with no released weights: use --random-init")
-    path = Path(weights) if weights else spec.find_weights(weights_dir)
+    path, _place = spec.locate_weights(weights, weights_dir)
     if path is None:
         raise MissingWeightsError(spec.missing_message(None))
     model = spec.load(path)
