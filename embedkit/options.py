@@ -36,6 +36,7 @@ class Ensemble(str, Enum):
     """How zero-shot combines a class's prompts: every family's choices (``ModelFamily.ensembles``); a family
     refuses those its rule does not have."""
 
+    embedding = "embedding"
     mean = "mean"
     max = "max"
     pair = "pair"

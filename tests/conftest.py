@@ -16,6 +16,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach a hub
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+def main_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """`embedkit ARGS` through the console entry point (the one that turns errors into lines), in this process:
+    (exit code, stdout, stderr)."""
+    import sys
+
+    from embedkit import cli
+
+    monkeypatch.setattr(sys, "argv", ["embedkit", *args])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    out = capsys.readouterr()
+    return exit_.value.code, out.out, out.err
+
+
 @pytest.fixture
 def store(tmp_path):
     from embedkit.store.store import Store

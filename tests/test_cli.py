@@ -8,20 +8,12 @@ import sys
 import pytest
 import typer.main
 
+from conftest import main_cli
 from embedkit import cli
 from embedkit.fairness.attributes import columns_of, parse_by
 from embedkit.fairness.db import FairnessError
 from embedkit.models.registry import MODELS
 from embedkit.options import Amp, Ensemble, Head, LibraryDefault, Split
-
-
-def _main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """`embedkit ARGS` through the console entry point (the one that turns errors into lines), in this process."""
-    monkeypatch.setattr(sys, "argv", ["embedkit", *args])
-    with pytest.raises(SystemExit) as exit_:
-        cli.main()
-    out = capsys.readouterr()
-    return exit_.value.code, out.out, out.err
 
 
 @pytest.mark.parametrize("args, code, says", [
@@ -36,18 +28,18 @@ def _main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
     (["nonsense"], 2, "no such command 'nonsense'"),
 ])
 def test_a_user_error_is_one_error_line(monkeypatch, capsys, tmp_path, args, code, says):
-    exit_code, out, err = _main(monkeypatch, capsys, "--store", str(tmp_path / "s"), *args)
+    exit_code, out, err = main_cli(monkeypatch, capsys, "--store", str(tmp_path / "s"), *args)
     assert exit_code == code and out == ""
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
     assert says in err and "Traceback" not in err and "╭" not in err, err
 
 
 def test_help_and_version_still_print(monkeypatch, capsys):
-    code, out, _ = _main(monkeypatch, capsys, "--help")
+    code, out, _ = main_cli(monkeypatch, capsys, "--help")
     assert code == 0 and "probe" in out and "sweep" in out
-    code, out, _ = _main(monkeypatch, capsys, "probe", "--help")
+    code, out, _ = main_cli(monkeypatch, capsys, "probe", "--help")
     assert code == 0 and "<lp|mlp|logreg>" in out and "[default: " in out
-    code, out, _ = _main(monkeypatch, capsys, "--version")
+    code, out, _ = main_cli(monkeypatch, capsys, "--version")
     assert code == 0 and out.startswith("embedkit ")
 
 

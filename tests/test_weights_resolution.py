@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 from huggingface_hub import constants as hf_constants
 
+from conftest import main_cli
 from embedkit import cli
 from embedkit.models import registry
 from embedkit.models.registry import ReleaseFile, get_spec, instantiate
@@ -80,17 +81,8 @@ def connections(monkeypatch) -> list:
     return seen
 
 
-def _main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """`embedkit ARGS` through the console entry point (errors become one line), in this process."""
-    monkeypatch.setattr(sys, "argv", ["embedkit", *args])
-    with pytest.raises(SystemExit) as exit_:
-        cli.main()
-    out = capsys.readouterr()
-    return exit_.value.code, out.out, out.err
-
-
 def _listing(monkeypatch, capsys, *args: str) -> dict[str, dict]:
-    code, out, err = _main(monkeypatch, capsys, "models", "--json", *args)
+    code, out, err = main_cli(monkeypatch, capsys, "models", "--json", *args)
     assert code == 0, err
     return {item["model"]: item for item in json.loads(out)}
 
@@ -112,7 +104,7 @@ def test_models_reports_the_cached_snapshot_and_what_is_missing(hf_cache, monkey
     assert "models pull" not in listing["gloria"]["get"] and "$EMBEDKIT_WEIGHTS/gloria/" in listing["gloria"]["get"]
     assert listing["tiny-clip"]["found"] is None and listing["tiny-clip"]["hf_repo"] is None
 
-    code, out, _ = _main(monkeypatch, capsys, "models")
+    code, out, _ = main_cli(monkeypatch, capsys, "models")
     assert code == 0
     assert f"found (hf-cache): {snapshot}" in out and "to get them: `embedkit models pull biomedclip`" in out
     assert connections == []
@@ -172,12 +164,12 @@ def test_nothing_connects_without_a_pull(hf_cache, tmp_path, monkeypatch, capsys
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     listing = _listing(monkeypatch, capsys)
     assert all(item["found"] is None for item in listing.values())
-    code, out, err = _main(monkeypatch, capsys, "--store", str(tmp_path / "s"), "embed", "--model", "clip",
+    code, out, err = main_cli(monkeypatch, capsys, "--store", str(tmp_path / "s"), "embed", "--model", "clip",
                            "--cohort", "c")
     assert code == 1 and out == ""
     assert len(err.strip().splitlines()) == 1 and err.startswith("error: No weights for model 'clip'")
     assert "`embedkit models pull clip`" in err and "--random-init" in err
-    code, _, err = _main(monkeypatch, capsys, "models", "pull", "medclip-vit")
+    code, _, err = main_cli(monkeypatch, capsys, "models", "pull", "medclip-vit")
     assert code == 1 and len(err.strip().splitlines()) == 1
     assert "model 'medclip-vit' has no fetchable release: download pytorch_model.bin, vocab.txt from" in err
     assert connections == []
@@ -267,7 +259,7 @@ def server(hf_cache, monkeypatch):
 def test_pull_fetches_a_hub_model_into_the_standard_cache(server, hf_cache, monkeypatch, capsys, connections):
     served, base = server
     served.hub_file(CLIP_REPO, "open_clip_model.safetensors", CLIP_FILE)
-    code, out, err = _main(monkeypatch, capsys, "models", "pull", "clip", "--quiet")
+    code, out, err = main_cli(monkeypatch, capsys, "models", "pull", "clip", "--quiet")
     assert code == 0, err
     root = hf_cache / "models--timm--vit_base_patch16_clip_224.openai"
     snapshot = root / "snapshots" / COMMIT
@@ -292,7 +284,7 @@ def test_pull_fetches_a_hub_model_into_the_standard_cache(server, hf_cache, monk
 def test_pull_from_a_hub_that_does_not_answer_is_one_line(server, monkeypatch, capsys):
     served, base = server
     # nothing served: the hub answers 404 for the file
-    code, out, err = _main(monkeypatch, capsys, "models", "pull", "biomedclip", "--quiet")
+    code, out, err = main_cli(monkeypatch, capsys, "models", "pull", "biomedclip", "--quiet")
     assert code == 1 and out == ""
     assert len(err.strip().splitlines()) == 1
     assert err.startswith(f"error: could not fetch open_clip_config.json of {BIOMEDCLIP_REPO} from {base}")
@@ -316,14 +308,14 @@ def test_pull_of_a_release_resumes_an_interrupted_download_and_verifies_it(serve
     folder = tmp_path / "weights" / "gloria"
     part = folder / "chexpert_resnet50.ckpt.part"
 
-    code, out, err = _main(monkeypatch, capsys, "models", "pull", "gloria", "--weights-dir", str(tmp_path / "weights"),
+    code, out, err = main_cli(monkeypatch, capsys, "models", "pull", "gloria", "--weights-dir", str(tmp_path / "weights"),
                            "--quiet")
     assert code == 1 and len(err.strip().splitlines()) == 1
     assert f"{(1 << 20) + 7} bytes are kept in {part}: run the same command again to resume" in err
     assert part.stat().st_size == (1 << 20) + 7 and not (folder / "chexpert_resnet50.ckpt").exists()
 
     monkeypatch.setenv("EMBEDKIT_WEIGHTS", str(tmp_path / "weights"))
-    code, out, err = _main(monkeypatch, capsys, "models", "pull", "gloria")  # with its progress bar (on stderr)
+    code, out, err = main_cli(monkeypatch, capsys, "models", "pull", "gloria")  # with its progress bar (on stderr)
     assert code == 0, err
     assert out.strip() == f"gloria: {folder}"
     assert served.requests[1] == ("GET", "/release/chexpert_resnet50.ckpt", f"bytes={(1 << 20) + 7}-")
@@ -334,7 +326,7 @@ def test_pull_of_a_release_resumes_an_interrupted_download_and_verifies_it(serve
 
     # pulled files are not fetched again
     before = len(served.requests)
-    assert _main(monkeypatch, capsys, "models", "pull", "gloria", "--quiet")[0] == 0
+    assert main_cli(monkeypatch, capsys, "models", "pull", "gloria", "--quiet")[0] == 0
     assert len(served.requests) == before
 
 
@@ -348,7 +340,7 @@ def test_a_complete_part_is_verified_without_downloading_again(server, tmp_path,
     folder = tmp_path / "w" / "gloria"
     folder.mkdir(parents=True)
     (folder / "chexpert_resnet50.ckpt.part").write_bytes(data)
-    code, _, err = _main(monkeypatch, capsys, "models", "pull", "gloria", "--weights-dir", str(tmp_path / "w"),
+    code, _, err = main_cli(monkeypatch, capsys, "models", "pull", "gloria", "--weights-dir", str(tmp_path / "w"),
                          "--quiet")
     assert code == 0, err
     assert served.requests == [("GET", "/release/chexpert_resnet50.ckpt", f"bytes={len(data)}-")]  # answered 416
@@ -360,7 +352,7 @@ def test_a_release_that_fails_its_checksum_is_deleted(server, tmp_path, monkeypa
     data = b"not the file the release was checksummed from" * 100
     served.files = {"/release/chexpert_resnet50.ckpt": (data, {})}
     _release_model(monkeypatch, base, {"chexpert_resnet50.ckpt": data}, sha256={"chexpert_resnet50.ckpt": "ab" * 32})
-    code, out, err = _main(monkeypatch, capsys, "models", "pull", "gloria", "--weights-dir", str(tmp_path / "w"),
+    code, out, err = main_cli(monkeypatch, capsys, "models", "pull", "gloria", "--weights-dir", str(tmp_path / "w"),
                            "--quiet")
     assert code == 1 and out == "" and len(err.strip().splitlines()) == 1
     assert f"the download's sha256 is {hashlib.sha256(data).hexdigest()}, not the release's {'ab' * 32}" in err
