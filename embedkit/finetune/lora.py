@@ -120,9 +120,9 @@ def resolve_targets(tower: nn.Module, layout: TowerLayout, targets: list[str] | 
     found: list[str] = []
     for target in chosen:
         pattern = re.compile(rf"(?:{layout.block})\.{re.escape(target)}")
-        hits = [n for n in modules if pattern.fullmatch(n)]
-        if not hits and _in_proj_hits(modules, layout, target):
-            found += _in_proj_hits(modules, layout, target)
+        hits = [n for n in modules if pattern.fullmatch(n)] or _in_proj_hits(modules, layout, target)
+        if hits and hits[0] not in modules:  # `<attention>.in_proj`: a projection with no module of its own
+            found += hits
             continue
         if not hits and targets:
             raise LoraTargetError(
@@ -133,7 +133,8 @@ def resolve_targets(tower: nn.Module, layout: TowerLayout, targets: list[str] | 
             if isinstance(parent, nn.MultiheadAttention):
                 raise LoraTargetError(
                     f"LoRA target '{target}' is inside nn.MultiheadAttention ({name}): peft ignores such a LoRA in "
-                    f"the forward pass yet merges it. Target the attention module itself ('attn')")
+                    f"the forward pass yet merges it. Target the attention itself ('attn': in_proj and out_proj) or its "
+                    f"in_proj alone ('attn.in_proj')")
             if not isinstance(modules[name], _SUPPORTED):
                 raise LoraTargetError(
                     f"LoRA target '{target}' ({name}) is a {type(modules[name]).__name__}; LoRA applies to Linear, "
@@ -299,8 +300,8 @@ def apply_lora(model: "VisionLanguageModel", rank: int, alpha: float | None = No
     config._register_custom_module(
         {nn.MultiheadAttention: InProjMultiheadAttention if in_proj_only else ExactMultiheadAttention})
     lora_model = LoraModel(tower, config, "default")
-    scalings = {m.scaling["default"] for m in tower.modules() if isinstance(m, LoraLayer) and "default" in m.scaling}
-    (scaling,) = scalings  # one rank and one alpha for every module
+    # one rank and one alpha for every module, so one scaling; read off peft's modules, not recomputed
+    (scaling,) = {m.scaling["default"] for m in tower.modules() if isinstance(m, LoraLayer)}
     return LoraTower(lora_model, layout, preset, modules, list(targets) if targets else list(layout.targets(preset)),
                      rank, alpha, float(scaling))
 
