@@ -16,8 +16,8 @@ from embedkit import __version__
 from embedkit.constants import MIN_GROUP_N, STORE_ENV
 from embedkit.errors import EmbedkitError
 from embedkit.fairness.db import DEFAULT_ATTRIBUTES
-from embedkit.options import (Amp, Ensemble, FinetuneMethod, Head, LibraryDefault, Method, Schedule, Split, by_option,
-                              parse_by)
+from embedkit.options import (Amp, Ensemble, FinetuneMethod, Head, LibraryDefault, LoraPreset, Method, Schedule, Split,
+                              by_option, parse_by)
 from embedkit.output import OutputFormat, echo_json, print_run
 
 app = typer.Typer(
@@ -318,8 +318,8 @@ def embed_cmd(
 # ---- finetune -------------------------------------------------------------------------------------------------
 
 # Options that decide a run's result: with --resume they come from the run's checkpoint, never from the command line.
-_FINETUNE_FIXED_ON_RESUME = ("cohort", "weights", "weights_dir", "random_init", "seed_init", "rank", "alpha",
-                             "targets", "epochs", "lr", "wd", "batch_size", "seed", "schedule", "early_stopping",
+_FINETUNE_FIXED_ON_RESUME = ("cohort", "weights", "weights_dir", "random_init", "seed_init", "lora_preset", "rank",
+                             "alpha", "targets", "epochs", "lr", "wd", "batch_size", "seed", "schedule", "early_stopping",
                              "augment", "amp")
 
 
@@ -337,9 +337,14 @@ def finetune_cmd(
     weights_dir: Optional[Path] = typer.Option(None, envvar="EMBEDKIT_WEIGHTS", help="Folder with one sub-folder per model"),
     random_init: bool = typer.Option(False, help="Real architecture, random weights (labelled random-init in the store)"),
     seed_init: int = typer.Option(_FINETUNE("seed_init"), help="Seed of --random-init"),
+    lora_preset: LoraPreset = typer.Option(_FINETUNE("lora_preset"),
+                                           help="study: the study's LoRA (attention input projections or ResNet "
+                                                "bottlenecks, B A unscaled, raw features into the head); embedkit: "
+                                                "attention, MLP, alpha 1, unit features"),
     rank: Optional[int] = typer.Option(None, help="LoRA rank (default: the model's, 16 for ViT/Swin, 4 for ResNet)"),
-    alpha: float = typer.Option(_FINETUNE("alpha"), help="LoRA alpha (the paper's 1)"),
-    targets: Optional[str] = typer.Option(None, help="LoRA targets inside each block, comma-separated (e.g. attn,mlp.c_fc); default per tower"),
+    alpha: Optional[float] = typer.Option(None, help="peft's LoRA alpha (default: the preset's; study: the rank, "
+                                                     "embedkit: 1)"),
+    targets: Optional[str] = typer.Option(None, help="LoRA targets inside each block, comma-separated (e.g. attn.in_proj,mlp.c_fc); default: the preset's"),
     epochs: int = typer.Option(_FINETUNE("epochs"), help="Epochs"),
     lr: float = typer.Option(_FINETUNE("lr"), help="AdamW learning rate"),
     wd: float = typer.Option(_FINETUNE("wd"), help="AdamW weight decay"),
@@ -381,7 +386,7 @@ def finetune_cmd(
         config = train.FinetuneConfig(
             model=model, method=method.value, cohort=cohort, weights=str(weights) if weights else None,
             weights_dir=str(weights_dir) if weights_dir else None, random_init=random_init, seed_init=seed_init,
-            rank=rank, alpha=alpha, targets=[t.strip() for t in targets.split(",") if t.strip()] if targets else None,
+            lora_preset=lora_preset.value, rank=rank, alpha=alpha, targets=[t.strip() for t in targets.split(",") if t.strip()] if targets else None,
             epochs=epochs, lr=lr, wd=wd, batch_size=batch_size, seed=seed, schedule=schedule.value,
             early_stopping=early_stopping, augment=augment, amp=amp.value, device=device, workers=workers)
         result = train.finetune(store, config, progress=not quiet, stop_after=stop_after)

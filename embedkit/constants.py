@@ -31,6 +31,8 @@ FINETUNE_METHODS: tuple[str, ...] = ("lora", "ft")
 RUN_METHODS: tuple[str, ...] = ("zeroshot", *HEADS, *FINETUNE_METHODS)
 LR_SCHEDULES: tuple[str, ...] = ("cosine", "step", "constant")  # fine-tuning's, stepped once per epoch
 AMP_MODES: tuple[str, ...] = ("bf16", "fp16", "none")  # fine-tuning's autocast on CUDA
+# LoRA presets (docs/heads.md): the study's targets, unscaled update and raw head features, or embedkit's wider layout.
+LORA_PRESETS: tuple[str, ...] = ("study", "embedkit")
 
 # Columns of a cohort (one row per image of a cohort; row_id keys repeated images apart).
 COHORT_COLUMNS: tuple[str, ...] = (

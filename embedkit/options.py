@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import typer
 
-from embedkit.constants import AMP_MODES, FINETUNE_METHODS, HEADS, LR_SCHEDULES, RUN_METHODS, SPLITS
+from embedkit.constants import AMP_MODES, FINETUNE_METHODS, HEADS, LORA_PRESETS, LR_SCHEDULES, RUN_METHODS, SPLITS
 
 
 def _choices(name: str, values: tuple[str, ...], doc: str) -> type[Enum]:
@@ -30,6 +30,7 @@ Method = _choices("Method", RUN_METHODS, "What produced a run: a filter of `runs
 FinetuneMethod = _choices("FinetuneMethod", FINETUNE_METHODS, "Fine-tuning regimes.")
 Schedule = _choices("Schedule", LR_SCHEDULES, "Learning-rate schedules of fine-tuning.")
 Amp = _choices("Amp", AMP_MODES, "Autocast modes of fine-tuning on CUDA.")
+LoraPreset = _choices("LoraPreset", LORA_PRESETS, "Where LoRA goes, how it is scaled, what the head reads.")
 
 
 class Ensemble(str, Enum):

@@ -1,4 +1,5 @@
-"""LoRA and full fine-tuning: targets per family, adapters-only training, merging, exact resume, runs in the store.
+"""LoRA and full fine-tuning: targets per family and preset, adapters-only training, merging, exact resume, runs in
+the store.
 
 Tiny models of every family on CPU; a 24-image cohort of 64x64 noise PNGs (6 classes x 4, train/val/test).
 """
@@ -16,15 +17,19 @@ from conftest import write_cohort_images
 from embedkit.constants import NIH_CLASSES
 from embedkit.finetune.augment import Augment, epoch_order, stream
 from embedkit.finetune.lora import ExactMultiheadAttention, LoraTargetError, apply_lora, count_parameters
-from embedkit.finetune.train import FinetuneConfig, FinetuneError, build_network, finetune, resume, train_step
+from embedkit.finetune.train import (FinetuneConfig, FinetuneError, build_network, finetune, resumable_config, resume,
+                                     train_step)
 from embedkit.models.registry import get_spec
 
-FAMILIES = ["tiny-clip", "tiny-biomedclip", "tiny-medclip-rn50", "tiny-medclip-vit", "tiny-gloria"]
-# Modules that get LoRA by default, per tiny tower (2 blocks for the ViTs, 8 Swin blocks, 4 or 4 ResNet blocks).
-EXPECTED_MODULES = {
-    "tiny-clip": ["transformer.resblocks.0.attn", "transformer.resblocks.0.mlp.c_fc",
+FAMILIES = ["tiny-clip", "tiny-chexzero", "tiny-biomedclip", "tiny-medclip-rn50", "tiny-medclip-vit", "tiny-gloria"]
+_CLIP_EMBEDKIT = ["transformer.resblocks.0.attn", "transformer.resblocks.0.mlp.c_fc",
                   "transformer.resblocks.0.mlp.c_proj", "transformer.resblocks.1.attn",
-                  "transformer.resblocks.1.mlp.c_fc", "transformer.resblocks.1.mlp.c_proj"],
+                  "transformer.resblocks.1.mlp.c_fc", "transformer.resblocks.1.mlp.c_proj"]
+# Modules that get LoRA under the embedkit preset, per tiny tower (2 blocks for the ViTs, 8 Swin blocks, 4 or 4
+# ResNet blocks).
+EXPECTED_MODULES = {
+    "tiny-clip": _CLIP_EMBEDKIT,
+    "tiny-chexzero": _CLIP_EMBEDKIT,
     "tiny-biomedclip": [f"trunk.blocks.{b}.{m}" for b in range(2)
                         for m in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")],
     "tiny-medclip-rn50": [f"model.layer{s}.0.conv{c}" for s in range(1, 5) for c in (1, 2, 3)],
@@ -33,6 +38,18 @@ EXPECTED_MODULES = {
                                    "mlp.fc1", "mlp.fc2")],
     "tiny-gloria": [f"model.layer{s}.0.conv{c}" for s in range(1, 5) for c in (1, 2)],  # basic blocks: no conv3
 }
+_CLIP_STUDY = [f"transformer.resblocks.{b}.attn.in_proj" for b in range(2)]  # the MultiheadAttention's in_proj alone
+# Under the study preset (the default): the attention input projection of the ViTs, the same ResNet convolutions.
+STUDY_MODULES = {
+    "tiny-clip": _CLIP_STUDY,
+    "tiny-chexzero": _CLIP_STUDY,
+    "tiny-biomedclip": [f"trunk.blocks.{b}.attn.qkv" for b in range(2)],
+    "tiny-medclip-rn50": EXPECTED_MODULES["tiny-medclip-rn50"],
+    "tiny-medclip-vit": [f"model.encoder.layers.{s}.blocks.{b}.attention.{m}" for s in range(4) for b in range(2)
+                         for m in ("q_proj", "k_proj", "v_proj")],
+    "tiny-gloria": EXPECTED_MODULES["tiny-gloria"],
+}
+PRESET_MODULES = {"study": STUDY_MODULES, "embedkit": EXPECTED_MODULES}
 
 
 def _pixels(name: str, n: int = 2, seed: int = 0) -> torch.Tensor:
@@ -71,15 +88,16 @@ def cohort_store(tmp_path_factory):
 # ---- LoRA per family -----------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("preset", ["study", "embedkit"])
 @pytest.mark.parametrize("name", FAMILIES)
-def test_lora_targets_change_the_output_and_merge_to_the_same_model(name):
+def test_lora_targets_change_the_output_and_merge_to_the_same_model(name, preset):
     spec, model = _frozen(name)
     x = _pixels(name)
     with torch.no_grad():
         before = model.encode_image(x)
     torch.manual_seed(0)
-    lora = apply_lora(model, spec.lora_rank, 1.0)
-    assert lora.modules == EXPECTED_MODULES[name]
+    lora = apply_lora(model, spec.lora_rank, 1.0, preset=preset)
+    assert lora.modules == PRESET_MODULES[preset][name]
     assert not any(m.endswith("out_proj") for m in lora.modules)
     with torch.no_grad():
         at_init = model.encode_image(x)
@@ -97,10 +115,11 @@ def test_lora_targets_change_the_output_and_merge_to_the_same_model(name):
     torch.testing.assert_close(merged, adapted, atol=2e-5, rtol=0)
 
 
+@pytest.mark.parametrize("preset", ["study", "embedkit"])
 @pytest.mark.parametrize("name", FAMILIES)
-def test_lora_step_trains_adapters_and_head_only(name):
+def test_lora_step_trains_adapters_and_head_only(name, preset):
     spec, model = _frozen(name)
-    net, _, info = build_network(model, "lora", 3, seed=0, rank=spec.lora_rank)
+    net, _, info = build_network(model, "lora", 3, seed=0, rank=spec.lora_rank, preset=preset)
     tower = net.tower
     base = _base_state(tower)
     lora_init = {n: p.detach().clone() for n, p in tower.named_parameters() if p.requires_grad}
@@ -122,29 +141,119 @@ def test_lora_step_trains_adapters_and_head_only(name):
     assert changed == []  # bit-identical, BatchNorm statistics included
 
 
-@pytest.mark.parametrize("name, layout, n_modules, n_lora", [
-    # 12 blocks x (attn: in_proj 16*768 + 2304*16, out_proj 2*16*768; c_fc 16*768 + 3072*16; c_proj the same)
-    ("clip", "openclip-vit", 36, 2_359_296),
-    ("biomedclip", "timm-vit", 48, 2_359_296),  # qkv + proj = in_proj + out_proj: the same count
-    ("medclip-vit", "swin", 72, 1_271_808),  # 12 Swin blocks x q, k, v, o, fc1, fc2
-    ("medclip-rn50", "resnet", 48, 294_144),  # 16 bottlenecks x conv1-3 at rank 4
-    ("gloria", "resnet", 48, 294_144),
+@pytest.mark.parametrize("name, preset, layout, n_modules, n_lora", [
+    # embedkit: 12 blocks x (attn: in_proj 16*768 + 2304*16, out_proj 2*16*768; c_fc 16*768 + 3072*16; c_proj the
+    # same)
+    ("clip", "embedkit", "openclip-vit", 36, 2_359_296),
+    ("chexzero", "embedkit", "openclip-vit", 36, 2_359_296),  # ViT-B/32: the same width 768, 12 blocks
+    ("biomedclip", "embedkit", "timm-vit", 48, 2_359_296),  # qkv + proj = in_proj + out_proj: the same count
+    # 12 Swin-T blocks (2, 2, 6, 2 at widths C = 96, 192, 384, 768) x q, k, v, o (16*C + C*16 each), fc1 and fc2
+    # (16*C + 4C*16 each) = 288 C per block; sum of C over blocks 4416; 288 * 4416
+    ("medclip-vit", "embedkit", "swin", 72, 1_271_808),
+    ("medclip-rn50", "embedkit", "resnet", 48, 294_144),  # 16 bottlenecks x conv1-3 at rank 4
+    ("gloria", "embedkit", "resnet", 48, 294_144),
+    # study: the attention input projection alone, 12 blocks x in_proj (16*768 + 2304*16 = 49152) = 589824
+    ("clip", "study", "openclip-vit", 12, 589_824),
+    ("chexzero", "study", "openclip-vit", 12, 589_824),
+    ("biomedclip", "study", "timm-vit", 12, 589_824),  # qkv is in_proj as a Linear: the same count
+    ("medclip-vit", "study", "swin", 36, 423_936),  # q, k, v: 3 * 32 C = 96 C per block; 96 * 4416
+    ("medclip-rn50", "study", "resnet", 48, 294_144),  # the study's ResNet LoRA is embedkit's
+    ("gloria", "study", "resnet", 48, 294_144),
 ])
-def test_full_size_towers_get_lora_where_the_paper_puts_it(name, layout, n_modules, n_lora):
+def test_full_size_towers_get_lora_where_the_paper_puts_it(name, preset, layout, n_modules, n_lora):
     spec = get_spec(name)
     with torch.device("meta"):  # real shapes, no memory
-        net, lora, info = build_network(spec.build(0), "lora", 6, seed=0, rank=spec.lora_rank)
+        net, lora, info = build_network(spec.build(0), "lora", 6, seed=0, rank=spec.lora_rank, preset=preset)
     head = spec.embed_dim * 1024 + 1024 + 1024 * 6 + 6
     assert (lora.layout.kind, len(lora.modules), info["trainable_params"] - head) == (layout, n_modules, n_lora)
     assert info["rank"] == (4 if layout == "resnet" else 16)
+    # study: lora_alpha = r, so peft's scaling alpha / r is 1; embedkit: alpha 1, scaling 1 / r
+    assert (info["alpha"], info["lora_scaling"]) == ((info["rank"], 1.0) if preset == "study"
+                                                     else (1.0, 1 / info["rank"]))
 
 
 def test_lora_parameter_counts_follow_rank():
     spec, model = _frozen("tiny-clip")
-    apply_lora(model, 16, 1.0)
+    apply_lora(model, 16, 1.0, preset="embedkit")
     # Per block (width 64, MLP 256, rank 16): in_proj 16*64 + 192*16, out_proj 16*64 + 64*16,
     # c_fc 16*64 + 256*16, c_proj 16*256 + 64*16 = 4096 + 2048 + 5120 + 5120; two blocks.
     assert count_parameters(model) == 2 * 16384
+    _, study = _frozen("tiny-clip")
+    apply_lora(study, 16)
+    assert count_parameters(study) == 2 * 4096  # the study's: in_proj alone, 16*64 + 192*16 per block
+
+
+def _lora_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """B @ A in the base weight's shape (a convolution's A is [r, in, k, k], its B [out, r, 1, 1])."""
+    return (lora_b.flatten(1) @ lora_a.flatten(1)).reshape(shape)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_the_study_preset_adds_b_a_unscaled_to_the_study_modules_only(name):
+    from peft.tuners.lora.layer import LoraLayer
+
+    spec, model = _frozen(name)
+    tower = model.image_tower()
+    base = {k: v.clone() for k, v in tower.state_dict().items()}
+    torch.manual_seed(0)
+    lora = apply_lora(model, spec.lora_rank)  # the default preset is the study's
+    assert lora.preset == "study" and lora.modules == STUDY_MODULES[name]
+    assert (lora.rank, lora.alpha, lora.scaling) == (spec.lora_rank, float(spec.lora_rank), 1.0)
+    layers = {n: m for n, m in tower.named_modules() if isinstance(m, LoraLayer)}
+    assert sorted(layers) == sorted(m.removesuffix(".in_proj") for m in STUDY_MODULES[name])
+    assert {m.scaling["default"] for m in layers.values()} == {1.0}
+    # out_proj untouched: the attention's own Linear, no LoRA tensor anywhere under it
+    out_projs = [m for n, m in tower.named_modules() if n.endswith("out_proj")]
+    assert len(out_projs) == (2 if name in ("tiny-clip", "tiny-chexzero") else 0)
+    assert all(type(m) is nn.modules.linear.NonDynamicallyQuantizableLinear for m in out_projs)
+    assert not any("out_proj" in n for n, p in tower.named_parameters() if p.requires_grad)
+    for pname, p in tower.named_parameters():
+        if "lora_B" in pname:
+            nn.init.normal_(p, std=0.5)
+    factors = {n: (m.lora_A["default"].weight.detach().clone(), m.lora_B["default"].weight.detach().clone())
+               for n, m in layers.items()}
+    lora.lora_model.merge_and_unload()
+    merged = tower.state_dict()
+    assert merged.keys() == base.keys()
+    expected_changed = {(f"{n}.in_proj_weight" if n + ".in_proj" in STUDY_MODULES[name] else f"{n}.weight")
+                        for n in layers}
+    assert {k for k in base if not torch.equal(base[k], merged[k])} == expected_changed
+    for n, (lora_a, lora_b) in factors.items():
+        key = next(k for k in expected_changed if k.rsplit(".", 1)[0] == n)
+        torch.testing.assert_close(merged[key] - base[key], _lora_delta(lora_a, lora_b, base[key].shape),
+                                   atol=1e-5, rtol=1e-5)  # delta W = B A: no 1 / r
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("preset", ["study", "embedkit"])
+def test_the_head_reads_raw_features_under_study_and_unit_vectors_under_embedkit(name, preset):
+    spec, model = _frozen(name)
+    net, _, info = build_network(model, "lora", 3, seed=0, rank=spec.lora_rank, preset=preset)
+    seen = []
+    net.head.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+    x = _pixels(name)
+    with torch.no_grad():
+        net(x)
+        raw = model.encode_image_raw(x)
+    (features,) = seen
+    norms = features.norm(dim=-1)
+    if preset == "study":
+        assert info["head_features"] == "raw"
+        torch.testing.assert_close(features, raw)
+        assert (norms - 1).abs().max() > 1e-2  # not unit vectors: the tiny towers' raw norms are far from 1
+    else:
+        assert info["head_features"] == "unit"
+        torch.testing.assert_close(features, nn.functional.normalize(raw, dim=-1))
+        torch.testing.assert_close(norms, torch.ones_like(norms))
+
+
+def test_in_proj_targets_refuse_a_whole_attention_beside_them():
+    _, model = _frozen("tiny-clip")
+    with pytest.raises(LoraTargetError, match="both whole and by its in_proj"):
+        apply_lora(model, 4, targets=["attn", "attn.in_proj"])
+    _, model = _frozen("tiny-clip")
+    with pytest.raises(LoraTargetError, match="attn.in_proj"):  # named among the modules there
+        apply_lora(model, 4, targets=["attn.q_proj"])
 
 
 def test_attention_lora_is_w_plus_delta_once_and_never_moves_the_base():
@@ -248,7 +357,7 @@ def test_finetune_writes_a_run_and_every_prediction(cohort_store):
     from embedkit.store.store import sql_eq
 
     config = FinetuneConfig(model="tiny-gloria", method="lora", cohort="c", random_init=True, epochs=2,
-                            batch_size=8, workers=0)
+                            batch_size=8, workers=0, lora_preset="embedkit")
     result = finetune(cohort_store, config, progress=False)
     assert result.finished and result.epochs_done == 2
     run = cohort_store.read("runs", sql_eq("run_id", result.run_id)).to_pylist()[0]
@@ -275,6 +384,52 @@ def test_finetune_writes_a_run_and_every_prediction(cohort_store):
     best = torch.load(folder / "best.pt", weights_only=True)
     assert all("lora_" in k for k in best["state"]["tower"])  # adapters only, no base weights
     assert sum(v.numel() for v in best["state"]["tower"].values()) == 7584
+
+
+def test_a_run_records_its_preset_and_every_resulting_lora_value(cohort_store):
+    from embedkit.store.store import sql_eq
+
+    default = FinetuneConfig(model="tiny-gloria", method="lora", cohort="c", random_init=True, epochs=1,
+                             batch_size=12, workers=0, augment=False)
+    overridden = FinetuneConfig(**{**default.__dict__, "rank": 2, "targets": ["conv1"]})
+    for config, expected in (
+        (default, dict(lora_preset="study", rank=4, alpha=4.0, lora_scaling=1.0, lora_layout="resnet",
+                       lora_targets=["conv1", "conv2", "conv3"], lora_modules=8, head_features="raw",
+                       lora_overrides={})),
+        # --rank and --targets on top of the study preset: alpha follows the rank, so the scale stays 1
+        (overridden, dict(lora_preset="study", rank=2, alpha=2.0, lora_scaling=1.0, lora_layout="resnet",
+                          lora_targets=["conv1"], lora_modules=4, head_features="raw",
+                          lora_overrides={"rank": 2, "targets": ["conv1"]})),
+    ):
+        result = finetune(cohort_store, config, progress=False)
+        run = cohort_store.read("runs", sql_eq("run_id", result.run_id)).to_pylist()[0]
+        recorded = json.loads(run["config"])
+        assert {k: recorded[k] for k in expected} == expected
+
+
+def test_a_resumed_run_keeps_its_preset(cohort_store):
+    from typer.testing import CliRunner
+
+    from embedkit.cli import app
+    from embedkit.store.store import sql_eq
+
+    config = FinetuneConfig(model="tiny-gloria", method="lora", cohort="c", random_init=True, epochs=2,
+                            batch_size=12, workers=0, augment=False, lora_preset="embedkit")
+    cut = finetune(cohort_store, config, progress=False, stop_after=1)
+    refused = CliRunner().invoke(app, ["--store", str(cohort_store.path), "finetune", "--resume", cut.run_id,
+                                       "--lora-preset", "study"])
+    assert isinstance(refused.exception, FinetuneError) and "--lora-preset" in str(refused.exception)
+    assert resumable_config(cohort_store, cut.run_id).lora_preset == "embedkit"
+    # a checkpoint from before presets existed resumes as what it was: embedkit's layout
+    meta_path = cut.checkpoint_dir / "config.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["config"]["lora_preset"]
+    meta_path.write_text(json.dumps(meta))
+    assert resumable_config(cohort_store, cut.run_id).lora_preset == "embedkit"
+    resumed = resume(cohort_store, cut.run_id, progress=False)
+    recorded = json.loads(cohort_store.read("runs", sql_eq("run_id", resumed.run_id)).to_pylist()[0]["config"])
+    assert (recorded["lora_preset"], recorded["alpha"], recorded["lora_scaling"], recorded["head_features"]) == \
+        ("embedkit", 1.0, 0.25, "unit")
 
 
 def test_an_interrupted_run_resumed_ends_exactly_like_an_uninterrupted_one(cohort_store):
@@ -348,8 +503,8 @@ def test_cli_finetune_then_resume(cohort_store):
     runner = CliRunner()
     base = ["--store", str(cohort_store.path), "finetune"]
     common = ["--cohort", "c", "--random-init", "--workers", "0", "--batch-size", "12", "--quiet"]
-    done = runner.invoke(app, [*base, "--model", "tiny-clip", "--method", "lora", "--epochs", "2", *common,
-                               "--json"])
+    done = runner.invoke(app, [*base, "--model", "tiny-clip", "--method", "lora", "--lora-preset", "embedkit",
+                               "--epochs", "2", *common, "--json"])
     assert done.exit_code == 0, done.output
     summary = json.loads(done.stdout)
     assert summary["finished"] and summary["epochs_done"] == 2

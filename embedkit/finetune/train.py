@@ -1,15 +1,18 @@
 """LoRA and full fine-tuning of an image tower with the paper's LP head, images streamed from disk.
 
-The network is ``head(model.encode_image(pixels))``: the family's own image path (its preprocessing, its tower,
-its projection and L2 normalisation, exactly what the embedding pass stores) and the LP head of
-:mod:`embedkit.heads.probe` (Linear(d, 1024) -> Linear(1024, C), no activation, initialised from the same seeded
-generator as a stored-vector probe). The text tower is never run.
+The network is the LP head of :mod:`embedkit.heads.probe` (Linear(d, 1024) -> Linear(1024, C), no activation,
+initialised from the same seeded generator as a stored-vector probe) on the family's own image path (its
+preprocessing, its tower, its projection): ``head(model.encode_image_raw(pixels))`` under the ``study`` LoRA preset
+(the study's head read the raw embedding), ``head(model.encode_image(pixels))``, the L2-normalised vector the
+embedding pass stores, otherwise. The text tower is never run.
 
-- ``lora``: the tower is frozen and LoRA is added where :mod:`embedkit.finetune.lora` says (rank = the model's
-  ``lora_rank`` unless given, alpha 1). The tower stays in eval mode: BatchNorm statistics and every other frozen
-  tensor stay exactly as loaded, which is what makes "adapter + head" a complete checkpoint.
+- ``lora``: the tower is frozen and LoRA is added where :mod:`embedkit.finetune.lora` says for the run's preset
+  (``study``, the default: the study's targets, lora_alpha = rank so delta W = B A; ``embedkit``: the wider layout,
+  alpha 1), rank = the model's ``lora_rank`` unless given; ``--rank``, ``--alpha`` and ``--targets`` override the
+  preset. The tower stays in eval mode: BatchNorm statistics and every other frozen tensor stay exactly as loaded,
+  which is what makes "adapter + head" a complete checkpoint.
 - ``ft``: every image-tower parameter trains; the tower is in train mode (BatchNorm statistics update, Swin's
-  stochastic depth is active).
+  stochastic depth is active); the head reads the unit vectors.
 
 Training: AdamW (lr 1e-4, weight decay 1e-5), cross-entropy, batches of 64 drawn in a fresh seeded shuffle each
 epoch (last partial batch kept), the augmentations of :mod:`embedkit.finetune.augment` on training images only,
@@ -45,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from embedkit.constants import AMP_MODES, FINETUNE_METHODS, LR_SCHEDULES
+from embedkit.constants import AMP_MODES, FINETUNE_METHODS, LORA_PRESETS, LR_SCHEDULES
 from embedkit.data.cohort import cohort_fingerprint
 from embedkit.errors import EmbedkitError
 from embedkit.finetune.augment import Augment, AugmentedImageFiles, KeySampler, epoch_order, torch_seed
@@ -75,9 +78,10 @@ class FinetuneConfig:
     weights_dir: str | None = None
     random_init: bool = False
     seed_init: int = 0  # seed of the random-init weights
+    lora_preset: str = "study"  # the study's LoRA (targets, unscaled update, raw head features) or "embedkit"
     rank: int | None = None  # LoRA rank; None = the model's lora_rank (16 for ViTs, 4 for ResNets)
-    alpha: float = 1.0
-    targets: list[str] | None = None  # LoRA targets relative to a block; None = the tower's defaults
+    alpha: float | None = None  # peft's lora_alpha; None = the preset's (study: the rank; embedkit: 1)
+    targets: list[str] | None = None  # LoRA targets relative to a block; None = the preset's for the tower
     epochs: int = 100
     lr: float = 1e-4
     wd: float = 1e-5
@@ -111,16 +115,21 @@ class FinetuneConfig:
             raise FinetuneError(f"--wd must be a non-negative number, not {self.wd}")
         if self.weights and self.random_init:
             raise FinetuneError("--weights and --random-init exclude each other")
-        if self.method == "ft" and (self.targets or self.rank is not None):
-            raise FinetuneError("--rank and --targets are LoRA settings; --method ft trains every tower weight")
+        if self.lora_preset not in LORA_PRESETS:
+            raise FinetuneError(f"--lora-preset must be one of {', '.join(LORA_PRESETS)}, not '{self.lora_preset}'")
+        if self.method == "ft" and (self.targets or self.rank is not None or self.alpha is not None):
+            raise FinetuneError("--rank, --alpha and --targets are LoRA settings; --method ft trains every tower "
+                                "weight")
+        if self.alpha is not None and not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise FinetuneError(f"--alpha must be a positive number, not {self.alpha}")
         if self.rank is not None and self.rank < 1:
             raise FinetuneError(f"--rank must be at least 1, not {self.rank}")
 
     def settings(self) -> dict:
-        """The settings as stored (rank/alpha/targets only for LoRA)."""
+        """The settings as stored (the preset, rank/alpha/targets only for LoRA)."""
         out = asdict(self)
         if self.method == "ft":
-            for key in ("rank", "alpha", "targets"):
+            for key in ("lora_preset", "rank", "alpha", "targets"):
                 out.pop(key)
         if self.study_id is None:
             out.pop("study_id")  # runs outside a study keep the config they always had
@@ -171,19 +180,22 @@ class FinetuneResult:
 
 
 class ImageClassifier(nn.Module):
-    """``head(model.encode_image(pixels))``: the family's image path and the LP head."""
+    """The LP head on the family's image path: ``head(model.encode_image_raw(pixels))`` with ``raw_features``,
+    else ``head(model.encode_image(pixels))`` (unit vectors)."""
 
-    def __init__(self, model: nn.Module, head: nn.Module):
+    def __init__(self, model: nn.Module, head: nn.Module, raw_features: bool = False):
         super().__init__()
         self.model = model
         self.head = head
+        self.raw_features = raw_features
 
     @property
     def tower(self) -> nn.Module:
         return self.model.image_tower()
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.head(self.model.encode_image(pixels))
+        encode = self.model.encode_image_raw if self.raw_features else self.model.encode_image
+        return self.head(encode(pixels))
 
 
 def lp_head(dim: int, n_classes: int, seed: int) -> nn.Module:
@@ -198,14 +210,18 @@ def lp_head(dim: int, n_classes: int, seed: int) -> nn.Module:
     return head
 
 
-def build_network(model: nn.Module, method: str, n_classes: int, seed: int, rank: int = 16, alpha: float = 1.0,
-                  targets: list[str] | None = None) -> tuple[ImageClassifier, LoraTower | None, dict]:
+def build_network(model: nn.Module, method: str, n_classes: int, seed: int, rank: int = 16,
+                  alpha: float | None = None, targets: list[str] | None = None, preset: str = "study"
+                  ) -> tuple[ImageClassifier, LoraTower | None, dict]:
     """Freeze ``model``, make its image tower trainable the ``method`` way, put the LP head on top.
 
-    Returns the network, the LoRA wrapping (None for ft) and what the run's config records about it. The text
-    tower stays frozen and unused. Seeds torch's global RNG with ``seed`` (LoRA's A matrices draw from it).
+    LoRA goes where ``preset`` says (or at ``targets``), with peft's lora_alpha ``alpha`` (None: the preset's),
+    and the head reads the features the preset says (ft: unit vectors). Returns the network, the LoRA wrapping
+    (None for ft) and what the run's config records about it: under LoRA every value peft was given and the
+    scaling it applies. The text tower stays frozen and unused. Seeds torch's global RNG with ``seed`` (LoRA's A
+    matrices draw from it).
     """
-    from embedkit.finetune.lora import apply_lora, count_parameters
+    from embedkit.finetune.lora import PRESETS, apply_lora, count_parameters
 
     model.eval()
     for p in model.parameters():
@@ -214,15 +230,17 @@ def build_network(model: nn.Module, method: str, n_classes: int, seed: int, rank
     info: dict = {"tower_params": count_parameters(tower, trainable_only=False), "embed_dim": model.embed_dim,
                   "head": f"lp: Linear({model.embed_dim},{HEAD_HIDDEN})->Linear({HEAD_HIDDEN},{n_classes})"}
     torch.manual_seed(seed)
-    lora = None
+    lora, features = None, "unit"
     if method == "lora":
-        lora = apply_lora(model, rank, alpha, targets)
-        info.update(rank=rank, lora_layout=lora.layout.kind, lora_targets=lora.targets,
-                    lora_modules=len(lora.modules))
+        lora = apply_lora(model, rank, alpha, targets, preset)
+        features = PRESETS[preset].head_features
+        info.update(lora_preset=preset, rank=rank, alpha=lora.alpha, lora_scaling=lora.scaling,
+                    lora_layout=lora.layout.kind, lora_targets=lora.targets, lora_modules=len(lora.modules))
     else:
         for p in tower.parameters():
             p.requires_grad_(True)
-    net = ImageClassifier(model, lp_head(model.embed_dim, n_classes, seed))
+    info["head_features"] = features
+    net = ImageClassifier(model, lp_head(model.embed_dim, n_classes, seed), raw_features=features == "raw")
     info["trainable_params"] = sum(p.numel() for p in net.parameters() if p.requires_grad)
     return net, lora, info
 
@@ -330,7 +348,10 @@ def _prepare(store: Store, config: FinetuneConfig, run_id: str) -> _Session:
                                              config.weights_dir)
     net, lora, extra = build_network(model, config.method, len(classes), config.seed,
                                      config.rank if config.rank is not None else spec.lora_rank, config.alpha,
-                                     config.targets)
+                                     config.targets, config.lora_preset)
+    if lora is not None:  # what was set on top of the preset
+        extra["lora_overrides"] = {k: getattr(config, k) for k in ("rank", "alpha", "targets")
+                                   if getattr(config, k) is not None}
     net = net.to(device)
     tower = net.tower
     trainable = [p for p in net.parameters() if p.requires_grad]
@@ -588,6 +609,8 @@ def resumable_config(store: Store, run_id: str) -> FinetuneConfig:
     """The settings run ``run_id`` started with; raises if it has no checkpoint or has already finished."""
     saved = _checkpoint_meta(store, run_id)["config"]
     known_fields = {f.name for f in fields(FinetuneConfig)}
+    if "lora_preset" not in saved:  # started before presets: embedkit's layout, with its alpha saved
+        saved = {**saved, "lora_preset": "embedkit"}
     return FinetuneConfig(**{k: v for k, v in saved.items() if k in known_fields})
 
 

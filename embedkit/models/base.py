@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from embedkit.errors import EmbedkitError
@@ -35,15 +36,26 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class TowerLayout:
-    """Where the repeated blocks of an image tower are and which of their modules get LoRA by default."""
+    """Where the repeated blocks of an image tower are and which of their modules get LoRA under each preset.
+
+    Targets are module names relative to a block; ``X.in_proj`` names the input projection of an
+    ``nn.MultiheadAttention`` ``X`` alone (its ``out_proj`` untouched), ``X`` the whole attention.
+    """
 
     kind: str
     block: str  # regular expression fully matching a block's module name
-    targets: tuple[str, ...]  # default targets, module names relative to a block
+    study_targets: tuple[str, ...]  # the study's: the attention input projection of ViTs, a ResNet's bottleneck
+    embedkit_targets: tuple[str, ...]  # embedkit's wider layout: attention in and out, MLP layers
+
+    def targets(self, preset: str) -> tuple[str, ...]:
+        """The default targets of ``preset`` (``study`` or ``embedkit``, embedkit.constants.LORA_PRESETS)."""
+        return self.study_targets if preset == "study" else self.embedkit_targets
 
 
 # torchvision-style ResNets (MedCLIP-RN50, GLoRIA): the bottleneck convolutions of every block; the stem is left alone.
-RESNET_LAYOUT = TowerLayout("resnet", r"(?:.+\.)?layer[1-4]\.\d+", ("conv1", "conv2", "conv3"))
+# The study and embedkit agree here.
+RESNET_LAYOUT = TowerLayout("resnet", r"(?:.+\.)?layer[1-4]\.\d+", ("conv1", "conv2", "conv3"),
+                            ("conv1", "conv2", "conv3"))
 
 
 class VisionLanguageModel(nn.Module):
@@ -62,9 +74,13 @@ class VisionLanguageModel(nn.Module):
         """Tokenize prompts the way the authors did (padding, max length, casing)."""
         raise NotImplementedError
 
+    def encode_image_raw(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Return the image embeddings [B, embed_dim] before L2 normalisation (the study's LoRA head reads these)."""
+        raise NotImplementedError
+
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         """Return L2-normalised image embeddings [B, embed_dim]."""
-        raise NotImplementedError
+        return F.normalize(self.encode_image_raw(pixels), dim=-1)
 
     def encode_text(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
         """Return L2-normalised text embeddings [P, embed_dim]."""
@@ -79,7 +95,7 @@ class VisionLanguageModel(nn.Module):
         raise NotImplementedError
 
     def lora_layout(self) -> TowerLayout | None:
-        """Where LoRA goes in :meth:`image_tower` (None: no known layout; only full fine-tuning then)."""
+        """Where LoRA goes in :meth:`image_tower` under each preset (None: no known layout; only full fine-tuning)."""
         return None
 
     # -- per-image extras besides the vector (GLoRIA's local similarities; none for the others) ----------------

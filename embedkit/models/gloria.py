@@ -199,9 +199,9 @@ class Gloria(VisionLanguageModel):
         """Tokenize prompts as the authors did (see :func:`tokenize_prompts`)."""
         return tokenize_prompts(self.tokenizer, texts)
 
-    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        """L2-normalised global image embeddings [B, D]."""
-        return F.normalize(self.img_encoder(pixels), dim=-1)
+    def encode_image_raw(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Global image embeddings [B, D] (the global embedder's output), before L2 normalisation."""
+        return self.img_encoder(pixels)
 
     def encode_text(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
         """L2-normalised sentence embeddings [P, D]."""

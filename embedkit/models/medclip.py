@@ -23,14 +23,17 @@ from embedkit.models.base import (RESNET_LAYOUT, CheckpointError, ModelFamily, T
                                   key_mismatches, read_tensor_file)
 from embedkit.models.registry import MissingWeightsError, ModelSpec
 
-# LoRA in every Swin block: the query/key/value/output projections and both MLP layers. transformers 5 renamed
-# Swin's modules; both namings are recognised so either version fine-tunes the same layers.
+# LoRA in every Swin block: the study's the query/key/value projections (the attention input), embedkit's also the
+# output projection and both MLP layers. transformers 5 renamed Swin's modules; both namings are recognised so
+# either version fine-tunes the same layers.
 _SWIN_BLOCK = r"(?:.+\.)?encoder\.layers\.\d+\.blocks\.\d+"
-SWIN_LAYOUT = TowerLayout("swin", _SWIN_BLOCK, ("attention.q_proj", "attention.k_proj", "attention.v_proj",
-                                                "attention.o_proj", "mlp.fc1", "mlp.fc2"))
-SWIN_V4_LAYOUT = TowerLayout("swin", _SWIN_BLOCK, ("attention.self.query", "attention.self.key",
-                                                   "attention.self.value", "attention.output.dense",
-                                                   "intermediate.dense", "output.dense"))
+SWIN_LAYOUT = TowerLayout("swin", _SWIN_BLOCK, ("attention.q_proj", "attention.k_proj", "attention.v_proj"),
+                          ("attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj",
+                           "mlp.fc1", "mlp.fc2"))
+SWIN_V4_LAYOUT = TowerLayout("swin", _SWIN_BLOCK,
+                             ("attention.self.query", "attention.self.key", "attention.self.value"),
+                             ("attention.self.query", "attention.self.key", "attention.self.value",
+                              "attention.output.dense", "intermediate.dense", "output.dense"))
 
 # Preprocessing constants of the authors' feature extractor (one grayscale channel).
 PIXEL_MEAN = 0.5862785803043838
@@ -204,10 +207,10 @@ class MedCLIP(VisionLanguageModel):
     def _param_like(self) -> torch.Tensor:
         return self.text_model.projection_head.weight
 
-    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        """L2-normalised image embeddings [B, embed_dim] from [B, 1 or 3, 224, 224]."""
+    def encode_image_raw(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Projected image embeddings [B, embed_dim] from [B, 1 or 3, 224, 224], before L2 normalisation."""
         ref = self._param_like()
-        return F.normalize(self.vision_model(pixels.to(device=ref.device, dtype=ref.dtype)), dim=-1)
+        return self.vision_model(pixels.to(device=ref.device, dtype=ref.dtype))
 
     def encode_text(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
         """L2-normalised text embeddings [P, embed_dim] from :meth:`tokenize` output."""
@@ -225,7 +228,7 @@ class MedCLIP(VisionLanguageModel):
         return self.vision_model
 
     def lora_layout(self) -> TowerLayout:
-        """The ResNet's bottleneck convolutions, or every Swin block's attention and MLP projections."""
+        """The ResNet's bottleneck convolutions, or every Swin block's attention (and, embedkit's, MLP) projections."""
         if self.variant == "resnet":
             return RESNET_LAYOUT
         names = dict(self.vision_model.named_modules())

@@ -75,10 +75,14 @@ _DROPPED_SUFFIXES: tuple[str, ...] = ("position_ids",)
 
 TINY_TIMM_VIT = "embedkit_tiny_vit_patch16_224"
 
-# Where LoRA goes: every residual block of the ViT. open_clip's own ViT (OpenAI CLIP) uses nn.MultiheadAttention,
-# targeted whole (see embedkit.finetune.lora for why not its out_proj by name); a timm ViT (BiomedCLIP) has Linears.
-OPENCLIP_VIT_LAYOUT = TowerLayout("openclip-vit", r"transformer\.resblocks\.\d+", ("attn", "mlp.c_fc", "mlp.c_proj"))
-TIMM_VIT_LAYOUT = TowerLayout("timm-vit", r"trunk\.blocks\.\d+", ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"))
+# Where LoRA goes: every residual block of the ViT; the study adapts the attention input projection only, embedkit's
+# layout also the output projection and the MLP. open_clip's own ViT (OpenAI CLIP, CheXzero) uses
+# nn.MultiheadAttention: ``attn.in_proj`` is its in_proj alone, ``attn`` in_proj and out_proj (see
+# embedkit.finetune.lora for why never its out_proj by name); a timm ViT (BiomedCLIP) has Linears.
+OPENCLIP_VIT_LAYOUT = TowerLayout("openclip-vit", r"transformer\.resblocks\.\d+", ("attn.in_proj",),
+                                  ("attn", "mlp.c_fc", "mlp.c_proj"))
+TIMM_VIT_LAYOUT = TowerLayout("timm-vit", r"trunk\.blocks\.\d+", ("attn.qkv",),
+                              ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -166,9 +170,9 @@ class OpenClipModel(VisionLanguageModel):
             texts = [texts]
         return {"input_ids": self._tokenizer(list(texts))}
 
-    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        """L2-normalised image embeddings [B, embed_dim]."""
-        return self.model.encode_image(pixels.to(self._device()), normalize=True)
+    def encode_image_raw(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Image embeddings [B, embed_dim] after the projection, before L2 normalisation."""
+        return self.model.encode_image(pixels.to(self._device()), normalize=False)
 
     def encode_text(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
         """L2-normalised text embeddings [P, embed_dim]; the BERT attention mask is ``ids != pad`` inside."""
@@ -183,7 +187,7 @@ class OpenClipModel(VisionLanguageModel):
         return self.model.visual
 
     def lora_layout(self) -> TowerLayout:
-        """Every ViT block: a timm trunk (BiomedCLIP) or open_clip's own transformer (OpenAI CLIP)."""
+        """Every ViT block: a timm trunk (BiomedCLIP) or open_clip's own transformer (OpenAI CLIP, CheXzero)."""
         return TIMM_VIT_LAYOUT if hasattr(self.model.visual, "trunk") else OPENCLIP_VIT_LAYOUT
 
 
