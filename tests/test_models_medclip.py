@@ -309,7 +309,7 @@ def test_non_state_dict_file_is_refused(tmp_path):
 
 
 def test_transform_is_picklable_and_model_returns_it(tiny_models):
-    transform = pickle.loads(pickle.dumps(tiny_models["tiny-medclip-vit"].image_transform()))
+    transform = pickle.loads(pickle.dumps(tiny_models["tiny-medclip-vit"].image_transform("upstream")))
     assert isinstance(transform, MedCLIPTransform)
     out = transform(Image.new("L", (100, 60), 255))
     # A small white image is padded (not upscaled) onto a 224 canvas: centre white, corners black.
