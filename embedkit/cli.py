@@ -296,22 +296,30 @@ def embed_cmd(
     workers: int = typer.Option(_EMBED("workers"), help="DataLoader worker processes decoding images"),
     prompts: list[str] = typer.Option([], help="Extra prompt set: a built-in set (docs/models.md) or a YAML/JSON "
                                       "file {class: [prompts]} (repeatable)"),
-    force: bool = typer.Option(False, help="Re-embed rows already embedded with these weights"),
+    force: bool = typer.Option(False, help="Re-embed rows already embedded with these weights (also under other "
+                               "--amp/--preprocess settings)"),
     chunk_images: int = typer.Option(_EMBED("chunk_images"),
                                      help="Images per store commit (a killed run loses at most one chunk)"),
+    amp: Amp = typer.Option(_EMBED("amp"), help="Image pass precision: none = fp32 (as the authors); bf16 | fp16 "
+                                                "autocast, CUDA only. Recorded with the vectors"),
+    preprocess: Optional[str] = typer.Option(None, help="study | upstream where a family has both (MedCLIP; "
+                                             "default study); other families have one (docs/models.md). Recorded "
+                                             "with the vectors"),
     quiet: bool = typer.Option(False, help="No progress bar"),
 ) -> None:
     """Embed a cohort's images and its class prompts with one model into the store."""
-    from embedkit.embed import embed_cohort
+    from embedkit.device import resolve_device
+    from embedkit.embed import check_amp, embed_cohort
     from embedkit.models.registry import get_spec, instantiate
 
     if weights and random_init:
         raise typer.BadParameter("--weights and --random-init exclude each other")
+    check_amp(amp.value, resolve_device(device))  # before the weights load
     spec = get_spec(model)
     net, weights_id, source = instantiate(spec, weights, random_init, seed, weights_dir)
     summary = embed_cohort(get_store(ctx), spec, net, weights_id, source, cohort, device=device,
                            batch_size=batch_size, workers=workers, force=force, extra_prompt_sets=prompts,
-                           chunk_images=chunk_images, progress=not quiet)
+                           chunk_images=chunk_images, progress=not quiet, amp=amp.value, preprocess=preprocess)
     typer.echo(summary.line())
 
 

@@ -30,7 +30,7 @@ HEADS: tuple[str, ...] = ("lp", "mlp", "logreg")
 FINETUNE_METHODS: tuple[str, ...] = ("lora", "ft")
 RUN_METHODS: tuple[str, ...] = ("zeroshot", *HEADS, *FINETUNE_METHODS)
 LR_SCHEDULES: tuple[str, ...] = ("cosine", "step", "constant")  # fine-tuning's, stepped once per epoch
-AMP_MODES: tuple[str, ...] = ("bf16", "fp16", "none")  # fine-tuning's autocast on CUDA
+AMP_MODES: tuple[str, ...] = ("bf16", "fp16", "none")  # autocast on CUDA: fine-tuning (bf16), the embedding pass (none)
 # LoRA presets (docs/heads.md): the study's targets, unscaled update and raw head features, or embedkit's wider layout.
 LORA_PRESETS: tuple[str, ...] = ("study", "embedkit")
 

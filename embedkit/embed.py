@@ -1,15 +1,18 @@
 """The embedding pass: a cohort's images and the class prompts become vectors in the store.
 
-Images stream through a DataLoader whose workers decode and preprocess exactly as the model's authors did; the
-model runs under inference mode (bf16 autocast on a GPU); vectors are appended in chunks keyed by
-(row_id, weights_id), each chunk one atomic commit. A killed run therefore leaves whole chunks only, and the next
-run embeds just the rows still missing. Rows that repeat an image (the paper cohort) share one forward pass.
-Run one pass per (model, weights, cohort) at a time: two concurrent passes over the same rows would both append.
+Images stream through a DataLoader whose workers decode and preprocess as the family's chosen preprocessing says
+(``--preprocess``); the model runs under inference mode in fp32, as every upstream path does (``--amp bf16|fp16``:
+autocast on CUDA, asked for); vectors are appended in chunks keyed by (row_id, weights_id), each chunk one atomic
+commit. A killed run therefore leaves whole chunks only, and the next run embeds just the rows still missing.
+Rows that repeat an image (the paper cohort) share one forward pass. The pass's settings (autocast, preprocessing)
+are recorded per (model, weights_id, cohort) in ``embedding_settings``; a pass whose settings differ from those of
+the rows already stored is refused, so vectors computed two ways never mix. Run one pass per (model, weights,
+cohort) at a time: two concurrent passes over the same rows would both append.
 """
 
 from __future__ import annotations
 
-
+import contextlib
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -19,9 +22,11 @@ import pandas as pd
 import pyarrow as pa
 import torch
 
+from embedkit.constants import AMP_MODES
 from embedkit.data.cohort import CohortError, cohort_classes, load_cohort
 from embedkit.data.images import ImageDecodeError, decode_image
 from embedkit.device import resolve_device
+from embedkit.errors import EmbedkitError
 from embedkit.models.registry import ModelSpec
 from embedkit.store import schemas
 from embedkit.store.store import Store, embeddings_table, prompts_table, sql_eq
@@ -29,6 +34,94 @@ from embedkit.store.store import Store, embeddings_table, prompts_table, sql_eq
 
 def localsim_table(model: str) -> str:
     return "localsim_" + model.replace("-", "_")
+
+
+SETTINGS_TABLE = "embedding_settings"
+# What a store's vectors without a settings record were computed with: embedkit then autocast the image pass to
+# bf16 on a GPU and ran fp32 on a CPU (which of the two is not known), and each family's legacy preprocessing.
+LEGACY_AMP = "auto"
+
+
+class EmbedSettingsError(EmbedkitError):
+    """An embedding pass's settings are not possible here, or differ from those of the vectors already stored."""
+
+
+@dataclass(frozen=True)
+class EmbeddingSettings:
+    """How the image vectors of one (model, weights_id, cohort) were computed.
+
+    ``amp``: ``none`` (fp32, the default), ``bf16`` or ``fp16`` (autocast on CUDA), or ``auto`` for vectors
+    stored before passes recorded it (bf16 on a GPU, fp32 on a CPU); ``preprocess``: the family's preprocessing
+    (``ModelFamily.legacy_preprocessing`` for those old vectors). Prompt vectors are always computed in fp32.
+    """
+
+    amp: str
+    preprocess: str
+    recorded: bool = True  # False: vectors from before passes recorded their settings (the values say what ran)
+
+    def describe(self) -> str:
+        """``amp none, preprocess study`` (and, for old vectors, that the values were not recorded)."""
+        text = f"amp {self.amp}, preprocess {self.preprocess}"
+        if self.recorded:
+            return text
+        return text + (" (not recorded: the defaults of embedkit before passes recorded them; amp auto = bf16 "
+                       "autocast on a GPU, fp32 on a CPU)")
+
+    def config(self) -> dict:
+        """What a run's config records of the vectors it used."""
+        return {"amp": self.amp, "preprocess": self.preprocess, "recorded": self.recorded}
+
+    def same_as(self, other: "EmbeddingSettings") -> bool:
+        return (self.amp, self.preprocess) == (other.amp, other.preprocess)
+
+
+def _legacy_preprocessing(model: str) -> str:
+    from embedkit.models.base import ModelFamily
+    from embedkit.models.registry import UnknownModelError, get_spec
+
+    try:
+        return get_spec(model).family.legacy_preprocessing
+    except UnknownModelError:  # a model this version does not know: the interface's default
+        return ModelFamily.legacy_preprocessing
+
+
+def embedding_settings(store: Store, model: str, weights_id: str, cohort: str) -> EmbeddingSettings:
+    """The settings the stored vectors of (model, weights_id, cohort) were computed with.
+
+    A store without a record for them (written before passes recorded settings), or a record with a null column
+    (a column added since), reads as the old default: amp ``auto``, the family's ``legacy_preprocessing``.
+    """
+    row: dict = {}
+    if store.has(SETTINGS_TABLE):
+        where = f"{sql_eq('model', model)} AND {sql_eq('weights_id', weights_id)} AND {sql_eq('cohort', cohort)}"
+        found = store.read(SETTINGS_TABLE, where).to_pylist()
+        row = found[0] if found else {}
+    amp, preprocess = row.get("amp"), row.get("preprocess")
+    return EmbeddingSettings(amp or LEGACY_AMP, preprocess or _legacy_preprocessing(model),
+                             recorded=amp is not None and preprocess is not None)
+
+
+def _record_settings(store: Store, model: str, weights_id: str, cohort: str, settings: EmbeddingSettings) -> None:
+    row = {"model": model, "weights_id": weights_id, "cohort": cohort, "amp": settings.amp,
+           "preprocess": settings.preprocess, "updated_at": datetime.now(timezone.utc)}
+    store.upsert(SETTINGS_TABLE, pa.Table.from_pylist([row], schema=schemas.EMBEDDING_SETTINGS),
+                 ["model", "weights_id", "cohort"], schemas.EMBEDDING_SETTINGS)
+
+
+def check_amp(amp: str, device: torch.device) -> None:
+    """Refuse autocast anywhere but CUDA (on a CPU it would silently run something else than asked)."""
+    if amp not in AMP_MODES:
+        raise EmbedSettingsError(f"--amp must be one of {', '.join(AMP_MODES)}, not '{amp}'")
+    if amp != "none" and device.type != "cuda":
+        raise EmbedSettingsError(f"--amp {amp} is autocast on CUDA, and this pass runs on {device.type}: drop "
+                                 "--amp (the pass is fp32) or run it on a GPU (--device cuda)")
+
+
+def _autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
+    """The image pass's precision context: fp32 (no autocast) unless ``amp`` asks for bf16 or fp16 on CUDA."""
+    if amp == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
 class ImageFiles(torch.utils.data.Dataset):
@@ -80,6 +173,18 @@ def _record_weights(store: Store, spec: ModelSpec, model, weights_id: str, sourc
            "created_at": datetime.now(timezone.utc)}
     store.upsert("weights", pa.Table.from_pylist([row], schema=schemas.WEIGHTS), ["model", "weights_id"],
                  schemas.WEIGHTS)
+
+
+def _refuse_other_settings(store: Store, model: str, weights_id: str, cohort: str, settings: EmbeddingSettings,
+                           n_done: int) -> None:
+    """Vectors of one (model, weights_id, cohort) are computed one way: a pass that would add rows computed
+    otherwise is refused before anything is written."""
+    stored = embedding_settings(store, model, weights_id, cohort)
+    if not stored.same_as(settings):
+        raise EmbedSettingsError(
+            f"the {n_done} rows of cohort '{cohort}' already embedded with {weights_id} were computed with "
+            f"{stored.describe()}; this pass would use {settings.describe()}. Run it with the stored settings "
+            "to resume, or with --force to re-embed every row (nothing was changed)")
 
 
 def _prompt_sets_for(spec: ModelSpec, extra: list[str]) -> list[str]:
@@ -168,25 +273,33 @@ def embed_cohort(
     extra_prompt_sets: list[str] | None = None,
     chunk_images: int = 256,
     progress: bool = True,
+    amp: str = "none",
+    preprocess: str | None = None,
 ) -> EmbedSummary:
     """Embed every row of ``cohort`` not yet embedded with ``weights_id`` (all rows with ``force``), and the prompts.
 
-    One pass at a time per (model, weights_id, cohort): a second one is refused (StoreBusy) instead of writing
-    every row again, since a pass appends the rows its table lacked when it started.
+    ``amp``: ``none`` (fp32), or ``bf16`` / ``fp16`` autocast of the image pass (CUDA only; refused elsewhere);
+    ``preprocess``: one of the family's preprocessings (None: its default). Both are recorded with the vectors;
+    rows already stored under other settings refuse the pass (``force`` re-embeds them). One pass at a time per
+    (model, weights_id, cohort): a second one is refused (StoreBusy) instead of writing every row again, since a
+    pass appends the rows its table lacked when it started.
     """
     with store.embedding_lock(spec.name, weights_id, cohort):
         return _embed_cohort(store, spec, model, weights_id, source, cohort, device, batch_size, workers, force,
-                             extra_prompt_sets, chunk_images, progress)
+                             extra_prompt_sets, chunk_images, progress, amp, preprocess)
 
 
 def _embed_cohort(store: Store, spec: ModelSpec, model, weights_id: str, source: str, cohort: str, device: str,
                   batch_size: int, workers: int, force: bool, extra_prompt_sets: list[str] | None,
-                  chunk_images: int, progress: bool) -> EmbedSummary:
+                  chunk_images: int, progress: bool, amp: str, preprocess: str | None) -> EmbedSummary:
+    dev = resolve_device(device)
+    check_amp(amp, dev)
+    transform = model.image_transform(preprocess)
+    settings = EmbeddingSettings(amp, preprocess or model.default_preprocessing())
     rows = load_cohort(store, cohort)
     classes = cohort_classes(rows)
     if not classes:
         raise CohortError(f"cohort '{cohort}' has no single-label rows: no classes to embed prompts for")
-    dev = resolve_device(device)
     model = model.to(dev).eval()
     table = embeddings_table(spec.name)
     schema = schemas.embeddings_schema(model.embed_dim)
@@ -196,9 +309,12 @@ def _embed_cohort(store: Store, spec: ModelSpec, model, weights_id: str, source:
         store.delete(table, where)
         store.delete(localsim_table(spec.name), f"{sql_eq('weights_id', weights_id)} AND row_id LIKE '{cohort}/%'")
     done = set(store.read(table, where, ["row_id"])["row_id"].to_pylist()) if store.has(table) else set()
+    if done:
+        _refuse_other_settings(store, spec.name, weights_id, cohort, settings, len(done))
     set_names = _prompt_sets_for(spec, extra_prompt_sets or [])
     if done and spec.family.uses_local_similarity:
         _refuse_stale_extras(store, spec, weights_id, cohort, classes, set_names)
+    _record_settings(store, spec.name, weights_id, cohort, settings)  # before any vector written under them
     _record_weights(store, spec, model, weights_id, source)
     sets = embed_prompts(store, spec, model, weights_id, classes, set_names, dev, force)
     todo = rows[~rows["row_id"].isin(done)]
@@ -206,7 +322,7 @@ def _embed_cohort(store: Store, spec: ModelSpec, model, weights_id: str, source:
     start = time.perf_counter()
     if paths:
         _embed_paths(store, spec, model, weights_id, todo, paths, sets, dev, batch_size, workers, chunk_images,
-                     progress, schema, table)
+                     progress, schema, table, transform, amp)
     return EmbedSummary(spec.name, weights_id, cohort, len(paths), len(todo), len(done),
                         time.perf_counter() - start, table)
 
@@ -246,11 +362,11 @@ class _ThreadBudget:
 
 
 def _embed_paths(store, spec, model, weights_id, todo, paths, sets, dev, batch_size, workers, chunk_images,
-                 progress, schema, table) -> None:
+                 progress, schema, table, transform, amp) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     loader = torch.utils.data.DataLoader(
-        ImageFiles(paths, model.image_transform()), batch_size=batch_size, num_workers=workers,
+        ImageFiles(paths, transform), batch_size=batch_size, num_workers=workers,
         pin_memory=dev.type == "cuda", prefetch_factor=4 if workers else None,
         # lancedb holds an async runtime that fork() can leave mid-operation: start workers fresh instead.
         multiprocessing_context="forkserver" if workers else None,
@@ -258,7 +374,7 @@ def _embed_paths(store, spec, model, weights_id, todo, paths, sets, dev, batch_s
     # What the family's per-image extras need of the prompts (GLoRIA: word features), encoded once for the pass.
     local_inputs = model.prompt_context({name: [t for ts in by_class.values() for t in ts]
                                          for name, by_class in sets.items()})
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
+    autocast = _autocast(dev, amp)
     pending_idx: list[np.ndarray] = []
     pending_vec: list[np.ndarray] = []
     pending_sim: dict[str, list[np.ndarray]] = {name: [] for name in local_inputs}

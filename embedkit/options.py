@@ -29,7 +29,7 @@ Head = _choices("Head", HEADS, "A trained head off the stored vectors.")
 Method = _choices("Method", RUN_METHODS, "What produced a run: a filter of `runs`, `fairness` and `report`.")
 FinetuneMethod = _choices("FinetuneMethod", FINETUNE_METHODS, "Fine-tuning regimes.")
 Schedule = _choices("Schedule", LR_SCHEDULES, "Learning-rate schedules of fine-tuning.")
-Amp = _choices("Amp", AMP_MODES, "Autocast modes of fine-tuning on CUDA.")
+Amp = _choices("Amp", AMP_MODES, "Autocast modes on CUDA (fine-tuning, the embedding pass).")
 LoraPreset = _choices("LoraPreset", LORA_PRESETS, "Where LoRA goes, how it is scaled, what the head reads.")
 
 

@@ -9,6 +9,7 @@ import sys
 import time
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from typer.testing import CliRunner
 
@@ -222,3 +223,121 @@ def test_heads_use_the_current_splits_and_refuse_an_unfinished_pass(store, small
         run_probe(store, "tiny-clip", HeadConfig("lp", epochs=1, hidden=8), seed=0)
     partial = run_probe(store, "tiny-clip", HeadConfig("lp", epochs=1, hidden=8), seed=0, allow_partial=True)
     assert json.loads(partial["config"])["partial"] == {"missing_rows": 2, "rows": 22}
+
+
+# ---- precision and preprocessing: recorded with the vectors, never mixed --------------------------------------
+
+
+def _settings(store, model="tiny-clip", weights_id="random-init:tiny-clip:0"):
+    from embedkit.embed import embedding_settings
+
+    return embedding_settings(store, model, weights_id, "c")
+
+
+def test_the_pass_is_fp32_by_default_and_autocasts_only_when_asked(store, small_cohort, monkeypatch):
+    import contextlib
+
+    import torch
+
+    from embedkit import embed
+
+    frame, folder = small_cohort
+    _import(store, frame, folder)
+    _embed(store)
+    _embed(store, model="tiny-medclip-rn50")
+    rows = {r["model"]: r for r in store.read("embedding_settings").to_pylist()}
+    assert {m: (r["amp"], r["preprocess"], r["cohort"]) for m, r in rows.items()} == {
+        "tiny-clip": ("none", "upstream", "c"), "tiny-medclip-rn50": ("none", "study", "c")}
+    assert _settings(store).config() == {"amp": "none", "preprocess": "upstream", "recorded": True}
+    # On a GPU the default enters no autocast at all; bf16/fp16 only when asked (a spy: this machine may lack CUDA).
+    asked = []
+    monkeypatch.setattr(torch, "autocast", lambda device, dtype: asked.append((device, dtype)) or "ctx")
+    cuda = torch.device("cuda")
+    assert isinstance(embed._autocast(cuda, "none"), contextlib.nullcontext) and asked == []
+    assert embed._autocast(cuda, "bf16") == "ctx" and embed._autocast(cuda, "fp16") == "ctx"
+    assert asked == [("cuda", torch.bfloat16), ("cuda", torch.float16)]
+
+
+def test_amp_off_cuda_and_a_preprocessing_the_family_lacks_are_refused_in_one_line(store, small_cohort, monkeypatch,
+                                                                                   capsys):
+    from embedkit import cli
+    from embedkit.embed import EmbedSettingsError
+    from embedkit.models.base import PreprocessingError
+
+    frame, folder = small_cohort
+    _import(store, frame, folder)
+    with pytest.raises(EmbedSettingsError, match="--amp bf16 is autocast on CUDA, and this pass runs on cpu"):
+        _embed(store, amp="bf16")
+    with pytest.raises(PreprocessingError, match="--preprocess study: this model's family has one preprocessing, "
+                                                 "upstream"):
+        _embed(store, preprocess="study")
+    with pytest.raises(PreprocessingError, match="has the preprocessings study, upstream"):
+        _embed(store, model="tiny-medclip-vit", preprocess="bilinear")
+    assert not store.has("emb_tiny_clip") and not store.has("embedding_settings")  # refused before any write
+    for args, said in ((["--amp", "fp16"], "error: --amp fp16 is autocast on CUDA"),
+                       (["--preprocess", "study"], "error: --preprocess study: this model's family has one")):
+        monkeypatch.setattr(sys, "argv", ["embedkit", "--store", str(store.path), "embed", "--model", "tiny-clip",
+                                          "--cohort", "c", "--random-init", "--device", "cpu", "--quiet", *args])
+        with pytest.raises(SystemExit) as exit_:
+            cli.main()
+        err = capsys.readouterr().err
+        assert exit_.value.code == 1 and err.startswith(said), err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+
+
+def test_a_pass_under_other_settings_is_refused_and_force_re_embeds(store, small_cohort):
+    from embedkit.embed import EmbedSettingsError
+
+    frame, folder = small_cohort
+    _import(store, frame, folder)
+    model, weights_id = "tiny-medclip-rn50", "random-init:tiny-medclip-rn50:0"
+    _embed(store, model=model)
+    before = store.read("emb_tiny_medclip_rn50").to_pandas().set_index("row_id")["vector"]
+    with pytest.raises(EmbedSettingsError, match=r"the 24 rows of cohort 'c' already embedded with .* computed with "
+                                                 r"amp none, preprocess study; this pass would use amp none, "
+                                                 r"preprocess upstream\. .*--force"):
+        _embed(store, model=model, preprocess="upstream")
+    assert _settings(store, model, weights_id).preprocess == "study"
+    assert _embed(store, model=model, preprocess="study").skipped == len(frame)  # the same settings resume
+    again = _embed(store, model=model, preprocess="upstream", force=True)
+    assert again.rows == len(frame) and _settings(store, model, weights_id).preprocess == "upstream"
+    after = store.read("emb_tiny_medclip_rn50").to_pandas().set_index("row_id")["vector"]
+    assert len(after) == len(frame)
+    assert not np.allclose(np.stack(after[before.index]), np.stack(before))  # bicubic pad != bilinear crop
+
+
+def test_vectors_from_before_settings_were_recorded_read_as_the_old_default(store, small_cohort):
+    from embedkit.embed import EmbedSettingsError
+
+    frame, folder = small_cohort
+    _import(store, frame, folder)
+    _embed(store)
+    _embed(store, model="tiny-gloria")
+    store.drop_table("embedding_settings")  # what an older embedkit left: vectors, no record
+    old = _settings(store)
+    assert old.config() == {"amp": "auto", "preprocess": "upstream", "recorded": False}
+    assert _settings(store, "tiny-gloria", "random-init:tiny-gloria:0").preprocess == "pil-box"
+    with pytest.raises(EmbedSettingsError, match=r"amp auto, preprocess upstream \(not recorded: .*bf16 autocast on "
+                                                 r"a GPU, fp32 on a CPU\).*--force"):
+        _embed(store)
+    # A record with a null column (a column added since) reads the same way.
+    row = {"model": "tiny-clip", "weights_id": "random-init:tiny-clip:0", "cohort": "c", "amp": None,
+           "preprocess": "upstream"}
+    store.append("embedding_settings", pa.Table.from_pylist([row], schema=schemas.EMBEDDING_SETTINGS),
+                 schemas.EMBEDDING_SETTINGS)
+    assert _settings(store).config() == {"amp": "auto", "preprocess": "upstream", "recorded": False}
+    _embed(store, force=True)
+    assert _settings(store).config() == {"amp": "none", "preprocess": "upstream", "recorded": True}
+
+
+def test_runs_record_the_settings_of_the_vectors_they_used(store, small_cohort):
+    from embedkit.heads.probe import HeadConfig, run_probe
+    from embedkit.heads.zeroshot import run_zeroshot
+
+    frame, folder = small_cohort
+    _import(store, frame, folder)
+    _embed(store, model="tiny-medclip-vit", preprocess="upstream")
+    zeroshot = run_zeroshot(store, "tiny-medclip-vit", "c")
+    probe = run_probe(store, "tiny-medclip-vit", HeadConfig("lp", epochs=1, hidden=8), seed=0)
+    for run in (zeroshot, probe):
+        assert json.loads(run["config"])["embedding"] == {"amp": "none", "preprocess": "upstream", "recorded": True}

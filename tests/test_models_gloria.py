@@ -238,7 +238,7 @@ def test_preprocess_real_images():
     transform = get_spec("tiny-gloria").build(0).image_transform()
     transform = pickle.loads(pickle.dumps(transform))  # DataLoader workers need a picklable transform
 
-    # NIH 512 x 512 'L': no padding; BOX halves exactly, so each output pixel is a 2 x 2 source mean.
+    # NIH 512 x 512 'L': no padding; INTER_AREA halves exactly, so each output pixel is a 2 x 2 source mean.
     nih = decode_image(REAL_CXR / "00000001_000.png")
     x = transform(nih)
     assert x.shape == (3, 224, 224) and x.dtype == torch.float32
@@ -356,3 +356,54 @@ def test_zeroshot_scores_max_over_prompts_then_z_normalise():
     np.testing.assert_allclose(single[0, 0], raw[0, :2].max())
     with pytest.raises(ValueError, match="class 3 has no prompts"):
         G.zeroshot_scores(global_sim, local_sim, prompt_class, 4)
+
+
+def _authors_resize_img(img: np.ndarray, scale: int) -> np.ndarray:
+    """GLoRIA's ``_resize_img`` (gloria/datasets/pretraining_dataset.py @416466a), transcribed."""
+    import cv2
+
+    size = img.shape
+    max_dim = max(size)
+    max_ind = size.index(max_dim)
+    if max_ind == 0:  # taller
+        wpercent = scale / float(size[0])
+        hsize = int((float(size[1]) * float(wpercent)))
+        desireable_size = (scale, hsize)
+    else:  # wider
+        hpercent = scale / float(size[1])
+        wsize = int((float(size[0]) * float(hpercent)))
+        desireable_size = (wsize, scale)
+    resized_img = cv2.resize(img, desireable_size[::-1], interpolation=cv2.INTER_AREA)
+    if max_ind == 0:
+        pad_size = scale - resized_img.shape[1]
+        left, right, top, bottom = int(np.floor(pad_size / 2)), int(np.ceil(pad_size / 2)), 0, 0
+    else:
+        pad_size = scale - resized_img.shape[0]
+        top, bottom, left, right = int(np.floor(pad_size / 2)), int(np.ceil(pad_size / 2)), 0, 0
+    return np.pad(resized_img, [(top, bottom), (left, right)], "constant", constant_values=0)
+
+
+@pytest.mark.parametrize("size", [(1024, 1024), (512, 512), (1036, 885), (885, 1036), (300, 200), (511, 257),
+                                  (256, 256), (100, 60)])
+def test_preprocess_is_the_authors_opencv_inter_area_resize(size):
+    from torchvision import transforms as T
+
+    rng = np.random.default_rng(size[0] * 7 + size[1])
+    width, height = size
+    gray = (127 + 60 * np.sin(np.arange(width) / 5.0)[None, :] + rng.normal(0, 30, (height, width)))
+    gray = np.clip(gray, 0, 255).astype(np.uint8)
+    # The authors' get_imgs: cv2 grayscale -> _resize_img(256) -> PIL RGB -> CenterCrop(224), ToTensor, Normalize.
+    test_transform = T.Compose([T.CenterCrop(224), T.ToTensor(), T.Normalize((0.5,) * 3, (0.5,) * 3)])
+    reference = test_transform(Image.fromarray(_authors_resize_img(gray, 256)).convert("RGB"))
+    got = get_spec("tiny-gloria").build(0).image_transform()(Image.fromarray(gray, "L"))
+    torch.testing.assert_close(got, reference, atol=1e-6, rtol=0)
+    if size == (1036, 885):  # a non-integer factor: PIL's BOX filter, what embedkit used before, is not this
+        box = np.asarray(Image.fromarray(gray).resize((256, 218), Image.Resampling.BOX), np.int16)
+        area = _authors_resize_img(gray, 256)[19:237].astype(np.int16)
+        assert np.abs(box - area).max() >= 1
+
+
+def test_gloria_has_one_preprocessing():
+    model = get_spec("tiny-gloria").build(0)
+    assert list(model.image_transforms()) == ["upstream"]
+    assert G.FAMILY.legacy_preprocessing == "pil-box"  # stores embedded before OpenCV read as that

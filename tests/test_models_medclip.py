@@ -19,6 +19,7 @@ from embedkit.models.medclip import (
     PIXEL_STD,
     CheckpointError,
     ClinicalBertText,
+    MedCLIPStudyTransform,
     MedCLIPTransform,
 )
 from embedkit.models.registry import MissingWeightsError, get_spec
@@ -309,7 +310,7 @@ def test_non_state_dict_file_is_refused(tmp_path):
 
 
 def test_transform_is_picklable_and_model_returns_it(tiny_models):
-    transform = pickle.loads(pickle.dumps(tiny_models["tiny-medclip-vit"].image_transform()))
+    transform = pickle.loads(pickle.dumps(tiny_models["tiny-medclip-vit"].image_transform("upstream")))
     assert isinstance(transform, MedCLIPTransform)
     out = transform(Image.new("L", (100, 60), 255))
     # A small white image is padded (not upscaled) onto a 224 canvas: centre white, corners black.
@@ -377,3 +378,57 @@ def test_transform_16bit_png_is_rescaled_not_clipped(tmp_path):
     assert out[0, 112, 5].item() == pytest.approx(BLACK, abs=1e-6)
     assert out[0, 112, 60].item() == pytest.approx(BLACK, abs=1e-5)  # left half: the minimum -> 0
     assert out[0, 112, 160].item() == pytest.approx(WHITE, abs=1e-5)  # right half: the maximum -> 255
+
+
+def _textured(width: int, height: int, seed: int = 0) -> Image.Image:
+    """A grayscale image with noise and edges, where every resampling filter leaves its mark."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    values = 127 + 80 * np.sin(xx / 7.0) * np.cos(yy / 11.0) + rng.normal(0, 25, (height, width))
+    return Image.fromarray(np.clip(values, 0, 255).astype(np.uint8), "L")
+
+
+SIZES = [(224, 224), (512, 512), (1036, 885), (885, 1036), (300, 299), (100, 60), (225, 1000)]
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_study_preprocessing_is_torchvision_resize_bilinear_and_centre_crop(size):
+    # The study's code and MedCLIP's zero-shot dataset, transcribed with torchvision itself.
+    from torchvision import transforms as T
+
+    reference = T.Compose([T.Resize(224, interpolation=T.InterpolationMode.BILINEAR), T.CenterCrop(224),
+                           T.ToTensor(), T.Normalize([PIXEL_MEAN], [PIXEL_STD])])
+    image = _textured(*size)
+    got = get_spec("tiny-medclip-rn50").build(0).image_transform("study")(image)
+    assert got.shape == (1, 224, 224) and got.dtype == torch.float32
+    torch.testing.assert_close(got, reference(image), atol=1e-6, rtol=0)
+    rgb = image.convert("RGB")  # colour files are read as grayscale first
+    torch.testing.assert_close(MedCLIPStudyTransform()(rgb), reference(rgb.convert("L")), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_upstream_preprocessing_is_the_readme_feature_extractor(size):
+    # MedCLIPFeatureExtractor: pad onto a black square of side max(224, w, h), centred; resize 224 bicubic;
+    # rescale by 1/255; normalise. Transcribed with numpy padding and torchvision's PIL resize.
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    image = _textured(*size)
+    width, height = image.size
+    side = max(224, width, height)
+    canvas = np.zeros((side, side), np.uint8)
+    top, left = (side - height) // 2, (side - width) // 2
+    canvas[top: top + height, left: left + width] = np.asarray(image)
+    resized = TF.resize(Image.fromarray(canvas), [224, 224], interpolation=InterpolationMode.BICUBIC)
+    reference = (torch.from_numpy(np.asarray(resized, np.float32) / 255.0)[None] - PIXEL_MEAN) / PIXEL_STD
+    got = get_spec("tiny-medclip-vit").build(0).image_transform("upstream")(image)
+    torch.testing.assert_close(got, reference, atol=1e-6, rtol=0)
+
+
+def test_study_is_the_default_and_the_two_preprocessings_differ():
+    model = get_spec("tiny-medclip-rn50").build(0)
+    assert list(model.image_transforms()) == ["study", "upstream"] and model.default_preprocessing() == "study"
+    assert isinstance(pickle.loads(pickle.dumps(model.image_transform())), MedCLIPStudyTransform)
+    image = _textured(1036, 885)
+    gap = (model.image_transform("study")(image) - model.image_transform("upstream")(image)).abs().max().item()
+    assert gap > 0.1  # a 1036 x 885 scan: cropped in one, padded in the other

@@ -294,8 +294,9 @@ def test_embed_faults_at_every_write_never_duplicate_and_a_rerun_completes(tmp_p
 
 def test_a_probe_racing_an_unfinished_embedding_pass_is_refused(tmp_path):
     store_dir = _cohort_store(tmp_path, "s")
-    # points: the weights row, the family's two prompt sets (clip, biomedclip-authors), then the first chunk (9, 10)
-    assert _cli(store_dir, EMBED, "kill:10").returncode == -9  # the pass dies after its first chunk
+    # points 1-10: the settings and weights rows, the two prompt sets (clip, biomedclip-authors); 11-12 the first
+    # chunk: the pass dies right after it
+    assert _cli(store_dir, EMBED, "kill:12").returncode == -9
     rows = _embedded(store_dir)["rows"]
     assert 0 < len(rows) < 24
     probe = _cli(store_dir, ["probe", "--model", "tiny-clip", "--epochs", "1", "--hidden", "8"])

@@ -44,6 +44,7 @@ class CohortVectors:
     y: np.ndarray  # [N] int64, -1 = unlabelled
     meta: pd.DataFrame = field(repr=False)  # META_COLUMNS, one row per vector
     missing_rows: int = 0  # cohort rows without a vector (only with allow_partial)
+    embedding: dict = field(default_factory=dict)  # how the vectors were computed (EmbeddingSettings.config())
 
     @functools.cached_property
     def fingerprint(self) -> str:
@@ -191,4 +192,7 @@ def load_vectors(store: Store, model: str, cohort: str | None = None, weights_id
         raise HeadsError(f"cohort '{cohort}' has {len(classes)} distinct label(s); a classifier needs at least 2")
     lookup = {c: i for i, c in enumerate(classes)}
     y = meta["label"].map(lambda v: lookup.get(v, -1) if isinstance(v, str) else -1).to_numpy(dtype=np.int64)
-    return CohortVectors(model, cohort, weights_id, classes, X, y, meta, missing)
+    from embedkit.embed import embedding_settings  # defined once, by the pass that records them
+
+    settings = embedding_settings(store, model, weights_id, cohort).config()
+    return CohortVectors(model, cohort, weights_id, classes, X, y, meta, missing, settings)

@@ -52,6 +52,9 @@ class TowerLayout:
         return self.study_targets if preset == "study" else self.embedkit_targets
 
 
+# The preprocessing named after the model's authors (their released code's); the only one of most families.
+UPSTREAM = "upstream"
+
 # torchvision-style ResNets (MedCLIP-RN50, GLoRIA): the bottleneck convolutions of every block; the stem is left alone.
 # The study and embedkit agree here.
 RESNET_LAYOUT = TowerLayout("resnet", r"(?:.+\.)?layer[1-4]\.\d+", ("conv1", "conv2", "conv3"),
@@ -66,9 +69,27 @@ class VisionLanguageModel(nn.Module):
 
     embed_dim: int
 
-    def image_transform(self) -> Callable:
-        """Return a picklable callable PIL.Image -> float tensor [C, H, W], the authors' preprocessing."""
+    def image_transforms(self) -> dict[str, Callable]:
+        """Every preprocessing the family offers, by name, the default first: picklable callables PIL.Image ->
+        float tensor [C, H, W]. A family whose authors and the study preprocess alike has one, :data:`UPSTREAM`
+        (the authors'); MedCLIP has ``study`` and ``upstream`` (docs/models.md)."""
         raise NotImplementedError
+
+    def image_transform(self, preprocess: str | None = None) -> Callable:
+        """The preprocessing named ``preprocess`` (None: the family's default); a name the family does not offer
+        raises :class:`PreprocessingError` listing those it does."""
+        transforms = self.image_transforms()
+        if preprocess is None:
+            return next(iter(transforms.values()))
+        if preprocess not in transforms:
+            offered = ", ".join(transforms)
+            what = f"one preprocessing, {offered}" if len(transforms) == 1 else f"the preprocessings {offered}"
+            raise PreprocessingError(f"--preprocess {preprocess}: this model's family has {what} (docs/models.md)")
+        return transforms[preprocess]
+
+    def default_preprocessing(self) -> str:
+        """The name of :meth:`image_transform`'s default."""
+        return next(iter(self.image_transforms()))
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         """Tokenize prompts the way the authors did (padding, max length, casing)."""
@@ -127,6 +148,9 @@ class ModelFamily:
     default_logit_scale = 100.0  # used when the store has no weights row to take the learned scale from
     uses_local_similarity = False  # zero-shot reads the stored per-prompt local similarity
     ensembles: tuple[str, ...] = ("mean", "max")  # how a class's prompts combine; the first is the default
+    # The preprocessing of embedding passes from before the pass recorded its settings (a store's rows without a
+    # record): what embedkit then ran. A name no current variant has means those vectors match no new pass.
+    legacy_preprocessing = UPSTREAM
 
     def build(self, spec: "ModelSpec", seed: int) -> VisionLanguageModel:
         """The real architecture of ``spec`` with random weights, deterministic for ``seed``; offline."""
@@ -174,6 +198,10 @@ def state_dict_hash(model: nn.Module) -> str:
         digest.update(str(t.dtype).encode())
         digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return "sha256:" + digest.hexdigest()[:16]
+
+
+class PreprocessingError(EmbedkitError, ValueError):
+    """A preprocessing the model's family does not offer."""
 
 
 class CheckpointError(EmbedkitError, ValueError):

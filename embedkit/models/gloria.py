@@ -28,8 +28,8 @@ from PIL import Image
 from torch import nn
 
 from embedkit.models import bert
-from embedkit.models.base import (RESNET_LAYOUT, CheckpointError, ModelFamily, TowerLayout, VisionLanguageModel,
-                                  load_strict, read_checkpoint_state_dict)
+from embedkit.models.base import (RESNET_LAYOUT, UPSTREAM, CheckpointError, ModelFamily, TowerLayout,
+                                  VisionLanguageModel, load_strict, read_checkpoint_state_dict)
 
 # --- constants of the released model (docs/models.md; the authors' chexpert pretraining config) ---
 WORD_NUM = 97  # text max length, in word pieces, [CLS] and [SEP] included
@@ -191,9 +191,9 @@ class Gloria(VisionLanguageModel):
 
     # -- VisionLanguageModel interface --------------------------------------------------------------------------
 
-    def image_transform(self) -> Callable[[Image.Image], torch.Tensor]:
-        """GLoRIA's test-time preprocessing (see :class:`GloriaImageTransform`)."""
-        return GloriaImageTransform()
+    def image_transforms(self) -> dict[str, Callable[[Image.Image], torch.Tensor]]:
+        """One, the authors' test-time preprocessing (see :class:`GloriaImageTransform`)."""
+        return {UPSTREAM: GloriaImageTransform()}
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         """Tokenize prompts as the authors did (see :func:`tokenize_prompts`)."""
@@ -427,37 +427,39 @@ _EIGHT_BIT_MODES = ("L", "RGB", "1", "LA", "La", "P", "RGBA", "RGBa", "CMYK", "Y
 class GloriaImageTransform:
     """PIL image -> float tensor [3, 224, 224], GLoRIA's test-time preprocessing (picklable).
 
-    8-bit grayscale; resize so the longest side is 256 with PIL's BOX filter (area averaging: the authors used
-    OpenCV INTER_AREA, which BOX matches exactly for integer downscale factors, e.g. 1024 -> 256, and to within
-    rounding otherwise); zero-pad centred to 256 x 256 (odd padding: the extra pixel right/bottom, as the
-    authors); gray -> 3 channels; center crop 224; scale to [0, 1]; normalise with mean 0.5, std 0.5.
-    16-bit images must be decoded with ``embedkit.data.images.decode_image`` first (it rescales them).
+    8-bit grayscale; resize so the longest side is 256 with OpenCV's INTER_AREA, as the authors' ``_resize_img``
+    (PIL's BOX filter differs: by a grey level at integer factors, more at others); zero-pad centred to 256 x 256
+    (odd padding: the extra pixel right/bottom, as the authors); gray -> 3 channels; center crop 224; scale to
+    [0, 1]; normalise with mean 0.5, std 0.5. 16-bit images must be decoded with
+    ``embedkit.data.images.decode_image`` first (it rescales them).
     """
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
+        import cv2
+
         if image.mode not in _EIGHT_BIT_MODES:
             raise ValueError(
                 f"GLoRIA preprocessing needs an 8-bit image, got mode {image.mode!r}; "
                 "decode files with embedkit.data.images.decode_image (it rescales 16-bit scans to 8-bit)"
             )
-        gray = image if image.mode == "L" else image.convert("L")
-        w, h = gray.size
-        # Authors' rounding: the long side becomes exactly 256, the short side is truncated (int()).
+        gray = np.asarray(image if image.mode == "L" else image.convert("L"), dtype=np.uint8)
+        h, w = gray.shape
+        # The authors' arithmetic: the long side becomes exactly 256, the short side scale * ratio truncated.
         if h >= w:
-            new_w, new_h = max(1, int(w * RESIZE_SIZE / h)), RESIZE_SIZE
+            new_w, new_h = max(1, int(float(w) * (RESIZE_SIZE / float(h)))), RESIZE_SIZE
         else:
-            new_w, new_h = RESIZE_SIZE, max(1, int(h * RESIZE_SIZE / w))
-        resized = gray.resize((new_w, new_h), Image.Resampling.BOX)
-        canvas = Image.new("L", (RESIZE_SIZE, RESIZE_SIZE), 0)
-        canvas.paste(resized, ((RESIZE_SIZE - new_w) // 2, (RESIZE_SIZE - new_h) // 2))
-        top = int(round((RESIZE_SIZE - CROP_SIZE) / 2.0))  # torchvision CenterCrop's offset
-        arr = np.asarray(canvas, dtype=np.uint8)[top : top + CROP_SIZE, top : top + CROP_SIZE]
-        x = torch.from_numpy(arr.astype(np.float32) / 255.0)
+            new_w, new_h = RESIZE_SIZE, max(1, int(float(h) * (RESIZE_SIZE / float(w))))
+        resized = cv2.resize(gray, (new_w, new_h), interpolation=cv2.INTER_AREA)
+        canvas = np.zeros((RESIZE_SIZE, RESIZE_SIZE), dtype=np.uint8)
+        top, left = (RESIZE_SIZE - new_h) // 2, (RESIZE_SIZE - new_w) // 2
+        canvas[top : top + new_h, left : left + new_w] = resized
+        crop = int(round((RESIZE_SIZE - CROP_SIZE) / 2.0))  # torchvision CenterCrop's offset
+        x = torch.from_numpy(canvas[crop : crop + CROP_SIZE, crop : crop + CROP_SIZE].astype(np.float32) / 255.0)
         x = (x - NORM_MEAN) / NORM_STD
         return x.unsqueeze(0).repeat(3, 1, 1)  # gray -> RGB replicates the channel
 
     def __repr__(self) -> str:
-        return "GloriaImageTransform(resize_long=256 BOX, pad=256, crop=224, norm=0.5/0.5)"
+        return "GloriaImageTransform(resize_long=256 cv2.INTER_AREA, pad=256, crop=224, norm=0.5/0.5)"
 
 
 def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -544,6 +546,7 @@ class GloriaFamily(ModelFamily):
     prompt_sets = ("chexpert-nih", "chexpert-gloria")
     default_logit_scale = 1.0  # not used: the rule z-normalises instead
     uses_local_similarity = True
+    legacy_preprocessing = "pil-box"  # embedkit resized with PIL's BOX filter before it used OpenCV's INTER_AREA
     ensembles = ("max",)
 
     def build(self, spec: Any, seed: int) -> Gloria:

@@ -19,8 +19,8 @@ from PIL import Image
 from torch import nn
 
 from embedkit.models import bert
-from embedkit.models.base import (RESNET_LAYOUT, CheckpointError, ModelFamily, TowerLayout, VisionLanguageModel,
-                                  key_mismatches, read_tensor_file)
+from embedkit.models.base import (RESNET_LAYOUT, UPSTREAM, CheckpointError, ModelFamily, TowerLayout,
+                                  VisionLanguageModel, key_mismatches, read_tensor_file)
 from embedkit.models.registry import MissingWeightsError, ModelSpec
 
 # LoRA in every Swin block: the study's the query/key/value projections (the attention input), embedkit's also the
@@ -63,8 +63,24 @@ _HIGH_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I", "F"})
 # Preprocessing
 
 
+def _gray(image: Image.Image) -> Image.Image:
+    if image.mode in _HIGH_BIT_MODES:
+        raise ValueError(
+            f"MedCLIP preprocessing got a {image.mode} (more than 8-bit) image; PIL would clip it. Decode it "
+            f"with embedkit.data.images.decode_image, which rescales to 8-bit, before the transform."
+        )
+    return image.convert("L")
+
+
+def _normalised(gray: Image.Image, mean: float, std: float) -> torch.Tensor:
+    width, height = gray.size
+    pixels = torch.frombuffer(bytearray(gray.tobytes()), dtype=torch.uint8)
+    return (pixels.view(1, height, width).to(torch.float32) / 255.0 - mean) / std
+
+
 class MedCLIPTransform:
-    """PIL image -> float tensor [1, 224, 224]: the authors' pad-to-square, bicubic resize and normalisation.
+    """``upstream``: PIL image -> float tensor [1, 224, 224], the README feature extractor's pad-to-square,
+    bicubic resize and normalisation.
 
     A module-level class (not a closure) so DataLoader workers can pickle it.
     """
@@ -75,24 +91,42 @@ class MedCLIPTransform:
         self.std = std
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        if image.mode in _HIGH_BIT_MODES:
-            raise ValueError(
-                f"MedCLIP preprocessing got a {image.mode} (more than 8-bit) image; PIL would clip it. Decode it "
-                f"with embedkit.data.images.decode_image, which rescales to 8-bit, before the transform."
-            )
-        gray = image.convert("L")
+        gray = _gray(image)
         width, height = gray.size
         # Centre on a black square canvas at least 224 wide, so small images are padded rather than upscaled.
         side = max(self.size, width, height)
         canvas = Image.new("L", (side, side), 0)
         canvas.paste(gray, ((side - width) // 2, (side - height) // 2))
-        canvas = canvas.resize((self.size, self.size), Image.Resampling.BICUBIC)
-        pixels = torch.frombuffer(bytearray(canvas.tobytes()), dtype=torch.uint8)
-        pixels = pixels.view(1, self.size, self.size).to(torch.float32) / 255.0
-        return (pixels - self.mean) / self.std
+        return _normalised(canvas.resize((self.size, self.size), Image.Resampling.BICUBIC), self.mean, self.std)
 
     def __repr__(self) -> str:
         return f"MedCLIPTransform(size={self.size}, mean={self.mean}, std={self.std})"
+
+
+class MedCLIPStudyTransform:
+    """``study``: PIL image -> float tensor [1, 224, 224] as the study's code and MedCLIP's own zero-shot dataset
+    preprocess: grayscale, shortest side to 224 (bilinear; the long side truncated, as torchvision's Resize(224)
+    computes it), centre crop 224 (torchvision's rounded offsets), [0, 1], the feature extractor's mean and std.
+    """
+
+    def __init__(self, size: int = IMAGE_SIZE, mean: float = PIXEL_MEAN, std: float = PIXEL_STD) -> None:
+        self.size = size
+        self.mean = mean
+        self.std = std
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        gray = _gray(image)
+        width, height = gray.size
+        short, long = sorted((width, height))
+        new_long = int(self.size * long / short)
+        new_w, new_h = (self.size, new_long) if width <= height else (new_long, self.size)
+        resized = gray.resize((new_w, new_h), Image.Resampling.BILINEAR)
+        left = int(round((new_w - self.size) / 2.0))
+        top = int(round((new_h - self.size) / 2.0))
+        return _normalised(resized.crop((left, top, left + self.size, top + self.size)), self.mean, self.std)
+
+    def __repr__(self) -> str:
+        return f"MedCLIPStudyTransform(size={self.size}, bilinear, centre crop, mean={self.mean}, std={self.std})"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -193,9 +227,10 @@ class MedCLIP(VisionLanguageModel):
         self.spec_name = spec.name
         self._tokenizer = tokenizer
 
-    def image_transform(self) -> MedCLIPTransform:
-        """The authors' preprocessing: grayscale, pad to square, 224 bicubic, one normalised channel."""
-        return MedCLIPTransform()
+    def image_transforms(self) -> dict[str, MedCLIPStudyTransform | MedCLIPTransform]:
+        """``study`` (the default, to reproduce the study): shortest side 224 bilinear, centre crop; ``upstream``
+        (MedCLIP's README feature extractor): pad to square, 224 bicubic. One normalised channel both."""
+        return {"study": MedCLIPStudyTransform(), UPSTREAM: MedCLIPTransform()}
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         """Lower-cased WordPiece ids, padded to the longest prompt of ``texts`` (padding counts in the mean)."""

@@ -32,8 +32,8 @@ from PIL import Image
 from torch import nn
 
 from embedkit.models import bert
-from embedkit.models.base import (CheckpointError, ModelFamily, TowerLayout, VisionLanguageModel, load_strict,
-                                  read_tensor_file)
+from embedkit.models.base import (UPSTREAM, CheckpointError, ModelFamily, TowerLayout, VisionLanguageModel,
+                                  load_strict, read_tensor_file)
 from embedkit.models.registry import MissingWeightsError, ModelSpec
 
 __all__ = [
@@ -149,7 +149,7 @@ class OpenClipModel(VisionLanguageModel):
     """An open_clip CLIP or CustomTextCLIP (``self.model``, the authors' key names) behind embedkit's interface."""
 
     def __init__(self, model: nn.Module, tokenizer: Callable[[list[str]], torch.Tensor],
-                 transform: ClipImageTransform, embed_dim: int, name: str):
+                 transform: Callable[[Image.Image], torch.Tensor], embed_dim: int, name: str):
         super().__init__()
         self.model = model
         self._tokenizer = tokenizer
@@ -160,9 +160,10 @@ class OpenClipModel(VisionLanguageModel):
     def _device(self) -> torch.device:
         return self.model.logit_scale.device
 
-    def image_transform(self) -> ClipImageTransform:
-        """Resize 224 bicubic, center crop 224, RGB, OpenAI mean/std (picklable)."""
-        return self._transform
+    def image_transforms(self) -> dict[str, Callable[[Image.Image], torch.Tensor]]:
+        """One, the authors': CLIP's resize 224 bicubic, center crop 224, RGB, OpenAI mean/std (CheXzero: its
+        own, :class:`embedkit.models.chexzero.CheXzeroTransform`); picklable."""
+        return {UPSTREAM: self._transform}
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         """``{"input_ids": LongTensor [P, context]}``: CLIP BPE (context 77) or BERT WordPiece (context 256)."""

@@ -80,10 +80,12 @@ def predictions_table(run_ids: Sequence[str], rows: pd.DataFrame, y_true: np.nda
 
 def make_run(vectors: CohortVectors, method: str, config: dict, seed: int | None,
              extra_metrics: dict | None = None, run_id: str | None = None) -> dict:
-    """A ``runs`` row: ``config`` gets the class order and the cohort fingerprint; ``metrics`` holds what training
-    reports (iterations, best epoch, ...). Accuracy and macro-F1 per split are never stored: they are read from
-    the SQL views (:func:`with_summaries`)."""
+    """A ``runs`` row: ``config`` gets the class order, the cohort fingerprint and how the vectors were computed
+    (``embedding``: amp, preprocess); ``metrics`` holds what training reports (iterations, best epoch, ...).
+    Accuracy and macro-F1 per split are never stored: they are read from the SQL views (:func:`with_summaries`)."""
     config = {**config, "classes": list(vectors.classes), "cohort_fingerprint": vectors.fingerprint}
+    if vectors.embedding:
+        config["embedding"] = vectors.embedding
     if vectors.missing_rows:  # --allow-partial: the run says how much of its cohort it never saw
         config["partial"] = {"missing_rows": vectors.missing_rows, "rows": vectors.n}
     metrics = dict(extra_metrics or {})

@@ -129,6 +129,19 @@ WEIGHTS = pa.schema(
     ]
 )
 
+# One row per (model, weights_id, cohort) embedded: how its image vectors were computed (embedkit/embed.py).
+# Vectors without a row (stores written before passes recorded this), and null columns, read as the old default.
+EMBEDDING_SETTINGS = pa.schema(
+    [
+        pa.field("model", pa.string()),
+        pa.field("weights_id", pa.string()),
+        pa.field("cohort", pa.string()),
+        pa.field("amp", pa.string()),  # none (fp32) | bf16 | fp16: autocast of the image pass on CUDA
+        pa.field("preprocess", pa.string()),  # the family's preprocessing (docs/models.md), e.g. study | upstream
+        pa.field("updated_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+
 # One row per `embedkit study` (keyed by study_id, its name): the matrix and settings it was last run with.
 STUDIES = pa.schema(
     [
