@@ -363,7 +363,7 @@ def finetune_cmd(
                                        help="Stop after N epochs without a lower val loss (0: never)"),
     augment: bool = typer.Option(True, "--augment/--no-augment", help="The paper's flips, rotation and jitter on training images"),
     device: str = typer.Option(_FINETUNE("device"), help="auto | cpu | cuda | cuda:N"),
-    amp: Amp = typer.Option(_FINETUNE("amp"), help="Autocast on CUDA (CPU runs float32)"),
+    amp: Amp = typer.Option(_FINETUNE("amp"), help="none = float32 (as the authors); bf16 | fp16 autocast on CUDA"),
     workers: int = typer.Option(_FINETUNE("workers"), help="DataLoader worker processes decoding images"),
     resume: Optional[str] = typer.Option(None, help="Continue this run from its last completed epoch (its own settings)"),
     stop_after: Optional[int] = typer.Option(None, hidden=True, help="Stop (resumably) after this many epochs"),

@@ -19,8 +19,8 @@ epoch (last partial batch kept), the augmentations of :mod:`embedkit.finetune.au
 a learning-rate schedule stepped once per epoch (``cosine``: CosineAnnealingLR over all epochs, the default;
 ``step``: x0.1 every third of the epochs; ``constant``), validation loss after every epoch; the weights of the epoch
 with the lowest validation loss (strictly lower: ties keep the earlier one) make the predictions; optional early
-stopping after N epochs without improvement. On CUDA the forward pass runs under bf16 or fp16 autocast (fp16 with
-a gradient scaler); on the CPU everything is float32.
+stopping after N epochs without improvement. Everything is float32 unless ``amp`` asks for bf16 or fp16 autocast
+on CUDA (fp16 with a gradient scaler), as every upstream training path ran in fp32.
 
 Checkpoints live in ``<store>/checkpoints/<run_id>/``: ``config.json`` (settings, class order, cohort fingerprint),
 ``last.pt`` after every epoch (trainable weights - LoRA adapters and head, or tower and head - with the optimizer,
@@ -90,7 +90,7 @@ class FinetuneConfig:
     schedule: str = "cosine"
     early_stopping: int = 0  # epochs without a lower val loss before stopping; 0 = never
     augment: bool = True
-    amp: str = "bf16"  # CUDA only
+    amp: str = "none"  # fp32 unless asked (bf16, fp16: autocast on CUDA only), as every upstream path runs
     device: str = "auto"
     workers: int = 2
     study_id: str | None = None  # the `embedkit study` this run belongs to (runs.study_id)
