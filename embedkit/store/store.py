@@ -67,6 +67,17 @@ FAULT_ENV = "EMBEDKIT_FAULT"
 _fault_count = 0
 
 
+def _lock_holder(fd: int) -> str:
+    """Who holds a lock, as its holder wrote it: a holder writes its line just after taking the lock, so an empty
+    file is read again for a moment before saying only "another process"."""
+    for _ in range(25):
+        text = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+        if text:
+            return text
+        time.sleep(0.02)
+    return "another process"
+
+
 def _fault_point() -> None:
     global _fault_count
     spec = os.environ.get(FAULT_ENV)
@@ -292,7 +303,7 @@ class Store:
                     break
                 except BlockingIOError:
                     if time.monotonic() >= deadline:
-                        other = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+                        other = _lock_holder(fd)
                         raise StoreBusy(f"{other} holds {path}; wait for it to finish (a killed process releases "
                                         f"it at once)") from None
                     time.sleep(0.05)
