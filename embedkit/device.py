@@ -21,6 +21,18 @@ def resolve_device(device: str) -> "torch.device":
     return torch.device(device)
 
 
+def autocast_context(device: "torch.device", amp: str):
+    """The forward pass's precision context: fp32 (no autocast) unless ``amp`` (bf16, fp16) asks for it on CUDA;
+    elsewhere always fp32 (the embedding pass refuses ``--amp`` off CUDA before it gets here)."""
+    import contextlib
+
+    import torch
+
+    if device.type == "cuda" and amp != "none":
+        return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+    return contextlib.nullcontext()
+
+
 def has_gpu(device: str) -> bool:
     """Whether ``device`` means a GPU, without touching one (``cuda`` counts: :func:`resolve_device` checks it)."""
     if device == "cpu":

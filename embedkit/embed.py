@@ -12,7 +12,6 @@ cohort) at a time: two concurrent passes over the same rows would both append.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -25,7 +24,7 @@ import torch
 from embedkit.constants import AMP_MODES
 from embedkit.data.cohort import CohortError, cohort_classes, load_cohort
 from embedkit.data.images import ImageDecodeError, decode_image
-from embedkit.device import resolve_device
+from embedkit.device import autocast_context, resolve_device
 from embedkit.errors import EmbedkitError
 from embedkit.models.registry import ModelSpec
 from embedkit.store import schemas
@@ -115,13 +114,6 @@ def check_amp(amp: str, device: torch.device) -> None:
     if amp != "none" and device.type != "cuda":
         raise EmbedSettingsError(f"--amp {amp} is autocast on CUDA, and this pass runs on {device.type}: drop "
                                  "--amp (the pass is fp32) or run it on a GPU (--device cuda)")
-
-
-def _autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
-    """The image pass's precision context: fp32 (no autocast) unless ``amp`` asks for bf16 or fp16 on CUDA."""
-    if amp == "none":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
 class ImageFiles(torch.utils.data.Dataset):
@@ -374,7 +366,7 @@ def _embed_paths(store, spec, model, weights_id, todo, paths, sets, dev, batch_s
     # What the family's per-image extras need of the prompts (GLoRIA: word features), encoded once for the pass.
     local_inputs = model.prompt_context({name: [t for ts in by_class.values() for t in ts]
                                          for name, by_class in sets.items()})
-    autocast = _autocast(dev, amp)
+    autocast = autocast_context(dev, amp)
     pending_idx: list[np.ndarray] = []
     pending_vec: list[np.ndarray] = []
     pending_sim: dict[str, list[np.ndarray]] = {name: [] for name in local_inputs}

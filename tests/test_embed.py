@@ -239,7 +239,7 @@ def test_the_pass_is_fp32_by_default_and_autocasts_only_when_asked(store, small_
 
     import torch
 
-    from embedkit import embed
+    from embedkit.device import autocast_context
 
     frame, folder = small_cohort
     _import(store, frame, folder)
@@ -253,8 +253,8 @@ def test_the_pass_is_fp32_by_default_and_autocasts_only_when_asked(store, small_
     asked = []
     monkeypatch.setattr(torch, "autocast", lambda device, dtype: asked.append((device, dtype)) or "ctx")
     cuda = torch.device("cuda")
-    assert isinstance(embed._autocast(cuda, "none"), contextlib.nullcontext) and asked == []
-    assert embed._autocast(cuda, "bf16") == "ctx" and embed._autocast(cuda, "fp16") == "ctx"
+    assert isinstance(autocast_context(cuda, "none"), contextlib.nullcontext) and asked == []
+    assert autocast_context(cuda, "bf16") == "ctx" and autocast_context(cuda, "fp16") == "ctx"
     assert asked == [("cuda", torch.bfloat16), ("cuda", torch.float16)]
 
 

@@ -50,6 +50,7 @@ from torch import nn
 
 from embedkit.constants import AMP_MODES, FINETUNE_METHODS, LORA_PRESETS, LR_SCHEDULES
 from embedkit.data.cohort import cohort_fingerprint
+from embedkit.device import autocast_context
 from embedkit.errors import EmbedkitError
 from embedkit.finetune.augment import Augment, AugmentedImageFiles, KeySampler, epoch_order, torch_seed
 from embedkit.store.store import Store, new_run_id, sql_eq
@@ -243,12 +244,6 @@ def build_network(model: nn.Module, method: str, n_classes: int, seed: int, rank
     net = ImageClassifier(model, lp_head(model.embed_dim, n_classes, seed), raw_features=features == "raw")
     info["trainable_params"] = sum(p.numel() for p in net.parameters() if p.requires_grad)
     return net, lora, info
-
-
-def _autocast(device: torch.device, amp: str):
-    if device.type == "cuda" and amp != "none":
-        return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
-    return contextlib.nullcontext()
 
 
 def train_step(net: nn.Module, optimizer: torch.optim.Optimizer, pixels: torch.Tensor, labels: torch.Tensor,
@@ -457,7 +452,7 @@ def _logits(session: _Session, path_ids: list[int]) -> np.ndarray:
     _set_mode(session, training=False)
     session.sampler.keys = [(p, -1, k) for k, p in enumerate(path_ids)]
     out = np.zeros((len(path_ids), len(session.classes)), dtype=np.float32)
-    with _autocast(session.device, session.config.amp):
+    with autocast_context(session.device, session.config.amp):
         for sample, pixels in session.loader:
             logits = session.net(pixels.to(session.device, non_blocking=True))
             out[sample.numpy()] = logits.float().cpu().numpy()
@@ -481,7 +476,7 @@ def _train_epoch(session: _Session, epoch: int, report: Callable[[str], None]) -
     rows = session.train_rows[order]
     session.sampler.keys = [(int(session.path_index[r]), epoch, k) for k, r in enumerate(rows)]
     labels_all = torch.from_numpy(session.y[rows])
-    autocast = _autocast(session.device, cfg.amp)
+    autocast = autocast_context(session.device, cfg.amp)
     n_steps = math.ceil(len(rows) / cfg.batch_size)
     start = time.perf_counter()
     losses, seen, rate = [], 0, 0.0
