@@ -198,13 +198,16 @@ def _stored_prompts(store: Store, model: str, weights_id: str, prompt_set: str) 
     return list(stored[["class", "prompt"]].itertuples(index=False, name=None))
 
 
-def _refuse_stale_extras(store: Store, spec: ModelSpec, weights_id: str, cohort: str, classes: tuple[str, ...],
-                         set_names: list[str]) -> None:
+def _changed_sets(store: Store, model: str, weights_id: str, sets: dict[str, dict[str, list[str]]]) -> list[str]:
+    """The sets whose stored prompts are not these strings in this order (or that were never embedded)."""
+    return [name for name, by_class in sets.items()
+            if _stored_prompts(store, model, weights_id, name) != _prompt_pairs(by_class)]
+
+
+def _refuse_stale_extras(cohort: str, weights_id: str, changed: list[str]) -> None:
     """Per-image extras (GLoRIA's local similarities) are computed against each set's prompts when an image is
     embedded: a set that differs from the stored one (embedkit changed it, or its file did) or is new would leave
     the images already embedded with similarities to other prompts, or none. Refused before anything is written."""
-    changed = [name for name, by_class in (spec.family.prompts(raw, classes) for raw in set_names)
-               if _stored_prompts(store, spec.name, weights_id, name) != _prompt_pairs(by_class)]
     if changed:
         raise CohortError(f"prompt set(s) {', '.join(changed)} differ from what the images of cohort '{cohort}' "
                           f"already embedded with {weights_id} were scored against: run the same command with "
@@ -212,21 +215,17 @@ def _refuse_stale_extras(store: Store, spec: ModelSpec, weights_id: str, cohort:
 
 
 @torch.inference_mode()
-def embed_prompts(store: Store, spec: ModelSpec, model, weights_id: str, classes: tuple[str, ...],
-                  sets: list[str], device: torch.device, force: bool = False) -> dict[str, dict[str, list[str]]]:
-    """Embed each prompt set for ``classes``; returns {set name: {class: prompts}} in prompt_index order.
+def embed_prompts(store: Store, spec: ModelSpec, model, weights_id: str, sets: dict[str, dict[str, list[str]]],
+                  names: list[str], device: torch.device) -> None:
+    """Embed the prompt sets ``names`` of ``sets`` ({set name: {class: prompts}}), each replacing its stored copy.
 
     A class's prompts are tokenised together: MedCLIP averages over padded positions, so padding is part of
     what the authors computed.
     """
     table = prompts_table(spec.name)
-    out = {}
-    for raw in sets:
-        name, by_class = spec.family.prompts(raw, classes)
-        out[name] = by_class
+    for name in names:
+        by_class = sets[name]
         where = f"{sql_eq('weights_id', weights_id)} AND {sql_eq('prompt_set', name)}"
-        if not force and _stored_prompts(store, spec.name, weights_id, name) == _prompt_pairs(by_class):
-            continue  # the same strings in the same order: the stored vectors are this set's
         rows, index = [], 0
         for cls, texts in by_class.items():
             tokens = {k: v.to(device) if torch.is_tensor(v) else v for k, v in model.tokenize(texts).items()}
@@ -238,7 +237,6 @@ def embed_prompts(store: Store, spec: ModelSpec, model, weights_id: str, classes
         schema = schemas.prompts_schema(model.embed_dim)
         store.delete(table, where)  # a set is replaced whole: its prompt_index order must stay consistent
         store.append(table, pa.Table.from_pylist(rows, schema=schema), schema)
-    return out
 
 
 def _rows_to_write(rows: pd.DataFrame, spec: ModelSpec, weights_id: str, vectors: np.ndarray, dim: int) -> pa.Table:
@@ -303,12 +301,14 @@ def _embed_cohort(store: Store, spec: ModelSpec, model, weights_id: str, source:
     done = set(store.read(table, where, ["row_id"])["row_id"].to_pylist()) if store.has(table) else set()
     if done:
         _refuse_other_settings(store, spec.name, weights_id, cohort, settings, len(done))
-    set_names = _prompt_sets_for(spec, extra_prompt_sets or [])
+    # {set: {class: prompts}} in prompt_index order; the sets whose stored strings differ are embedded again.
+    sets = dict(spec.family.prompts(raw, classes) for raw in _prompt_sets_for(spec, extra_prompt_sets or []))
+    changed = list(sets) if force else _changed_sets(store, spec.name, weights_id, sets)
     if done and spec.family.uses_local_similarity:
-        _refuse_stale_extras(store, spec, weights_id, cohort, classes, set_names)
+        _refuse_stale_extras(cohort, weights_id, changed)
     _record_settings(store, spec.name, weights_id, cohort, settings)  # before any vector written under them
     _record_weights(store, spec, model, weights_id, source)
-    sets = embed_prompts(store, spec, model, weights_id, classes, set_names, dev, force)
+    embed_prompts(store, spec, model, weights_id, sets, changed, dev)
     todo = rows[~rows["row_id"].isin(done)]
     paths = list(dict.fromkeys(todo["path"]))  # repeated images: one forward pass
     start = time.perf_counter()
