@@ -328,7 +328,7 @@ def embed_cmd(
 # Options that decide a run's result: with --resume they come from the run's checkpoint, never from the command line.
 _FINETUNE_FIXED_ON_RESUME = ("cohort", "weights", "weights_dir", "random_init", "seed_init", "lora_preset", "rank",
                              "alpha", "targets", "epochs", "lr", "wd", "batch_size", "seed", "schedule", "early_stopping",
-                             "augment", "amp")
+                             "augment", "amp", "preprocess")
 
 
 _FINETUNE = partial(LibraryDefault, "embedkit.finetune.train", "FinetuneConfig")
@@ -364,6 +364,8 @@ def finetune_cmd(
     augment: bool = typer.Option(True, "--augment/--no-augment", help="The paper's flips, rotation and jitter on training images"),
     device: str = typer.Option(_FINETUNE("device"), help="auto | cpu | cuda | cuda:N"),
     amp: Amp = typer.Option(_FINETUNE("amp"), help="none = float32 (as the authors); bf16 | fp16 autocast on CUDA"),
+    preprocess: Optional[str] = typer.Option(None, help="study | upstream where a family has both (MedCLIP; default "
+                                             "study); recorded in the run's config"),
     workers: int = typer.Option(_FINETUNE("workers"), help="DataLoader worker processes decoding images"),
     resume: Optional[str] = typer.Option(None, help="Continue this run from its last completed epoch (its own settings)"),
     stop_after: Optional[int] = typer.Option(None, hidden=True, help="Stop (resumably) after this many epochs"),
@@ -396,7 +398,8 @@ def finetune_cmd(
             weights_dir=str(weights_dir) if weights_dir else None, random_init=random_init, seed_init=seed_init,
             lora_preset=lora_preset.value, rank=rank, alpha=alpha, targets=[t.strip() for t in targets.split(",") if t.strip()] if targets else None,
             epochs=epochs, lr=lr, wd=wd, batch_size=batch_size, seed=seed, schedule=schedule.value,
-            early_stopping=early_stopping, augment=augment, amp=amp.value, device=device, workers=workers)
+            early_stopping=early_stopping, augment=augment, amp=amp.value, preprocess=preprocess, device=device,
+            workers=workers)
         result = train.finetune(store, config, progress=not quiet, stop_after=stop_after)
     if as_json:
         echo_json({"run_id": result.run_id, "finished": result.finished, "epochs_done": result.epochs_done,
@@ -765,6 +768,10 @@ def study_cmd(
     report: Optional[Path] = typer.Option(None, help="Report folder (default: <store>/../study-<name>)"),
     ci: Optional[int] = typer.Option(None, help="Bootstrap resamples of the report's intervals (default: 1000)"),
     workers: Optional[int] = typer.Option(None, help="DataLoader workers decoding images (default: 2)"),
+    amp: Optional[str] = typer.Option(None, help="Precision of the image passes: none = fp32 (default, as the "
+                                      "authors) | bf16 | fp16 (autocast, CUDA only)"),
+    preprocess: Optional[str] = typer.Option(None, help="study (default) | upstream: MedCLIP's two preprocessings; "
+                                             "the other families have one"),
     stop_after: Optional[int] = typer.Option(None, hidden=True, help="Stop (resumably) after this many steps"),
     quiet: bool = typer.Option(False, help="No progress output"),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable plan / result"),
@@ -775,7 +782,7 @@ def study_cmd(
     config = make_config(file, name=name, models=models, methods=methods, cohort=cohort, seeds=seeds,
                          weights_dir=weights_dir, random_init=random_init, device=device, cpu_ok=cpu_ok,
                          probe_epochs=probe_epochs, ft_epochs=ft_epochs, images=images, report=report, ci=ci,
-                         workers=workers)
+                         workers=workers, amp=amp, preprocess=preprocess)
     result = run_study(get_store(ctx), config, plan_only=plan, progress=not quiet and not as_json,
                        stop_after=stop_after)
     if as_json:

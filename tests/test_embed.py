@@ -341,3 +341,12 @@ def test_runs_record_the_settings_of_the_vectors_they_used(store, small_cohort):
     probe = run_probe(store, "tiny-medclip-vit", HeadConfig("lp", epochs=1, hidden=8), seed=0)
     for run in (zeroshot, probe):
         assert json.loads(run["config"])["embedding"] == {"amp": "none", "preprocess": "upstream", "recorded": True}
+
+
+def test_each_family_names_the_preprocessings_its_models_offer():
+    """ModelFamily.preprocessings (what a study plans with, no model built) is what image_transforms() offers."""
+    from embedkit.models.registry import MODELS, get_spec
+
+    for name in (n for n in MODELS if get_spec(n).tiny):
+        spec = get_spec(name)
+        assert tuple(spec.build(0).image_transforms()) == spec.family.preprocessings, name

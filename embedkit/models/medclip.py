@@ -380,6 +380,7 @@ class MedClipFamily(ModelFamily):
     then the mean (the authors' ``ensemble=True``) or max over a class's CheXpert-style prompts."""
 
     module = "medclip"
+    preprocessings = ("study", UPSTREAM)
     zeroshot_rule = "medclip"
     # chexpert-nih covers NIH's six classes (the default); chexpert-authors is MedCLIP's draw, seeded, to reproduce it.
     prompt_sets = ("chexpert-nih", "chexpert-authors")
