@@ -285,9 +285,11 @@ _EMBED = partial(LibraryDefault, "embedkit.embed", "embed_cohort")
 @app.command("embed")
 def embed_cmd(
     ctx: typer.Context,
-    model: str = typer.Option(..., help="Model name (see `embedkit models`)"),
+    model: str = typer.Option(..., help="Model name (see `embedkit models`), several comma-separated (each image "
+                              "decoded once for all), or all: every model whose weights are found (with "
+                              "--random-init: every tiny model)"),
     cohort: str = typer.Option("nih6x200", help="Cohort in the store"),
-    weights: Optional[Path] = typer.Option(None, help="Weights file or folder in the authors' format"),
+    weights: Optional[Path] = typer.Option(None, help="Weights file or folder in the authors' format (one model)"),
     weights_dir: Optional[Path] = typer.Option(None, envvar="EMBEDKIT_WEIGHTS", help="Folder with one sub-folder per model"),
     random_init: bool = typer.Option(False, help="Real architecture, random weights (labelled random-init in the store)"),
     seed: int = typer.Option(0, help="Seed of --random-init"),
@@ -307,20 +309,48 @@ def embed_cmd(
                                              "with the vectors"),
     quiet: bool = typer.Option(False, help="No progress bar"),
 ) -> None:
-    """Embed a cohort's images and its class prompts with one model into the store."""
+    """Embed a cohort's images and its class prompts with one model, or several at once, into the store."""
     from embedkit.device import resolve_device
-    from embedkit.embed import check_amp, embed_cohort
+    from embedkit.embed import ToEmbed, check_amp, embed_models
     from embedkit.models.registry import get_spec, instantiate
 
     if weights and random_init:
         raise typer.BadParameter("--weights and --random-init exclude each other")
     check_amp(amp.value, resolve_device(device))  # before the weights load
-    spec = get_spec(model)
-    net, weights_id, source = instantiate(spec, weights, random_init, seed, weights_dir)
-    summary = embed_cohort(get_store(ctx), spec, net, weights_id, source, cohort, device=device,
-                           batch_size=batch_size, workers=workers, force=force, extra_prompt_sets=prompts,
-                           chunk_images=chunk_images, progress=not quiet, amp=amp.value, preprocess=preprocess)
-    typer.echo(summary.line())
+    specs = [get_spec(name) for name in _embed_model_names(model, random_init, weights_dir)]
+    if weights and len(specs) > 1:
+        raise typer.BadParameter("--weights names one model's files; with several models use --weights-dir (one "
+                                 "sub-folder per model)")
+    models = []
+    for spec in specs:  # every model's weights load before anything is written
+        net, weights_id, source = instantiate(spec, weights, random_init, seed, weights_dir)
+        # One model: exactly the preprocessing asked for; several: each family's of that name, else its only one.
+        chosen = preprocess if len(specs) == 1 or preprocess is None else spec.family.preprocessing_for(preprocess)
+        models.append(ToEmbed(spec, net, weights_id, source, chosen))
+    summaries = embed_models(get_store(ctx), models, cohort, device=device, batch_size=batch_size, workers=workers,
+                             force=force, extra_prompt_sets=prompts, chunk_images=chunk_images, progress=not quiet,
+                             amp=amp.value)
+    for summary in summaries:
+        typer.echo(summary.line())
+
+
+def _embed_model_names(model: str, random_init: bool, weights_dir: Optional[Path]) -> list[str]:
+    """``--model``: one name, several comma-separated, or ``all`` (the models whose weights are found; with
+    --random-init, every tiny model)."""
+    from embedkit.models.registry import MODELS
+
+    if model.strip() != "all":
+        names = [name.strip() for name in model.split(",") if name.strip()]
+        if len(set(names)) != len(names):
+            raise typer.BadParameter(f"--model names a model twice ({', '.join(names)})")
+        return names
+    if random_init:
+        return [name for name, spec in MODELS.items() if spec.tiny]
+    found = [name for name, spec in MODELS.items() if not spec.tiny and spec.locate_weights(None, weights_dir)[0]]
+    if not found:
+        raise typer.BadParameter("--model all: no model's weights are found (`embedkit models` says where it looks); "
+                                 "pass --random-init for every tiny model")
+    return found
 
 
 # ---- finetune -------------------------------------------------------------------------------------------------
