@@ -166,7 +166,9 @@ def test_image_embeddings_match_the_authors(releases, name):
 def test_text_embeddings_of_real_prompts_match_the_authors(releases, name):
     release = releases[name]
     by_class = prompts.prompt_set("chexpert-authors", NIH_CLASSES)
-    for cls, texts in by_class.items():  # one class at a time, as embedkit's pass and the authors tokenise them
+    long = {"truncated": ["Mild, " * 60 + "atelectasis", "Cardiomegaly."]}  # 122 pieces: cut to 77 tokens
+    assert release.tokenizer(long["truncated"])["input_ids"].shape == (2, 77)
+    for cls, texts in {**by_class, **long}.items():  # class by class, as embedkit's pass and the authors tokenise
         tokens, reference_tokens = release.model.tokenize(texts), release.tokenizer(texts)
         torch.testing.assert_close(tokens["input_ids"], reference_tokens["input_ids"], atol=0, rtol=0)
         torch.testing.assert_close(tokens["attention_mask"], reference_tokens["attention_mask"], atol=0, rtol=0)
