@@ -119,7 +119,7 @@ def test_clip_default_is_open_clips_classifier_the_renormalised_mean_prompt_embe
     assert not np.allclose(_predictions(store, per_prompt["run_id"])["probs"], expected, atol=1e-3)
 
 
-def test_medclip_rule_clamps_the_scale_at_100_and_supports_max(store):
+def test_medclip_rule_clamps_the_scale_as_its_authors_and_supports_max(store):
     data = write_vectors(store, "tiny-medclip-rn50", 32)
     prompts = random_prompts(32, per_class=4, seed=9)
     write_prompts(store, "tiny-medclip-rn50", prompts, "chexpert-nih")
