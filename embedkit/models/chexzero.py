@@ -9,9 +9,9 @@ chest X-rays paired with the impression sections of their reports.
   keys ``input_resolution``, ``context_length`` and ``vocab_size`` are dropped if present
   (``openclip.drop_openai_jit_keys``); any other difference is an error.
 - Preprocessing: the authors store every image as 320 x 320 grayscale (read as RGB, longest side resized to 320
-  with Lanczos, sizes floored, pasted centred on black, which converts it to L), then at test time repeat it on three channels, normalise the 0-255
-  values with mean 101.48761 and std 83.43944, and resize the normalised tensor to 224 (bicubic, no antialias, as
-  torchvision's tensor Resize did when they ran it).
+  with Lanczos, sizes floored, pasted centred on black, which converts it to L), then at test time repeat it on
+  three channels, normalise the 0-255 values with mean 101.48761 and std 83.43944, and resize the normalised
+  tensor to 224 (bicubic, no antialias, as torchvision's tensor Resize did when they ran it).
 - Zero-shot: one (positive, negative) prompt pair per class, ``"{class}"`` and ``"no {class}"``; the probability
   that the class is present is the softmax over the pair of the plain cosines (no logit scale). embedkit scores a
   class by that softmax's log-odds, cos(image, positive) - cos(image, negative), and the run's probabilities
