@@ -80,6 +80,12 @@ def test_the_inputs_include_real_x_rays(image_files):
     assert sum(p.parent == REAL_CXR for p in image_files) >= 3
 
 
+def opened(path: Path) -> Image.Image:
+    """``Image.open(path)`` as the authors' examples pass it to their transforms, read and the file closed."""
+    with Image.open(path) as image:
+        return image.copy()  # closing destroys the image's data
+
+
 def nih_prompts(family_name: str, prompt_set: str) -> tuple[list[str], list[list[str]], np.ndarray]:
     """(flat prompts, prompts per class, each prompt's class) of embedkit's set for NIH's classes."""
     family = get_spec(family_name).family
@@ -145,7 +151,7 @@ def test_clip_checkpoint_embeds_and_scores_as_openai(clip_files, image_files, la
     reference, _, files = clip_files
     spec = get_spec("tiny-clip")
     loaded = spec.load(files[layout])
-    pixels = torch.stack([ref_clip.Preprocess(224)(Image.open(p)) for p in image_files])
+    pixels = torch.stack([ref_clip.Preprocess(224)(opened(p)) for p in image_files])
     flat, per_class, prompt_class = nih_prompts("clip", "clip")
     with torch.no_grad():
         raw = loaded.encode_image_raw(pixels)
@@ -183,7 +189,7 @@ def test_clip_open_clip_agrees_with_the_reference(clip_files, image_files, tmp_p
             assert_close(preprocess(image), ref_clip.Preprocess(224)(image), path.name)
     prompts = nih_prompts("clip", "clip")[0] + ODD_PROMPTS
     assert torch.equal(tokenizer(prompts), ref_clip.tokenize(prompts))
-    pixels = torch.stack([ref_clip.Preprocess(224)(Image.open(p)) for p in image_files])
+    pixels = torch.stack([ref_clip.Preprocess(224)(opened(p)) for p in image_files])
     with torch.no_grad():
         assert_close(model.eval().encode_image(pixels), reference.encode_image(pixels), "image features")
         assert_close(model.encode_text(tokenizer(prompts)), reference.encode_text(ref_clip.tokenize(prompts)),
@@ -206,7 +212,7 @@ def test_full_size_vit_b16_torchscript_loads_and_matches_open_clip(tmp_path, ima
     assert (reference.visual.transformer.resblocks[0].attn.heads, reference.transformer.resblocks[0].attn.heads) \
         == (12, 8)
     file = write_openai_archive(reference, state, tmp_path / "ViT-B-16.pt", half=True, methods=("forward",))
-    pixels = ref_clip.Preprocess(224)(Image.open(image_files[0]))[None]
+    pixels = ref_clip.Preprocess(224)(opened(image_files[0]))[None]
     prompts = nih_prompts("clip", "clip")[0][:2]
     with torch.no_grad():
         expected_image = reference.encode_image(pixels)
@@ -250,7 +256,7 @@ def randomise(model: torch.nn.Module, seed: int) -> None:
 
 @pytest.fixture(scope="module")
 def biomedclip_folders(tmp_path_factory):
-    """(hub folder, open_clip's offline copy, the weights): the hub repository's layout at tiny-biomedclip's sizes.
+    """(hub folder, open_clip's offline copy): the hub repository's layout at tiny-biomedclip's sizes, random weights.
 
     The hub's ``open_clip_config.json`` names the BERT on the hub; open_clip's copy points the text tower's config
     at the shipped tiny BERT config and its tokenizer at the folder's own vocab.txt (the one change offline needs).
@@ -296,7 +302,7 @@ def test_biomedclip_hub_folder_embeds_and_scores_as_open_clip(biomedclip_folders
     assert torch.equal(loaded.tokenize(prompts)["input_ids"], tokenizer(prompts, context_length=256))
     assert (loaded.tokenize(prompts)["input_ids"] != 100).all()  # no [UNK]: the vocabulary file was read
 
-    pixels = torch.stack([preprocess(Image.open(p)) for p in image_files])
+    pixels = torch.stack([preprocess(opened(p)) for p in image_files])
     with torch.no_grad():
         image = loaded.encode_image(pixels)
         text = loaded.encode_text(loaded.tokenize(prompts))
