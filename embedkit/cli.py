@@ -247,7 +247,7 @@ def models_cmd(
         listing.append({"model": spec.name, "embed_dim": spec.embed_dim, "description": spec.description,
                         "files": [] if spec.tiny else list(spec.weight_files),
                         "source": "random init only (test configuration)" if spec.tiny else spec.weight_source,
-                        "hf_repo": spec.hf_repo, "pullable": bool(spec.hf_repo or spec.releases),
+                        "hf_repo": spec.hf_repo, "pullable": bool(spec.hf_repo or spec.releases) and all(r.url for r in spec.releases),
                         "found": str(found) if found else None, "found_in": place,
                         "get": None if spec.tiny or found else spec.how_to_get()})
     if as_json:
@@ -268,6 +268,8 @@ def models_pull_cmd(
     name: str = typer.Argument(..., help="Model name (see `embedkit models`)"),
     weights_dir: Optional[Path] = typer.Option(None, envvar="EMBEDKIT_WEIGHTS",
                                                help=_WEIGHTS_DIR_HELP + " (where release files go)"),
+    url: Optional[str] = typer.Option(None, help="Download link of a release file the authors give no fixed URL "
+                                     "for (GLoRIA's and CheXzero's checkpoints, in Google Drive folders)"),
     quiet: bool = typer.Option(False, help="No progress bar"),
 ) -> None:
     """Fetch a model's released files: hub models into the Hugging Face cache, authors' release files
@@ -275,7 +277,7 @@ def models_pull_cmd(
     from embedkit.models.pull import pull
     from embedkit.models.registry import get_spec
 
-    typer.echo(f"{name}: {pull(get_spec(name), weights_dir, progress=not quiet)}")
+    typer.echo(f"{name}: {pull(get_spec(name), weights_dir, progress=not quiet, url=url)}")
 
 
 # Defaults stated once, in the library (read when the command runs or shows its --help).

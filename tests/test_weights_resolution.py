@@ -101,7 +101,8 @@ def test_models_reports_the_cached_snapshot_and_what_is_missing(hf_cache, monkey
     assert (listing["biomedclip"]["found"], listing["biomedclip"]["found_in"]) == (None, None)
     assert "`embedkit models pull biomedclip`" in listing["biomedclip"]["get"]
     assert listing["gloria"]["found"] is None and not listing["gloria"]["pullable"]
-    assert "models pull" not in listing["gloria"]["get"] and "$EMBEDKIT_WEIGHTS/gloria/" in listing["gloria"]["get"]
+    assert "`embedkit models pull gloria --url URL`" in listing["gloria"]["get"]  # a Drive folder: the user's link
+    assert "$EMBEDKIT_WEIGHTS/gloria/" in listing["gloria"]["get"] and listing["medclip-vit"]["pullable"]
     assert listing["tiny-clip"]["found"] is None and listing["tiny-clip"]["hf_repo"] is None
 
     code, out, _ = main_cli(monkeypatch, capsys, "models")
@@ -169,9 +170,9 @@ def test_nothing_connects_without_a_pull(hf_cache, tmp_path, monkeypatch, capsys
     assert code == 1 and out == ""
     assert len(err.strip().splitlines()) == 1 and err.startswith("error: No weights for model 'clip'")
     assert "`embedkit models pull clip`" in err and "--random-init" in err
-    code, _, err = main_cli(monkeypatch, capsys, "models", "pull", "gloria")
+    code, _, err = main_cli(monkeypatch, capsys, "models", "pull", "gloria", "--weights-dir", str(tmp_path / "w"))
     assert code == 1 and len(err.strip().splitlines()) == 1
-    assert "model 'gloria' has no fetchable release: download chexpert_resnet50.ckpt, vocab.txt from" in err
+    assert "chexpert_resnet50.ckpt of gloria has no fixed download URL" in err and "--url URL" in err
     assert connections == []
     assert not (tmp_path / "s").exists()
 
@@ -417,3 +418,23 @@ def test_a_broken_pointer_is_one_line(server, tmp_path, monkeypatch, capsys, poi
     code, out, err = main_cli(monkeypatch, capsys, "models", "pull", "medclip-rn50", "--weights-dir",
                               str(tmp_path / "w"), "--quiet")
     assert code == 1 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_checkpoint_without_a_fixed_url_is_pulled_from_the_link_given(server, tmp_path, monkeypatch, capsys):
+    """GLoRIA's checkpoint sits in a Google Drive folder: `--url` gives its link; the vocabulary comes from the
+    hub as MedCLIP's does; both digests are recorded."""
+    served, base = server
+    checkpoint, vocab = os.urandom(4000), b"[PAD]\n[UNK]\nlung\n"
+    served.files = {"/drive/ckpt": (checkpoint, {}),
+                    "/emilyalsentzer/Bio_ClinicalBERT/resolve/main/vocab.txt": (vocab, {})}
+    weights = str(tmp_path / "w")
+    code, out, err = main_cli(monkeypatch, capsys, "models", "pull", "gloria", "--weights-dir", weights, "--quiet",
+                              "--url", f"{base}/drive/ckpt")
+    assert code == 0, err
+    folder = tmp_path / "w" / "gloria"
+    assert (folder / "chexpert_resnet50.ckpt").read_bytes() == checkpoint
+    assert (folder / "vocab.txt").read_bytes() == vocab
+    assert len((folder / "SHA256SUMS").read_text().splitlines()) == 2
+    code, out, err = main_cli(monkeypatch, capsys, "models", "pull", "medclip-vit", "--weights-dir", weights,
+                              "--url", f"{base}/x")
+    assert code == 1 and "--url is for a release file without a fixed URL" in err

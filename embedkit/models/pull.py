@@ -24,6 +24,7 @@ import urllib.error
 import urllib.request
 import zipfile
 from contextlib import contextmanager, nullcontext
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
@@ -41,11 +42,14 @@ class PullError(EmbedkitError):
     """A model's files could not be fetched (nothing fetchable, the network, a checksum)."""
 
 
-def pull(spec: ModelSpec, weights_dir: str | Path | None = None, progress: bool = True) -> Path:
+def pull(spec: ModelSpec, weights_dir: str | Path | None = None, progress: bool = True,
+         url: str | None = None) -> Path:
     """Fetch ``spec``'s released files; returns the folder :meth:`ModelSpec.locate_weights` now finds.
 
     Hub models go to the Hugging Face cache; release files to ``weights_dir`` (or $EMBEDKIT_WEIGHTS)
-    ``/<model>/``. A model with neither is an error saying how to get its files by hand.
+    ``/<model>/``. A model with neither is an error saying how to get its files by hand. ``url`` is the download
+    link of the release file without a fixed URL (GLoRIA's and CheXzero's checkpoints sit in Google Drive
+    folders): checksummed and resumable like the others.
     """
     if spec.tiny:
         raise PullError(f"'{spec.name}' is a test configuration with no released weights: use --random-init")
@@ -57,7 +61,16 @@ def pull(spec: ModelSpec, weights_dir: str | Path | None = None, progress: bool 
     if folder is None:
         raise PullError(f"`models pull {spec.name}` writes to $EMBEDKIT_WEIGHTS/{spec.name}/: set "
                         "$EMBEDKIT_WEIGHTS or pass --weights-dir DIR")
+    unfixed = [r for r in spec.releases if not r.url and not (folder / r.file).exists()]
+    if url and not any(not r.url for r in spec.releases):
+        raise PullError(f"--url is for a release file without a fixed URL; {spec.name}'s are all known")
+    if unfixed and not url:
+        raise PullError(f"{unfixed[0].file} of {spec.name} has no fixed download URL ({spec.weight_source}): "
+                        f"download it by hand into {folder}, or pass its direct link: `embedkit models pull "
+                        f"{spec.name} --url URL` (nothing was downloaded)")
     for release in spec.releases:
+        if not release.url:
+            release = replace(release, url=url or "")
         fetch_release_file(release, folder / release.file, progress)
     missing = [f for f in spec.weight_files if not (folder / f).exists()]
     if missing:

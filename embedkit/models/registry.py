@@ -35,7 +35,8 @@ WeightsPlace = Literal["--weights", "weights-dir", "hf-cache"]
 class ReleaseFile:
     """One file of an authors' release that `embedkit models pull` fetches into the model's weights folder."""
 
-    url: str  # "{hf}" stands for the Hugging Face endpoint (HF_ENDPOINT, else https://huggingface.co)
+    url: str  # "{hf}" stands for the Hugging Face endpoint (HF_ENDPOINT, else https://huggingface.co); "" = the
+    # authors give no fixed URL (a Google Drive folder): `models pull NAME --url URL` takes the link
     file: str  # its name in $EMBEDKIT_WEIGHTS/<model>/
     # Of the file as served (the archive, for a zip): a download that does not match is deleted, never used. None:
     # the authors publish no checksum; the first pull records the digest in the folder's SHA256SUMS (sha256sum's
@@ -99,6 +100,10 @@ class ModelSpec:
         if self.hf_repo:
             return (f"`embedkit models pull {self.name}` fetches them from the Hugging Face hub ({self.hf_repo}) "
                     f"into its cache; or {by_hand}")
+        unfixed = [r.file for r in self.releases if not r.url]
+        if unfixed:
+            return (f"{by_hand}; or, with a direct link to {', '.join(unfixed)}, `embedkit models pull {self.name} "
+                    f"--url URL` fetches it (and the rest) into $EMBEDKIT_WEIGHTS/{self.name}/")
         if self.releases:
             fetched = ", ".join(r.file for r in self.releases)
             return (f"`embedkit models pull {self.name}` fetches {fetched} from the authors' release into "
@@ -169,10 +174,12 @@ MEDCLIP_POINTER = "https://github.com/RyanWangZf/MedCLIP/raw/main/medclip/medcli
 CLINICAL_BERT_VOCAB_URL = "{hf}/emilyalsentzer/Bio_ClinicalBERT/resolve/main/vocab.txt"
 
 
+CLINICAL_BERT_VOCAB_RELEASE = ReleaseFile(url=CLINICAL_BERT_VOCAB_URL, file="vocab.txt")
+
+
 def _medclip_release(tower: str) -> tuple[ReleaseFile, ...]:
     return (ReleaseFile(url=MEDCLIP_POINTER.format(tower), file="pytorch_model.bin", pointer=True,
-                        member="pytorch_model.bin"),
-            ReleaseFile(url=CLINICAL_BERT_VOCAB_URL, file="vocab.txt"))
+                        member="pytorch_model.bin"), CLINICAL_BERT_VOCAB_RELEASE)
 
 GLORIA_SOURCE = ("the GLoRIA authors' release (github.com/marshuang80/gloria, README 'pretrained models'); "
                  + CLINICAL_BERT_VOCAB)
@@ -201,12 +208,14 @@ _SPECS: list[ModelSpec] = [
               description="MedCLIP with a Swin-Tiny image tower ('ViT' in the paper) and Bio_ClinicalBERT"),
     ModelSpec(name="gloria", module="gloria", config="resnet50", embed_dim=768,
               weight_files=("chexpert_resnet50.ckpt", "vocab.txt"), weight_source=GLORIA_SOURCE,
+              releases=(ReleaseFile(url="", file="chexpert_resnet50.ckpt"), CLINICAL_BERT_VOCAB_RELEASE),
               lora_rank=4, embed_rate=(2.0, 300.0), tiny_embed_dim=48,
               description="GLoRIA ResNet-50 with global and local (word x region) features"),
     ModelSpec(name="chexzero", module="chexzero", config="ViT-B-32-quickgelu", embed_dim=512,
               weight_files=("best_64_5e-05_original_22000_0.864.pt",),
               weight_source="the CheXzero authors' checkpoints (github.com/rajpurkarlab/CheXzero, README 'Model "
                             "Checkpoints')",
+              releases=(ReleaseFile(url="", file="best_64_5e-05_original_22000_0.864.pt"),),
               embed_rate=(15.0, 1500.0),  # ViT-B/32: a quarter of ViT-B/16's image tokens
               description="CheXzero: OpenAI CLIP ViT-B/32 trained on MIMIC-CXR images and reports"),
 ]
