@@ -1,4 +1,4 @@
-"""Golden tests for MedCLIP: embedkit against golden_medclip, an independent transcription of the authors' code.
+"""Golden tests for MedCLIP: embedkit against golden.medclip, an independent transcription of the authors' code.
 
 Each test writes a checkpoint in the authors' layout (``pytorch_model.bin`` with their transformers-4 key names and
 stale buffers, ``vocab.txt`` beside it), loads it with embedkit, and compares with the transcription run on the
@@ -12,7 +12,7 @@ import math
 import random
 from pathlib import Path
 
-import golden_medclip as G
+from golden import medclip as G
 import numpy as np
 import pytest
 import torch
