@@ -206,7 +206,7 @@ def write_authors_checkpoint(path: Path, state_dict: dict[str, torch.Tensor], cf
     scheduler states, and ``cfg`` as the DictConfig save_hyperparameters kept (with ``hparams_name`` and
     ``hparams_type``). ``cfg=None`` leaves the hyper_parameters out; ``hyper_parameters`` stores that object
     instead of a DictConfig."""
-    state = {"gloria." + k: v.clone() for k, v in state_dict.items()}
+    state = {"gloria." + k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in state_dict.items()}
     n_pos = next(v.shape[0] for k, v in state_dict.items() if k.endswith("position_embeddings.weight"))
     state["gloria.text_encoder.model.embeddings.position_ids"] = torch.arange(n_pos).unsqueeze(0)
     first = next(iter(state.values()))

@@ -548,8 +548,9 @@ def check_hyper_parameters(hparams: Any, arch: GloriaArch, path: Path, model_nam
             problems.append(f"{key} = {found!r} (supported: {expected!r})")
     if problems:
         raise CheckpointError(f"{path}: hyper_parameters that embedkit's '{model_name}' does not support: "
-                              + "; ".join(problems) + ". embedkit builds GLoRIA as the authors' chexpert pretraining "
-                              "config does and cannot score another configuration as trained.")
+                              + "; ".join(problems) + ". embedkit builds GLoRIA only as the authors' chexpert "
+                              "pretraining config (configs/chexpert_pretrain_config.yaml) does, and cannot score a "
+                              "model trained otherwise as its authors would.")
 
 
 def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], where: Path) -> None:
