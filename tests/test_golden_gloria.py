@@ -27,6 +27,7 @@ from embedkit.models.registry import get_spec
 REAL_CXR = Path(__file__).resolve().parents[2] / "shared" / "data" / "real-cxr"
 AUTHORS_CLASSES = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
 ATOL = 1e-5
+RAW_RTOL = 8 * 2.0 ** -24  # 8 float32 ulps, relative
 # The authors' process_img wraps a tensor in torch.tensor(), which torch now warns about.
 pytestmark = pytest.mark.filterwarnings("ignore:To copy construct from a tensor:UserWarning")
 # Prompts beyond the seed-6 set: numbered sentences, a newline, capitals, punctuation, a one-token sentence that is
@@ -103,17 +104,30 @@ class Golden:
         self.pixels = self.reference.process_img([str(p) for p in self.paths], "cpu")  # the authors' preprocessing
 
 
-@pytest.fixture(scope="module")
-def golden(tmp_path_factory) -> Golden:
-    return Golden(tmp_path_factory.mktemp("golden"), "tiny-gloria", R.TINY_BERT, R.TINY_OVERRIDES, seed=21)
+CONFIGS = {
+    "tiny": ("tiny-gloria", R.TINY_BERT, R.TINY_OVERRIDES),
+    # The released architecture (ResNet-50, Bio_ClinicalBERT sizes) with the authors' config exactly.
+    "full": ("gloria", R.BIO_CLINICAL_BERT, {}),
+}
 
 
-def _close(got, expected, what: str, atol: float = ATOL) -> None:
+@pytest.fixture(scope="module", params=["tiny", pytest.param("full", marks=pytest.mark.slow)])
+def golden(request, tmp_path_factory) -> Golden:
+    name, sizes, overrides = CONFIGS[request.param]
+    return Golden(tmp_path_factory.mktemp(f"golden-{request.param}"), name, sizes, overrides, seed=21)
+
+
+def _close(got, expected, what: str, atol: float = ATOL, raw: bool = False) -> None:
+    """|got - expected| <= atol everywhere; for ``raw`` (unnormalised) features also 8 float32 ulps of the value:
+    full-size BERT word embeddings reach the hundreds, where one ulp is 1.5e-5 (the two sum in another order)."""
     got = torch.as_tensor(np.asarray(got) if not isinstance(got, torch.Tensor) else got).double()
     expected = torch.as_tensor(np.asarray(expected) if not isinstance(expected, torch.Tensor) else expected).double()
     assert got.shape == expected.shape, f"{what}: shape {tuple(got.shape)} != {tuple(expected.shape)}"
+    allowed = atol + (RAW_RTOL * expected.abs() if raw else 0)
+    excess = ((got - expected).abs() - allowed).max().item()
     diff = (got - expected).abs().max().item()
-    assert diff <= atol, f"{what}: max |embedkit - authors| = {diff:.3g} > {atol}"
+    assert excess <= 0, f"{what}: max |embedkit - authors| = {diff:.3g}, over atol {atol}" + \
+        (f" + {RAW_RTOL} x |value|" if raw else "")
 
 
 def _all_prompts() -> list[str]:
@@ -162,10 +176,10 @@ def test_image_features_and_embeddings(golden):
         got_ft_g, got_ft_l = golden.embedkit.img_encoder.features(pixels)
         got_g, got_l = golden.embedkit.encode_image_local(pixels)
         stored = golden.embedkit.encode_image(pixels)
-    _close(got_ft_g, ft_g, "avgpool(layer4)")
-    _close(got_ft_l, ft_l, "layer3")
-    _close(got_g, ref_g, "global image embedding")
-    _close(got_l, ref_l, "local image embedding")
+    _close(got_ft_g, ft_g, "avgpool(layer4)", raw=True)
+    _close(got_ft_l, ft_l, "layer3", raw=True)
+    _close(got_g, ref_g, "global image embedding", raw=True)
+    _close(got_l, ref_l, "local image embedding", raw=True)
     assert ref_l.shape[-2:] == (19, 19)
     _close(stored, torch.nn.functional.normalize(ref_g, dim=-1), "stored (unit) image vector")
 
@@ -183,8 +197,8 @@ def test_tokens_word_and_sentence_embeddings(golden):
             ref_txt["caption_ids"], ref_txt["attention_mask"], ref_txt["token_type_ids"])
         text = golden.embedkit.encode_text_words(tokens)
         unit = golden.embedkit.encode_text(tokens)
-    _close(text.words.transpose(1, 2), words, "word embeddings [P, D, 97]")
-    _close(text.sentence, sents, "sentence embeddings")
+    _close(text.words.transpose(1, 2), words, "word embeddings [P, D, 97]", raw=True)
+    _close(text.sentence, sents, "sentence embeddings", raw=True)
     _close(unit, torch.nn.functional.normalize(sents, dim=-1), "stored (unit) prompt vectors")
 
 
@@ -219,15 +233,18 @@ def test_zeroshot_class_scores(golden):
     with torch.no_grad():
         vectors, sims = golden.embedkit.encode_image_extras(pixels, golden.embedkit.prompt_context({"s": flat}))
         prompt_vecs = golden.embedkit.encode_text(golden.embedkit.tokenize(flat))
-    # z-normalising divides float32 rounding (1e-7 in the similarities, compared above) by each class column's std
-    # over the images: they are varied enough (every std > 0.01) for 1e-5 to hold. With a std of 0.002 the authors'
-    # own code moves by 1e-5 between float32 and float64.
+    # z-normalising divides the float32 rounding of the similarities (1e-7; they are compared to 1e-5 above) by
+    # each class column's std over the images. Where every std is over 0.01 (the tiny model: the images are varied
+    # for that) 1e-5 holds; a random full-size model scores all images alike (std ~0.001), and the tolerance grows
+    # by 0.01 / std: with a std of 0.002 the authors' own code moves by 1e-5 between float32 and float64.
     sim = (vectors.numpy() @ prompt_vecs.numpy().T + sims["s"]) / 2
     raw = np.stack([sim[:, prompt_class == c].max(axis=1) for c in range(len(prompts))], axis=1)
-    assert raw.std(axis=0).min() > 0.01
+    conditioning = max(1.0, 0.01 / float(raw.std(axis=0).min()))
+    if golden.embedkit.embed_dim == 48:
+        assert conditioning == 1.0  # the fast test holds the plain 1e-5
     got = zeroshot.class_scores(G.FAMILY, vectors.numpy().astype(np.float32), prompt_vecs.numpy().astype(np.float32),
                                 prompt_class, len(prompts), G.FAMILY.default_logit_scale, "max",
                                 sims["s"].astype(np.float32))
     assert expected.shape == (len(golden.paths), 5)
     assert np.abs(expected).max() > 0.1  # z-scores, not a degenerate column
-    _close(got, expected, "zero-shot class scores")
+    _close(got, expected, "zero-shot class scores", atol=ATOL * conditioning)

@@ -519,6 +519,11 @@ def inference_hyper_parameters(arch: GloriaArch) -> dict[str, Any]:
 _MISSING = object()
 
 
+def _shown(value: Any, limit: int = 80) -> str:
+    text = repr(value)  # only plain values and inert records reach here: repr runs nothing of the file's
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _config_value(tree: dict, key: str) -> Any:
     node: Any = tree
     for part in key.split("."):
@@ -537,7 +542,7 @@ def check_hyper_parameters(hparams: Any, arch: GloriaArch, path: Path, model_nam
     if hparams is None:
         return
     if not isinstance(hparams, dict):
-        raise CheckpointError(f"{path}: hyper_parameters is {hparams!r}, not a training config embedkit can read "
+        raise CheckpointError(f"{path}: hyper_parameters is {_shown(hparams)}, not a training config embedkit can read "
                               f"(a dict or an OmegaConf DictConfig); is this the authors' chexpert_resnet50.ckpt?")
     problems = []
     for key, expected in inference_hyper_parameters(arch).items():
@@ -545,7 +550,7 @@ def check_hyper_parameters(hparams: Any, arch: GloriaArch, path: Path, model_nam
         if found is _MISSING:
             problems.append(f"{key} is missing (supported: {expected!r})")
         elif isinstance(found, RefusedGlobal) or type(found) is not type(expected) or found != expected:
-            problems.append(f"{key} = {found!r} (supported: {expected!r})")
+            problems.append(f"{key} = {_shown(found)} (supported: {expected!r})")
     if problems:
         raise CheckpointError(f"{path}: hyper_parameters that embedkit's '{model_name}' does not support: "
                               + "; ".join(problems) + ". embedkit builds GLoRIA only as the authors' chexpert "
