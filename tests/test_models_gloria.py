@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import replace
 import pickle
 from pathlib import Path
 
@@ -12,21 +13,16 @@ import pytest
 import torch
 from PIL import Image
 
+import golden_gloria as R
 from embedkit.data.images import decode_image
 from embedkit.models import bert
 from embedkit.models import gloria as G
+from conftest import main_cli
+from embedkit.models import registry
 from embedkit.models.registry import MissingWeightsError, get_spec
 
 REAL_CXR = Path(__file__).parents[2] / "shared" / "data" / "real-cxr"
 PROMPTS = ["Mild atelectasis at the left lung base.", "small pneumothorax", "xyzzy heartsize"]
-
-
-class TinyTrainingConfig:
-    """Stands in for the config object Lightning stores under hyper_parameters (weights_only rejects it)."""
-
-    def __init__(self) -> None:
-        self.model = {"text": {"bert_type": "emilyalsentzer/Bio_ClinicalBERT", "last_n_layers": 4}}
-        self.lr = 5e-5
 
 
 class Evil:
@@ -54,16 +50,14 @@ def _pixels(n: int = 2, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, 3, 224, 224, generator=torch.Generator().manual_seed(seed))
 
 
-def _write_ckpt(model: G.Gloria, folder: Path, extra_state: dict | None = None, **top) -> Path:
-    """A Lightning-style checkpoint of ``model`` plus the synthetic vocab.txt beside it."""
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {"gloria." + k: v.clone() for k, v in model.state_dict().items()}
-    state["gloria.text_encoder.model.embeddings.position_ids"] = torch.arange(512).unsqueeze(0)  # stale key
-    state.update(extra_state or {})
-    ckpt = {"epoch": 7, "global_step": 1234, "pytorch-lightning_version": "1.1.4",
-            "hyper_parameters": TinyTrainingConfig(), "state_dict": state, **top}
-    path = folder / "chexpert_resnet50.ckpt"
-    torch.save(ckpt, path)
+def _write_ckpt(model: G.Gloria, folder: Path, extra_state: dict | None = None, overrides: dict | None = None,
+                hyper_parameters: object = None, no_config: bool = False, drop: tuple[str, ...] = ()) -> Path:
+    """A checkpoint of ``model`` as Lightning 1.1.4 saved the authors' (their config as an OmegaConf DictConfig
+    under hyper_parameters, with tiny-gloria's sizes and ``overrides``), plus the synthetic vocab.txt beside it."""
+    state = {**model.state_dict(), **{k.removeprefix("gloria."): v for k, v in (extra_state or {}).items()}}
+    state = {k: v for k, v in state.items() if k not in drop}
+    cfg = None if no_config else R.authors_config({**R.TINY_OVERRIDES, **(overrides or {})})
+    path = R.write_authors_checkpoint(folder / "chexpert_resnet50.ckpt", state, cfg, hyper_parameters)
     (folder / "vocab.txt").write_text("\n".join(bert.synthetic_vocab(bert.TINY_BERT["vocab_size"])) + "\n")
     return path
 
@@ -187,11 +181,18 @@ def test_malicious_pickle_never_runs(tiny, tmp_path):
     assert marker.exists()
     marker.unlink()
 
-    # 1) Hostile object beside the state_dict: the weights load, nothing runs.
+    # 1) Hostile object as the hyper_parameters: the state dict reads, nothing runs, and the loader refuses a
+    # config it cannot check; the same inside the authors' config, as one of its values.
     path = _write_ckpt(tiny, tmp_path / "a", hyper_parameters=Evil(marker))
     state = G.read_checkpoint_state_dict(path)
     assert len(state) == len(tiny.state_dict()) + 1 and not marker.exists()
-    get_spec("tiny-gloria").load(path)
+    with pytest.raises(G.CheckpointError, match=r"hyper_parameters is <refused global (posix|os)\.system>, not a "
+                                                r"training config"):
+        get_spec("tiny-gloria").load(path)
+    path = _write_ckpt(tiny, tmp_path / "a2", overrides={"model.text.norm": Evil(marker)})
+    with pytest.raises(G.CheckpointError, match=r"model\.text\.norm = <refused global (posix|os)\.system> "
+                                                r"\(supported: False\)"):
+        get_spec("tiny-gloria").load(path)
     assert not marker.exists()
     # 2) Hostile object inside the state_dict: refused with a clear error.
     path = _write_ckpt(tiny, tmp_path / "b", extra_state={"gloria.evil": Evil(marker)})
@@ -211,12 +212,83 @@ def test_unexpected_and_missing_keys_are_named(tiny, tmp_path):
     path = _write_ckpt(tiny, tmp_path / "u", extra_state={"gloria.img_encoder.extra_head.weight": torch.zeros(2)})
     with pytest.raises(G.CheckpointError, match=r"1 unexpected key\(s\): img_encoder.extra_head.weight"):
         spec.load(path)
-    path = _write_ckpt(tiny, tmp_path / "m")
-    ckpt = torch.load(path, weights_only=False)
-    del ckpt["state_dict"]["gloria.img_encoder.local_embedder.weight"]
-    torch.save(ckpt, path)
+    path = _write_ckpt(tiny, tmp_path / "m", drop=("img_encoder.local_embedder.weight",))
     with pytest.raises(G.CheckpointError, match=r"1 missing key\(s\): img_encoder.local_embedder.weight"):
         spec.load(path)
+
+
+def test_hyper_parameters_are_read_from_the_omegaconf_pickle(tiny, tmp_path):
+    path = _write_ckpt(tiny, tmp_path / "h")
+    state, hparams = G.read_lightning_checkpoint(path)
+    assert len(state) == len(tiny.state_dict()) + 1  # + the stale position_ids
+    assert hparams == R.authors_config(R.TINY_OVERRIDES)  # every value, through DictConfig and AnyNode records
+    assert hparams["model"]["gloria"]["temp1"] == 4.0 and hparams["data"]["text"]["word_num"] == 97
+
+
+def test_supported_values_are_the_authors_pretraining_config():
+    authors = R.authors_config()  # configs/chexpert_pretrain_config.yaml as run.py saved it
+    supported = G.inference_hyper_parameters(G.ARCHS["resnet50"])
+    assert supported == {key: R.cfg_get(authors, key) for key in supported}
+    tiny = G.inference_hyper_parameters(G.ARCHS["tiny-resnet50"])
+    assert {k for k in supported if supported[k] != tiny[k]} == set(R.TINY_OVERRIDES)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("model.text.last_n_layers", 1),
+    ("model.text.aggregate_method", "mean"),
+    ("model.text.norm", True),
+    ("model.text.agg_tokens", False),
+    ("data.text.word_num", 128),
+    ("data.image.imsize", 299),
+    ("transforms.norm", "imagenet"),
+    ("transforms.random_crop.crop_size", 256),
+    ("model.vision.model_name", "resnet_18"),
+    ("model.text.bert_type", "emilyalsentzer/Bio_ClinicalBERT"),  # right for gloria, not for the tiny tower
+    ("phase", "classification"),
+    ("model.text.last_n_layers", 4.0),  # the type counts: 4.0 would break the authors' slicing
+    ("model.text.norm", 0),
+])
+def test_unsupported_hyper_parameter_is_one_error_line(tiny, tmp_path, monkeypatch, capsys, key, value):
+    path = _write_ckpt(tiny, tmp_path / "w", overrides={key: value})
+    expected = G.inference_hyper_parameters(G.ARCHS["tiny-resnet50"])[key]
+    # Through the CLI: tiny-gloria stands in for gloria (which refuses --weights only because it is a test model).
+    monkeypatch.setitem(registry.MODELS, "tiny-gloria", replace(registry.MODELS["tiny-gloria"], tiny=False))
+    code, out, err = main_cli(monkeypatch, capsys, "--store", str(tmp_path / "s"), "embed", "--model", "tiny-gloria",
+                              "--weights", str(path), "--cohort", "c")
+    assert code == 1 and out == ""
+    assert err == (f"error: {path}: hyper_parameters that embedkit's 'tiny-gloria' does not support: {key} = "
+                   f"{value!r} (supported: {expected!r}). embedkit builds GLoRIA only as the authors' chexpert "
+                   "pretraining config (configs/chexpert_pretrain_config.yaml) does, and cannot score a model "
+                   "trained otherwise as its authors would.\n")
+
+
+def test_missing_and_several_unsupported_hyper_parameters_are_all_named(tiny, tmp_path):
+    path = _write_ckpt(tiny, tmp_path / "w", overrides={"transforms.random_crop": None, "data.image.imsize": 224})
+    with pytest.raises(G.CheckpointError) as err:
+        get_spec("tiny-gloria").load(path)
+    assert "data.image.imsize = 224 (supported: 256); transforms.random_crop.crop_size is missing (supported: 224)" \
+        in str(err.value)
+
+
+def test_hyper_parameters_inference_does_not_read_are_ignored(tiny, tmp_path):
+    ignored = {"model.gloria.temp1": 2.0, "model.gloria.temp2": 7.0, "model.gloria.temp3": 3.0,
+               "model.gloria.local_loss_weight": 0.5, "model.vision.pretrained": False,
+               "model.vision.freeze_cnn": True, "model.text.freeze_bert": True, "model.norm": True,
+               "data.text.captions_per_image": 1, "data.dataset": "mimic", "train.batch_size": 8,
+               "lightning.trainer.lr": 1e-3, "experiment_name": "another"}
+    loaded = get_spec("tiny-gloria").load(_write_ckpt(tiny, tmp_path / "w", overrides=ignored))
+    assert _same_weights(loaded, tiny)
+
+
+def test_checkpoint_without_hyper_parameters_loads(tiny, tmp_path):
+    path = _write_ckpt(tiny, tmp_path / "w", no_config=True)
+    assert G.read_lightning_checkpoint(path)[1] is None
+    assert _same_weights(get_spec("tiny-gloria").load(path), tiny)
+    bare = tmp_path / "bare" / "chexpert_resnet50.ckpt"  # a plain state dict, no Lightning wrapper
+    bare.parent.mkdir()
+    torch.save({"gloria." + k: v for k, v in tiny.state_dict().items()}, bare)
+    (bare.parent / "vocab.txt").write_text((path.parent / "vocab.txt").read_text())
+    assert _same_weights(get_spec("tiny-gloria").load(bare), tiny)
 
 
 def test_missing_vocab_says_where_to_get_it(tiny, tmp_path):

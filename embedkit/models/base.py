@@ -360,12 +360,13 @@ _RESTRICTED_PICKLE.Unpickler = RestrictedUnpickler  # type: ignore[attr-defined]
 _RESTRICTED_PICKLE.load = _restricted_load  # type: ignore[attr-defined]
 
 
-def read_checkpoint_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """The ``state_dict`` of a PyTorch Lightning checkpoint, read without executing anything in the pickle.
+def read_lightning_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], Any]:
+    """The ``state_dict`` of a PyTorch Lightning checkpoint and its ``hyper_parameters``, executing nothing.
 
     ``torch.load(weights_only=True)`` rejects GLoRIA's file (it also holds the training config object), and a
-    full unpickle would run whatever the file asks; this reads everything through :class:`RestrictedUnpickler`
-    and keeps only ``state_dict``, which must map names to tensors. A bare state dict is accepted too.
+    full unpickle would run whatever the file asks; this reads everything through :class:`RestrictedUnpickler`.
+    ``state_dict`` must map names to tensors; a bare state dict is accepted too. The hyper_parameters come back as
+    :func:`config_tree` makes them (plain dicts, lists and values), or None where the file has none.
     """
     path = Path(path)
     try:
@@ -387,7 +388,49 @@ def read_checkpoint_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     bad = [k for k, v in state.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))]
     if bad:
         raise CheckpointError(f"{path}: state_dict entries that are not tensors: {bad[:5]}")
-    return dict(state)
+    hparams = obj.get("hyper_parameters") if state is not obj else None
+    try:
+        hparams = config_tree(hparams)
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: hyper_parameters {exc}") from None
+    return dict(state), hparams
+
+
+def read_checkpoint_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The ``state_dict`` of a Lightning checkpoint (see :func:`read_lightning_checkpoint`)."""
+    return read_lightning_checkpoint(path)[0]
+
+
+# A Lightning checkpoint's hyper_parameters are a plain dict, or (pytorch-lightning 1.x with OmegaConf, as GLoRIA's)
+# the pickled omegaconf DictConfig itself. Through the restricted unpickler a DictConfig / ListConfig is an inert
+# record whose state holds "_content" (key -> node, or a list of nodes), and each value node's state holds "_val".
+_OMEGACONF_CONTAINERS = ("omegaconf.dictconfig.DictConfig", "omegaconf.listconfig.ListConfig")
+_OMEGACONF_NODES = "omegaconf.nodes."
+_CONFIG_DEPTH = 32
+
+
+def config_tree(obj: Any, depth: int = 0) -> Any:
+    """A training config read by :class:`RestrictedUnpickler` as plain data: dicts, lists, str/int/float/bool/None.
+
+    OmegaConf containers and value nodes are unwrapped (their metadata and parent links dropped); anything else
+    the unpickler refused stays a :class:`RefusedGlobal` (the caller names it). Raises ValueError past
+    32 levels of nesting (a cyclic or hostile pickle).
+    """
+    if depth > _CONFIG_DEPTH:
+        raise ValueError(f"nest deeper than {_CONFIG_DEPTH} levels; not a training config")
+    if isinstance(obj, RefusedGlobal):
+        state = getattr(obj, "state", None)
+        if isinstance(state, dict):
+            if obj.origin in _OMEGACONF_CONTAINERS and "_content" in state:
+                return config_tree(state["_content"], depth + 1)
+            if obj.origin.startswith(_OMEGACONF_NODES) and "_val" in state:
+                return config_tree(state["_val"], depth + 1)
+        return obj
+    if isinstance(obj, dict):
+        return {key: config_tree(value, depth + 1) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [config_tree(value, depth + 1) for value in obj]
+    return obj
 
 
 # --- TorchScript archives (OpenAI's CLIP release): tensors read from the zip, no TorchScript run -------------------

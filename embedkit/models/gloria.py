@@ -28,8 +28,9 @@ from PIL import Image
 from torch import nn
 
 from embedkit.models import bert
-from embedkit.models.base import (RESNET_LAYOUT, UPSTREAM, CheckpointError, ModelFamily, TowerLayout,
-                                  VisionLanguageModel, load_strict, read_checkpoint_state_dict)
+from embedkit.models.base import (RESNET_LAYOUT, UPSTREAM, CheckpointError, ModelFamily, RefusedGlobal, TowerLayout,
+                                  VisionLanguageModel, load_strict, read_checkpoint_state_dict,
+                                  read_lightning_checkpoint)
 
 # --- constants of the released model (docs/models.md; the authors' chexpert pretraining config) ---
 WORD_NUM = 97  # text max length, in word pieces, [CLS] and [SEP] included
@@ -60,13 +61,18 @@ class GloriaArch:
     embed_dim: int
     feature_dim: int  # width of avgpool(layer4)
     local_dim: int  # width of layer3
+    vision_model_name: str  # a checkpoint's hyper_parameters model.vision.model_name for this trunk
+    bert_type: str  # ... and model.text.bert_type
 
 
 ARCHS: dict[str, GloriaArch] = {
-    "resnet50": GloriaArch("resnet50", bert.CLINICAL_BERT, 768, 2048, 1024),
+    "resnet50": GloriaArch("resnet50", bert.CLINICAL_BERT, 768, 2048, 1024, "resnet_50",
+                           "emilyalsentzer/Bio_ClinicalBERT"),
     # Small widths, same module names and strides (layer3 still gives 19 x 19 regions at 299 px). GLoRIA has no
     # text projection, so the tiny BERT's hidden size must be the embedding width (48, not TINY_BERT's 32).
-    "tiny-resnet50": GloriaArch("tiny", {**bert.TINY_BERT, "hidden_size": 48}, 48, 64, 32),
+    # Its hyper_parameters names are embedkit's own (no authors' checkpoint has this trunk).
+    "tiny-resnet50": GloriaArch("tiny", {**bert.TINY_BERT, "hidden_size": 48}, 48, 64, 32, "embedkit_tiny_resnet",
+                                "embedkit/tiny-bert"),
 }
 
 
@@ -262,17 +268,21 @@ class Gloria(VisionLanguageModel):
 def clean_prompt(text: str) -> str:
     """The authors' text cleaning: split sentences, keep lower-cased ``\\w+`` ASCII tokens, drop 1-token sentences.
 
-    Deviation: where dropping 1-token sentences would leave nothing (a one-word prompt such as "pneumothorax"),
-    those sentences are kept; the authors' code would embed an empty prompt ([CLS] [SEP]) instead.
+    A sentence's tokens are counted before non-ASCII characters are stripped, as in the authors' process_text
+    (gloria_model.py @416466a: ``if len(tokens) <= 1: continue`` comes before the ASCII filter), so "é clear" is a
+    2-token sentence that keeps "clear". Deviation: where dropping 1-token sentences would leave nothing (a
+    one-word prompt such as "pneumothorax"), those sentences are kept; the authors' code would embed an empty
+    prompt ([CLS] [SEP]) instead.
     """
     text = text.replace("\n", " ")
     pieces = [s for part in re.split(r"[0-9]+\.", text) for s in part.split(".")]
-    sentences = []
+    sentences = []  # (tokens before the ASCII filter, the ASCII words kept)
     for piece in pieces:
-        words = [w.encode("ascii", "ignore").decode("ascii") for w in re.findall(r"\w+", piece.lower())]
-        sentences.append([w for w in words if w])
-    kept = [s for s in sentences if len(s) > 1] or [s for s in sentences if s]
-    return " ".join(" ".join(s) for s in kept)
+        tokens = re.findall(r"\w+", piece.lower())
+        words = [w for w in (t.encode("ascii", "ignore").decode("ascii") for t in tokens) if w]
+        sentences.append((len(tokens), words))
+    kept = [w for n, w in sentences if n > 1] or [w for _, w in sentences if w]
+    return " ".join(" ".join(w) for w in kept if w)
 
 
 def tokenize_prompts(tokenizer: Any, texts: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -473,6 +483,81 @@ def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def inference_hyper_parameters(arch: GloriaArch) -> dict[str, Any]:
+    """The training-config values (dotted keys of a checkpoint's hyper_parameters) that change what GLoRIA
+    computes at inference, each as embedkit builds it; where the authors' code (416466a) reads each:
+
+    ``phase`` picks the image model (builder.build_img_model: "pretrain" is the ImageEncoder); ``model.vision.
+    model_name`` the trunk (cnn_backbones); ``model.text.bert_type`` BERT and its tokenizer; ``embedding_dim`` the
+    embedders' width; ``last_n_layers``, ``aggregate_method``, ``norm``, ``agg_tokens`` the word and sentence
+    embeddings (text_model.BertEncoder); ``data.text.word_num`` the token length (the sentence embedding is a mean
+    over all of it); ``data.image.imsize``, ``transforms.random_crop.crop_size`` and ``transforms.norm`` the
+    test-time preprocessing (process_img, builder.build_transformation).
+
+    Not compared, since no inference reads them: ``model.gloria.temp1/temp2/temp3`` and the loss weights (the
+    zero-shot, gloria_model.get_local_similarities, hard-codes 4.0 and 5.0; temp3 and the weights scale only the
+    training loss), ``model.vision.pretrained`` (initialisation), ``freeze_cnn``, ``freeze_bert``, ``model.norm``
+    (read nowhere), ``data.dataset``, ``data.text.captions_per_image``, ``full_report``, ``lightning.*``,
+    ``train.*`` and run.py's names and paths (``experiment_name``, ``output_dir``, ``extension``, ...).
+    """
+    return {
+        "phase": "pretrain",
+        "model.vision.model_name": arch.vision_model_name,
+        "model.text.bert_type": arch.bert_type,
+        "model.text.embedding_dim": arch.embed_dim,
+        "model.text.last_n_layers": LAST_N_LAYERS,
+        "model.text.aggregate_method": "sum",
+        "model.text.norm": False,
+        "model.text.agg_tokens": True,
+        "data.text.word_num": WORD_NUM,
+        "data.image.imsize": RESIZE_SIZE,
+        "transforms.random_crop.crop_size": CROP_SIZE,
+        "transforms.norm": "half",
+    }
+
+
+_MISSING = object()
+
+
+def _shown(value: Any, limit: int = 80) -> str:
+    text = repr(value)  # only plain values and inert records reach here: repr runs nothing of the file's
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _config_value(tree: dict, key: str) -> Any:
+    node: Any = tree
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+def check_hyper_parameters(hparams: Any, arch: GloriaArch, path: Path, model_name: str) -> None:
+    """Raise CheckpointError unless every inference setting in ``hparams`` (see :func:`inference_hyper_parameters`)
+    is the value embedkit builds. None (a checkpoint saved without hyper_parameters) passes: nothing to compare.
+
+    Values must match in type too (``True``, not 1): the supported configuration is the authors' one exactly.
+    """
+    if hparams is None:
+        return
+    if not isinstance(hparams, dict):
+        raise CheckpointError(f"{path}: hyper_parameters is {_shown(hparams)}, not a training config embedkit can read "
+                              f"(a dict or an OmegaConf DictConfig); is this the authors' chexpert_resnet50.ckpt?")
+    problems = []
+    for key, expected in inference_hyper_parameters(arch).items():
+        found = _config_value(hparams, key)
+        if found is _MISSING:
+            problems.append(f"{key} is missing (supported: {expected!r})")
+        elif isinstance(found, RefusedGlobal) or type(found) is not type(expected) or found != expected:
+            problems.append(f"{key} = {_shown(found)} (supported: {expected!r})")
+    if problems:
+        raise CheckpointError(f"{path}: hyper_parameters that embedkit's '{model_name}' does not support: "
+                              + "; ".join(problems) + ". embedkit builds GLoRIA only as the authors' chexpert "
+                              "pretraining config (configs/chexpert_pretrain_config.yaml) does, and cannot score a "
+                              "model trained otherwise as its authors would.")
+
+
 def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], where: Path) -> None:
     load_strict(model, state, f"{where} (GLoRIA)",
                 hint=" Is this the authors' chexpert_resnet50.ckpt (ResNet-50 image tower)?")
@@ -524,13 +609,16 @@ def _checkpoint_file(spec: Any, path: Path) -> Path:
 def load(spec: Any, path: str | Path) -> Gloria:
     """The authors' weights from ``chexpert_resnet50.ckpt`` (the file, or its folder) and ``vocab.txt`` beside it.
 
-    Reads only the checkpoint's ``state_dict`` (restricted unpickler), strips ``gloria.``, drops
-    ``*position_ids``, and loads strictly otherwise. Returns the model in eval mode.
+    Reads the checkpoint's ``state_dict`` and ``hyper_parameters`` (restricted unpickler: nothing runs), refuses
+    hyper_parameters embedkit does not build (:func:`check_hyper_parameters`; a file without them loads), strips
+    ``gloria.``, drops ``*position_ids``, and loads strictly otherwise. Returns the model in eval mode.
     """
     ckpt = _checkpoint_file(spec, Path(path))
     arch = _arch(spec)
+    state, hparams = read_lightning_checkpoint(ckpt)
+    check_hyper_parameters(hparams, arch, ckpt, spec.name)
     tokenizer = bert.clinical_bert_tokenizer(ckpt, spec.name, arch.bert_fields["vocab_size"])
-    state = clean_state_dict(read_checkpoint_state_dict(ckpt))
+    state = clean_state_dict(state)
     model = Gloria(arch, tokenizer)
     _load_strict(model, state, ckpt)
     return model.eval()
