@@ -1,4 +1,4 @@
-"""Golden test: embedkit's GLoRIA against an independent transcription of the authors' code (tests/golden_gloria.py).
+"""Golden test: embedkit's GLoRIA against an independent transcription of the authors' code (tests/golden/gloria.py).
 
 A checkpoint in the authors' Lightning layout is written for tiny-gloria (random weights, BatchNorm statistics
 perturbed so that eval mode matters), loaded through embedkit, and the reference is built from the same state dict.
@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-import golden_gloria as R
+from golden import gloria as R
 from embedkit.data.images import decode_image
 from embedkit.heads import zeroshot
 from embedkit.models import bert

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-import golden_gloria as R
+from golden import gloria as R
 from embedkit.data.images import decode_image
 from embedkit.models import bert
 from embedkit.models import gloria as G
