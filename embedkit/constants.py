@@ -24,6 +24,10 @@ SEXES: tuple[str, ...] = ("M", "F")
 # Groups (or a gap's smallest group) under this many rows are flagged in tables and reports: their values swing.
 MIN_GROUP_N = 30
 SPLITS: tuple[str, ...] = ("train", "val", "test")
+# The split a run's predictions record for rows the cohort gives none (zero-shot scores every row; trained heads
+# need train and val rows). Never a split of a manifest: import accepts only SPLITS.
+NO_SPLIT = "none"
+SCORED_SPLITS: tuple[str, ...] = (*SPLITS, NO_SPLIT)
 
 # What a run can be: heads off stored vectors, then fine-tuning regimes streaming images (the CLI's choices too).
 HEADS: tuple[str, ...] = ("lp", "mlp", "logreg")

@@ -13,6 +13,8 @@ from typing import Any
 
 import typer
 
+from embedkit.constants import NO_SPLIT
+
 
 class OutputFormat(str, Enum):
     """``embedkit sql --format``: how query results print."""
@@ -67,9 +69,11 @@ def _parsed(value: Any) -> Any:
 def run_line(run: dict) -> str:
     """One line per run: id, what ran, and test (else val) accuracy and macro-F1."""
     metrics = _parsed(run["metrics"])
-    split = "test" if "test" in metrics else next((s for s in ("val", "train") if s in metrics), None)
+    split = next((s for s in ("test", "val", "train", NO_SPLIT) if s in metrics), None)
     score = (f"{split} accuracy {metrics[split]['accuracy']:.4f}, macro-F1 {metrics[split]['macro_f1']:.4f}"
              if split else "no labelled rows")
+    if split == NO_SPLIT:
+        score = score.removeprefix(f"{split} ") + " (rows without a split)"
     again = " (already recorded: same inputs, settings and seed; nothing new stored)" if run.get("already_recorded") \
         else ""
     return (f"run {run['run_id']}: {run['method']} {run['model']} on {run['cohort']} "

@@ -310,3 +310,18 @@ def test_cli_lists_filters_and_deletes_runs(clip_store):
     assert list_runs(store) == [] and store.count("predictions") == 0
     bad = runner.invoke(app, [*base, "runs", "delete", "nope"])
     assert bad.exit_code != 0 and isinstance(bad.exception, StoreError)
+
+
+def test_a_cohort_without_splits_is_scored_zero_shot_and_refused_by_trained_heads(clip_store):
+    store, data = clip_store
+    images = [{name: r.get(name) for name in schemas.IMAGES.names} | {"labels": [r["label"]], "split": None}
+              for r in data["rows"]]  # the same cohort imported from a manifest without a split column
+    store.upsert("images", pa.Table.from_pylist(images, schema=schemas.IMAGES), ["row_id"], schemas.IMAGES)
+    run = run_zeroshot(store, "tiny-clip")
+    pred = _predictions(store, run["run_id"])
+    assert len(pred["row_id"]) == 1200 and set(pred["split"]) == {"none"}  # every row scored, recorded as no split
+    metrics = json.loads(run["metrics"])
+    assert set(metrics) == {"none"} and metrics["none"]["n"] == 1200
+    assert metrics["none"]["accuracy"] == pytest.approx(float(np.mean(pred["y_pred"] == pred["y_true"])))
+    with pytest.raises(HeadsError, match=r"cohort 'synth' has no split column .* add a split column \(train/val/test\)"):
+        run_probe(store, "tiny-clip", HeadConfig("lp", **FAST), seed=1)

@@ -337,7 +337,9 @@ def cohort_fingerprint(rows: pd.DataFrame, columns: tuple[str, ...] = ("row_id",
     """A hash of the columns a run depends on (heads: row ids, labels, splits; fine-tuning adds paths), so a
     re-imported cohort with new labels or splits gives new runs, never a match with the old ones."""
     digest = hashlib.sha256()
-    for values in rows[list(columns)].astype(str).itertuples(index=False):
+    # A missing value hashes as "None" (what astype(str) wrote before pandas 3, which keeps it missing instead).
+    values = rows[list(columns)].astype(object)
+    for values in values.where(values.notna(), "None").astype(str).itertuples(index=False):
         digest.update("\x1f".join(values).encode() + b"\x1e")
     return "sha256:" + digest.hexdigest()[:16]
 
