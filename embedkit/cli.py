@@ -159,6 +159,8 @@ def data_import(
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Check every image exists and decodes"),
     skip_bad: bool = typer.Option(False, help="Import the good rows and record the bad ones in the rejects table"),
     manifest_out: Optional[Path] = typer.Option(None, help="Also write the cohort as CSV here"),
+    allow_outside_images: bool = typer.Option(False, help="Accept image paths that lead outside --images ('..', "
+                                                          "absolute paths, symlinks); refused by default"),
 ) -> None:
     """Import any other dataset (CheXpert-, MIMIC-, PadChest-style CSV) mapped onto embedkit's fields."""
     from embedkit.data.build import import_rows
@@ -166,8 +168,8 @@ def data_import(
 
     frame = read_manifest(manifest, parse_mapping(map_))
     allowed = tuple(c.strip() for c in classes.split(",")) if classes else None
-    _imported(ctx, import_rows(get_store(ctx), frame, cohort, images, allowed, verify=verify, skip_bad=skip_bad),
-              manifest_out)
+    _imported(ctx, import_rows(get_store(ctx), frame, cohort, images, allowed, verify=verify, skip_bad=skip_bad,
+                               allow_outside_images=allow_outside_images), manifest_out)
 
 
 @data_app.command("synth")
