@@ -459,6 +459,21 @@ def test_other_image_columns_are_attributes(store):
     assert rows == [("toy", 360)]
 
 
+def test_boolean_and_few_valued_number_columns_are_attributes_and_continuous_ones_are_refused(store, frame):
+    con = db.connect(store, ["correct", "y_true", "split"])  # columns group_rows also carries, of other types
+    rows = con.sql("SELECT attribute, group_or_gap, value, n FROM fairness_summary WHERE metric = 'accuracy' "
+                   "AND run_id = 'run-a' AND split = 'test' AND attribute <> 'all'").fetchall()
+    test = frame[frame["run_id"] == "run-a"]
+    hits = int(test["correct"].sum())
+    got = {(a, g): (v, n) for a, g, v, n in rows}
+    assert got[("correct", "true")] == (1.0, hits) and got[("correct", "false")] == (0.0, len(test) - hits)
+    assert got[("split", "test")] == (pytest.approx(hits / len(test)), len(test))
+    assert sum(n for (a, _), (_, n) in got.items() if a == "y_true") == len(test)
+    with pytest.raises(db.FairnessError, match=r"^--by age: 'age' is a number with \d+ distinct values.*"
+                                                r"slice by age_group \(old from 60\)"):
+        db.connect(store, ["sex", "age"])
+
+
 # ---- CLI -----------------------------------------------------------------------------------------------------------
 
 
