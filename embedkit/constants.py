@@ -56,9 +56,19 @@ COHORT_COLUMNS: tuple[str, ...] = (
 # Manifest CSVs hold a row's list of labels in one cell, joined by this.
 LABEL_SEPARATOR = "|"
 
+# The weights_id of weights built by --random-init: random-init:<model>:<seed>. Every table of their numbers says so.
+RANDOM_INIT_PREFIX = "random-init:"
+RANDOM_WEIGHTS_NOTE = ("ran with random weights (--random-init), not released weights: their numbers test the "
+                       "pipeline and say nothing about the released models")
+
 DEFAULT_STORE = "embedkit-store"
 STORE_ENV = "EMBEDKIT_STORE"
 WEIGHTS_ENV = "EMBEDKIT_WEIGHTS"
+
+
+def is_random_weights(weights_id: str | None) -> bool:
+    """True for weights built by --random-init, never for released weights."""
+    return bool(weights_id) and str(weights_id).startswith(RANDOM_INIT_PREFIX)
 
 
 def age_group(age: float | int | None, old_from: int = AGE_OLD_FROM) -> str | None:

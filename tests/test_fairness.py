@@ -541,6 +541,21 @@ def test_cli_fairness_table_flags_small_groups(store):
         assert f"{cell} (n={n}){' ' + SMALL_FLAG if n < 95 else ''}" in out
 
 
+def test_cli_fairness_tables_say_when_weights_are_random(store, tmp_path):
+    assert "random weights" not in _cli("--store", str(store.path), "fairness", "--run", "run-a", "--ci", "0").output
+    rng = np.random.default_rng(3)
+    images = _images(40, 0, rng)
+    s = Store(tmp_path / "store")
+    s.upsert("images", pa.Table.from_pandas(images, schema=schemas.IMAGES, preserve_index=False), ["row_id"],
+             schemas.IMAGES)
+    s.write_run({"run_id": "run-r", "model": "toy", "method": "zeroshot", "weights_id": "random-init:toy:0",
+                 "config": {"classes": list(NIH_CLASSES)}}, _predictions(images, "run-r", rng, False))
+    result = _cli("--store", str(s.path), "fairness", "--ci", "0", "--by", "sex")
+    assert result.exit_code == 0, result.output
+    assert result.output.strip().splitlines()[-1].startswith(
+        "note: toy ran with random weights (--random-init), not released weights: their numbers test the pipeline")
+
+
 def test_cli_fairness_unknown_run(store):
     result = _cli("--store", str(store.path), "fairness", "--run", "nope")
     assert isinstance(result.exception, db.FairnessError) and "run-a" in str(result.exception)

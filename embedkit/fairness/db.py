@@ -289,7 +289,7 @@ def scored_runs(
     method: str | None = None,
     split: str = "test",
 ) -> list[dict]:
-    """The runs (run_id, model, method, n) that match (:func:`embedkit.store.runs.select_runs`) and have
+    """The runs (run_id, model, method, weights_id, n) that match (:func:`embedkit.store.runs.select_runs`) and have
     predictions on ``split`` (n of them), oldest first.
 
     Raises FairnessError naming what exists when nothing matches.
@@ -298,7 +298,8 @@ def scored_runs(
 
     selected = select_runs(store, run_ids, [model] if model else None, [method] if method else None).to_pylist()
     counts = prediction_counts(store, [r["run_id"] for r in selected])
-    rows = [{"run_id": r["run_id"], "model": r["model"], "method": r["method"], "n": counts[r["run_id"]][split]}
+    rows = [{"run_id": r["run_id"], "model": r["model"], "method": r["method"], "weights_id": r["weights_id"],
+             "n": counts[r["run_id"]][split]}
             for r in selected if counts.get(r["run_id"], {}).get(split)]
     if rows:
         return rows

@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 from typing import Optional
 
+from embedkit.constants import RANDOM_WEIGHTS_NOTE, is_random_weights
 from embedkit.fairness import bootstrap, catalogue, db
 from embedkit.fairness.catalogue import OUTSIDE_FLAG, SMALL_FLAG
 
@@ -50,6 +51,9 @@ def print_tables(con, rows: list[dict], runs: list[dict], attributes: list[str],
                      f"{OUTSIDE_FLAG} = the estimate lies outside every interval its replicates allow (a max-min gap "
                      "grows under resampling on small groups): read it as the bias, not as a contradiction.")
     console.print(" ".join(notes))
+    random = sorted({r["model"] for r in runs if is_random_weights(r.get("weights_id"))})
+    if random:  # as the report says it: the numbers above measure the pipeline, not a model
+        console.print(f"note: {', '.join(random)} {RANDOM_WEIGHTS_NOTE}.")
 
 
 def format_cell(row: Optional[dict], min_n: int, with_ci: bool) -> str:
