@@ -737,11 +737,17 @@ def demo_cmd(
 
     from embedkit.demo import run_demo
 
+    import shlex
+
     start = time.perf_counter()
     result = run_demo(out, models=tuple(m.strip() for m in models.split(",") if m.strip()), bias=bias or None,
                       ci=ci, epochs=epochs)
-    typer.echo(f"demo finished in {time.perf_counter() - start:.0f} s: store {result.store.path}, "
-               f"report {result.report} (open it in a browser; Markdown beside it)")
+    typer.echo(f"demo finished in {time.perf_counter() - start:.0f} s")
+    typer.echo("the report (open it in a browser; report.md beside it):")
+    typer.echo(f"  {result.report}")
+    # Last: the command that points every verb of the tour (data info, runs, fairness, sql, ...) at the demo's store.
+    typer.echo("to go on with the demo's store (embedkit data info, runs, fairness, sql ...):")
+    typer.echo(f"export {STORE_ENV}={shlex.quote(str(result.store.path.resolve()))}")
 
 
 # ---- study -------------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -262,11 +263,14 @@ def embed_cohort(
     force: bool = False,
     extra_prompt_sets: list[str] | None = None,
     chunk_images: int = 256,
-    progress: bool = True,
+    progress: bool | Callable[[int, int], None] = True,
     amp: str = "none",
     preprocess: str | None = None,
 ) -> EmbedSummary:
     """Embed every row of ``cohort`` not yet embedded with ``weights_id`` (all rows with ``force``), and the prompts.
+
+    ``progress``: a progress bar (True), none (False), or a callable given (images done, images to do) after
+    every batch and once before the first, for callers that print their own lines (the demo, into a pipe).
 
     ``amp``: ``none`` (fp32), or ``bf16`` / ``fp16`` autocast of the image pass (CUDA only; refused elsewhere);
     ``preprocess``: one of the family's preprocessings (None: its default). Both are recorded with the vectors;
@@ -281,7 +285,8 @@ def embed_cohort(
 
 def _embed_cohort(store: Store, spec: ModelSpec, model, weights_id: str, source: str, cohort: str, device: str,
                   batch_size: int, workers: int, force: bool, extra_prompt_sets: list[str] | None,
-                  chunk_images: int, progress: bool, amp: str, preprocess: str | None) -> EmbedSummary:
+                  chunk_images: int, progress: bool | Callable[[int, int], None], amp: str,
+                  preprocess: str | None) -> EmbedSummary:
     dev = resolve_device(device)
     check_amp(amp, dev)
     transform = model.image_transform(preprocess)
@@ -401,8 +406,12 @@ def _embed_paths(store, spec, model, weights_id, todo, paths, sets, dev, batch_s
     start = time.perf_counter()
     done = 0
     try:
-        with Progress(*columns, disable=not progress, transient=False) as bar, torch.inference_mode():
+        report = progress if callable(progress) else None
+        with Progress(*columns, disable=not progress or report is not None, transient=False) as bar, \
+                torch.inference_mode():
             task = bar.add_task("embed", total=len(paths), rate=0.0)
+            if report:
+                report(0, len(paths))
             batches = iter(loader)
             while True:
                 waited = time.perf_counter()
@@ -422,6 +431,8 @@ def _embed_paths(store, spec, model, weights_id, todo, paths, sets, dev, batch_s
                 threads.observe(computing - waited, time.perf_counter() - computing)
                 done += len(index)
                 bar.update(task, advance=len(index), rate=done / (time.perf_counter() - start))
+                if report:
+                    report(done, len(paths))
                 if sum(len(i) for i in pending_idx) >= chunk_images:
                     flush()
             flush()
