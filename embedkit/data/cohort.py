@@ -386,8 +386,8 @@ def cohort_fingerprint(rows: pd.DataFrame, columns: tuple[str, ...] = ("row_id",
     re-imported cohort with new labels or splits gives new runs, never a match with the old ones."""
     digest = hashlib.sha256()
     # A missing value hashes as "None" (what astype(str) wrote before pandas 3, which keeps it missing instead).
-    values = rows[list(columns)].astype(object)
-    for values in values.where(values.notna(), "None").astype(str).itertuples(index=False):
+    picked = rows[list(columns)].astype(object)
+    for values in picked.where(picked.notna(), "None").astype(str).itertuples(index=False):
         digest.update("\x1f".join(values).encode() + b"\x1e")
     return "sha256:" + digest.hexdigest()[:16]
 
