@@ -287,9 +287,11 @@ _EMBED = partial(LibraryDefault, "embedkit.embed", "embed_cohort")
 @app.command("embed")
 def embed_cmd(
     ctx: typer.Context,
-    model: str = typer.Option(..., help="Model name (see `embedkit models`)"),
+    model: str = typer.Option(..., help="Model name (see `embedkit models`), several comma-separated (each image "
+                              "decoded once for all), or all: every model whose weights are found (with "
+                              "--random-init: every tiny model)"),
     cohort: str = typer.Option("nih6x200", help="Cohort in the store"),
-    weights: Optional[Path] = typer.Option(None, help="Weights file or folder in the authors' format"),
+    weights: Optional[Path] = typer.Option(None, help="Weights file or folder in the authors' format (one model)"),
     weights_dir: Optional[Path] = typer.Option(None, envvar="EMBEDKIT_WEIGHTS", help="Folder with one sub-folder per model"),
     random_init: bool = typer.Option(False, help="Real architecture, random weights (labelled random-init in the store)"),
     seed: int = typer.Option(0, help="Seed of --random-init"),
@@ -309,20 +311,48 @@ def embed_cmd(
                                              "with the vectors"),
     quiet: bool = typer.Option(False, help="No progress bar"),
 ) -> None:
-    """Embed a cohort's images and its class prompts with one model into the store."""
+    """Embed a cohort's images and its class prompts with one model, or several at once, into the store."""
     from embedkit.device import resolve_device
-    from embedkit.embed import check_amp, embed_cohort
+    from embedkit.embed import ToEmbed, check_amp, embed_models
     from embedkit.models.registry import get_spec, instantiate
 
     if weights and random_init:
         raise typer.BadParameter("--weights and --random-init exclude each other")
     check_amp(amp.value, resolve_device(device))  # before the weights load
-    spec = get_spec(model)
-    net, weights_id, source = instantiate(spec, weights, random_init, seed, weights_dir)
-    summary = embed_cohort(get_store(ctx), spec, net, weights_id, source, cohort, device=device,
-                           batch_size=batch_size, workers=workers, force=force, extra_prompt_sets=prompts,
-                           chunk_images=chunk_images, progress=not quiet, amp=amp.value, preprocess=preprocess)
-    typer.echo(summary.line())
+    specs = [get_spec(name) for name in _embed_model_names(model, random_init, weights_dir)]
+    if weights and len(specs) > 1:
+        raise typer.BadParameter("--weights names one model's files; with several models use --weights-dir (one "
+                                 "sub-folder per model)")
+    models = []
+    for spec in specs:  # every model's weights load before anything is written
+        net, weights_id, source = instantiate(spec, weights, random_init, seed, weights_dir)
+        # One model: exactly the preprocessing asked for; several: each family's of that name, else its only one.
+        chosen = preprocess if len(specs) == 1 or preprocess is None else spec.family.preprocessing_for(preprocess)
+        models.append(ToEmbed(spec, net, weights_id, source, chosen))
+    summaries = embed_models(get_store(ctx), models, cohort, device=device, batch_size=batch_size, workers=workers,
+                             force=force, extra_prompt_sets=prompts, chunk_images=chunk_images, progress=not quiet,
+                             amp=amp.value)
+    for summary in summaries:
+        typer.echo(summary.line())
+
+
+def _embed_model_names(model: str, random_init: bool, weights_dir: Optional[Path]) -> list[str]:
+    """``--model``: one name, several comma-separated, or ``all`` (the models whose weights are found; with
+    --random-init, every tiny model)."""
+    from embedkit.models.registry import MODELS
+
+    if model.strip() != "all":
+        names = [name.strip() for name in model.split(",") if name.strip()]
+        if len(set(names)) != len(names):
+            raise typer.BadParameter(f"--model names a model twice ({', '.join(names)})")
+        return names
+    if random_init:
+        return [name for name, spec in MODELS.items() if spec.tiny]
+    found = [name for name, spec in MODELS.items() if not spec.tiny and spec.locate_weights(None, weights_dir)[0]]
+    if not found:
+        raise typer.BadParameter("--model all: no model's weights are found (`embedkit models` says where it looks); "
+                                 "pass --random-init for every tiny model")
+    return found
 
 
 # ---- finetune -------------------------------------------------------------------------------------------------
@@ -330,7 +360,7 @@ def embed_cmd(
 # Options that decide a run's result: with --resume they come from the run's checkpoint, never from the command line.
 _FINETUNE_FIXED_ON_RESUME = ("cohort", "weights", "weights_dir", "random_init", "seed_init", "lora_preset", "rank",
                              "alpha", "targets", "epochs", "lr", "wd", "batch_size", "seed", "schedule", "early_stopping",
-                             "augment", "amp")
+                             "augment", "amp", "preprocess")
 
 
 _FINETUNE = partial(LibraryDefault, "embedkit.finetune.train", "FinetuneConfig")
@@ -366,6 +396,8 @@ def finetune_cmd(
     augment: bool = typer.Option(True, "--augment/--no-augment", help="The paper's flips, rotation and jitter on training images"),
     device: str = typer.Option(_FINETUNE("device"), help="auto | cpu | cuda | cuda:N"),
     amp: Amp = typer.Option(_FINETUNE("amp"), help="none = float32 (as the authors); bf16 | fp16 autocast on CUDA"),
+    preprocess: Optional[str] = typer.Option(None, help="study | upstream where a family has both (MedCLIP; default "
+                                             "study); recorded in the run's config"),
     workers: int = typer.Option(_FINETUNE("workers"), help="DataLoader worker processes decoding images"),
     resume: Optional[str] = typer.Option(None, help="Continue this run from its last completed epoch (its own settings)"),
     stop_after: Optional[int] = typer.Option(None, hidden=True, help="Stop (resumably) after this many epochs"),
@@ -398,7 +430,8 @@ def finetune_cmd(
             weights_dir=str(weights_dir) if weights_dir else None, random_init=random_init, seed_init=seed_init,
             lora_preset=lora_preset.value, rank=rank, alpha=alpha, targets=[t.strip() for t in targets.split(",") if t.strip()] if targets else None,
             epochs=epochs, lr=lr, wd=wd, batch_size=batch_size, seed=seed, schedule=schedule.value,
-            early_stopping=early_stopping, augment=augment, amp=amp.value, device=device, workers=workers)
+            early_stopping=early_stopping, augment=augment, amp=amp.value, preprocess=preprocess, device=device,
+            workers=workers)
         result = train.finetune(store, config, progress=not quiet, stop_after=stop_after)
     if as_json:
         echo_json({"run_id": result.run_id, "finished": result.finished, "epochs_done": result.epochs_done,
@@ -773,6 +806,10 @@ def study_cmd(
     report: Optional[Path] = typer.Option(None, help="Report folder (default: <store>/../study-<name>)"),
     ci: Optional[int] = typer.Option(None, help="Bootstrap resamples of the report's intervals (default: 1000)"),
     workers: Optional[int] = typer.Option(None, help="DataLoader workers decoding images (default: 2)"),
+    amp: Optional[str] = typer.Option(None, help="Precision of the image passes: none = fp32 (default, as the "
+                                      "authors) | bf16 | fp16 (autocast, CUDA only)"),
+    preprocess: Optional[str] = typer.Option(None, help="study (default) | upstream: MedCLIP's two preprocessings; "
+                                             "the other families have one"),
     stop_after: Optional[int] = typer.Option(None, hidden=True, help="Stop (resumably) after this many steps"),
     quiet: bool = typer.Option(False, help="No progress output"),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable plan / result"),
@@ -783,7 +820,7 @@ def study_cmd(
     config = make_config(file, name=name, models=models, methods=methods, cohort=cohort, seeds=seeds,
                          weights_dir=weights_dir, random_init=random_init, device=device, cpu_ok=cpu_ok,
                          probe_epochs=probe_epochs, ft_epochs=ft_epochs, images=images, report=report, ci=ci,
-                         workers=workers)
+                         workers=workers, amp=amp, preprocess=preprocess)
     result = run_study(get_store(ctx), config, plan_only=plan, progress=not quiet and not as_json,
                        stop_after=stop_after)
     if as_json:

@@ -1,19 +1,22 @@
 """The embedding pass: a cohort's images and the class prompts become vectors in the store.
 
-Images stream through a DataLoader whose workers decode and preprocess as the family's chosen preprocessing says
-(``--preprocess``); the model runs under inference mode in fp32, as every upstream path does (``--amp bf16|fp16``:
-autocast on CUDA, asked for); vectors are appended in chunks keyed by (row_id, weights_id), each chunk one atomic
-commit. A killed run therefore leaves whole chunks only, and the next run embeds just the rows still missing.
-Rows that repeat an image (the paper cohort) share one forward pass. The pass's settings (autocast, preprocessing)
-are recorded per (model, weights_id, cohort) in ``embedding_settings``; a pass whose settings differ from those of
-the rows already stored is refused, so vectors computed two ways never mix. Run one pass per (model, weights,
-cohort) at a time: two concurrent passes over the same rows would both append.
+One pass serves one model or several (``embed --model a,b,c`` / ``all``): each image is decoded once, in
+DataLoader workers, and given to every model still lacking it through that model's own preprocessing
+(``--preprocess``), so each model sees exactly the tensor a one-model pass feeds it. The models run under inference
+mode in fp32, as every upstream path does (``--amp bf16|fp16``: autocast on CUDA, asked for); each model's vectors
+are appended to its own table in chunks keyed by (row_id, weights_id), each chunk one atomic commit. A killed run
+therefore leaves whole chunks only, and the next run embeds just the rows still missing. Rows that repeat an image
+(the paper cohort) share one forward pass. The pass's settings (autocast, preprocessing) are recorded per (model,
+weights_id, cohort) in ``embedding_settings``; a pass whose settings differ from those of the rows already stored
+is refused, so vectors computed two ways never mix. One pass per (model, weights, cohort) at a time (a lock):
+two concurrent passes over the same rows would both append.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from contextlib import ExitStack
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable
 
@@ -129,6 +132,32 @@ class ImageFiles(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int):
         return index, self.transform(decode_image(self.paths[index]))
+
+
+class MultiImageFiles(torch.utils.data.Dataset):
+    """Each image decoded once and preprocessed for every model that needs it (``needs[i][m]``): item ``i`` is
+    ``(i, [tensor, or None where model m does not need image i])``. Batched by :func:`collate_images`."""
+
+    def __init__(self, paths: list[str], transforms: list, needs: list[tuple[bool, ...]]):
+        self.paths, self.transforms, self.needs = paths, transforms, needs
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        image = decode_image(self.paths[index])
+        return index, [t(image) if need else None for t, need in zip(self.transforms, self.needs[index])]
+
+
+def collate_images(items: list) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor | None]]]:
+    """A batch of :class:`MultiImageFiles` items: (positions, per model (the batch rows it has, their pixels))."""
+    index = torch.tensor([i for i, _ in items])
+    per_model = []
+    for m in range(len(items[0][1])):
+        chosen = [k for k, (_, tensors) in enumerate(items) if tensors[m] is not None]
+        pixels = torch.stack([items[k][1][m] for k in chosen]) if chosen else None
+        per_model.append((torch.tensor(chosen, dtype=torch.long), pixels))
+    return index, per_model
 
 
 @dataclass
@@ -269,8 +298,8 @@ def embed_cohort(
 ) -> EmbedSummary:
     """Embed every row of ``cohort`` not yet embedded with ``weights_id`` (all rows with ``force``), and the prompts.
 
-    ``progress``: a progress bar (True), none (False), or a callable given (images done, images to do) after
-    every batch and once before the first, for callers that print their own lines (the demo, into a pipe).
+    ``progress``: a progress bar (True), none (False), or a callable given (images done, images to do) once before
+    the first batch and after every batch, for callers that print their own lines (the demo, into a pipe).
 
     ``amp``: ``none`` (fp32), or ``bf16`` / ``fp16`` autocast of the image pass (CUDA only; refused elsewhere);
     ``preprocess``: one of the family's preprocessings (None: its default). Both are recorded with the vectors;
@@ -278,23 +307,83 @@ def embed_cohort(
     (model, weights_id, cohort): a second one is refused (StoreBusy) instead of writing every row again, since a
     pass appends the rows its table lacked when it started.
     """
-    with store.embedding_lock(spec.name, weights_id, cohort):
-        return _embed_cohort(store, spec, model, weights_id, source, cohort, device, batch_size, workers, force,
-                             extra_prompt_sets, chunk_images, progress, amp, preprocess)
+    return embed_models(store, [ToEmbed(spec, model, weights_id, source, preprocess)], cohort, device, batch_size,
+                        workers, force, extra_prompt_sets, chunk_images, progress, amp)[0]
 
 
-def _embed_cohort(store: Store, spec: ModelSpec, model, weights_id: str, source: str, cohort: str, device: str,
-                  batch_size: int, workers: int, force: bool, extra_prompt_sets: list[str] | None,
-                  chunk_images: int, progress: bool | Callable[[int, int], None], amp: str,
-                  preprocess: str | None) -> EmbedSummary:
-    dev = resolve_device(device)
-    check_amp(amp, dev)
-    transform = model.image_transform(preprocess)
-    settings = EmbeddingSettings(amp, preprocess or model.default_preprocessing())
-    rows = load_cohort(store, cohort)
-    classes = cohort_classes(rows)
-    if not classes:
-        raise CohortError(f"cohort '{cohort}' has no single-label rows: no classes to embed prompts for")
+@dataclass
+class ToEmbed:
+    """One model of a pass: its spec, the built model, its weights_id and source, and its preprocessing (None:
+    the family's default)."""
+
+    spec: ModelSpec
+    model: object
+    weights_id: str
+    source: str
+    preprocess: str | None = None
+
+
+def embed_models(store: Store, models: list[ToEmbed], cohort: str, device: str = "auto", batch_size: int = 64,
+                 workers: int = 2, force: bool = False, extra_prompt_sets: list[str] | None = None,
+                 chunk_images: int = 256, progress: bool | Callable[[int, int], None] = True,
+                 amp: str = "none") -> list[EmbedSummary]:
+    """:func:`embed_cohort` for several models at once: each image is decoded once and given to every model that
+    lacks it, through that model's own preprocessing (the same tensor a one-model pass feeds it); each model's
+    vectors go to its own table in its own chunks, written as a one-model pass writes them."""
+    names = [m.spec.name for m in models]
+    if len(set(names)) != len(names):
+        raise EmbedSettingsError(f"--model names a model twice ({', '.join(names)})")
+    with ExitStack() as locks:
+        for m in models:
+            locks.enter_context(store.embedding_lock(m.spec.name, m.weights_id, cohort))
+        dev = resolve_device(device)
+        check_amp(amp, dev)
+        rows = load_cohort(store, cohort)
+        classes = cohort_classes(rows)
+        if not classes:
+            raise CohortError(f"cohort '{cohort}' has no single-label rows: no classes to embed prompts for")
+        passes = [_prepare(store, m, rows, classes, cohort, dev, force, extra_prompt_sets or [], amp) for m in models]
+        paths = list(dict.fromkeys(p for one in passes for p in one.todo["path"]))  # cohort order, once each
+        start = time.perf_counter()
+        if paths:
+            _embed_paths(store, passes, paths, dev, batch_size, workers, chunk_images, progress, amp)
+        seconds = time.perf_counter() - start
+        return [EmbedSummary(one.spec.name, one.weights_id, cohort, len(one.paths), len(one.todo), one.skipped,
+                             seconds, one.table) for one in passes]
+
+
+@dataclass
+class _ModelPass:
+    """One model's share of a pass: what it writes where, what it lacks, and the vectors waiting for a chunk."""
+
+    spec: ModelSpec
+    model: object
+    weights_id: str
+    transform: object
+    sets: dict[str, dict[str, list[str]]]
+    table: str
+    schema: pa.Schema
+    todo: pd.DataFrame  # the cohort rows without a vector
+    skipped: int  # rows already embedded with these weights
+    paths: list[str] = field(default_factory=list)  # the distinct images of ``todo``
+    local_inputs: dict = field(default_factory=dict)
+    pending_idx: list[np.ndarray] = field(default_factory=list)  # positions in the pass's path list
+    pending_vec: list[np.ndarray] = field(default_factory=list)
+    pending_sim: dict[str, list[np.ndarray]] = field(default_factory=dict)
+
+    @property
+    def pending(self) -> int:
+        return sum(len(i) for i in self.pending_idx)
+
+
+def _prepare(store: Store, m: ToEmbed, rows: pd.DataFrame, classes, cohort: str, dev: torch.device, force: bool,
+             extra_prompt_sets: list[str], amp: str) -> _ModelPass:
+    """Check one model's settings against its stored vectors, record them, embed its prompts: everything before
+    its first image vector."""
+    spec, weights_id = m.spec, m.weights_id
+    model = m.model
+    transform = model.image_transform(m.preprocess)
+    settings = EmbeddingSettings(amp, m.preprocess or model.default_preprocessing())
     model = model.to(dev).eval()
     table = embeddings_table(spec.name)
     schema = schemas.embeddings_schema(model.embed_dim)
@@ -307,21 +396,21 @@ def _embed_cohort(store: Store, spec: ModelSpec, model, weights_id: str, source:
     if done:
         _refuse_other_settings(store, spec.name, weights_id, cohort, settings, len(done))
     # {set: {class: prompts}} in prompt_index order; the sets whose stored strings differ are embedded again.
-    sets = dict(spec.family.prompts(raw, classes) for raw in _prompt_sets_for(spec, extra_prompt_sets or []))
+    sets = dict(spec.family.prompts(raw, classes) for raw in _prompt_sets_for(spec, extra_prompt_sets))
     changed = list(sets) if force else _changed_sets(store, spec.name, weights_id, sets)
     if done and spec.family.uses_local_similarity:
         _refuse_stale_extras(cohort, weights_id, changed)
     _record_settings(store, spec.name, weights_id, cohort, settings)  # before any vector written under them
-    _record_weights(store, spec, model, weights_id, source)
+    _record_weights(store, spec, model, weights_id, m.source)
     embed_prompts(store, spec, model, weights_id, sets, changed, dev)
     todo = rows[~rows["row_id"].isin(done)]
-    paths = list(dict.fromkeys(todo["path"]))  # repeated images: one forward pass
-    start = time.perf_counter()
-    if paths:
-        _embed_paths(store, spec, model, weights_id, todo, paths, sets, dev, batch_size, workers, chunk_images,
-                     progress, schema, table, transform, amp)
-    return EmbedSummary(spec.name, weights_id, cohort, len(paths), len(todo), len(done),
-                        time.perf_counter() - start, table)
+    one = _ModelPass(spec, model, weights_id, transform, sets, table, schema, todo, len(done),
+                     paths=list(dict.fromkeys(todo["path"])))
+    # What the family's per-image extras need of the prompts (GLoRIA: word features), encoded once for the pass.
+    one.local_inputs = model.prompt_context({name: [t for ts in by_class.values() for t in ts]
+                                             for name, by_class in sets.items()})
+    one.pending_sim = {name: [] for name in one.local_inputs}
+    return one
 
 
 class _ThreadBudget:
@@ -358,83 +447,88 @@ class _ThreadBudget:
         torch.set_num_threads(self.original)
 
 
-def _embed_paths(store, spec, model, weights_id, todo, paths, sets, dev, batch_size, workers, chunk_images,
-                 progress, schema, table, transform, amp) -> None:
+def _embed_paths(store: Store, passes: list[_ModelPass], paths: list[str], dev: torch.device, batch_size: int,
+                 workers: int, chunk_images: int, progress: bool | Callable[[int, int], None], amp: str) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    wanted = [set(one.paths) for one in passes]
+    needs = [tuple(path in w for w in wanted) for path in paths]
     loader = torch.utils.data.DataLoader(
-        ImageFiles(paths, transform), batch_size=batch_size, num_workers=workers,
-        pin_memory=dev.type == "cuda", prefetch_factor=4 if workers else None,
+        MultiImageFiles(paths, [one.transform for one in passes], needs), batch_size=batch_size, num_workers=workers,
+        collate_fn=collate_images, pin_memory=dev.type == "cuda", prefetch_factor=4 if workers else None,
         # lancedb holds an async runtime that fork() can leave mid-operation: start workers fresh instead.
         multiprocessing_context="forkserver" if workers else None,
     )
-    # What the family's per-image extras need of the prompts (GLoRIA: word features), encoded once for the pass.
-    local_inputs = model.prompt_context({name: [t for ts in by_class.values() for t in ts]
-                                         for name, by_class in sets.items()})
     autocast = autocast_context(dev, amp)
-    pending_idx: list[np.ndarray] = []
-    pending_vec: list[np.ndarray] = []
-    pending_sim: dict[str, list[np.ndarray]] = {name: [] for name in local_inputs}
-    by_path = todo.groupby("path", sort=False)
-
-    def flush() -> None:
-        if not pending_idx:
-            return
-        idx = np.concatenate(pending_idx)
-        vec = np.concatenate(pending_vec)
-        chunk_paths = [paths[i] for i in idx]
-        position = {p: k for k, p in enumerate(chunk_paths)}
-        chunk_rows = pd.concat([by_path.get_group(p) for p in chunk_paths])
-        order = chunk_rows["path"].map(position).to_numpy()
-        for name, sims in pending_sim.items():  # local similarities first: the vectors mark a row as done
-            sim = np.concatenate(sims)[order]
-            n = len(chunk_rows)
-            local = pa.table({"row_id": chunk_rows["row_id"].to_numpy(), "model": [spec.name] * n,
-                              "weights_id": [weights_id] * n, "prompt_set": [name] * n,
-                              "similarity": [s.tolist() for s in sim]})
-            store.upsert(localsim_table(spec.name), local, ["row_id", "weights_id", "prompt_set"],
-                         schemas.LOCAL_SIMILARITY)  # upsert: rows of a chunk killed before its vectors landed
-            sims.clear()
-        # Append, not upsert (50x cheaper): the pass only embeds rows the table lacked when it started.
-        store.append(table, _rows_to_write(chunk_rows, spec, weights_id, vec[order], model.embed_dim), schema)
-        pending_idx.clear()
-        pending_vec.clear()
-
-    columns = [TextColumn(f"embed {spec.name}"), BarColumn(), MofNCompleteColumn(),
+    width = max(len(one.spec.name) for one in passes)
+    columns = [TextColumn("embed {task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[rate]:.1f} img/s"), TimeElapsedColumn()]
     threads = _ThreadBudget(dev, workers)
     start = time.perf_counter()
-    done = 0
     try:
         report = progress if callable(progress) else None
+        decoded = 0
         with Progress(*columns, disable=not progress or report is not None, transient=False) as bar, \
                 torch.inference_mode():
-            task = bar.add_task("embed", total=len(paths), rate=0.0)
+            tasks = [bar.add_task(one.spec.name.ljust(width), total=len(one.paths), rate=0.0) for one in passes]
             if report:
                 report(0, len(paths))
             batches = iter(loader)
             while True:
                 waited = time.perf_counter()
                 try:
-                    index, pixels = next(batches)
+                    index, per_model = next(batches)
                 except StopIteration:
                     break
                 except ImageDecodeError as exc:  # from a worker: its message carries the worker's traceback
                     raise ImageDecodeError(_decode_failure(exc)) from None
                 computing = time.perf_counter()
-                with autocast:
-                    vectors, sims = model.encode_image_extras(pixels.to(dev, non_blocking=True), local_inputs)
-                for name, sim in sims.items():
-                    pending_sim[name].append(sim)
-                pending_idx.append(index.numpy())
-                pending_vec.append(vectors.float().cpu().numpy())
+                for one, task, (chosen, pixels) in zip(passes, tasks, per_model):
+                    if not len(chosen):
+                        continue
+                    with autocast:
+                        vectors, sims = one.model.encode_image_extras(pixels.to(dev, non_blocking=True),
+                                                                      one.local_inputs)
+                    for name, sim in sims.items():
+                        one.pending_sim[name].append(sim)
+                    one.pending_idx.append(index[chosen].numpy())
+                    one.pending_vec.append(vectors.float().cpu().numpy())
+                    done = bar.tasks[task].completed + len(chosen)
+                    bar.update(task, completed=done, rate=done / (time.perf_counter() - start))
+                    if one.pending >= chunk_images:
+                        _flush(store, one, paths)
                 threads.observe(computing - waited, time.perf_counter() - computing)
-                done += len(index)
-                bar.update(task, advance=len(index), rate=done / (time.perf_counter() - start))
+                decoded += len(index)
                 if report:
-                    report(done, len(paths))
-                if sum(len(i) for i in pending_idx) >= chunk_images:
-                    flush()
-            flush()
+                    report(decoded, len(paths))
+            for one in passes:
+                _flush(store, one, paths)
     finally:
         threads.restore()
+
+
+def _flush(store: Store, one: _ModelPass, paths: list[str]) -> None:
+    """Write one model's pending vectors (and per-image extras) as one chunk: the rows of those images."""
+    if not one.pending_idx:
+        return
+    idx = np.concatenate(one.pending_idx)
+    vec = np.concatenate(one.pending_vec)
+    chunk_paths = [paths[i] for i in idx]
+    position = {p: k for k, p in enumerate(chunk_paths)}
+    chunk_rows = one.todo[one.todo["path"].isin(position)]
+    order = chunk_rows["path"].map(position).to_numpy()
+    spec, weights_id = one.spec, one.weights_id
+    for name, sims in one.pending_sim.items():  # local similarities first: the vectors mark a row as done
+        sim = np.concatenate(sims)[order]
+        n = len(chunk_rows)
+        local = pa.table({"row_id": chunk_rows["row_id"].to_numpy(), "model": [spec.name] * n,
+                          "weights_id": [weights_id] * n, "prompt_set": [name] * n,
+                          "similarity": [s.tolist() for s in sim]})
+        store.upsert(localsim_table(spec.name), local, ["row_id", "weights_id", "prompt_set"],
+                     schemas.LOCAL_SIMILARITY)  # upsert: rows of a chunk killed before its vectors landed
+        sims.clear()
+    # Append, not upsert (50x cheaper): the pass only embeds rows the table lacked when it started.
+    store.append(one.table, _rows_to_write(chunk_rows, spec, weights_id, vec[order], one.model.embed_dim),
+                 one.schema)
+    one.pending_idx.clear()
+    one.pending_vec.clear()

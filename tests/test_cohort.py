@@ -167,7 +167,7 @@ def test_decode_real_images(tmp_path):
 def test_exif_orientation_is_applied_before_every_models_preprocessing(tmp_path, orientation, transpose):
     import torch
 
-    from embedkit.embed import ImageFiles
+    from embedkit.embed import ImageFiles, MultiImageFiles
     from embedkit.models.registry import MODELS, get_spec
 
     rng = np.random.default_rng(0)
@@ -180,7 +180,9 @@ def test_exif_orientation_is_applied_before_every_models_preprocessing(tmp_path,
         shown = raw.convert("RGB").transpose(transpose)
     decoded = decode_image(path)
     assert decoded.size == (24, 40) and np.array_equal(np.asarray(decoded), np.asarray(shown))
-    for name in sorted({n for n in MODELS if n.startswith("tiny-")}):
-        transform = get_spec(name).build(seed=0).image_transform()
-        _, pixels = ImageFiles([str(path)], transform)[0]
-        assert torch.equal(pixels, transform(shown)), name
+    transforms = [get_spec(name).build(seed=0).image_transform() for name in sorted(n for n in MODELS
+                                                                                     if n.startswith("tiny-"))]
+    _, per_model = MultiImageFiles([str(path)], transforms, [(True,) * len(transforms)])[0]  # the embedding pass
+    for transform, pixels in zip(transforms, per_model):
+        assert torch.equal(pixels, transform(shown))
+        assert torch.equal(ImageFiles([str(path)], transform)[0][1], pixels)  # fine-tuning's dataset

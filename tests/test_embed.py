@@ -341,3 +341,92 @@ def test_runs_record_the_settings_of_the_vectors_they_used(store, small_cohort):
     probe = run_probe(store, "tiny-medclip-vit", HeadConfig("lp", epochs=1, hidden=8), seed=0)
     for run in (zeroshot, probe):
         assert json.loads(run["config"])["embedding"] == {"amp": "none", "preprocess": "upstream", "recorded": True}
+
+
+def test_each_family_names_the_preprocessings_its_models_offer():
+    """ModelFamily.preprocessings (what a study plans with, no model built) is what image_transforms() offers."""
+    from embedkit.models.registry import MODELS, get_spec
+
+    for name in (n for n in MODELS if get_spec(n).tiny):
+        spec = get_spec(name)
+        assert tuple(spec.build(0).image_transforms()) == spec.family.preprocessings, name
+
+
+TINY_FIVE = ("tiny-clip", "tiny-biomedclip", "tiny-medclip-rn50", "tiny-medclip-vit", "tiny-gloria")
+
+
+def _stored(store, model: str):
+    from embedkit.embed import localsim_table
+    from embedkit.store.store import embeddings_table
+
+    rows = store.read(embeddings_table(model)).to_pandas().set_index("row_id").sort_index()
+    local = (store.read(localsim_table(model)).to_pandas().set_index(["row_id", "prompt_set"]).sort_index()
+             if store.has(localsim_table(model)) else None)
+    return rows, local
+
+
+def test_a_five_model_pass_writes_what_five_one_model_passes_write(tmp_path, small_cohort, one_thread):
+    """Each image decoded once for the five tiny models, part of the cohort already embedded for one of them:
+    the same weights_id, rows, vectors and GLoRIA local similarities as five separate passes."""
+    from embedkit.embed import ToEmbed, embed_models
+    from embedkit.store.store import Store
+
+    frame, folder = small_cohort
+    separate, together = Store(tmp_path / "separate"), Store(tmp_path / "together")
+    for store in (separate, together):
+        _import(store, frame, folder)
+    for model in TINY_FIVE:
+        _embed(separate, model)
+    _embed(together, "tiny-medclip-rn50", cohort="c", chunk_images=8)  # then killed, say: a second pass resumes it
+    together.delete("emb_tiny_medclip_rn50", "row_id >= 'c/03'")
+    models = []
+    for model in TINY_FIVE:
+        spec = get_spec(model)
+        net, weights_id, source = instantiate(spec, random_init=True, seed=0)
+        models.append(ToEmbed(spec, net, weights_id, source))
+    summaries = embed_models(together, models, "c", device="cpu", batch_size=5, workers=0, chunk_images=7,
+                             progress=False)
+    assert [s.model for s in summaries] == list(TINY_FIVE)
+    medclip = summaries[2]
+    assert medclip.skipped > 0 and medclip.rows + medclip.skipped == len(frame)
+    for model, summary in zip(TINY_FIVE, summaries):
+        assert summary.weights_id == f"random-init:{model}:0"
+        want, want_local = _stored(separate, model)
+        got, got_local = _stored(together, model)
+        assert got.index.is_unique and list(got.index) == list(want.index), model
+        assert (got["weights_id"] == want["weights_id"]).all()
+        np.testing.assert_allclose(np.stack(got["vector"]), np.stack(want["vector"]), atol=1e-6, rtol=0,
+                                   err_msg=model)
+        if want_local is not None:
+            assert list(got_local.index) == list(want_local.index)
+            for have, expected in zip(got_local["similarity"], want_local["similarity"]):
+                np.testing.assert_allclose(have, expected, atol=1e-6, rtol=0)
+
+
+def test_cli_embeds_several_models_and_all_tiny_ones(tmp_path, small_cohort):
+    from embedkit.store.store import Store
+
+    frame, folder = small_cohort
+    store = Store(tmp_path / "s")
+    _import(store, frame, folder)
+    base = ["--store", str(store.path), "embed", "--cohort", "c", "--random-init", "--workers", "0", "--quiet"]
+    result = CliRunner().invoke(app, [*base, "--model", "tiny-clip,tiny-medclip-vit", "--preprocess", "upstream"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 2 and "-> table emb_tiny_clip" in lines[0] and "emb_tiny_medclip_vit" in lines[1]
+    from embedkit.embed import embedding_settings
+
+    assert embedding_settings(store, "tiny-medclip-vit", "random-init:tiny-medclip-vit:0", "c").preprocess == \
+        "upstream"
+    refused = CliRunner().invoke(app, [*base, "--model", "all"])  # MedCLIP's default is not what is stored
+    assert refused.exit_code == 1 and "computed with amp none, preprocess upstream" in str(refused.exception)
+    result = CliRunner().invoke(app, [*base, "--model", "all", "--preprocess", "upstream"])
+    assert result.exit_code == 0, result.output
+    tiny = [name for name in __import__("embedkit.models.registry", fromlist=["MODELS"]).MODELS if
+            name.startswith("tiny-")]
+    assert len(result.output.strip().splitlines()) == len(tiny)
+    assert "0 rows, 24 already there" in result.output  # tiny-clip's rows were there
+    for args, message in ((["--model", "tiny-clip,tiny-clip"], "names a model twice"),
+                          (["--model", "clip,gloria", "--weights", str(tmp_path)], "one model's files")):
+        result = CliRunner().invoke(app, [*[a for a in base if a != "--random-init"], *args])
+        assert result.exit_code != 0 and message in result.output + str(result.exception), result.output

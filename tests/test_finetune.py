@@ -522,3 +522,18 @@ def test_cli_finetune_then_resume(cohort_store):
     assert resumed.exit_code == 0, resumed.output
     assert run_id in resumed.stdout and "2 epochs" in resumed.stdout
     assert {r["run_id"] for r in list_runs(cohort_store, method="ft")} >= {run_id}
+
+
+def test_a_run_records_its_preprocessing_and_refuses_one_the_family_lacks(cohort_store):
+    from embedkit.models.base import PreprocessingError
+    from embedkit.store.store import sql_eq
+
+    base = dict(method="lora", cohort="c", random_init=True, epochs=1, batch_size=12, workers=0, augment=False)
+    for model, preprocess, recorded in (("tiny-medclip-rn50", None, "study"),
+                                        ("tiny-medclip-rn50", "upstream", "upstream"),
+                                        ("tiny-clip", None, "upstream")):
+        result = finetune(cohort_store, FinetuneConfig(model=model, preprocess=preprocess, **base), progress=False)
+        run = cohort_store.read("runs", sql_eq("run_id", result.run_id)).to_pylist()[0]
+        assert json.loads(run["config"])["preprocess"] == recorded
+    with pytest.raises(PreprocessingError, match="study"):
+        finetune(cohort_store, FinetuneConfig(model="tiny-clip", preprocess="study", **base), progress=False)

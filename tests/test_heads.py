@@ -119,14 +119,14 @@ def test_clip_default_is_open_clips_classifier_the_renormalised_mean_prompt_embe
     assert not np.allclose(_predictions(store, per_prompt["run_id"])["probs"], expected, atol=1e-3)
 
 
-def test_medclip_rule_clamps_the_scale_at_100_and_supports_max(store):
+def test_medclip_rule_clamps_the_scale_as_its_authors_and_supports_max(store):
     data = write_vectors(store, "tiny-medclip-rn50", 32)
     prompts = random_prompts(32, per_class=4, seed=9)
     write_prompts(store, "tiny-medclip-rn50", prompts, "chexpert-nih")
     write_weights_row(store, "tiny-medclip-rn50", 250.0, "medclip")
     run = run_zeroshot(store, "tiny-medclip-rn50", ensemble="max")
     config = json.loads(run["config"])
-    assert config["logit_scale"] == 100.0 and "clamped" in config["logit_scale_source"]
+    assert config["logit_scale"] == pytest.approx(100.00296) and "clamped" in config["logit_scale_source"]
     X = data["X"] / np.linalg.norm(data["X"], axis=1, keepdims=True)
     scores = np.stack([np.max(100 * X @ (p / np.linalg.norm(p, axis=1, keepdims=True)).T, axis=1)
                        for p in prompts.values()], axis=1)

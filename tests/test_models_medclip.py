@@ -125,7 +125,7 @@ def test_tiny_models_embed_and_scale(tiny_models):
     assert model.zeroshot_logit_scale() == pytest.approx(1 / 0.07)
     with torch.no_grad():
         model.logit_scale.fill_(10.0)
-        assert model.zeroshot_logit_scale() == pytest.approx(100.0)  # clamped at log(100)
+        assert model.zeroshot_logit_scale() == pytest.approx(100.00296)  # clamped at 4.6052, not log(100)
         model.logit_scale.fill_(math.log(1 / 0.07))
 
 

@@ -347,3 +347,21 @@ def test_a_real_full_disk_gives_one_line_and_records_nothing_half(tmp_path):
         assert assert_consistent(store_dir, tmp_path) == 1
     finally:
         subprocess.run(["umount", str(mount)], capture_output=True)
+
+
+@pytest.mark.parametrize("point", [17, 30])
+def test_a_killed_two_model_pass_resumes_with_every_row_once(tmp_path, point):
+    """Killed among its writes (points 1-10 set up tiny-clip, 11-20 tiny-gloria, then the chunks of both: 17 is
+    amid tiny-gloria's prompts, 30 amid the chunks), the rerun of the same two-model command leaves each table with every row exactly once."""
+    store_dir = _cohort_store(tmp_path, "s")
+    args = ["embed", "--model", "tiny-clip,tiny-gloria", *EMBED[3:]]
+    assert _cli(store_dir, args, f"kill:{point}").returncode == -9
+    rerun = _in_process(store_dir, args, "")
+    assert rerun.returncode == 0, rerun.stderr
+    store = Store(store_dir)
+    for table in ("emb_tiny_clip", "emb_tiny_gloria"):
+        rows = store.read(table).to_pandas()
+        assert len(rows) == 24 and rows["row_id"].is_unique, table
+    local = store.read("localsim_tiny_gloria").to_pandas()
+    assert not local.duplicated(["row_id", "weights_id", "prompt_set"]).any()
+    assert set(local["row_id"]) == set(store.read("emb_tiny_gloria").to_pandas()["row_id"])

@@ -342,3 +342,26 @@ def test_the_full_tiny_matrix_with_an_interruption(tmp_path, images):
         for method, label in labels.items():
             assert f"| {model} | random weights | {label}" in utility, (model, method)
     assert run_study(store, config, plan_only=True).nothing_to_do
+
+
+def test_amp_and_preprocess_reach_every_pass_and_vectors_computed_otherwise_block_the_plan(tmp_path, images):
+    from embedkit.embed import embedding_settings
+    from embedkit.models.registry import random_init_id
+
+    store = _store_with_cohort(tmp_path, images)
+    config = make_config(name="up", models="tiny-medclip-rn50,tiny-clip", methods="zeroshot", preprocess="upstream",
+                         **CHEAP)
+    run_study(store, config, progress=False)
+    for model in ("tiny-medclip-rn50", "tiny-clip"):  # MedCLIP's upstream; CLIP's only preprocessing
+        settings = embedding_settings(store, model, random_init_id(model, 0), "c")
+        assert (settings.amp, settings.preprocess, settings.recorded) == ("none", "upstream", True)
+    other = make_config(name="st", models="tiny-medclip-rn50,tiny-clip", methods="zeroshot", **CHEAP)
+    steps = {(s.kind, s.model): s for s in plan_study(store, other)}
+    assert steps["embed", "tiny-clip"].status == "done"  # one preprocessing: the study's and the authors'
+    blocked = steps["embed", "tiny-medclip-rn50"]
+    assert blocked.status == "blocked" and "preprocess upstream" in blocked.note and "--force" in blocked.note
+    assert steps["zeroshot", "tiny-medclip-rn50"].status == "blocked"
+    with pytest.raises(StudyError, match="--amp bf16 is autocast on CUDA"):
+        make_config(name="x", amp="bf16", **{**CHEAP, "device": "cpu"})
+    with pytest.raises(StudyError, match="--preprocess must be one of study, upstream"):
+        make_config(name="x", preprocess="bicubic", **CHEAP)

@@ -169,9 +169,9 @@ def test_nothing_connects_without_a_pull(hf_cache, tmp_path, monkeypatch, capsys
     assert code == 1 and out == ""
     assert len(err.strip().splitlines()) == 1 and err.startswith("error: No weights for model 'clip'")
     assert "`embedkit models pull clip`" in err and "--random-init" in err
-    code, _, err = main_cli(monkeypatch, capsys, "models", "pull", "medclip-vit")
+    code, _, err = main_cli(monkeypatch, capsys, "models", "pull", "gloria")
     assert code == 1 and len(err.strip().splitlines()) == 1
-    assert "model 'medclip-vit' has no fetchable release: download pytorch_model.bin, vocab.txt from" in err
+    assert "model 'gloria' has no fetchable release: download chexpert_resnet50.ckpt, vocab.txt from" in err
     assert connections == []
     assert not (tmp_path / "s").exists()
 
@@ -357,3 +357,63 @@ def test_a_release_that_fails_its_checksum_is_deleted(server, tmp_path, monkeypa
     assert code == 1 and out == "" and len(err.strip().splitlines()) == 1
     assert f"the download's sha256 is {hashlib.sha256(data).hexdigest()}, not the release's {'ab' * 32}" in err
     assert list((tmp_path / "w" / "gloria").iterdir()) == []  # neither the part nor the file
+
+
+def _zip(members: dict[str, bytes]) -> bytes:
+    import io
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return buffer.getvalue()
+
+
+def test_medclip_is_pulled_through_its_pointer_unzipped_and_its_digest_recorded(server, tmp_path, monkeypatch,
+                                                                                capsys):
+    """MedCLIP's own route (medclip/constants.py): a text file holding the zip's URL; the zip holds
+    pytorch_model.bin; Bio_ClinicalBERT's vocab.txt comes from the hub. No published checksum: the first pull
+    records each digest in SHA256SUMS, and a later download that differs is refused."""
+    spec = registry.MODELS["medclip-vit"]
+    assert spec.releases[0].url == "https://github.com/RyanWangZf/MedCLIP/raw/main/medclip/medclip_vit_weight.txt"
+    assert registry.MODELS["medclip-rn50"].releases[0].url.endswith("/medclip_resnet_weight.txt")
+    served, base = server
+    weights, vocab = os.urandom(5000), b"[PAD]\n[UNK]\nlung\n"
+    archive = _zip({"medclip-vit-pretrained/pytorch_model.bin": weights, "medclip-vit-pretrained/notes.txt": b"x"})
+    served.files = {"/medclip_vit_weight.txt": (f"{base}/storage/medclip-vit-pretrained.zip\n".encode(), {}),
+                    "/storage/medclip-vit-pretrained.zip": (archive, {}),
+                    "/emilyalsentzer/Bio_ClinicalBERT/resolve/main/vocab.txt": (vocab, {})}
+    releases = (replace(spec.releases[0], url=f"{base}/medclip_vit_weight.txt"), spec.releases[1])
+    monkeypatch.setitem(registry.MODELS, "medclip-vit", replace(spec, releases=releases))
+    code, out, err = main_cli(monkeypatch, capsys, "models", "pull", "medclip-vit", "--weights-dir",
+                              str(tmp_path / "w"), "--quiet")
+    folder = tmp_path / "w" / "medclip-vit"
+    assert code == 0, err
+    assert sorted(p.name for p in folder.iterdir()) == ["SHA256SUMS", "pytorch_model.bin", "vocab.txt"]
+    assert (folder / "pytorch_model.bin").read_bytes() == weights and (folder / "vocab.txt").read_bytes() == vocab
+    sums = (folder / "SHA256SUMS").read_text().splitlines()
+    assert sums == [f"{hashlib.sha256(archive).hexdigest()}  pytorch_model.bin.zip",
+                    f"{hashlib.sha256(vocab).hexdigest()}  vocab.txt"]
+    assert err.count("has no published checksum") == 2
+    # The release changes behind the same pointer: refused against the recorded digest, nothing replaced.
+    (folder / "pytorch_model.bin").unlink()
+    served.files["/storage/medclip-vit-pretrained.zip"] = (_zip({"pytorch_model.bin": b"other"}), {})
+    code, out, err = main_cli(monkeypatch, capsys, "models", "pull", "medclip-vit", "--weights-dir",
+                              str(tmp_path / "w"), "--quiet")
+    assert code == 1 and f"not SHA256SUMS's {hashlib.sha256(archive).hexdigest()}" in err, err
+    assert sorted(p.name for p in folder.iterdir()) == ["SHA256SUMS", "vocab.txt"]
+
+
+@pytest.mark.parametrize("pointer, message", [(b"<html>moved</html>", "does not hold one URL"),
+                                              (None, "could not read the release pointer")])
+def test_a_broken_pointer_is_one_line(server, tmp_path, monkeypatch, capsys, pointer, message):
+    served, base = server
+    if pointer is not None:
+        served.files = {"/p.txt": (pointer, {})}
+    spec = registry.MODELS["medclip-rn50"]
+    monkeypatch.setitem(registry.MODELS, "medclip-rn50",
+                        replace(spec, releases=(replace(spec.releases[0], url=f"{base}/p.txt"),)))
+    code, out, err = main_cli(monkeypatch, capsys, "models", "pull", "medclip-rn50", "--weights-dir",
+                              str(tmp_path / "w"), "--quiet")
+    assert code == 1 and message in err and len(err.strip().splitlines()) == 1, err

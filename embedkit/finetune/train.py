@@ -92,6 +92,7 @@ class FinetuneConfig:
     early_stopping: int = 0  # epochs without a lower val loss before stopping; 0 = never
     augment: bool = True
     amp: str = "none"  # fp32 unless asked (bf16, fp16: autocast on CUDA only), as every upstream path runs
+    preprocess: str | None = None  # the family's preprocessing (None: its default; MedCLIP: study | upstream)
     device: str = "auto"
     workers: int = 2
     study_id: str | None = None  # the `embedkit study` this run belongs to (runs.study_id)
@@ -357,10 +358,11 @@ def _prepare(store: Store, config: FinetuneConfig, run_id: str) -> _Session:
     extra.update(augmentations=asdict(Augment()) if config.augment else None,
                  augment_where="decoded 8-bit image, before the model's preprocessing",
                  optimizer="AdamW", loss="cross_entropy", selection="lowest val loss (ties keep the earlier epoch)",
-                 amp_effective=config.amp if device.type == "cuda" else "none (cpu)")
+                 amp_effective=config.amp if device.type == "cuda" else "none (cpu)",
+                 preprocess=config.preprocess or model.default_preprocessing())
 
     sampler = KeySampler()
-    dataset = AugmentedImageFiles(paths, model.image_transform(), Augment() if config.augment else None, config.seed)
+    dataset = AugmentedImageFiles(paths, model.image_transform(extra["preprocess"]), Augment() if config.augment else None, config.seed)
     workers = config.workers
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=config.batch_size, sampler=sampler, num_workers=workers,

@@ -151,6 +151,13 @@ class ModelFamily:
     # The preprocessing of embedding passes from before the pass recorded its settings (a store's rows without a
     # record): what embedkit then ran. A name no current variant has means those vectors match no new pass.
     legacy_preprocessing = UPSTREAM
+    # The names of VisionLanguageModel.image_transforms(), the default first (known without building a model).
+    preprocessings: tuple[str, ...] = (UPSTREAM,)
+
+    def preprocessing_for(self, choice: str) -> str:
+        """A study-wide choice (``study`` or ``upstream``) for this family: the family's preprocessing of that name,
+        else its only one (a family with one preprocessing is the study's and its authors' alike)."""
+        return choice if choice in self.preprocessings else self.preprocessings[0]
 
     def build(self, spec: "ModelSpec", seed: int) -> VisionLanguageModel:
         """The real architecture of ``spec`` with random weights, deterministic for ``seed``; offline."""

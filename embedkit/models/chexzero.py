@@ -8,10 +8,10 @@ chest X-rays paired with the impression sections of their reports.
   state dicts saved with ``torch.save(model.state_dict())``; read with ``weights_only=True``. OpenAI's JIT-era
   keys ``input_resolution``, ``context_length`` and ``vocab_size`` are dropped if present
   (``openclip.drop_openai_jit_keys``); any other difference is an error.
-- Preprocessing: the authors store every image as 320 x 320 grayscale (longest side resized to 320 with Lanczos,
-  sizes floored, pasted centred on black), then at test time repeat it on three channels, normalise the 0-255
-  values with mean 101.48761 and std 83.43944, and resize the normalised tensor to 224 (bicubic, no antialias, as
-  torchvision's tensor Resize did when they ran it).
+- Preprocessing: the authors store every image as 320 x 320 grayscale (read as RGB, longest side resized to 320
+  with Lanczos, sizes floored, pasted centred on black, which converts it to L), then at test time repeat it on
+  three channels, normalise the 0-255 values with mean 101.48761 and std 83.43944, and resize the normalised
+  tensor to 224 (bicubic, no antialias, as torchvision's tensor Resize did when they ran it).
 - Zero-shot: one (positive, negative) prompt pair per class, ``"{class}"`` and ``"no {class}"``; the probability
   that the class is present is the softmax over the pair of the plain cosines (no logit scale). embedkit scores a
   class by that softmax's log-odds, cos(image, positive) - cos(image, negative), and the run's probabilities
@@ -49,9 +49,11 @@ class CheXzeroTransform:
         if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
             raise ValueError(f"image mode {image.mode} is not 8-bit; decode files with "
                              "embedkit.data.images.decode_image, which rescales 16-bit images to 8-bit")
-        gray = image.convert("L")
-        ratio = STORED_SIZE / max(gray.size)
-        resized = gray.resize(tuple(int(side * ratio) for side in gray.size), Image.Resampling.LANCZOS)
+        # The authors read every file with cv2.imread (three channels), resize that RGB image and let PIL convert it
+        # to L as it is pasted (data_process.py): converting first differs by a few gray levels on colour images.
+        rgb = image.convert("RGB")
+        ratio = STORED_SIZE / max(rgb.size)
+        resized = rgb.resize(tuple(int(side * ratio) for side in rgb.size), Image.Resampling.LANCZOS)
         square = Image.new("L", (STORED_SIZE, STORED_SIZE))
         square.paste(resized, ((STORED_SIZE - resized.width) // 2, (STORED_SIZE - resized.height) // 2))
         pixels = torch.from_numpy(np.asarray(square, dtype=np.float32).copy())

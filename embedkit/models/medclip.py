@@ -42,7 +42,11 @@ IMAGE_SIZE = 224
 CONTEXT_LENGTH = 77
 
 LOGIT_SCALE_INIT = math.log(1 / 0.07)
-LOGIT_SCALE_MAX = math.log(100)  # the authors clamp logit_scale to [0, log 100]
+# The authors' clamp, MedCLIPModel.compute_logits (MedCLIP @9c3396f, medclip/modeling_medclip.py):
+# torch.clamp(logit_scale, 0, 4.6052) on the float32 parameter. 4.6052 is not log 100 (4.605170...): a saturated
+# scale multiplies cosines by exp(4.6052) = 100.00296, not 100 (3e-3 apart in a score). The float32 value the
+# clamp compares with.
+LOGIT_SCALE_MAX = float(torch.tensor(4.6052, dtype=torch.float32))
 
 WEIGHTS_FILE = "pytorch_model.bin"
 
@@ -104,9 +108,12 @@ class MedCLIPTransform:
 
 
 class MedCLIPStudyTransform:
-    """``study``: PIL image -> float tensor [1, 224, 224] as the study's code and MedCLIP's own zero-shot dataset
-    preprocess: grayscale, shortest side to 224 (bilinear; the long side truncated, as torchvision's Resize(224)
-    computes it), centre crop 224 (torchvision's rounded offsets), [0, 1], the feature extractor's mean and std.
+    """``study``: PIL image -> float tensor [1, 224, 224] as the study's code preprocesses: grayscale, shortest side
+    to 224 (bilinear; the long side truncated, as torchvision's Resize(224) computes it), centre crop 224
+    (torchvision's rounded offsets), [0, 1], the feature extractor's mean and std.
+
+    Not MedCLIP's own ZeroShotImageDataset (@9c3396f), which pads to a black square first and then resizes to
+    (224, 224) bilinear: the two agree on square images only.
     """
 
     def __init__(self, size: int = IMAGE_SIZE, mean: float = PIXEL_MEAN, std: float = PIXEL_STD) -> None:
@@ -255,7 +262,7 @@ class MedCLIP(VisionLanguageModel):
         return F.normalize(embeds, dim=-1)
 
     def zeroshot_logit_scale(self) -> float:
-        """exp(logit_scale) after the authors' clamp of logit_scale to [0, log 100]: at most 100."""
+        """exp(logit_scale) after the authors' clamp of logit_scale to [0, 4.6052]: at most 100.00296."""
         return math.exp(min(max(float(self.logit_scale.detach()), 0.0), LOGIT_SCALE_MAX))
 
     def image_tower(self) -> nn.Module:
@@ -376,14 +383,16 @@ def load(spec: ModelSpec, path: str | Path) -> MedCLIP:
 
 
 class MedClipFamily(ModelFamily):
-    """MedCLIP's zero-shot: exp(logit_scale) * cosine per prompt, the scale clamped to 100 as the authors clamp it,
-    then the mean (the authors' ``ensemble=True``) or max over a class's CheXpert-style prompts."""
+    """MedCLIP's zero-shot: exp(logit_scale) * cosine per prompt, the scale clamped to exp(4.6052) as the authors
+    clamp it, then the mean (the authors' ``ensemble=True``) or max (their ``PromptClassifier`` default) over a
+    class's CheXpert-style prompts."""
 
     module = "medclip"
+    preprocessings = ("study", UPSTREAM)
     zeroshot_rule = "medclip"
     # chexpert-nih covers NIH's six classes (the default); chexpert-authors is MedCLIP's draw, seeded, to reproduce it.
     prompt_sets = ("chexpert-nih", "chexpert-authors")
-    scale_max = 100.0  # exp(log 100): the authors clamp logit_scale to [0, log 100]
+    scale_max = math.exp(LOGIT_SCALE_MAX)  # 100.00296: the authors clamp logit_scale to [0, 4.6052]
 
     def build(self, spec: ModelSpec, seed: int) -> MedCLIP:
         return build(spec, seed)
@@ -393,12 +402,12 @@ class MedClipFamily(ModelFamily):
 
     def logit_scale(self, scale: float, source: str) -> tuple[float, str]:
         if scale > self.scale_max:
-            return self.scale_max, source + ", clamped to 100 as the MedCLIP authors do"
+            return self.scale_max, source + ", clamped to exp(4.6052) = 100.003 as the MedCLIP authors do"
         return scale, source
 
     def zeroshot_settings(self, ensemble: str, logit_scale: float, scale_source: str, scored_rows: str) -> dict:
         return {**super().zeroshot_settings(ensemble, logit_scale, scale_source, scored_rows),
-                "class_score": f"{ensemble} over the class's prompts of min(logit_scale, 100) * cosine"}
+                "class_score": f"{ensemble} over the class's prompts of min(logit_scale, exp(4.6052)) * cosine"}
 
 
 FAMILY = MedClipFamily()

@@ -128,14 +128,18 @@ def clip_tokenizer(context_length: int):
 
 
 class _BertPromptTokenizer:
-    """BERT WordPiece tokenization as open_clip's HFTokenizer does it: collapse whitespace, pad to the context."""
+    """BERT WordPiece tokenization as open_clip's HFTokenizer does it (BiomedCLIP's authors' code): clean the text as
+    for CLIP's BPE but keep its case (ftfy.fix_text, HTML entities unescaped twice, whitespace collapsed: its
+    ``whitespace_clean(basic_clean(text))``), pad to the context."""
 
     def __init__(self, tokenizer: Any, context_length: int):
         self.tokenizer = tokenizer
         self.context_length = context_length
 
     def __call__(self, texts: list[str]) -> torch.Tensor:
-        texts = [" ".join(t.split()) for t in texts]
+        from open_clip.tokenizer import basic_clean, whitespace_clean
+
+        texts = [whitespace_clean(basic_clean(t)) for t in texts]
         return self.tokenizer(
             texts, return_tensors="pt", max_length=self.context_length, padding="max_length", truncation=True
         ).input_ids

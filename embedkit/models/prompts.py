@@ -87,7 +87,8 @@ _AUTHORS_CLASS = {"Effusion": "Pleural Effusion"}
 # random.sample(all of a class's prompts, n) class after class in table order on the one module-level generator.
 AUTHORS_DRAWS = {
     # MedCLIP: n = 10 (README, pretraining script); the README's draw is unseeded, so embedkit records its own
-    # seed: 42, the one MedCLIP's pretraining script sets before it draws its evaluation prompts this way.
+    # seed: 42, the one MedCLIP's pretraining script sets before it draws its evaluation prompts this way. (That
+    # script's draw itself follows random.seed(1): its collator's textaugment EDA() reseeds in its constructor.)
     "chexpert-authors": (10, 42),
     # GLoRIA: n = 5 (the default its README's zero-shot example uses) after the random.seed(6) that importing
     # gloria runs, nothing drawing in between: GLoRIA's prompts exactly.

@@ -35,9 +35,14 @@ WeightsPlace = Literal["--weights", "weights-dir", "hf-cache"]
 class ReleaseFile:
     """One file of an authors' release that `embedkit models pull` fetches into the model's weights folder."""
 
-    url: str
-    sha256: str  # of the file as served: a download that does not match is deleted, never used
+    url: str  # "{hf}" stands for the Hugging Face endpoint (HF_ENDPOINT, else https://huggingface.co)
     file: str  # its name in $EMBEDKIT_WEIGHTS/<model>/
+    # Of the file as served (the archive, for a zip): a download that does not match is deleted, never used. None:
+    # the authors publish no checksum; the first pull records the digest in the folder's SHA256SUMS (sha256sum's
+    # format) and every later pull must match it; a digest the user writes there first is checked from the start.
+    sha256: str | None = None
+    pointer: bool = False  # the URL serves a one-line text file holding the download URL (MedCLIP's convention)
+    member: str | None = None  # the URL serves a zip archive: ``file`` is its member of this name (at any depth)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -158,6 +163,17 @@ OPENAI_CLIP_SOURCE = (f"https://huggingface.co/{OPENAI_CLIP_REPO} (open_clip_mod
 BIOMEDCLIP_SOURCE = f"https://huggingface.co/{BIOMEDCLIP_REPO} (all files)"
 CLINICAL_BERT_VOCAB = "vocab.txt from https://huggingface.co/emilyalsentzer/Bio_ClinicalBERT"
 MEDCLIP_SOURCE = "the MedCLIP authors' release (github.com/RyanWangZf/MedCLIP, README 'pretrained weights'): unzip"
+# MedCLIP's own download (medclip/constants.py, PRETRAINED_URL_MEDCLIP_*): a text file on GitHub whose body is the
+# URL of a zip holding pytorch_model.bin at its root. Bio_ClinicalBERT's vocabulary is on the hub.
+MEDCLIP_POINTER = "https://github.com/RyanWangZf/MedCLIP/raw/main/medclip/medclip_{}_weight.txt"
+CLINICAL_BERT_VOCAB_URL = "{hf}/emilyalsentzer/Bio_ClinicalBERT/resolve/main/vocab.txt"
+
+
+def _medclip_release(tower: str) -> tuple[ReleaseFile, ...]:
+    return (ReleaseFile(url=MEDCLIP_POINTER.format(tower), file="pytorch_model.bin", pointer=True,
+                        member="pytorch_model.bin"),
+            ReleaseFile(url=CLINICAL_BERT_VOCAB_URL, file="vocab.txt"))
+
 GLORIA_SOURCE = ("the GLoRIA authors' release (github.com/marshuang80/gloria, README 'pretrained models'); "
                  + CLINICAL_BERT_VOCAB)
 
@@ -176,12 +192,12 @@ _SPECS: list[ModelSpec] = [
     ModelSpec(name="medclip-rn50", module="medclip", config="resnet50", embed_dim=512,
               weight_files=("pytorch_model.bin", "vocab.txt"),
               weight_source=MEDCLIP_SOURCE + " medclip-pretrained.zip; " + CLINICAL_BERT_VOCAB,
-              lora_rank=4, embed_rate=(6.0, 800.0),
+              releases=_medclip_release("resnet"), lora_rank=4, embed_rate=(6.0, 800.0),
               description="MedCLIP with a ResNet-50 image tower and Bio_ClinicalBERT"),
     ModelSpec(name="medclip-vit", module="medclip", config="swin", embed_dim=512,
               weight_files=("pytorch_model.bin", "vocab.txt"),
               weight_source=MEDCLIP_SOURCE + " medclip-vit-pretrained.zip; " + CLINICAL_BERT_VOCAB,
-              embed_rate=(4.0, 500.0),
+              releases=_medclip_release("vit"), embed_rate=(4.0, 500.0),
               description="MedCLIP with a Swin-Tiny image tower ('ViT' in the paper) and Bio_ClinicalBERT"),
     ModelSpec(name="gloria", module="gloria", config="resnet50", embed_dim=768,
               weight_files=("chexpert_resnet50.ckpt", "vocab.txt"), weight_source=GLORIA_SOURCE,

@@ -21,7 +21,8 @@ RUN_KINDS = HEAD_METHODS + GPU_METHODS
 SEED_INIT = 0  # seed of --random-init weights (the same architecture draw for every regime and seed)
 # A study's runs must stay comparable: these settings are fixed once the study exists (it may grow by models,
 # methods and seeds; anything else is a new study).
-FIXED_SETTINGS = ("cohort", "random_init", "probe_epochs", "ft_epochs")
+FIXED_SETTINGS = ("cohort", "random_init", "probe_epochs", "ft_epochs", "amp", "preprocess")
+STUDY_PREPROCESSINGS = ("study", "upstream")  # per family: ModelFamily.preprocessing_for
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
@@ -48,6 +49,8 @@ class StudyConfig:
     report: str | None = None  # report folder; default <store>/../study-<name>
     ci: int = 1000  # bootstrap resamples of the report's intervals
     workers: int = 2  # DataLoader workers of the embedding and fine-tuning passes
+    amp: str = "none"  # the image passes' precision (embedding and fine-tuning): fp32 unless asked, CUDA only
+    preprocess: str = "study"  # study | upstream: each family's preprocessing of that name, else its only one
     file_text: str | None = field(default=None, repr=False)  # the study file, stored with the study
 
     def __post_init__(self) -> None:
@@ -87,6 +90,20 @@ class StudyConfig:
             raise StudyError("--weights-dir and --random-init exclude each other: a study uses one kind of weights")
         if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
             raise StudyError(f"--device must be auto, cpu or cuda[:N], not '{self.device}'")
+        if self.preprocess not in STUDY_PREPROCESSINGS:
+            raise StudyError(f"--preprocess must be one of {', '.join(STUDY_PREPROCESSINGS)}, not "
+                             f"'{self.preprocess}'")
+        self._validate_amp()
+
+    def _validate_amp(self) -> None:
+        from embedkit.constants import AMP_MODES
+        from embedkit.device import has_gpu
+
+        if self.amp not in AMP_MODES:
+            raise StudyError(f"--amp must be one of {', '.join(AMP_MODES)}, not '{self.amp}'")
+        if self.amp != "none" and not has_gpu(self.device):
+            raise StudyError(f"--amp {self.amp} is autocast on CUDA, and this study runs on the CPU (--device "
+                             f"{self.device}): drop --amp or run it on a GPU")
 
     def to_json(self) -> dict:
         """The matrix and settings as stored in the ``studies`` table (the study file's text under ``file``)."""
@@ -100,7 +117,7 @@ class StudyConfig:
 FILE_KEYS = tuple(f.name for f in fields(StudyConfig) if f.name != "file_text")
 _BOOL_KEYS = ("random_init", "cpu_ok")
 _INT_KEYS = ("probe_epochs", "ft_epochs", "ci", "workers")
-_TEXT_KEYS = ("name", "cohort", "device", "weights_dir", "images", "report")
+_TEXT_KEYS = ("name", "cohort", "device", "weights_dir", "images", "report", "amp", "preprocess")
 
 
 def _names(value: Any, key: str) -> tuple[str, ...]:

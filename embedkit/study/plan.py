@@ -166,15 +166,28 @@ def _known_weights(store: Store, config: StudyConfig, model: str) -> tuple[str |
     return None, str(path), None
 
 
-def _embedded(store: Store, model: str, weights_id: str | None, config: StudyConfig, facts: _CohortFacts) -> bool:
-    """Every cohort row has a vector for these weights, and the prompts are there."""
+def _embedded(store: Store, model: str, weights_id: str | None, config: StudyConfig,
+              facts: _CohortFacts) -> tuple[bool, str | None]:
+    """(every cohort row has a vector for these weights and the prompts are there, why the stored vectors do not
+    suit this study: computed with other amp / preprocess settings, or None)."""
+    from embedkit.embed import EmbeddingSettings, embedding_settings
+    from embedkit.models.registry import get_spec
     from embedkit.store.store import prompts_table
 
     if weights_id is None or not facts.imported or not store.has(embeddings_table(model)):
-        return False
+        return False, None
     where = f"{sql_eq('weights_id', weights_id)} AND {sql_eq('cohort', config.cohort)}"
     have = set(store.read(embeddings_table(model), where, ["row_id"])["row_id"].to_pylist())
-    return facts.row_ids <= have and store.count(prompts_table(model), sql_eq("weights_id", weights_id)) > 0
+    if not have:
+        return False, None
+    stored = embedding_settings(store, model, weights_id, config.cohort)
+    wanted = EmbeddingSettings(config.amp, get_spec(model).family.preprocessing_for(config.preprocess))
+    if not stored.same_as(wanted):
+        return False, (f"the stored {model} vectors ({weights_id}, cohort {config.cohort}) were computed with "
+                       f"{stored.describe()}, and this study asks for {wanted.describe()}: re-embed them with "
+                       f"`embedkit embed --model {model} --cohort {config.cohort} --force --amp {wanted.amp} "
+                       f"--preprocess {wanted.preprocess}`, or run the study with the stored settings")
+    return facts.row_ids <= have and store.count(prompts_table(model), sql_eq("weights_id", weights_id)) > 0, None
 
 
 def _rate(model: str, gpu: bool) -> float:
@@ -217,10 +230,11 @@ def plan_study(store: Store, config: StudyConfig) -> list[Step]:
         weights_id, source, problem = _known_weights(store, config, model)
         weights[model] = weights_id
         step = Step("embed", model, None, weights_id, f"embed|{model}|{weights_id or source}|{config.cohort}")
+        done, problem = (False, problem) if problem else _embedded(store, model, weights_id, config, facts)
         if problem:
             step.status, step.note = "blocked", problem
             blocked_models[model] = f"waits for 'embed {model}', which is blocked"
-        elif _embedded(store, model, weights_id, config, facts):
+        elif done:
             step.status, step.note = "done", f"weights_id {weights_id}"
         else:
             step.note = (f"weights_id {weights_id}" if weights_id else
