@@ -159,6 +159,8 @@ def data_import(
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Check every image exists and decodes"),
     skip_bad: bool = typer.Option(False, help="Import the good rows and record the bad ones in the rejects table"),
     manifest_out: Optional[Path] = typer.Option(None, help="Also write the cohort as CSV here"),
+    allow_outside_images: bool = typer.Option(False, help="Accept image paths that lead outside --images ('..', "
+                                                          "absolute paths, symlinks); refused by default"),
 ) -> None:
     """Import any other dataset (CheXpert-, MIMIC-, PadChest-style CSV) mapped onto embedkit's fields."""
     from embedkit.data.build import import_rows
@@ -166,8 +168,8 @@ def data_import(
 
     frame = read_manifest(manifest, parse_mapping(map_))
     allowed = tuple(c.strip() for c in classes.split(",")) if classes else None
-    _imported(ctx, import_rows(get_store(ctx), frame, cohort, images, allowed, verify=verify, skip_bad=skip_bad),
-              manifest_out)
+    _imported(ctx, import_rows(get_store(ctx), frame, cohort, images, allowed, verify=verify, skip_bad=skip_bad,
+                               allow_outside_images=allow_outside_images), manifest_out)
 
 
 @data_app.command("synth")
@@ -770,11 +772,17 @@ def demo_cmd(
 
     from embedkit.demo import run_demo
 
+    import shlex
+
     start = time.perf_counter()
     result = run_demo(out, models=tuple(m.strip() for m in models.split(",") if m.strip()), bias=bias or None,
                       ci=ci, epochs=epochs)
-    typer.echo(f"demo finished in {time.perf_counter() - start:.0f} s: store {result.store.path}, "
-               f"report {result.report} (open it in a browser; Markdown beside it)")
+    typer.echo(f"demo finished in {time.perf_counter() - start:.0f} s")
+    typer.echo("the report (open it in a browser; report.md beside it):")
+    typer.echo(f"  {result.report}")
+    # Last: the command that points every verb of the tour (data info, runs, fairness, sql, ...) at the demo's store.
+    typer.echo("to go on with the demo's store (embedkit data info, runs, fairness, sql ...):")
+    typer.echo(f"export {STORE_ENV}={shlex.quote(str(result.store.path.resolve()))}")
 
 
 # ---- study -------------------------------------------------------------------------------------------------------

@@ -24,6 +24,10 @@ SEXES: tuple[str, ...] = ("M", "F")
 # Groups (or a gap's smallest group) under this many rows are flagged in tables and reports: their values swing.
 MIN_GROUP_N = 30
 SPLITS: tuple[str, ...] = ("train", "val", "test")
+# The split a run's predictions record for rows the cohort gives none (zero-shot scores every row; trained heads
+# need train and val rows). Never a split of a manifest: import accepts only SPLITS.
+NO_SPLIT = "none"
+SCORED_SPLITS: tuple[str, ...] = (*SPLITS, NO_SPLIT)
 
 # What a run can be: heads off stored vectors, then fine-tuning regimes streaming images (the CLI's choices too).
 HEADS: tuple[str, ...] = ("lp", "mlp", "logreg")
@@ -52,9 +56,19 @@ COHORT_COLUMNS: tuple[str, ...] = (
 # Manifest CSVs hold a row's list of labels in one cell, joined by this.
 LABEL_SEPARATOR = "|"
 
+# The weights_id of weights built by --random-init: random-init:<model>:<seed>. Every table of their numbers says so.
+RANDOM_INIT_PREFIX = "random-init:"
+RANDOM_WEIGHTS_NOTE = ("ran with random weights (--random-init), not released weights: their numbers test the "
+                       "pipeline and say nothing about the released models")
+
 DEFAULT_STORE = "embedkit-store"
 STORE_ENV = "EMBEDKIT_STORE"
 WEIGHTS_ENV = "EMBEDKIT_WEIGHTS"
+
+
+def is_random_weights(weights_id: str | None) -> bool:
+    """True for weights built by --random-init, never for released weights."""
+    return bool(weights_id) and str(weights_id).startswith(RANDOM_INIT_PREFIX)
 
 
 def age_group(age: float | int | None, old_from: int = AGE_OLD_FROM) -> str | None:

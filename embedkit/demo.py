@@ -3,6 +3,10 @@
 Synthetic X-rays for the NIH 6x200 cohort (its real ages and sexes) with a planted bias, embedded by tiny models
 of each family at random init; zero-shot, linear-probe and MLP runs off the stored vectors; the fairness table;
 the report. Everything lands in one folder (store, images, report) so the demo never touches a user's store.
+
+Every stage says when it starts and ends, and the embedding pass how far it got at least every
+PROGRESS_SECONDS: one plain line each, at most STATUS_WIDTH characters, so a pipe or a log shows them as they
+come, unwrapped.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from embedkit.store.store import Store
 DEMO_MODELS = ("tiny-clip", "tiny-biomedclip", "tiny-medclip-rn50", "tiny-medclip-vit", "tiny-gloria")
 DEMO_METHODS = ("zeroshot", "lp", "mlp")
 DEMO_BIAS = "sex=F:signal=0.3"
+STATUS_WIDTH = 80
+PROGRESS_SECONDS = 10.0
 
 
 @dataclass
@@ -26,10 +32,26 @@ class DemoResult:
     steps: list[tuple[str, float]] = field(default_factory=list)
 
 
-def _say(message: str) -> None:
-    from rich.console import Console
+def _say(stage: str, message: str) -> None:
+    """One status line, ``stage`` in a column of its own, cut to STATUS_WIDTH (a long name must not wrap it)."""
+    line = f"{stage:<9} {message}"
+    print(line if len(line) <= STATUS_WIDTH else line[: STATUS_WIDTH - 1] + "…", flush=True)
 
-    Console(stderr=False, highlight=False).print(message)
+
+def _embed_progress(name: str):
+    """The embedding pass's lines: its start, then images done at most every PROGRESS_SECONDS, and the last batch."""
+    start = time.perf_counter()
+    last = [-float("inf")]
+
+    def report(done: int, total: int) -> None:
+        now = time.perf_counter()
+        if done not in (0, total) and now - last[0] < PROGRESS_SECONDS:
+            return
+        last[0] = now
+        rate = f", {done / (now - start):.1f} img/s" if done else ""
+        _say("embed", f"{name}: {done}/{total} images ({100 * done // max(total, 1)}%){rate}, {now - start:.0f} s")
+
+    return report
 
 
 def run_demo(
@@ -57,22 +79,24 @@ def run_demo(
     store = Store(out / "store")
     result = DemoResult(store, out / "report" / "report.html")
 
-    def step(name: str, start: float) -> None:
-        result.steps.append((name, time.perf_counter() - start))
-        _say(f"[green]done[/green] {name} ({result.steps[-1][1]:.1f} s)")
+    def step(stage: str, name: str, start: float, what: str = "done") -> None:
+        result.steps.append((f"{stage} {name}", time.perf_counter() - start))
+        _say(stage, f"{name}: {what} ({result.steps[-1][1]:.1f} s)")
 
+    _say("demo", f"{len(models)} tiny model(s) at random init, {', '.join(methods)}; into {out}")
     start = time.perf_counter()
     if SYNTHETIC_COHORT not in cohort_names(store):
+        _say("cohort", f"drawing 1200 synthetic X-rays, planted bias {bias or 'none'}")
         import_synthetic(store, out / "images", size=size, seed=seed, bias=bias)
-    step(f"synthetic NIH 6x200 cohort, 1200 images, planted bias: {bias or 'none'}", start)
+    step("cohort", SYNTHETIC_COHORT, start, "1200 rows in the store")
 
     for name in models:
         start = time.perf_counter()
         spec = get_spec(name)
         model, weights_id, source = instantiate(spec, random_init=True, seed=seed)
         summary = embed_cohort(store, spec, model, weights_id, source, SYNTHETIC_COHORT, device="auto",
-                               workers=workers, progress=False)
-        step(f"embed {name}: {summary.line()}", start)
+                               workers=workers, progress=_embed_progress(name))
+        step("embed", name, start, f"{summary.images} images embedded, {summary.skipped} already there")
 
     done = {(r["model"], r["method"]) for r in select_runs(store).to_pylist()}
     import torch
@@ -80,24 +104,28 @@ def run_demo(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # heads are small: one thread avoids the threads waiting on each other at every step
     for name in models:
-        start = time.perf_counter()
         for method in methods:
             if (name, method) in done:
+                _say("heads", f"{name} {method}: already in the store")
                 continue
+            start = time.perf_counter()
             if method == "zeroshot":
                 run = run_zeroshot(store, name, cohort=SYNTHETIC_COHORT)
             else:
+                _say("heads", f"{name} {method}: training, {epochs} epochs")
                 run = run_probe(store, name, HeadConfig(head=method, epochs=epochs), seed=77, cohort=SYNTHETIC_COHORT)
             result.run_ids.append(run["run_id"])
-        step(f"heads {name}: {', '.join(methods)}", start)
+            step("heads", f"{name} {method}", start)
     torch.set_num_threads(threads)
 
     start = time.perf_counter()
+    _say("fairness", f"the table: {ci} bootstrap resamples per run")
     _print_fairness(store, ci, seed)
-    step("fairness table", start)
+    step("fairness", "table", start)
     start = time.perf_counter()
+    _say("report", f"writing {out / 'report'} ({ci} bootstrap resamples)")
     result.report = build_report(store, out / "report", ci=ci, seed=seed, title="embedkit demo: synthetic cohort")
-    step("report", start)
+    step("report", "report.html and report.md", start)
     return result
 
 
@@ -135,3 +163,6 @@ def _print_fairness(store: Store, ci: int, seed: int) -> None:
     if not console.is_terminal:  # a log file or a pipe: do not squeeze the table into 80 columns
         console = Console(width=160)
     console.print(table)
+    note = fairness_table.random_weights_note(runs)
+    if note:
+        console.print(note)

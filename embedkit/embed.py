@@ -18,6 +18,7 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -291,11 +292,14 @@ def embed_cohort(
     force: bool = False,
     extra_prompt_sets: list[str] | None = None,
     chunk_images: int = 256,
-    progress: bool = True,
+    progress: bool | Callable[[int, int], None] = True,
     amp: str = "none",
     preprocess: str | None = None,
 ) -> EmbedSummary:
     """Embed every row of ``cohort`` not yet embedded with ``weights_id`` (all rows with ``force``), and the prompts.
+
+    ``progress``: a progress bar (True), none (False), or a callable given (images done, images to do) once before
+    the first batch and after every batch, for callers that print their own lines (the demo, into a pipe).
 
     ``amp``: ``none`` (fp32), or ``bf16`` / ``fp16`` autocast of the image pass (CUDA only; refused elsewhere);
     ``preprocess``: one of the family's preprocessings (None: its default). Both are recorded with the vectors;
@@ -321,7 +325,8 @@ class ToEmbed:
 
 def embed_models(store: Store, models: list[ToEmbed], cohort: str, device: str = "auto", batch_size: int = 64,
                  workers: int = 2, force: bool = False, extra_prompt_sets: list[str] | None = None,
-                 chunk_images: int = 256, progress: bool = True, amp: str = "none") -> list[EmbedSummary]:
+                 chunk_images: int = 256, progress: bool | Callable[[int, int], None] = True,
+                 amp: str = "none") -> list[EmbedSummary]:
     """:func:`embed_cohort` for several models at once: each image is decoded once and given to every model that
     lacks it, through that model's own preprocessing (the same tensor a one-model pass feeds it); each model's
     vectors go to its own table in its own chunks, written as a one-model pass writes them."""
@@ -443,7 +448,7 @@ class _ThreadBudget:
 
 
 def _embed_paths(store: Store, passes: list[_ModelPass], paths: list[str], dev: torch.device, batch_size: int,
-                 workers: int, chunk_images: int, progress: bool, amp: str) -> None:
+                 workers: int, chunk_images: int, progress: bool | Callable[[int, int], None], amp: str) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     wanted = [set(one.paths) for one in passes]
@@ -461,8 +466,13 @@ def _embed_paths(store: Store, passes: list[_ModelPass], paths: list[str], dev: 
     threads = _ThreadBudget(dev, workers)
     start = time.perf_counter()
     try:
-        with Progress(*columns, disable=not progress, transient=False) as bar, torch.inference_mode():
+        report = progress if callable(progress) else None
+        decoded = 0
+        with Progress(*columns, disable=not progress or report is not None, transient=False) as bar, \
+                torch.inference_mode():
             tasks = [bar.add_task(one.spec.name.ljust(width), total=len(one.paths), rate=0.0) for one in passes]
+            if report:
+                report(0, len(paths))
             batches = iter(loader)
             while True:
                 waited = time.perf_counter()
@@ -488,6 +498,9 @@ def _embed_paths(store: Store, passes: list[_ModelPass], paths: list[str], dev: 
                     if one.pending >= chunk_images:
                         _flush(store, one, paths)
                 threads.observe(computing - waited, time.perf_counter() - computing)
+                decoded += len(index)
+                if report:
+                    report(decoded, len(paths))
             for one in passes:
                 _flush(store, one, paths)
     finally:

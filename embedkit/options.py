@@ -15,7 +15,8 @@ from typing import Any, Optional
 
 import typer
 
-from embedkit.constants import AMP_MODES, FINETUNE_METHODS, HEADS, LORA_PRESETS, LR_SCHEDULES, RUN_METHODS, SPLITS
+from embedkit.constants import (AMP_MODES, FINETUNE_METHODS, HEADS, LORA_PRESETS, LR_SCHEDULES, RUN_METHODS,
+                                SCORED_SPLITS)
 
 
 def _choices(name: str, values: tuple[str, ...], doc: str) -> type[Enum]:
@@ -24,7 +25,7 @@ def _choices(name: str, values: tuple[str, ...], doc: str) -> type[Enum]:
     return choice
 
 
-Split = _choices("Split", SPLITS, "A cohort's split.")
+Split = _choices("Split", SCORED_SPLITS, "A split predictions were scored on (none: rows the cohort gives no split).")
 Head = _choices("Head", HEADS, "A trained head off the stored vectors.")
 Method = _choices("Method", RUN_METHODS, "What produced a run: a filter of `runs`, `fairness` and `report`.")
 FinetuneMethod = _choices("FinetuneMethod", FINETUNE_METHODS, "Fine-tuning regimes.")

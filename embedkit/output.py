@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import json
 import sys
+import textwrap
 from enum import Enum
 from typing import Any
 
 import typer
+
+from embedkit.constants import NO_SPLIT, RANDOM_WEIGHTS_NOTE
 
 
 class OutputFormat(str, Enum):
@@ -67,9 +70,11 @@ def _parsed(value: Any) -> Any:
 def run_line(run: dict) -> str:
     """One line per run: id, what ran, and test (else val) accuracy and macro-F1."""
     metrics = _parsed(run["metrics"])
-    split = "test" if "test" in metrics else next((s for s in ("val", "train") if s in metrics), None)
+    split = _scored_split(metrics)
     score = (f"{split} accuracy {metrics[split]['accuracy']:.4f}, macro-F1 {metrics[split]['macro_f1']:.4f}"
              if split else "no labelled rows")
+    if split == NO_SPLIT:
+        score = score.removeprefix(f"{split} ") + " (rows without a split)"
     again = " (already recorded: same inputs, settings and seed; nothing new stored)" if run.get("already_recorded") \
         else ""
     return (f"run {run['run_id']}: {run['method']} {run['model']} on {run['cohort']} "
@@ -89,21 +94,38 @@ def print_run(run: dict, as_json: bool) -> None:
         typer.echo(run_line(run))
 
 
+def _scored_split(metrics: dict) -> str | None:
+    """The split a run's one-line summaries show: test, else val, train, or the rows without a split."""
+    return next((s for s in ("test", "val", "train", NO_SPLIT) if s in metrics), None)
+
+
 def print_runs(runs: list[dict], where: str) -> None:
-    """`embedkit runs`: one table row per run (newest first) with its test accuracy and macro-F1."""
+    """`embedkit runs`: one row per run (newest first), its method and accuracy and macro-F1 on its test split (else
+    the split it has); narrow enough for 80 columns: random weights mark the model with *, the rest is in --json."""
     from rich.console import Console
     from rich.table import Table
+
+    from embedkit.constants import is_random_weights
 
     def score(value) -> str:
         return f"{value:.3f}" if isinstance(value, (int, float)) else "-"
 
-    table = Table(title=f"{len(runs)} runs in {where} (newest first; --json for configs and all metrics)")
+    typer.echo(textwrap.fill(f"{len(runs)} run(s) in {where}, newest first (--json: weights, seeds, configs, every "
+                             "metric)", 80, break_long_words=False, break_on_hyphens=False))
+    table = Table(box=None, pad_edge=False, padding=(0, 1, 0, 0), header_style="bold")
     table.add_column("run_id", no_wrap=True)
-    for col in ("model", "cohort", "weights_id", "seed", "test acc", "test F1"):
+    for col in ("method", "model", "cohort", "split"):
         table.add_column(col, overflow="fold")
+    for col in ("acc", "F1"):
+        table.add_column(col, justify="right", no_wrap=True)
+    random = False
     for r in runs:
-        test = r["metrics"].get("test", {})
-        seed = "-" if r["seed"] is None else str(r["seed"])
-        table.add_row(r["run_id"], r["model"], r["cohort"], r["weights_id"], seed, score(test.get("accuracy")),
-                      score(test.get("macro_f1")))
+        split = _scored_split(r["metrics"])
+        scores = r["metrics"].get(split, {}) if split else {}
+        mark = "*" if is_random_weights(r["weights_id"]) else ""
+        random = random or bool(mark)
+        table.add_row(r["run_id"], r["method"], r["model"] + mark, r["cohort"], split or "-",
+                      score(scores.get("accuracy")), score(scores.get("macro_f1")))
     Console().print(table)
+    if random:
+        typer.echo(textwrap.fill(f"* the model {RANDOM_WEIGHTS_NOTE}", 80, subsequent_indent="  "))

@@ -96,17 +96,18 @@ def _png_header_only(path, width: int, height: int) -> None:
                      + chunk(b"IEND", b""))
 
 
-def test_decompression_bombs_and_strips_are_rejected_rows_not_crashes(tmp_path):
+def test_decompression_bombs_strips_and_corrupt_files_are_rejected_rows_not_crashes(tmp_path):
     from PIL import Image
 
     from conftest import write_cohort_images
 
     folder = tmp_path / "images"
     frame = write_cohort_images(folder, n_per_class=2)
-    bomb, strip, large = frame["image_id"][0], frame["image_id"][1], frame["image_id"][2]
+    bomb, strip, large, corrupt = (frame["image_id"][i] for i in range(4))
     _png_header_only(folder / bomb, 30000, 30000)  # past PIL's own bomb limit
     _png_header_only(folder / large, 9000, 9000)  # below PIL's, above a radiograph's
     Image.new("L", (1, 40000)).save(folder / strip)
+    (folder / corrupt).write_bytes((folder / corrupt).read_bytes()[:60])  # a PNG cut short
     manifest = tmp_path / "m.csv"
     frame.to_csv(manifest, index=False)
     store = tmp_path / "s"
@@ -119,7 +120,9 @@ def test_decompression_bombs_and_strips_are_rejected_rows_not_crashes(tmp_path):
     assert "decompression bomb" in rejects[bomb]
     assert "1 x 40000 pixels: one side is more than" in rejects[strip]
     assert "9000 x 9000 pixels, over the limit of 64 megapixels" in rejects[large]
-    assert Store(store).count("images") == len(frame) - 3
+    assert f"cannot decode image {folder / corrupt}" in rejects[corrupt]
+    assert set(rejects) == {bomb, strip, large, corrupt}
+    assert Store(store).count("images") == len(frame) - 4
     # without verification the pass meets the bomb itself: one line, from a worker process too
     unverified = tmp_path / "u"
     assert _embedkit("--store", str(unverified), "data", "import", str(manifest), "--images", str(folder), "--cohort",
@@ -154,14 +157,47 @@ def test_paths_that_leave_the_images_folder_are_rejected(tmp_path):
     folder.mkdir()
     outside = tmp_path / "outside.png"
     outside.write_bytes(b"x")
+    (folder / "link.png").symlink_to(outside)  # inside by name, outside once resolved
+    (folder / "d.png").write_bytes(b"x")
+    (folder / "inner.png").symlink_to(folder / "d.png")  # a symlink that stays inside is fine
     rows = [{"image_id": "a.png", "path": "../outside.png"}, {"image_id": "b.png", "path": str(outside)},
-            {"image_id": "../outside.png"}, {"image_id": "c.png", "path": "sub/../c.png"}]
+            {"image_id": "../outside.png"}, {"image_id": "link.png"}, {"image_id": "c.png", "path": "sub/../c.png"},
+            {"image_id": "inner.png"}]
     frame = pd.DataFrame([{**r, "label": "Effusion", "age": 40, "sex": "F"} for r in rows])
     validated = validate_cohort(frame, "c", images_dir=folder, verify_images=False)
     reasons = {r.image_id: r.reason for r in validated.rejects}
-    assert set(reasons) == {"a.png", "b.png", "../outside.png"}
-    assert all("lies outside the images folder" in r for r in reasons.values())
-    assert validated.rows["path"].tolist() == [str(folder.resolve() / "c.png")]  # normalised, inside
+    assert set(reasons) == {"a.png", "b.png", "../outside.png", "link.png"}
+    assert all("lies outside the images folder" in r and "--allow-outside-images" in r for r in reasons.values())
+    inside = [str(folder.resolve() / "c.png"), str(folder.resolve() / "inner.png")]
+    assert validated.rows["path"].tolist() == inside  # normalised, inside
+    allowed = validate_cohort(frame, "c", images_dir=folder, verify_images=False, allow_outside_images=True)
+    assert not allowed.rejects and len(allowed.rows) == len(rows)
+
+
+def test_oversized_cells_are_rejected_rows_and_stored_reasons_are_bounded(store):
+    import pandas as pd
+
+    from embedkit.data.cohort import (MAX_FIELD_CHARS, MAX_REASON_CHARS, import_cohort, validate_cohort)
+
+    huge = "Effusion" * 1_000_000  # an 8 MB label
+    rows = [{"image_id": "a.png", "label": huge, "age": 40, "sex": "M"},
+            {"image_id": "b" * 10_000 + ".png", "label": "Edema", "age": 40, "sex": "M"},
+            {"image_id": "c.png", "label": "Edema", "age": "x" * 5000, "sex": "M", "note": "n" * 100},
+            {"image_id": "d.png", "label": "Effusion", "age": 40, "sex": "F", "note": "n" * 100_000},
+            {"image_id": "e.png", "label": "Edema", "age": 50, "sex": "F"},
+            {"image_id": "f.png", "label": "Effusion", "age": 50, "sex": "F"}]
+    validated = validate_cohort(pd.DataFrame(rows), "c", classes=("Edema", "Effusion"), verify_images=False)
+    reasons = {r.line: r.reason for r in validated.rejects}
+    assert sorted(reasons) == [1, 2, 3, 4]
+    assert reasons[1].startswith(f"column 'label' holds 8000000 characters, more than the {MAX_FIELD_CHARS}")
+    assert reasons[2].startswith("column 'image_id' holds 10004 characters")
+    assert reasons[4].startswith("column 'note' holds 100000 characters, more than the 65536")
+    assert all(len(r) <= MAX_REASON_CHARS for r in reasons.values()) and reasons[1].endswith("…")
+    assert sorted(validated.rows["label"]) == ["Edema", "Effusion"]  # never a class
+    import_cohort(store, validated, "c", skip_bad=True)
+    stored = store.read("rejects").to_pylist()
+    assert max(len(r["reason"]) for r in stored) <= MAX_REASON_CHARS
+    assert max(len(r["image_id"]) for r in stored) <= 200
 
 
 def test_a_missing_cuda_device_is_a_device_error_with_its_message(monkeypatch):

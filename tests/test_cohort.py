@@ -161,3 +161,28 @@ def test_decode_real_images(tmp_path):
     assert decode_image(folder / "00000001_000.png").mode == "L"
     rgb = decode_image(folder / "16747_3_1.jpg")
     assert rgb.mode == "RGB" and rgb.size == (1036, 885)
+
+
+@pytest.mark.parametrize("orientation, transpose", [(6, Image.Transpose.ROTATE_270), (8, Image.Transpose.ROTATE_90)])
+def test_exif_orientation_is_applied_before_every_models_preprocessing(tmp_path, orientation, transpose):
+    import torch
+
+    from embedkit.embed import ImageFiles, MultiImageFiles
+    from embedkit.models.registry import MODELS, get_spec
+
+    rng = np.random.default_rng(0)
+    exif = Image.Exif()
+    exif[0x0112] = orientation  # Orientation
+    path = tmp_path / "rotated.jpg"
+    Image.fromarray(rng.integers(0, 255, (24, 40, 3), dtype=np.uint8)).save(path, exif=exif.tobytes())
+    with Image.open(path) as raw:  # the pixels as stored, and as a viewer shows them
+        assert raw.getexif()[0x0112] == orientation
+        shown = raw.convert("RGB").transpose(transpose)
+    decoded = decode_image(path)
+    assert decoded.size == (24, 40) and np.array_equal(np.asarray(decoded), np.asarray(shown))
+    transforms = [get_spec(name).build(seed=0).image_transform() for name in sorted(n for n in MODELS
+                                                                                     if n.startswith("tiny-"))]
+    _, per_model = MultiImageFiles([str(path)], transforms, [(True,) * len(transforms)])[0]  # the embedding pass
+    for transform, pixels in zip(transforms, per_model):
+        assert torch.equal(pixels, transform(shown))
+        assert torch.equal(ImageFiles([str(path)], transform)[0][1], pixels)  # fine-tuning's dataset

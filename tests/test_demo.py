@@ -58,3 +58,37 @@ def test_planted_bias_gives_a_gap_excluding_zero_and_none_without_it(tmp_path):
     assert biased["group_or_gap"] == "M-F"
     assert biased["value"] > 0.1 and biased["ci_low"] > 0
     assert fair["ci_low"] < 0 < fair["ci_high"]
+
+
+def test_status_lines_fit_80_columns_and_the_pass_reports_progress_as_it_goes(monkeypatch, capsys):
+    from embedkit import demo
+
+    clock = iter([0.0, 0.0, 4.0, 11.0, 12.0, 30.0])  # progress made, then each call's time.perf_counter()
+    monkeypatch.setattr(demo.time, "perf_counter", lambda: next(clock))
+    report = demo._embed_progress("tiny-a-model-name-long-enough-to-need-cutting-" * 2)
+    for done in (0, 64, 128, 192, 1200):  # 4 s: too soon for a line; 11 s: one; 12 s: too soon; the last batch
+        report(done, 1200)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and all(len(line) <= demo.STATUS_WIDTH for line in lines), lines
+    assert lines[0].startswith("embed     tiny-a-model") and lines[-1].endswith("…")
+    demo._say("embed", "tiny-clip: 128/1200 images (10%), 11.6 img/s, 11 s")
+    assert capsys.readouterr().out == "embed     tiny-clip: 128/1200 images (10%), 11.6 img/s, 11 s\n"
+
+
+@pytest.mark.slow
+def test_cli_demo_says_every_stage_and_ends_with_the_command_for_its_store(tmp_path, monkeypatch, capsys):
+    from conftest import main_cli
+
+    out = tmp_path / "demo"
+    code, stdout, stderr = main_cli(monkeypatch, capsys, "demo", "--out", str(out), "--models", "tiny-clip",
+                                    "--ci", "0", "--epochs", "1")
+    assert code == 0, stderr
+    lines = stdout.splitlines()
+    stages = [line.split()[0] for line in lines if line[:9].strip() in ("demo", "cohort", "embed", "heads",
+                                                                       "fairness", "report")]
+    assert stages[0] == "demo" and {"cohort", "embed", "heads", "fairness", "report"} <= set(stages)
+    assert any(line.startswith("embed     tiny-clip: 1200/1200 images (100%)") for line in lines)
+    status = [line for line in lines if line[:9].strip() in set(stages)]
+    assert all(len(line) <= 80 for line in status), status
+    assert "note: tiny-clip ran with random weights (--random-init)" in stdout
+    assert lines[-1] == f"export EMBEDKIT_STORE={(out / 'store').resolve()}"

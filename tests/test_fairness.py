@@ -459,6 +459,21 @@ def test_other_image_columns_are_attributes(store):
     assert rows == [("toy", 360)]
 
 
+def test_boolean_and_few_valued_number_columns_are_attributes_and_continuous_ones_are_refused(store, frame):
+    con = db.connect(store, ["correct", "y_true", "split"])  # columns group_rows also carries, of other types
+    rows = con.sql("SELECT attribute, group_or_gap, value, n FROM fairness_summary WHERE metric = 'accuracy' "
+                   "AND run_id = 'run-a' AND split = 'test' AND attribute <> 'all'").fetchall()
+    test = frame[frame["run_id"] == "run-a"]
+    hits = int(test["correct"].sum())
+    got = {(a, g): (v, n) for a, g, v, n in rows}
+    assert got[("correct", "true")] == (1.0, hits) and got[("correct", "false")] == (0.0, len(test) - hits)
+    assert got[("split", "test")] == (pytest.approx(hits / len(test)), len(test))
+    assert sum(n for (a, _), (_, n) in got.items() if a == "y_true") == len(test)
+    with pytest.raises(db.FairnessError, match=r"^--by age: 'age' is a number with \d+ distinct values.*"
+                                                r"slice by age_group \(old from 60\)"):
+        db.connect(store, ["sex", "age"])
+
+
 # ---- CLI -----------------------------------------------------------------------------------------------------------
 
 
@@ -524,6 +539,21 @@ def test_cli_fairness_table_flags_small_groups(store):
     for cell in ("old_F", "old_M", "young_F", "young_M"):
         n = sizes[("age_group_sex", cell, "accuracy")][1]
         assert f"{cell} (n={n}){' ' + SMALL_FLAG if n < 95 else ''}" in out
+
+
+def test_cli_fairness_tables_say_when_weights_are_random(store, tmp_path):
+    assert "random weights" not in _cli("--store", str(store.path), "fairness", "--run", "run-a", "--ci", "0").output
+    rng = np.random.default_rng(3)
+    images = _images(40, 0, rng)
+    s = Store(tmp_path / "store")
+    s.upsert("images", pa.Table.from_pandas(images, schema=schemas.IMAGES, preserve_index=False), ["row_id"],
+             schemas.IMAGES)
+    s.write_run({"run_id": "run-r", "model": "toy", "method": "zeroshot", "weights_id": "random-init:toy:0",
+                 "config": {"classes": list(NIH_CLASSES)}}, _predictions(images, "run-r", rng, False))
+    result = _cli("--store", str(s.path), "fairness", "--ci", "0", "--by", "sex")
+    assert result.exit_code == 0, result.output
+    assert result.output.strip().splitlines()[-1].startswith(
+        "note: toy ran with random weights (--random-init), not released weights: their numbers test the pipeline")
 
 
 def test_cli_fairness_unknown_run(store):

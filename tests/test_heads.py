@@ -300,8 +300,17 @@ def test_cli_lists_filters_and_deletes_runs(clip_store):
     assert {r["run_id"] for r in listing} == {zs_id, lp_id}
     only_lp = json.loads(runner.invoke(app, [*base, "runs", "--method", "lp", "--json"]).output)
     assert [r["run_id"] for r in only_lp] == [lp_id] and only_lp[0]["config"]["hidden"] == 16
-    table = runner.invoke(app, [*base, "runs"])
-    assert table.exit_code == 0 and "2 runs in" in table.output
+    table = runner.invoke(app, [*base, "runs"], env={"COLUMNS": "80"})  # piped, as CliRunner's output is
+    assert table.exit_code == 0 and "2 run(s) in" in table.output
+    lines = table.output.splitlines()
+    assert max(map(len, lines)) <= 80, table.output
+    header = next(line for line in lines if line.startswith("run_id"))
+    assert header.split() == ["run_id", "method", "model", "cohort", "split", "acc", "F1"]
+    row = next(line for line in lines if line.startswith(lp_id)).split()
+    assert row[1:5] == ["lp", "tiny-clip*", "synth", "test"]  # * = random weights, said below the table
+    assert lines[-2].startswith("* the model ran with random weights (--random-init)")
+    lp_run = next(r for r in list_runs(store) if r["run_id"] == lp_id)
+    assert row[5:] == [f"{lp_run['metrics']['test'][m]:.3f}" for m in ("accuracy", "macro_f1")]
     out = runner.invoke(app, [*base, "runs", "delete", lp_id])
     assert out.exit_code == 0 and "1200 predictions" in out.output
     out = runner.invoke(app, [*base, "runs", "delete", zs_id])
@@ -310,3 +319,18 @@ def test_cli_lists_filters_and_deletes_runs(clip_store):
     assert list_runs(store) == [] and store.count("predictions") == 0
     bad = runner.invoke(app, [*base, "runs", "delete", "nope"])
     assert bad.exit_code != 0 and isinstance(bad.exception, StoreError)
+
+
+def test_a_cohort_without_splits_is_scored_zero_shot_and_refused_by_trained_heads(clip_store):
+    store, data = clip_store
+    images = [{name: r.get(name) for name in schemas.IMAGES.names} | {"labels": [r["label"]], "split": None}
+              for r in data["rows"]]  # the same cohort imported from a manifest without a split column
+    store.upsert("images", pa.Table.from_pylist(images, schema=schemas.IMAGES), ["row_id"], schemas.IMAGES)
+    run = run_zeroshot(store, "tiny-clip")
+    pred = _predictions(store, run["run_id"])
+    assert len(pred["row_id"]) == 1200 and set(pred["split"]) == {"none"}  # every row scored, recorded as no split
+    metrics = json.loads(run["metrics"])
+    assert set(metrics) == {"none"} and metrics["none"]["n"] == 1200
+    assert metrics["none"]["accuracy"] == pytest.approx(float(np.mean(pred["y_pred"] == pred["y_true"])))
+    with pytest.raises(HeadsError, match=r"cohort 'synth' has no split column .* add a split column \(train/val/test\)"):
+        run_probe(store, "tiny-clip", HeadConfig("lp", **FAST), seed=1)

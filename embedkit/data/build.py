@@ -45,10 +45,10 @@ class SyntheticCohort(BuiltCohort):
 
 def import_rows(store: Store, frame: pd.DataFrame, cohort: str, images: str | Path | None = None,
                 classes: tuple[str, ...] | None = None, allow_repeats: bool = False, verify: bool = True,
-                skip_bad: bool = False) -> BuiltCohort:
+                skip_bad: bool = False, allow_outside_images: bool = False) -> BuiltCohort:
     """Validate ``frame`` as cohort ``cohort`` and import it (see :func:`validate_cohort`, :func:`import_cohort`)."""
     validated = validate_cohort(frame, cohort, images_dir=images, classes=classes, allow_repeats=allow_repeats,
-                                verify_images=verify)
+                                verify_images=verify, allow_outside_images=allow_outside_images)
     return BuiltCohort(validated.rows, import_cohort(store, validated, cohort, skip_bad=skip_bad))
 
 

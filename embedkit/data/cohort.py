@@ -29,17 +29,32 @@ MANIFEST_COLUMNS: tuple[str, ...] = ("image_id", "label", "labels", "patient_id"
 # Fields a manifest maps onto; image_id and at least one of label/labels are required.
 FIELDS = ("image_id", "path", "label", "labels", "age", "sex", "view", "patient_id", "split")
 _SEX_VALUES = {"m": "M", "male": "M", "f": "F", "female": "F"}
+# The most characters a cell may hold: a field (ids, labels, paths: a few dozen in practice) or another column
+# (free text travels in extra). A longer cell is a rejected row, never a class or a 50 MB row of the store.
+MAX_FIELD_CHARS = 4096
+MAX_EXTRA_CHARS = 65536
+# What a reject keeps of its reason and image_id (the store's rejects table, the error line).
+MAX_REASON_CHARS = 500
+MAX_REJECT_ID_CHARS = 200
 
 
 class CohortError(EmbedkitError):
     """A cohort failed validation; the message lists the rejected rows and their reasons."""
 
 
+def _bounded(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 @dataclass
 class Reject:
     line: int  # 1-based data row of the source (header excluded)
-    image_id: str
+    image_id: str  # at most MAX_REJECT_ID_CHARS characters, like the reason's MAX_REASON_CHARS ("…" where cut)
     reason: str
+
+    def __post_init__(self) -> None:
+        self.image_id = _bounded(self.image_id, MAX_REJECT_ID_CHARS)
+        self.reason = _bounded(self.reason, MAX_REASON_CHARS)
 
 
 @dataclass
@@ -139,6 +154,24 @@ def _check_image(path: str) -> str | None:
     return None
 
 
+def _real_paths(paths: pd.Series) -> pd.Series:
+    """``os.path.realpath`` of each (normalised) path, resolving each folder once and each file with one lstat:
+    112k NIH rows share one folder."""
+    folders: dict[str, str] = {}
+
+    def real(path) -> str | None:
+        if not isinstance(path, str):
+            return None
+        if os.path.islink(path):
+            return os.path.realpath(path)
+        folder, name = os.path.split(path)
+        if folder not in folders:
+            folders[folder] = os.path.realpath(folder)
+        return os.path.join(folders[folder], name)
+
+    return paths.map(real).astype("string")
+
+
 def _text(frame: pd.DataFrame, name: str) -> pd.Series:
     """Column ``name`` as stripped strings with <NA> for missing or blank (an absent column is all <NA>)."""
     if name not in frame.columns:
@@ -155,10 +188,13 @@ def validate_cohort(
     allow_repeats: bool = False,
     verify_images: bool = True,
     workers: int = 8,
+    allow_outside_images: bool = False,
 ) -> ValidatedCohort:
     """Check every row and key the good ones; each bad row becomes a :class:`Reject` with its reason.
 
-    Checks: image_id present; path resolvable (``images_dir/<image_id>`` unless a path column says otherwise);
+    Checks: no cell longer than MAX_FIELD_CHARS (a field) or MAX_EXTRA_CHARS (another column); image_id present;
+    path resolvable (``images_dir/<image_id>`` unless a path column says otherwise) and, unless
+    ``allow_outside_images``, inside ``images_dir`` once '..' and symlinks are resolved;
     age a number in [0, 120]; sex M/F (male/female accepted); labels inside ``classes`` when given; split one of
     train/val/test or empty; image_id unique unless ``allow_repeats`` (the paper protocol); with
     ``verify_images``, every file exists and decodes. Column-wise, so 100k-row manifests validate in a second.
@@ -175,6 +211,12 @@ def validate_cohort(
     def check(failed: pd.Series, reason) -> None:
         reasons = reason if isinstance(reason, pd.Series) else pd.Series(reason, index=frame.index, dtype="string")
         problems.append(reasons.where(failed.fillna(False).astype(bool)))
+
+    for column in frame.columns:  # first: a reason cut to MAX_REASON_CHARS keeps this one
+        bound = MAX_FIELD_CHARS if column in FIELDS else MAX_EXTRA_CHARS
+        length = frame[column].astype("string").str.len()
+        check(length > bound, f"column '{column}' holds " + length.astype("string").fillna("")
+              + f" characters, more than the {bound} a cell may hold")
 
     image_id = _text(frame, "image_id")
     check(image_id.isna(), "missing image_id")
@@ -213,11 +255,16 @@ def validate_cohort(
     relative = raw_path.notna() & ~raw_path.str.startswith("/").fillna(False)
     base = str(images_dir) + "/" if images_dir is not None else ""
     path = raw_path.where(~relative, base + raw_path).fillna(base + image_id)
-    if images_dir is not None:  # '..' or an absolute path must not reach files outside the folder given
+    if images_dir is not None:
         path = path.map(lambda p: os.path.normpath(p) if isinstance(p, str) else p).astype("string")
-        outside = path.notna() & ~path.str.startswith(base).fillna(False)
+    if images_dir is not None and not allow_outside_images:
+        # '..', an absolute path or a symlink must not reach files outside the folder given: checked on the real
+        # path (a file that does not exist yet resolves as far as it can), with or without --verify.
+        real = _real_paths(path)
+        outside = real.notna() & ~real.str.startswith(base).fillna(False)
         given = raw_path.fillna(image_id).fillna("")
-        check(outside, "path '" + given + f"' lies outside the images folder {images_dir}")
+        check(outside, "path '" + given + f"' lies outside the images folder {images_dir} (after '..' and "
+              "symlinks; --allow-outside-images accepts it)")
 
     # Repeats are counted among otherwise valid rows, in manifest order: the k-th repeat gets row_id ...#k.
     valid = pd.concat(problems, axis=1).isna().all(axis=1)
@@ -272,11 +319,12 @@ def validate_cohort(
     return ValidatedCohort(good.drop(columns="_line").reset_index(drop=True), rejects)
 
 
-def format_rejects(rejects: list[Reject], limit: int = 20) -> str:
-    lines = [f"  row {r.line} ({r.image_id or 'no image_id'}): {r.reason}" for r in rejects[:limit]]
-    if len(rejects) > limit:
-        lines.append(f"  ... and {len(rejects) - limit} more")
-    return "\n".join(lines)
+def format_rejects(rejects: list[Reject], limit: int = 5) -> str:
+    """The first ``limit`` rejects on one line, each with its row, image_id and reason."""
+    text = " | ".join(f"row {r.line} ({r.image_id or 'no image_id'}): {r.reason}" for r in rejects[:limit])
+    more = len(rejects) - limit
+    return text + (f" | and {more} more (rows {', '.join(str(r.line) for r in rejects[limit:limit + 10])}"
+                   f"{', ...' if more > 10 else ''})" if more > 0 else "")
 
 
 @dataclass
@@ -296,8 +344,8 @@ def import_cohort(store: Store, validated: ValidatedCohort, cohort: str, skip_ba
     rejects = validated.rejects
     if rejects and not skip_bad:
         raise CohortError(
-            f"cohort '{cohort}': {len(rejects)} bad row(s); nothing was written. Fix them, or pass --skip-bad to "
-            f"import the good rows and record these in the rejects table:\n{format_rejects(rejects)}"
+            f"cohort '{cohort}': {len(rejects)} bad row(s), nothing was written: {format_rejects(rejects)}\n"
+            "hint: fix them, or pass --skip-bad to import the good rows and record the bad ones in the rejects table"
         )
     if validated.rows.empty:
         raise CohortError(f"cohort '{cohort}' has no valid rows; nothing was written")
@@ -337,7 +385,9 @@ def cohort_fingerprint(rows: pd.DataFrame, columns: tuple[str, ...] = ("row_id",
     """A hash of the columns a run depends on (heads: row ids, labels, splits; fine-tuning adds paths), so a
     re-imported cohort with new labels or splits gives new runs, never a match with the old ones."""
     digest = hashlib.sha256()
-    for values in rows[list(columns)].astype(str).itertuples(index=False):
+    # A missing value hashes as "None" (what astype(str) wrote before pandas 3, which keeps it missing instead).
+    picked = rows[list(columns)].astype(object)
+    for values in picked.where(picked.notna(), "None").astype(str).itertuples(index=False):
         digest.update("\x1f".join(values).encode() + b"\x1e")
     return "sha256:" + digest.hexdigest()[:16]
 

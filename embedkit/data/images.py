@@ -1,6 +1,7 @@
 """Image decoding in one place: 8- and 16-bit PNG, JPEG, grayscale and RGB, always to 8-bit 'L' or 'RGB'.
 
 16-bit images are rescaled to the full 8-bit range (PIL's own conversion clips I;16 values instead).
+An EXIF Orientation tag is applied (radiology exports carry them): the pixels are those a viewer shows.
 A file that is missing or does not decode raises :class:`ImageDecodeError`; no blank image is ever substituted.
 So does one whose header promises more than MAX_PIXELS pixels, or a side more than MAX_ASPECT times the other:
 a decompression bomb (a 1 MB PNG of 30000 x 30000) or a strip (1 x 40000, which a resize to 224 on the short side
@@ -12,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from embedkit.errors import EmbedkitError
 
@@ -48,6 +49,7 @@ def decode_image(path: str | Path) -> Image.Image:
                 raise ImageDecodeError(f"image {path} is {width} x {height} pixels: one side is more than "
                                        f"{MAX_ASPECT:g} times the other, not a radiograph's shape")
             img.load()
+            ImageOps.exif_transpose(img, in_place=True)  # rotates/flips the pixels and drops the tag
             mode = img.mode
             if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
                 return Image.fromarray(_rescale_to_uint8(np.asarray(img)), mode="L")

@@ -83,8 +83,10 @@ def resample_weights_sql() -> str:
 
 def render_views(attributes: Sequence[str]) -> list[tuple[str, str]]:
     """(file name, SQL) of every view, with the attribute list filled in where a file asks for it."""
-    columns = ", ".join(_ident(a) for a in attributes)
-    casts = ", ".join(f"CAST({_ident(a)} AS VARCHAR) AS {_ident(a)}" for a in attributes)
+    # Each attribute is cast to text under its own alias and unpivoted back to its name: group_rows carries columns
+    # of its own (correct, split, ...), which an attribute of the same name would otherwise shadow with its type.
+    columns = ", ".join(f"{_ident('by:' + a)} AS {_ident(a)}" for a in attributes)
+    casts = ", ".join(f"CAST({_ident(a)} AS VARCHAR) AS {_ident('by:' + a)}" for a in attributes)
     out = []
     for path in view_files():
         sql = path.read_text().replace("{{attribute_columns}}", columns).replace("{{attribute_casts}}", casts)
@@ -233,8 +235,15 @@ def _check_attribute_names(attributes: Iterable[str] | None) -> list[str]:
     return out
 
 
+# A number attribute with more distinct values than this is continuous: each value would be a group of its own.
+MAX_NUMBER_GROUPS = 10
+_NUMBER_TYPES = ("TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "UTINYINT", "USMALLINT", "UINTEGER", "UBIGINT",
+                 "FLOAT", "DOUBLE", "DECIMAL")
+
+
 def _check_attributes_exist(con, attributes: Sequence[str]) -> None:
-    columns = con.sql("DESCRIBE predictions_base").to_arrow_table().column("column_name").to_pylist()
+    described = con.sql("DESCRIBE predictions_base").to_arrow_table().to_pylist()
+    columns = [d["column_name"] for d in described]
     unknown = [a for a in attributes if a not in columns]
     if unknown:
         usable = [c for c in columns if c not in {"probs", "labels", "weight", "y_true", "y_pred", "confidence",
@@ -243,6 +252,17 @@ def _check_attributes_exist(con, attributes: Sequence[str]) -> None:
             f"unknown attribute {', '.join(repr(u) for u in unknown)}: attributes are columns of the images table "
             f"(or computed by the views). Available: {', '.join(usable)}"
         )
+    types = {d["column_name"]: d["column_type"] for d in described}
+    for a in attributes:
+        if not types[a].startswith(_NUMBER_TYPES):
+            continue
+        distinct = con.sql(f"SELECT count(DISTINCT {_ident(a)}) FROM predictions_base").fetchall()[0][0]
+        if distinct > MAX_NUMBER_GROUPS:
+            instead = (f"slice by age_group (old from {AGE_OLD_FROM}) or the cells age_group*sex" if a == "age"
+                       else "slice by a column with a few values, or bin this one in the manifest")
+            raise FairnessError(
+                f"--by {a}: '{a}' is a number with {distinct} distinct values, and each would be a group of its own "
+                f"(more than {MAX_NUMBER_GROUPS}): {instead}")
 
 
 def table_names(con) -> list[tuple[str, str]]:
@@ -269,7 +289,7 @@ def scored_runs(
     method: str | None = None,
     split: str = "test",
 ) -> list[dict]:
-    """The runs (run_id, model, method, n) that match (:func:`embedkit.store.runs.select_runs`) and have
+    """The runs (run_id, model, method, weights_id, n) that match (:func:`embedkit.store.runs.select_runs`) and have
     predictions on ``split`` (n of them), oldest first.
 
     Raises FairnessError naming what exists when nothing matches.
@@ -278,7 +298,8 @@ def scored_runs(
 
     selected = select_runs(store, run_ids, [model] if model else None, [method] if method else None).to_pylist()
     counts = prediction_counts(store, [r["run_id"] for r in selected])
-    rows = [{"run_id": r["run_id"], "model": r["model"], "method": r["method"], "n": counts[r["run_id"]][split]}
+    rows = [{"run_id": r["run_id"], "model": r["model"], "method": r["method"], "weights_id": r["weights_id"],
+             "n": counts[r["run_id"]][split]}
             for r in selected if counts.get(r["run_id"], {}).get(split)]
     if rows:
         return rows

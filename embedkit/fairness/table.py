@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 from typing import Optional
 
+from embedkit.constants import RANDOM_WEIGHTS_NOTE, is_random_weights
 from embedkit.fairness import bootstrap, catalogue, db
 from embedkit.fairness.catalogue import OUTSIDE_FLAG, SMALL_FLAG
 
@@ -50,6 +51,16 @@ def print_tables(con, rows: list[dict], runs: list[dict], attributes: list[str],
                      f"{OUTSIDE_FLAG} = the estimate lies outside every interval its replicates allow (a max-min gap "
                      "grows under resampling on small groups): read it as the bias, not as a contradiction.")
     console.print(" ".join(notes))
+    note = random_weights_note(runs)
+    if note:
+        console.print(note)
+
+
+def random_weights_note(runs: list[dict]) -> str | None:
+    """The line under a table of ``runs`` (dicts with model, weights_id) when some ran with random weights: as the
+    report says it, their numbers measure the pipeline, not a model."""
+    random = sorted({r["model"] for r in runs if is_random_weights(r.get("weights_id"))})
+    return f"note: {', '.join(random)} {RANDOM_WEIGHTS_NOTE}." if random else None
 
 
 def format_cell(row: Optional[dict], min_n: int, with_ci: bool) -> str:

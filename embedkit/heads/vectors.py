@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from embedkit.constants import NO_SPLIT
 from embedkit.errors import EmbedkitError
 from embedkit.store.store import Store, embeddings_table, sql_eq
 
@@ -88,6 +89,12 @@ class CohortVectors:
     def require_splits(self, *splits: str) -> None:
         """Fail with a clear message when a split a head trains or selects on has no labelled rows."""
         empty = [s for s in splits if len(self.index(s)) == 0]
+        if empty and (self.split == NO_SPLIT).all():
+            raise HeadsError(
+                f"cohort '{self.cohort}' has no split column (no row is train, val or test) and trained heads need "
+                "train and val rows: add a split column (train/val/test) to the manifest and re-import it with "
+                "`embedkit data import`; zero-shot (`embedkit zeroshot`) needs no split"
+            )
         if empty:
             raise HeadsError(
                 f"cohort '{self.cohort}' has no labelled rows in split(s) {empty} (model {self.model}, "
@@ -179,6 +186,8 @@ def load_vectors(store: Store, model: str, cohort: str | None = None, weights_id
     # images is in row_id order: that order makes every head's inputs (and so its shuffles and predictions)
     # independent of storage order. Vectors of rows the cohort no longer has (a re-import dropped them) are ignored.
     meta = images[embedded].reset_index(drop=True)
+    meta = meta.astype(object).where(meta.notna(), None)  # missing is None (pandas 3 reads Lance's nulls as NaN)
+    meta["split"] = meta["split"].fillna(NO_SPLIT)  # scored (zero-shot) and recorded as such, never trained on
     position = {r: i for i, r in enumerate(row_ids)}
     table = table.take(pa.array([position[r] for r in meta["row_id"]], pa.int64()))
     vectors = table["vector"].combine_chunks()

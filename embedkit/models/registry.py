@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from embedkit.constants import WEIGHTS_ENV
+from embedkit.constants import RANDOM_INIT_PREFIX, WEIGHTS_ENV
 from embedkit.errors import EmbedkitError
 
 if TYPE_CHECKING:
@@ -234,7 +234,7 @@ def get_spec(name: str) -> ModelSpec:
 
 
 def random_init_id(name: str, seed: int) -> str:
-    return f"random-init:{name}:{seed}"
+    return f"{RANDOM_INIT_PREFIX}{name}:{seed}"
 
 
 def instantiate(spec: ModelSpec, weights: str | Path | None = None, random_init: bool = False, seed: int = 0,

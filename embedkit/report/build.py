@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Sequence
 
+from embedkit.constants import RANDOM_WEIGHTS_NOTE
 from embedkit.fairness.catalogue import SMALL_FLAG
 from embedkit.fairness.db import ECE_BINS
 from embedkit.markdown import markdown_table
@@ -197,8 +198,8 @@ def render_html(data: ReportData, title: str, header: list[tuple[str, str]], tab
     if data.runs["random_weights"].any():
         parts.append('<div class="warning"><strong>Random weights.</strong> Model(s) '
                      + e(", ".join(sorted(data.runs.loc[data.runs["random_weights"], "model"].unique())))
-                     + " ran with <span class=\"random\">random weights</span> (--random-init), not released "
-                     "weights: their numbers test the pipeline and say nothing about the released models.</div>")
+                     + " " + e(RANDOM_WEIGHTS_NOTE).replace("random weights", '<span class="random">random weights</span>', 1)
+                     + ".</div>")
     parts.append('<table class="facts">' + "".join(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in header)
                  + "</table>")
     parts.append("<h3>Models</h3>" + _html_table(MODEL_COLUMNS, model_rows(data)))
@@ -253,8 +254,8 @@ def render_markdown(data: ReportData, title: str, header: list[tuple[str, str]],
     lines = [f"# {title}", ""]
     if data.runs["random_weights"].any():
         models = ", ".join(sorted(data.runs.loc[data.runs["random_weights"], "model"].unique()))
-        lines += [f"> **Random weights.** Model(s) {models} ran with **random weights** (--random-init), not released "
-                  "weights: their numbers test the pipeline and say nothing about the released models.", ""]
+        note = RANDOM_WEIGHTS_NOTE.replace("random weights", "**random weights**", 1)
+        lines += [f"> **Random weights.** Model(s) {models} {note}.", ""]
     lines += markdown_table(["Audited", ""], [[f"**{k}**", v] for k, v in header]) + [""]
     lines += ["### Models", ""] + markdown_table(MODEL_COLUMNS, model_rows(data)) + ["", "## Tables", ""]
     for table in tables:

@@ -14,11 +14,11 @@ from typing import Sequence
 
 import pandas as pd
 
+from embedkit.constants import is_random_weights
 from embedkit.errors import EmbedkitError
 from embedkit.fairness import catalogue
 from embedkit.store.store import Store
 
-RANDOM_PREFIX = "random-init:"
 RANDOM_LABEL = "random weights"
 ARM_SEPARATOR = "\x1f"  # joins an arm's key parts into one string (a plain groupby key)
 
@@ -45,11 +45,6 @@ class ReportData:
     study: str | None = None
     store_path: str = ""
     skipped: list[str] = field(default_factory=list)  # selected runs without predictions on the split
-
-
-def is_random_weights(weights_id: str | None) -> bool:
-    """True for weights built by --random-init (``random-init:<model>:<seed>``), never for released weights."""
-    return bool(weights_id) and str(weights_id).startswith(RANDOM_PREFIX)
 
 
 def select_runs(
