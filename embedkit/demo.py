@@ -68,7 +68,7 @@ def run_demo(
     """Run the demo into ``out`` (re-running reuses what is already there: the store resumes)."""
     from embedkit.data.build import SYNTHETIC_COHORT, import_synthetic
     from embedkit.data.cohort import cohort_names
-    from embedkit.embed import embed_cohort
+    from embedkit.embed import ToEmbed, embed_models
     from embedkit.heads.probe import HeadConfig, run_probe
     from embedkit.heads.zeroshot import run_zeroshot
     from embedkit.models.registry import get_spec, instantiate
@@ -90,13 +90,14 @@ def run_demo(
         import_synthetic(store, out / "images", size=size, seed=seed, bias=bias)
     step("cohort", SYNTHETIC_COHORT, start, "1200 rows in the store")
 
-    for name in models:
-        start = time.perf_counter()
-        spec = get_spec(name)
-        model, weights_id, source = instantiate(spec, random_init=True, seed=seed)
-        summary = embed_cohort(store, spec, model, weights_id, source, SYNTHETIC_COHORT, device="auto",
-                               workers=workers, progress=_embed_progress(name))
-        step("embed", name, start, f"{summary.images} images embedded, {summary.skipped} already there")
+    # One pass for every model: each image decoded once (docs: the embedding pass).
+    start = time.perf_counter()
+    to_embed = [ToEmbed(get_spec(name), *instantiate(get_spec(name), random_init=True, seed=seed)) for name in models]
+    summaries = embed_models(store, to_embed, SYNTHETIC_COHORT, device="auto", workers=workers,
+                             progress=_embed_progress(f"{len(models)} model{'s' * (len(models) > 1)}"))
+    for summary in summaries:
+        _say("embed", f"{summary.model}: {summary.images} images embedded, {summary.skipped} already there")
+    step("embed", f"{len(models)} model{'s' * (len(models) > 1)}", start, "one pass, each image decoded once")
 
     done = {(r["model"], r["method"]) for r in select_runs(store).to_pylist()}
     import torch

@@ -87,7 +87,8 @@ def test_cli_demo_says_every_stage_and_ends_with_the_command_for_its_store(tmp_p
     stages = [line.split()[0] for line in lines if line[:9].strip() in ("demo", "cohort", "embed", "heads",
                                                                        "fairness", "report")]
     assert stages[0] == "demo" and {"cohort", "embed", "heads", "fairness", "report"} <= set(stages)
-    assert any(line.startswith("embed     tiny-clip: 1200/1200 images (100%)") for line in lines)
+    assert any(line.startswith("embed     1 model: 1200/1200 images (100%)") for line in lines)
+    assert "embed     tiny-clip: 1200 images embedded, 0 already there" in lines
     status = [line for line in lines if line[:9].strip() in set(stages)]
     assert all(len(line) <= 80 for line in status), status
     assert "note: tiny-clip ran with random weights (--random-init)" in stdout
