@@ -201,11 +201,15 @@ MODELS: dict[str, ModelSpec] = {s.name: s for s in _SPECS}
 
 
 def get_spec(name: str) -> ModelSpec:
-    """Return the spec of model ``name``; unknown names raise with the list of known ones."""
+    """Return the spec of model ``name``; an unknown name raises with the nearest known one and the full list."""
     try:
         return MODELS[name]
     except KeyError:
-        raise UnknownModelError(f"Unknown model '{name}'. Known models: {', '.join(MODELS)}") from None
+        import difflib
+
+        near = difflib.get_close_matches(str(name), list(MODELS), n=1, cutoff=0.6)
+        guess = f"; did you mean {near[0]}?" if near else ""
+        raise UnknownModelError(f"unknown model '{name}'{guess} (known models: {', '.join(MODELS)})") from None
 
 
 def random_init_id(name: str, seed: int) -> str:
