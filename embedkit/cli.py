@@ -315,18 +315,23 @@ def models_cmd(
     listing = []
     for spec in MODELS.values():
         found, place = (None, None) if spec.tiny else spec.locate_weights(None, weights_dir)
+        folder = None if spec.tiny or found else spec.weights_folder(weights_dir)
         listing.append({"model": spec.name, "embed_dim": spec.embed_dim, "description": spec.description,
                         "files": [] if spec.tiny else list(spec.weight_files),
                         "source": "random init only (test configuration)" if spec.tiny else spec.weight_source,
                         "hf_repo": spec.hf_repo, "pullable": bool(spec.hf_repo or spec.releases),
                         "found": str(found) if found else None, "found_in": place,
+                        "unusable": spec.unusable(folder) if folder is not None and folder.is_dir() else None,
+                        "looked_in": None if spec.tiny or found else spec.looked_in(weights_dir),
                         "get": None if spec.tiny or found else spec.how_to_get()})
     if as_json:
         echo_json(listing)
         return
     for item in listing:
         status = (f"found ({item['found_in']}): {item['found']}" if item["found"]
-                  else "random init only" if not item["files"] else "not found")
+                  else "random init only" if not item["files"]
+                  else f"not usable: {item['unusable']}" if item["unusable"]
+                  else f"not found (looked in {' and '.join(item['looked_in'])})")
         typer.echo(f"{item['model']:<20} dim {item['embed_dim']:<4} {status}")
         if item["files"]:
             typer.echo(f"{'':<20} needs {', '.join(item['files'])}")
