@@ -430,12 +430,15 @@ def _reading_checkpoint(path: Path, run_id: str):
     except Exception as exc:  # noqa: BLE001 - torch's restricted unpickler and load_state_dict fail in many ways
         import pickle
 
+        from embedkit.models.registry import file_problem
+
+        not_one = file_problem(path)  # garbage makes the unpickler fail too: say what the file is first
         reason = ("it holds objects other than tensors and training state, which embedkit never unpickles"
                   if isinstance(exc, pickle.UnpicklingError) else f"no entry {exc}" if isinstance(exc, KeyError)
                   else "truncated, damaged or not this run's checkpoint")
-        raise CheckpointError(f"{path} cannot be read ({type(exc).__name__}: {reason}); nothing was changed. It was "
-                              f"altered after run {run_id} wrote it: start a new run (deleting {path.parent} drops "
-                              "this one)") from None
+        what = f"{path} {not_one}" if not_one else f"{path} cannot be read ({type(exc).__name__}: {reason})"
+        raise CheckpointError(f"{what}; nothing was changed. It was altered after run {run_id} wrote it: start a "
+                              f"new run (deleting {path.parent} drops this one)") from None
 
 
 def _read_last(folder: Path, run_id: str) -> dict | None:
