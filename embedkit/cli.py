@@ -138,6 +138,7 @@ def main() -> None:
 
     from embedkit.store.store import missing_data_file
 
+    _invocation.clear()
     try:
         code = app(standalone_mode=False)
     except _USAGE_ERROR as exc:

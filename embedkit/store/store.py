@@ -47,6 +47,9 @@ class StoreBusy(StoreError):
 
 _WRITE_REFUSALS = {errno.ENOSPC: "No space left on device", errno.EDQUOT: "Disk quota exceeded",
                    errno.EROFS: "Read-only file system", errno.EACCES: "Permission denied"}
+_WRITE_FIXES = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space",
+                errno.EROFS: "copy the store to a writable file system (or remount it read-write)",
+                errno.EACCES: "fix the permissions"}
 LOCKS_DIR = "_locks"
 JOURNAL_DIR = "_journal"
 RUN_COMMIT_WAIT_S = 120.0  # a run commit takes milliseconds to seconds; waiting longer means a stuck writer
@@ -328,8 +331,7 @@ class Store:
                 raise
             raise StoreError(f"{_WRITE_REFUSALS[code]} while writing table '{name}' in {self.path}: this write was "
                              "not recorded, and a run is stored whole or not at all; "
-                             f"{'free some space' if code in (errno.ENOSPC, errno.EDQUOT) else 'fix the permissions'}"
-                             " and run the command again (it picks up where it stopped)") from exc
+                             f"{_WRITE_FIXES[code]} and run the command again (it picks up where it stopped)") from exc
 
     # ---- locks ----------------------------------------------------------------------------------
     @contextmanager
