@@ -136,8 +136,6 @@ def main() -> None:
     the traceback in a log file. $EMBEDKIT_DEBUG=1 prints the traceback too."""
     import errno
 
-    from embedkit.store.store import missing_data_file
-
     _invocation.clear()
     try:
         code = app(standalone_mode=False)
@@ -160,6 +158,8 @@ def main() -> None:
             where = f" ({exc.filename})" if exc.filename else ""
             _fail(f"{exc.strerror}{where}: nothing after the last completed step was recorded (a run is stored "
                   "whole or not at all); fix that and run the command again", 1)
+        from embedkit.store.store import missing_data_file  # here: `embedkit --help` imports no pyarrow
+
         damaged = missing_data_file(exc)
         if damaged is not None:
             _fail(str(damaged), 1)
