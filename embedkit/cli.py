@@ -185,7 +185,8 @@ def _imported(ctx, built, manifest_out: Optional[Path]) -> None:
         typer.echo(f"manifest written: {manifest_out}")
     result = built.result
     rejected = f", {result.rejected} rejected (see the rejects table)" if result.rejected else ""
-    typer.echo(f"cohort '{result.cohort}': {result.imported} rows imported into {get_store(ctx, create=True).path}{rejected}")
+    store = get_store(ctx, create=True).path
+    typer.echo(f"cohort '{result.cohort}': {result.imported} rows imported into {store}{rejected}")
 
 
 @data_app.command("nih")
@@ -217,7 +218,8 @@ def data_nih(
         leaks = nih.leak_report(frame)
         typer.secho("WARNING: nih6x200-paper reproduces the study's cohort, which leaks: "
                     + ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in leaks.items()), fg=typer.colors.YELLOW, err=True)
-    _imported(ctx, import_nih(get_store(ctx, create=True), protocol, frame, images, cohort, verify, skip_bad), manifest_out)
+    built = import_nih(get_store(ctx, create=True), protocol, frame, images, cohort, verify, skip_bad)
+    _imported(ctx, built, manifest_out)
 
 
 @data_app.command("import")
@@ -238,8 +240,8 @@ def data_import(
 
     frame = read_manifest(manifest, parse_mapping(map_))
     allowed = tuple(c.strip() for c in classes.split(",")) if classes else None
-    _imported(ctx, import_rows(get_store(ctx, create=True), frame, cohort, images, allowed, verify=verify, skip_bad=skip_bad),
-              manifest_out)
+    built = import_rows(get_store(ctx, create=True), frame, cohort, images, allowed, verify=verify, skip_bad=skip_bad)
+    _imported(ctx, built, manifest_out)
 
 
 @data_app.command("synth")
@@ -256,7 +258,8 @@ def data_synth(
     """Synthetic chest X-rays for every row of a manifest (real ages and sexes), imported as a cohort."""
     from embedkit.data.build import import_synthetic
 
-    built = import_synthetic(get_store(ctx, create=True), out, manifest=cohort, cohort=name, size=size, seed=seed, bias=bias)
+    built = import_synthetic(get_store(ctx, create=True), out, manifest=cohort, cohort=name, size=size, seed=seed,
+                             bias=bias)
     typer.echo(f"{built.images} synthetic images written to {out} in {built.seconds:.1f} s"
                + (f" (bias: {built.bias})" if built.bias else ""))
     _imported(ctx, built, manifest_out)
