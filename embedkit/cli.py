@@ -319,13 +319,12 @@ def models_cmd(
     listing = []
     for spec in MODELS.values():
         found, place = (None, None) if spec.tiny else spec.locate_weights(None, weights_dir)
-        folder = None if spec.tiny or found else spec.weights_folder(weights_dir)
         listing.append({"model": spec.name, "embed_dim": spec.embed_dim, "description": spec.description,
                         "files": [] if spec.tiny else list(spec.weight_files),
                         "source": "random init only (test configuration)" if spec.tiny else spec.weight_source,
                         "hf_repo": spec.hf_repo, "pullable": bool(spec.hf_repo or spec.releases),
                         "found": str(found) if found else None, "found_in": place,
-                        "unusable": spec.unusable(folder) if folder is not None and folder.is_dir() else None,
+                        "unusable": None if spec.tiny or found else spec.unusable_copy(weights_dir),
                         "looked_in": None if spec.tiny or found else spec.looked_in(weights_dir),
                         "get": None if spec.tiny or found else spec.how_to_get()})
     if as_json:

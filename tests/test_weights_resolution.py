@@ -150,7 +150,9 @@ def test_files_that_are_not_checkpoints_are_named_as_what_they_are_not_found(hf_
     assert "is an HTML page" in listing["chexzero"]["unusable"] and "models pull" not in listing["chexzero"]["unusable"]
     assert listing["medclip-vit"]["unusable"].endswith("pytorch_model.bin is not a checkpoint (it opens with "
                                                        "b'not a checkpoint', not a zip, pickle or safetensors header)")
-    # not found anywhere: where it looked
+    # the cache's copy is looked at too; not found, the listing says where it looked
+    assert listing["biomedclip"]["unusable"].startswith(f"{hf_cache}/models--microsoft--BiomedCLIP")
+    assert "open_clip_config.json is a Git LFS pointer" in listing["biomedclip"]["unusable"]
     assert listing["biomedclip"]["looked_in"] == [f"{weights}/biomedclip/",
                                                   f"the Hugging Face cache {hf_cache} ({BIOMEDCLIP_REPO})"]
     code, out, _ = main_cli(monkeypatch, capsys, "models", "--weights-dir", str(weights))

@@ -157,6 +157,16 @@ class ModelSpec:
                 return f"{path} {problem}{pull}"
         return None
 
+    def unusable_copy(self, weights_dir: str | Path | None = None) -> str | None:
+        """What is wrong with a copy of the files that is there but not used (:meth:`unusable`: the weights folder's,
+        then the Hugging Face cache's); None when there is none."""
+        folder = self.weights_folder(weights_dir)
+        for place in (folder if folder is not None and folder.is_dir() else None, self._hf_cache_snapshot()):
+            problem = self.unusable(place) if place is not None else None
+            if problem:
+                return problem
+        return None
+
     def looked_in(self, weights_dir: str | Path | None = None) -> list[str]:
         """Where :meth:`locate_weights` looks without a --weights path, in words (for "not found")."""
         folder = self.weights_folder(weights_dir)
@@ -292,8 +302,7 @@ def instantiate(spec: ModelSpec, weights: str | Path | None = None, random_init:
         raise MissingWeightsError(f"'{spec.name}' is a test configuration with no released weights: use --random-init")
     path, _place = spec.locate_weights(weights, weights_dir)
     if path is None:
-        folder = spec.weights_folder(weights_dir)
-        problem = spec.unusable(folder) if folder is not None and folder.is_dir() else None
+        problem = spec.unusable_copy(weights_dir)
         if problem:  # the files are there but are not what they should be: say that, not "no weights"
             from embedkit.models.base import CheckpointError
 
