@@ -117,8 +117,7 @@ def missing_data_file(exc: BaseException) -> StoreError | None:
     match = _MISSING_FILE.search(str(exc))
     if match is None:
         return None
-    path = Path(match["path"] if match["path"].startswith("/") or Path(match["path"]).exists() else "/" + match["path"])
-    store = path.parent.parent.parent
+    store = Path("/" + match["path"].lstrip("/")).parent.parent.parent  # Lance names files by absolute path
     return StoreError(f"table '{match['table']}' in the store {store} is missing its data file data/{match['file']} "
                       f"(deleted or moved): nothing was changed; `embedkit --store {store} doctor` lists the damaged "
                       "tables and how to rebuild them")
