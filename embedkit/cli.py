@@ -5,7 +5,9 @@ Heavy libraries (torch, open_clip, lancedb, ...) are imported inside commands so
 
 from __future__ import annotations
 
+import os
 import sys
+import traceback
 from functools import partial
 from pathlib import Path
 from typing import Optional
@@ -36,6 +38,10 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+# The --store this invocation named, kept for main(): an internal error's log goes into that store.
+_invocation: dict[str, Optional[Path]] = {}
+
+
 @app.callback()
 def _main(
     ctx: typer.Context,
@@ -45,22 +51,32 @@ def _main(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ) -> None:
     ctx.obj = {"store": store}
+    _invocation["store"] = store
 
 
-def get_store(ctx: typer.Context):
-    """The Store named by the global --store option (or $EMBEDKIT_STORE, or ./embedkit-store)."""
+def get_store(ctx: typer.Context, create: bool = False):
+    """The Store named by the global --store option (or $EMBEDKIT_STORE, or ./embedkit-store). A command that only
+    reads a store (``create=False``) is refused when there is none, rather than answering as if it were empty."""
     from embedkit.store.store import Store
 
-    return Store(ctx.obj["store"] if ctx.obj else None)
+    store = Store(ctx.obj["store"] if ctx.obj else None)
+    return store if create else store.require()
 
 
 # Recent Typer releases ship their own copy of click (typer._click), older ones use click itself: take the
 # exception classes from typer's BadParameter, whichever click that is.
 _USAGE_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
 _CLICK_EXCEPTION = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+DEBUG_ENV = "EMBEDKIT_DEBUG"
+# What the operating system refuses because of where the store lives (a full disk, a read-only store, no
+# permission): the user's to fix, not a bug.
+_REFUSED_WRITES = ("ENOSPC", "EDQUOT", "EROFS", "EACCES", "EPERM")
 
 
 def _fail(message: str, code: int) -> None:
+    """One ``error:`` line and exit ``code``; with $EMBEDKIT_DEBUG set, the traceback being handled first."""
+    if os.environ.get(DEBUG_ENV) and sys.exc_info()[0] is not None:
+        traceback.print_exc()
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     sys.exit(code)
 
@@ -75,9 +91,52 @@ def _usage_message(exc) -> str:
     return text + (f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else "")
 
 
+def _issue_tracker() -> str:
+    """Where bugs go: the Issues / Bug Tracker URL of embedkit's installed metadata, where it names one."""
+    from importlib import metadata
+
+    try:
+        urls = metadata.metadata("embedkit").get_all("Project-URL") or []
+    except metadata.PackageNotFoundError:
+        urls = []
+    for entry in urls:
+        label, _, url = entry.partition(",")
+        if label.strip().lower() in ("issues", "bug tracker", "tracker", "bugs") and url.strip():
+            return url.strip()
+    return "the embedkit issue tracker"
+
+
+def _write_bug_log() -> Path:
+    """The traceback being handled, in ``<store>/_logs/<timestamp>-<pid>.log``, or in a temporary file where there
+    is no usable store (a log never creates a store)."""
+    import tempfile
+    from datetime import datetime
+
+    from embedkit.store.store import LOGS_DIR, resolve_store_path
+
+    name = f"{datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}.log"
+    text = f"embedkit {__version__}\nargv: {sys.argv!r}\n\n{traceback.format_exc()}"
+    store = resolve_store_path(_invocation.get("store"))
+    if store.is_dir():
+        try:
+            (store / LOGS_DIR).mkdir(exist_ok=True)
+            (store / LOGS_DIR / name).write_text(text)
+            return (store / LOGS_DIR / name).absolute()
+        except OSError:
+            pass
+    fd, path = tempfile.mkstemp(prefix="embedkit-", suffix=f"-{name}")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    return Path(path)
+
+
 def main() -> None:
     """Console entry point: every user error is one `error:` line on stderr (no box, no traceback), exit 2 for a
-    usage error (an unknown, missing or bad option) and 1 for the rest."""
+    usage error (an unknown, missing or bad option) and 1 for the rest. Anything else is a bug: one line saying so,
+    the traceback in a log file. $EMBEDKIT_DEBUG=1 prints the traceback too."""
+    import errno
+
+    _invocation.clear()
     try:
         code = app(standalone_mode=False)
     except _USAGE_ERROR as exc:
@@ -90,14 +149,27 @@ def main() -> None:
         _fail("aborted", 1)
     except EmbedkitError as exc:
         _fail(str(exc), 1)
-    except OSError as exc:
-        import errno
+    except KeyboardInterrupt:
+        _fail("interrupted: nothing after the last completed step was recorded (a run is stored whole or not at "
+              "all); run the command again to go on", 130)
+    except Exception as exc:
+        refused = isinstance(exc, OSError) and errno.errorcode.get(exc.errno) in _REFUSED_WRITES
+        if refused:
+            where = f" ({exc.filename})" if exc.filename else ""
+            _fail(f"{exc.strerror}{where}: nothing after the last completed step was recorded (a run is stored "
+                  "whole or not at all); fix that and run the command again", 1)
+        from embedkit.store.store import missing_data_file  # here: `embedkit --help` imports no pyarrow
 
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+        damaged = missing_data_file(exc)
+        if damaged is not None:
+            _fail(str(damaged), 1)
+        if os.environ.get(DEBUG_ENV):
             raise
-        where = f" ({exc.filename})" if exc.filename else ""
-        _fail(f"{exc.strerror}{where}: nothing after the last completed step was recorded (a run is stored whole "
-              "or not at all); fix that and run the command again", 1)
+        log = _write_bug_log()
+        what = " ".join(str(exc).split())
+        what = what if len(what) <= 300 else what[:300] + "..."
+        _fail(f"internal error: {type(exc).__name__}: {what} — this is a bug; please report it at "
+              f"{_issue_tracker()} with {log}", 1)
     sys.exit(code if isinstance(code, int) else 0)  # typer.Exit(n) comes back as n without standalone mode
 
 
@@ -113,7 +185,8 @@ def _imported(ctx, built, manifest_out: Optional[Path]) -> None:
         typer.echo(f"manifest written: {manifest_out}")
     result = built.result
     rejected = f", {result.rejected} rejected (see the rejects table)" if result.rejected else ""
-    typer.echo(f"cohort '{result.cohort}': {result.imported} rows imported into {get_store(ctx).path}{rejected}")
+    store = get_store(ctx, create=True).path
+    typer.echo(f"cohort '{result.cohort}': {result.imported} rows imported into {store}{rejected}")
 
 
 @data_app.command("nih")
@@ -145,7 +218,8 @@ def data_nih(
         leaks = nih.leak_report(frame)
         typer.secho("WARNING: nih6x200-paper reproduces the study's cohort, which leaks: "
                     + ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in leaks.items()), fg=typer.colors.YELLOW, err=True)
-    _imported(ctx, import_nih(get_store(ctx), protocol, frame, images, cohort, verify, skip_bad), manifest_out)
+    built = import_nih(get_store(ctx, create=True), protocol, frame, images, cohort, verify, skip_bad)
+    _imported(ctx, built, manifest_out)
 
 
 @data_app.command("import")
@@ -168,8 +242,9 @@ def data_import(
 
     frame = read_manifest(manifest, parse_mapping(map_))
     allowed = tuple(c.strip() for c in classes.split(",")) if classes else None
-    _imported(ctx, import_rows(get_store(ctx), frame, cohort, images, allowed, verify=verify, skip_bad=skip_bad,
-                               allow_outside_images=allow_outside_images), manifest_out)
+    built = import_rows(get_store(ctx, create=True), frame, cohort, images, allowed, verify=verify, skip_bad=skip_bad,
+                        allow_outside_images=allow_outside_images)
+    _imported(ctx, built, manifest_out)
 
 
 @data_app.command("synth")
@@ -186,7 +261,8 @@ def data_synth(
     """Synthetic chest X-rays for every row of a manifest (real ages and sexes), imported as a cohort."""
     from embedkit.data.build import import_synthetic
 
-    built = import_synthetic(get_store(ctx), out, manifest=cohort, cohort=name, size=size, seed=seed, bias=bias)
+    built = import_synthetic(get_store(ctx, create=True), out, manifest=cohort, cohort=name, size=size, seed=seed,
+                             bias=bias)
     typer.echo(f"{built.images} synthetic images written to {out} in {built.seconds:.1f} s"
                + (f" (bias: {built.bias})" if built.bias else ""))
     _imported(ctx, built, manifest_out)
@@ -251,13 +327,17 @@ def models_cmd(
                         "source": "random init only (test configuration)" if spec.tiny else spec.weight_source,
                         "hf_repo": spec.hf_repo, "pullable": bool(spec.hf_repo or spec.releases) and all(r.url for r in spec.releases),
                         "found": str(found) if found else None, "found_in": place,
+                        "unusable": None if spec.tiny or found else spec.unusable_copy(weights_dir),
+                        "looked_in": None if spec.tiny or found else spec.looked_in(weights_dir),
                         "get": None if spec.tiny or found else spec.how_to_get()})
     if as_json:
         echo_json(listing)
         return
     for item in listing:
         status = (f"found ({item['found_in']}): {item['found']}" if item["found"]
-                  else "random init only" if not item["files"] else "not found")
+                  else "random init only" if not item["files"]
+                  else f"not usable: {item['unusable']}" if item["unusable"]
+                  else f"not found (looked in {' and '.join(item['looked_in'])})")
         typer.echo(f"{item['model']:<20} dim {item['embed_dim']:<4} {status}")
         if item["files"]:
             typer.echo(f"{'':<20} needs {', '.join(item['files'])}")
@@ -321,6 +401,7 @@ def embed_cmd(
     if weights and random_init:
         raise typer.BadParameter("--weights and --random-init exclude each other")
     check_amp(amp.value, resolve_device(device))  # before the weights load
+    store = get_store(ctx)  # a missing store is refused before any weights load
     specs = [get_spec(name) for name in _embed_model_names(model, random_init, weights_dir)]
     if weights and len(specs) > 1:
         raise typer.BadParameter("--weights names one model's files; with several models use --weights-dir (one "
@@ -331,7 +412,7 @@ def embed_cmd(
         # One model: exactly the preprocessing asked for; several: each family's of that name, else its only one.
         chosen = preprocess if len(specs) == 1 or preprocess is None else spec.family.preprocessing_for(preprocess)
         models.append(ToEmbed(spec, net, weights_id, source, chosen))
-    summaries = embed_models(get_store(ctx), models, cohort, device=device, batch_size=batch_size, workers=workers,
+    summaries = embed_models(store, models, cohort, device=device, batch_size=batch_size, workers=workers,
                              force=force, extra_prompt_sets=prompts, chunk_images=chunk_images, progress=not quiet,
                              amp=amp.value)
     for summary in summaries:
@@ -551,6 +632,7 @@ def sweep_cmd(
     from embedkit.heads.vectors import HeadsError
 
     _set_threads(threads)
+    store = get_store(ctx)
     if models_per_slice not in ("auto", "all") and not models_per_slice.isdigit():
         raise HeadsError(f"--slice must be auto, all or a number, not '{models_per_slice}'")
     per_slice = int(models_per_slice) if models_per_slice.isdigit() else {"all": None, "auto": "auto"}[models_per_slice]
@@ -562,7 +644,7 @@ def sweep_cmd(
                TextColumn("model-epochs"), TimeElapsedColumn()]
     with Progress(*columns, console=Console(stderr=True), disable=quiet or not work, transient=True) as bar:
         task = bar.add_task("sweep", total=work)
-        outcome = run_sweep(get_store(ctx), model, head.value, parsed, seed_list, base, select, attributes, cohort,
+        outcome = run_sweep(store, model, head.value, parsed, seed_list, base, select, attributes, cohort,
                             weights_id, per_slice, progress=lambda n: bar.update(task, advance=n),
                             allow_partial=allow_partial)
     if as_json:
@@ -676,11 +758,8 @@ def doctor_cmd(
     from dataclasses import asdict
 
     from embedkit.store.doctor import examine
-    from embedkit.store.store import StoreError
 
     store = get_store(ctx)
-    if not store.table_names():
-        raise StoreError(f"no store at {store.path}: point --store / $EMBEDKIT_STORE at one")
     if drop_table:
         dropped = store.drop_table(drop_table, core=yes)
         typer.echo(f"dropped {', '.join(dropped)} from {store.path}")
@@ -693,8 +772,9 @@ def doctor_cmd(
             typer.echo(f.line())
         if not findings:
             typer.echo(f"{store.path}: no orphans, duplicates or stale copies")
-        elif not repair:
-            typer.echo("run `embedkit doctor --repair` to remove them")
+        elif not repair and any(f.repairable for f in findings):
+            typer.echo("run `embedkit doctor --repair` to remove "
+                       + ("them" if all(f.repairable for f in findings) else "the repairable ones"))
     if any(not f.repaired for f in findings):
         raise typer.Exit(1)
 
@@ -823,7 +903,7 @@ def study_cmd(
                          weights_dir=weights_dir, random_init=random_init, device=device, cpu_ok=cpu_ok,
                          probe_epochs=probe_epochs, ft_epochs=ft_epochs, images=images, report=report, ci=ci,
                          workers=workers, amp=amp, preprocess=preprocess)
-    result = run_study(get_store(ctx), config, plan_only=plan, progress=not quiet and not as_json,
+    result = run_study(get_store(ctx, create=True), config, plan_only=plan, progress=not quiet and not as_json,
                        stop_after=stop_after)
     if as_json:
         echo_json(result.to_json())

@@ -45,6 +45,7 @@ def answer(con, text: str, fmt: OutputFormat) -> bool:
     import duckdb
 
     from embedkit.fairness import db
+    from embedkit.store.store import missing_data_file
 
     try:
         db.check_read_only(text)
@@ -52,7 +53,8 @@ def answer(con, text: str, fmt: OutputFormat) -> bool:
         if result is not None:
             print_result(result.to_arrow_table(), fmt)  # inside the try: some errors surface only here
     except (duckdb.Error, db.FairnessError) as exc:
-        typer.secho(f"error: {_one_line(exc)}", fg=typer.colors.RED, err=True)
+        damaged = missing_data_file(exc)  # a table whose file is gone, not a mistake in the query
+        typer.secho(f"error: {damaged or _one_line(exc)}", fg=typer.colors.RED, err=True)
         return False
     return True
 

@@ -3,6 +3,7 @@ through the real CLI are the hostile-input corpus (tests/hostile.py, tests/test_
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -211,3 +212,100 @@ def test_a_missing_cuda_device_is_a_device_error_with_its_message(monkeypatch):
         resolve_device("cuda:0")
     assert resolve_device("auto").type == "cpu" and resolve_device("cpu").type == "cpu"
     assert (has_gpu("auto"), has_gpu("cpu"), has_gpu("cuda:1")) == (False, False, True)
+
+
+def _runs_store(path):
+    """A store holding one run (written through the library: cheaper than a zero-shot pass)."""
+    import pyarrow as pa
+
+    from embedkit.store import schemas
+    from embedkit.store.store import Store
+
+    store = Store(path)
+    predictions = pa.Table.from_pylist([{"run_id": "r1", "row_id": "c/0", "image_id": "0", "split": "test",
+                                         "y_true": 0, "y_pred": 1, "probs": [0.4, 0.6]}], schema=schemas.PREDICTIONS)
+    store.write_run({"run_id": "r1", "model": "m", "method": "lp", "config": {"classes": ["A", "B"]}}, predictions)
+    return store
+
+
+def test_an_internal_error_is_one_line_with_its_traceback_in_the_stores_log(tmp_path, monkeypatch):
+    import os
+    import re
+
+    store = _runs_store(tmp_path / "s")
+    tables = store.table_names()
+    env = {**os.environ, "EMBEDKIT_FAULT": "bug:1", "EMBEDKIT_DEBUG": ""}
+    result = _embedkit("--store", str(store.path), "runs", "delete", "r1", env=env)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    match = re.fullmatch(r"error: internal error: RuntimeError: injected bug at fault point 1 — this is a bug; "
+                         r"please report it at (.+) with (\S+\.log)\n", result.stderr)
+    assert match, result.stderr
+    log = match[2]
+    assert log.startswith(f"{store.path}/_logs/") and re.search(rf"/\d{{8}}-\d{{6}}-\d+\.log$", log)
+    text = open(log).read()
+    assert "Traceback (most recent call last)" in text and "RuntimeError: injected bug at fault point 1" in text
+    assert "'runs', 'delete', 'r1'" in text  # the command that hit it
+    # the log is not store content: no table, no doctor finding, no export
+    assert store.table_names() == tables and store.count("runs") == 1
+    doctor = _embedkit("--store", str(store.path), "doctor", env={**os.environ, "EMBEDKIT_FAULT": ""})
+    assert doctor.returncode == 0 and doctor.stdout.endswith(": no orphans, duplicates or stale copies\n"), doctor
+    # EMBEDKIT_DEBUG shows the traceback itself
+    debug = _embedkit("--store", str(store.path), "runs", "delete", "r1", env={**env, "EMBEDKIT_DEBUG": "1"})
+    assert debug.returncode == 1 and "Traceback (most recent call last)" in debug.stderr
+    assert debug.stderr.strip().endswith("RuntimeError: injected bug at fault point 1")
+    user_error = _embedkit("--store", str(store.path), "runs", "delete", "r2", env={**env, "EMBEDKIT_DEBUG": "1"})
+    assert "Traceback" in user_error.stderr and user_error.stderr.strip().splitlines()[-1].startswith("error: no run")
+
+
+def test_a_bug_log_without_a_usable_store_goes_to_a_temporary_file(tmp_path, monkeypatch):
+    import tempfile
+
+    from embedkit import cli
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setitem(cli._invocation, "store", tmp_path / "no-store")
+    try:
+        raise KeyError("x")
+    except KeyError:
+        log = cli._write_bug_log()
+    assert log.parent == tmp_path / "tmp" and log.name.startswith("embedkit-") and log.suffix == ".log"
+    assert "KeyError: 'x'" in log.read_text() and not (tmp_path / "no-store").exists()
+
+
+def test_a_read_only_store_answers_readers_and_refuses_writers_in_one_line(tmp_path):
+    """A real read-only store: a read-only bind mount where the tests run as root (whom chmod does not stop), the
+    write bits removed otherwise."""
+    import os
+
+    from embedkit.store.store import Store
+
+    store = _runs_store(tmp_path / "s")
+    view = tmp_path / "ro"
+    if os.geteuid() == 0:
+        view.mkdir()
+        mounted = subprocess.run(["mount", "--bind", str(store.path), str(view)], capture_output=True).returncode == 0
+        if not mounted or subprocess.run(["mount", "-o", "remount,ro,bind", str(view)],
+                                         capture_output=True).returncode != 0:
+            subprocess.run(["umount", str(view)], capture_output=True)
+            pytest.skip("root, and no read-only bind mount here")
+    else:
+        view = store.path
+        for path in [view, *view.rglob("*")]:
+            path.chmod(path.stat().st_mode & ~0o222)
+    try:
+        runs = _embedkit("--store", str(view), "sql", "--format", "csv", "SELECT run_id FROM runs")
+        assert runs.returncode == 0 and runs.stdout.split() == ["run_id", "r1"], runs.stderr
+        delete = _embedkit("--store", str(view), "runs", "delete", "r1")
+        assert delete.returncode == 1 and "Traceback" not in delete.stderr, delete.stderr
+        assert len(delete.stderr.strip().splitlines()) == 1, delete.stderr
+        assert re.match(r"error: (Read-only file system|Permission denied)", delete.stderr), delete.stderr
+        assert "nothing after the last completed step was recorded" in delete.stderr or \
+            "this write was not recorded" in delete.stderr
+        assert Store(view).count("runs") == 1 and Store(view).count("predictions") == 1
+    finally:
+        if view != store.path:
+            subprocess.run(["umount", str(view)], capture_output=True)
+        else:
+            for path in [view, *view.rglob("*")]:
+                path.chmod(path.stat().st_mode | 0o200)

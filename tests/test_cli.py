@@ -17,7 +17,7 @@ from embedkit.options import Amp, Ensemble, Head, LibraryDefault, Split
 
 
 @pytest.mark.parametrize("args, code, says", [
-    (["probe", "--model", "nope"], 1, "no embeddings for model 'nope'"),
+    (["probe", "--model", "nope"], 1, "s (the folder does not exist): create one with `embedkit data import"),
     (["probe"], 2, "missing option '--model'"),
     (["probe", "--model", "x", "--head", "svm"], 2, "'--head': 'svm' is not one of 'lp', 'mlp', 'logreg'"),
     (["probe", "--model", "x", "--epochs", "many"], 2, "'--epochs'"),

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 
 from embedkit.store import schemas
-from embedkit.store.store import StoreError, resolve_store_path
+from embedkit.store.store import StoreError, missing_data_file, resolve_store_path
 
 
 def _vectors(n: int, dim: int, weights_id: str = "w") -> pa.Table:
@@ -113,3 +113,47 @@ def test_drop_table_waits_for_no_embedding_pass(store):
         result = _doctor(store, "--drop-table", "emb_m")
         assert isinstance(result.exception, StoreBusy) and store.has("emb_m")
     assert _doctor(store, "--drop-table", "emb_m").exit_code == 0 and not store.has("emb_m")
+
+
+def _runs_store(store) -> None:
+    store.write_run({"run_id": "r1", "model": "m", "method": "lp", "config": {"classes": ["A", "B"]}},
+                    _predictions("r1", 5))
+
+
+def test_a_deleted_data_file_is_one_line_and_doctor_lists_it(store, monkeypatch, capsys):
+    from conftest import main_cli
+    from embedkit.store.doctor import examine
+
+    _runs_store(store)
+    (lost,) = (store.path / "predictions.lance" / "data").glob("*.lance")
+    lost.unlink()
+    (finding,) = examine(store)
+    assert (finding.kind, finding.table, finding.rows, finding.repairable) == ("missing_data_file", "predictions", 5,
+                                                                                False)
+    assert finding.detail.startswith(f"data/{lost.name} is not on disk: restore the store from a backup, or drop it "
+                                     "(`embedkit doctor --drop-table predictions --yes`")
+    code, out, err = main_cli(monkeypatch, capsys, "--store", str(store.path), "doctor", "--repair")
+    assert code == 1 and out.startswith("missing_data_file: predictions: 5 rows;") and "--repair" not in out, out
+    # whatever reads the table (Lance here; DuckDB and pyarrow in the corpus, tests/hostile_store.py) says so
+    with pytest.raises(Exception) as info:
+        store.read("predictions")
+    assert str(missing_data_file(info.value)) == (
+        f"table 'predictions' in the store {store.path.absolute()} is missing its data file data/{lost.name} (deleted "
+        f"or moved): nothing was changed; `embedkit --store {store.path.absolute()} doctor` lists the damaged tables "
+        "and how to rebuild them")
+    assert missing_data_file(ValueError("Not found: a.png")) is None
+
+
+def test_a_reader_of_a_store_that_does_not_exist_is_refused(store, monkeypatch, capsys):
+    from conftest import main_cli
+
+    with pytest.raises(StoreError, match=r"^no store at .* \(the folder does not exist\): create one with"):
+        store.require()
+    store.path.mkdir()
+    (store.path / "_logs").mkdir()  # bug logs and locks are not tables
+    with pytest.raises(StoreError, match=r"\(the folder holds no tables\)"):
+        store.require()
+    code, out, err = main_cli(monkeypatch, capsys, "--store", str(store.path), "data", "info")
+    assert code == 1 and out == "" and err.startswith(f"error: no store at {store.path} (the folder holds no")
+    _runs_store(store)
+    assert store.require() is store and store.table_names() == ["predictions", "runs"]

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from huggingface_hub import constants as hf_constants
 
-from conftest import main_cli
+from conftest import main_cli, write_cohort_images
 from embedkit import cli
 from embedkit.models import registry
 from embedkit.models.registry import ReleaseFile, get_spec, instantiate
@@ -30,7 +30,10 @@ from embedkit.models.registry import ReleaseFile, get_spec, instantiate
 CLIP_REPO = get_spec("clip").hf_repo
 BIOMEDCLIP_REPO = get_spec("biomedclip").hf_repo
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
-CLIP_FILE = b"safetensors bytes of the clip checkpoint" * 50
+_HEADER = b'{"__metadata__":{}}'
+# Opens as a safetensors file does (the lookup reads the first bytes of each file), then stand-in tensor bytes.
+CLIP_FILE = len(_HEADER).to_bytes(8, "little") + _HEADER + b"tensor bytes of the clip checkpoint" * 50
+LFS_POINTER = b"version https://git-lfs.github.com/spec/v1\noid sha256:" + b"ab" * 32 + b"\nsize 598641023\n"
 
 
 def write_hub_cache(cache: Path, repo: str, files: dict[str, bytes], commit: str = COMMIT) -> Path:
@@ -129,6 +132,43 @@ def test_the_weights_folder_comes_before_the_cache_and_a_dangling_link_is_absent
     assert spec.locate_weights(None, tmp_path / "elsewhere") == (None, None)
 
 
+def test_files_that_are_not_checkpoints_are_named_as_what_they_are_not_found(hf_cache, tmp_path, monkeypatch,
+                                                                              capsys):
+    weights = tmp_path / "weights"
+    for model, name, data in [("clip", "open_clip_model.safetensors", LFS_POINTER),
+                              ("chexzero", "best_64_5e-05_original_22000_0.864.pt", b"<!DOCTYPE html><html>denied"),
+                              ("medclip-vit", "pytorch_model.bin", b"not a checkpoint at all"),
+                              ("medclip-vit", "vocab.txt", b"[PAD]\n")]:
+        (weights / model).mkdir(parents=True, exist_ok=True)
+        (weights / model / name).write_bytes(data)
+    write_hub_cache(hf_cache, BIOMEDCLIP_REPO, {name: LFS_POINTER for name in get_spec("biomedclip").weight_files})
+    listing = _listing(monkeypatch, capsys, "--weights-dir", str(weights))
+    assert [listing[m]["found"] for m in ("clip", "chexzero", "medclip-vit", "biomedclip")] == [None] * 4
+    assert listing["clip"]["unusable"] == (f"{weights}/clip/open_clip_model.safetensors is a Git LFS pointer (a small "
+                                           "text file standing for the real one, which was never downloaded): fetch "
+                                           "the file itself (`git lfs pull` in the clone it came from); `embedkit "
+                                           "models pull clip` fetches it")
+    assert "is an HTML page" in listing["chexzero"]["unusable"] and "models pull" not in listing["chexzero"]["unusable"]
+    assert listing["medclip-vit"]["unusable"].endswith("pytorch_model.bin is not a checkpoint (it opens with "
+                                                       "b'not a checkpoint', not a zip, pickle or safetensors header)")
+    # the cache's copy is looked at too; not found, the listing says where it looked
+    assert listing["biomedclip"]["unusable"].startswith(f"{hf_cache}/models--microsoft--BiomedCLIP")
+    assert "open_clip_config.json is a Git LFS pointer" in listing["biomedclip"]["unusable"]
+    assert listing["biomedclip"]["looked_in"] == [f"{weights}/biomedclip/",
+                                                  f"the Hugging Face cache {hf_cache} ({BIOMEDCLIP_REPO})"]
+    code, out, _ = main_cli(monkeypatch, capsys, "models", "--weights-dir", str(weights))
+    assert code == 0 and "found" not in out.replace("not found", "")
+    assert f"not usable: {weights}/clip/open_clip_model.safetensors is a Git LFS pointer" in out
+    assert f"not found (looked in {weights}/gloria/)" in out
+    # the same files given to a command: one CheckpointError naming the file, before any model is built
+    from embedkit.models.base import CheckpointError
+
+    with pytest.raises(CheckpointError, match="open_clip_model.safetensors is a Git LFS pointer"):
+        instantiate(get_spec("clip"), weights_dir=weights)
+    with pytest.raises(CheckpointError, match="pytorch_model.bin is not a checkpoint"):
+        instantiate(get_spec("medclip-vit"), weights=weights / "medclip-vit")
+
+
 def test_instantiate_loads_the_snapshot_it_found(hf_cache):
     from safetensors.torch import save_file
 
@@ -165,6 +205,10 @@ def test_nothing_connects_without_a_pull(hf_cache, tmp_path, monkeypatch, capsys
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     listing = _listing(monkeypatch, capsys)
     assert all(item["found"] is None for item in listing.values())
+    frame = write_cohort_images(tmp_path / "images", n_per_class=1)
+    frame.to_csv(tmp_path / "m.csv", index=False)
+    assert main_cli(monkeypatch, capsys, "--store", str(tmp_path / "s"), "data", "import", str(tmp_path / "m.csv"),
+                    "--images", str(tmp_path / "images"), "--cohort", "c")[0] == 0
     code, out, err = main_cli(monkeypatch, capsys, "--store", str(tmp_path / "s"), "embed", "--model", "clip",
                            "--cohort", "c")
     assert code == 1 and out == ""
@@ -174,7 +218,7 @@ def test_nothing_connects_without_a_pull(hf_cache, tmp_path, monkeypatch, capsys
     assert code == 1 and len(err.strip().splitlines()) == 1
     assert "chexpert_resnet50.ckpt of gloria has no fixed download URL" in err and "--url URL" in err
     assert connections == []
-    assert not (tmp_path / "s").exists()
+    assert not (tmp_path / "s" / "emb_clip.lance").exists()
 
 
 # ---- the stand-in server -----------------------------------------------------------------------------------------
@@ -301,7 +345,7 @@ def _release_model(monkeypatch, base: str, files: dict[str, bytes], sha256: dict
 
 def test_pull_of_a_release_resumes_an_interrupted_download_and_verifies_it(server, tmp_path, monkeypatch, capsys):
     served, base = server
-    checkpoint = os.urandom(3 * (1 << 20) + 12345)
+    checkpoint = b"PK\x03\x04" + os.urandom(3 * (1 << 20) + 12345)  # opens as torch.save's zip does
     vocab = b"[PAD]\n[UNK]\nlung\n"
     served.files = {"/release/chexpert_resnet50.ckpt": (checkpoint, {}), "/release/vocab.txt": (vocab, {})}
     served.cut["/release/chexpert_resnet50.ckpt"] = (1 << 20) + 7  # the first attempt breaks off

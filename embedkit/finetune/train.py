@@ -53,6 +53,7 @@ from embedkit.data.cohort import cohort_fingerprint
 from embedkit.device import autocast_context
 from embedkit.errors import EmbedkitError
 from embedkit.finetune.augment import Augment, AugmentedImageFiles, KeySampler, epoch_order, torch_seed
+from embedkit.models.base import CheckpointError
 from embedkit.store.store import Store, new_run_id, sql_eq
 
 FINGERPRINT_COLUMNS = ("row_id", "path", "label", "split")  # what fine-tuning reads of a cohort
@@ -420,21 +421,55 @@ def _save_last(session: _Session) -> None:
     }, session.folder / "last.pt")
 
 
-def _restore_last(session: _Session) -> None:
-    path = session.folder / "last.pt"
+@contextlib.contextmanager
+def _reading_checkpoint(path: Path, run_id: str):
+    """Turn whatever a truncated, damaged or edited checkpoint makes torch or the restore raise into one
+    CheckpointError naming the file (torch's advice to retry with weights_only=False is never passed on)."""
+    try:
+        yield
+    except EmbedkitError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - torch's restricted unpickler and load_state_dict fail in many ways
+        import pickle
+
+        from embedkit.models.registry import file_problem
+
+        not_one = file_problem(path)  # garbage makes the unpickler fail too: say what the file is first
+        reason = ("it holds objects other than tensors and training state, which embedkit never unpickles"
+                  if isinstance(exc, pickle.UnpicklingError) else f"no entry {exc}" if isinstance(exc, KeyError)
+                  else "truncated, damaged or not this run's checkpoint")
+        what = f"{path} {not_one}" if not_one else f"{path} cannot be read ({type(exc).__name__}: {reason})"
+        raise CheckpointError(f"{what}; nothing was changed. It was altered after run {run_id} wrote it: start a "
+                              f"new run (deleting {path.parent} drops this one)") from None
+
+
+def _read_last(folder: Path, run_id: str) -> dict | None:
+    """The training state in ``folder/last.pt`` (None when the run was killed before its first epoch ended)."""
+    path = folder / "last.pt"
     if not path.exists():
-        return  # killed before the first epoch finished: start from the beginning
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    _load_trainable(session, saved["state"])
-    session.optimizer.load_state_dict(saved["optimizer"])
-    session.scheduler.load_state_dict(saved["scheduler"])
-    if session.scaler is not None and saved["scaler"] is not None:
-        session.scaler.load_state_dict(saved["scaler"])
-    torch.set_rng_state(saved["rng"]["torch"])
-    if "cuda" in saved["rng"] and session.device.type == "cuda":
-        torch.cuda.set_rng_state(saved["rng"]["cuda"], session.device)
-    for key in ("epochs_done", "best_epoch", "best_val_loss", "bad_epochs", "history"):
-        setattr(session, key, saved[key])
+        return None
+    with _reading_checkpoint(path, run_id):
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(saved, dict):
+            raise TypeError(f"a {type(saved).__name__}, not a dict")
+        return saved
+
+
+def _restore_last(session: _Session, saved: dict | None) -> None:
+    """Continue from ``saved`` (:func:`_read_last`); None starts from the beginning."""
+    if saved is None:
+        return
+    with _reading_checkpoint(session.folder / "last.pt", session.run_id):
+        _load_trainable(session, saved["state"])
+        session.optimizer.load_state_dict(saved["optimizer"])
+        session.scheduler.load_state_dict(saved["scheduler"])
+        if session.scaler is not None and saved["scaler"] is not None:
+            session.scaler.load_state_dict(saved["scaler"])
+        torch.set_rng_state(saved["rng"]["torch"])
+        if "cuda" in saved["rng"] and session.device.type == "cuda":
+            torch.cuda.set_rng_state(saved["rng"]["cuda"], session.device)
+        for key in ("epochs_done", "best_epoch", "best_val_loss", "bad_epochs", "history"):
+            setattr(session, key, saved[key])
 
 
 # ---- passes --------------------------------------------------------------------------------------------------
@@ -546,8 +581,9 @@ def _finish(session: _Session, stopped_early: bool) -> FinetuneResult:
     if not (session.folder / "best.pt").exists():
         raise FinetuneError(f"run {session.run_id}: the validation loss was never finite (training diverged?); "
                             f"nothing was written. Try a lower --lr, or --amp none")
-    best = torch.load(session.folder / "best.pt", map_location="cpu", weights_only=True)
-    _load_trainable(session, best["state"])
+    with _reading_checkpoint(session.folder / "best.pt", session.run_id):
+        best = torch.load(session.folder / "best.pt", map_location="cpu", weights_only=True)
+        _load_trainable(session, best["state"])
     logits = _logits(session, list(range(len(session.paths))))[session.path_index]
     probs = softmax(logits)
     metrics = dict(val_loss=session.best_val_loss, best_epoch=session.best_epoch, epochs_run=session.epochs_done,
@@ -624,6 +660,7 @@ def resume(store: Store, run_id: str, device: str | None = None, workers: int | 
         config.device = device
     if workers is not None:
         config.workers = workers
+    last = _read_last(checkpoint_dir(store, run_id), run_id)  # a damaged file fails before the model is built
     session = _prepare(store, config, run_id)
     for what, saved, now in (("weights", meta["weights_id"], session.weights_id),
                              ("class order", meta["classes"], list(session.classes)),
@@ -632,5 +669,5 @@ def resume(store: Store, run_id: str, device: str | None = None, workers: int | 
         if saved != now:
             raise FinetuneError(f"run '{run_id}' started with other {what} than are here now ({saved} vs {now}); "
                                 f"it cannot be resumed exactly: start a new run")
-    _restore_last(session)
+    _restore_last(session, last)
     return _run(session, progress, stop_after)

@@ -109,8 +109,12 @@ def _distinct(values) -> list[str]:
 
 def choose_slice(store: Store, model: str, cohort: str | None, weights_id: str | None) -> tuple[str, str]:
     """Resolve (cohort, weights_id) for ``model``; refuse to guess when the store holds several."""
+    from embedkit.models.registry import MODELS, get_spec
+
     table = embeddings_table(model)
     if not store.has(table):
+        if model not in MODELS:
+            get_spec(model)  # raises: naming the model it was meant to be beats a hint to embed a name that fails
         raise HeadsError(
             f"no embeddings for model '{model}' in the store {store.path} (table {table}): "
             f"run `embedkit embed --model {model}` first"

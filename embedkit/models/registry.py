@@ -30,6 +30,37 @@ class MissingWeightsError(EmbedkitError, FileNotFoundError):
 # Where a model's weights were found, in the order embedkit looks (see ModelSpec.locate_weights).
 WeightsPlace = Literal["--weights", "weights-dir", "hf-cache"]
 
+_CHECKPOINT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".safetensors")
+LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+
+
+def file_problem(path: Path) -> str | None:
+    """What a weights file is instead of what its name promises, or None when it looks right. Reads its first
+    bytes only: every file must be more than a Git LFS pointer, an HTML page or nothing, and a checkpoint must
+    open like one (torch's zip, a pickle, a safetensors header); whether it loads is the loader's to say."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+        size = path.stat().st_size
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror})"
+    if not head:
+        return "is empty"
+    if head.startswith(LFS_POINTER):
+        return ("is a Git LFS pointer (a small text file standing for the real one, which was never downloaded): "
+                "fetch the file itself (`git lfs pull` in the clone it came from)")
+    if head.lstrip().lower().startswith((b"<!doctype html", b"<html")):
+        return "is an HTML page, not the file (a download that saved an error or login page)"
+    if path.suffix not in _CHECKPOINT_SUFFIXES:
+        return None
+    if head.startswith(b"PK\x03\x04"):  # torch.save's zip, and TorchScript's
+        return None
+    if len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5:  # a pickle: torch.save's legacy format
+        return None
+    if len(head) > 8 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < size:  # safetensors
+        return None
+    return f"is not a checkpoint (it opens with {head[:16]!r}, not a zip, pickle or safetensors header)"
+
 
 @dataclass(frozen=True)
 class ReleaseFile:
@@ -79,9 +110,14 @@ class ModelSpec:
 
     def load(self, path: str | Path):
         """Load the authors' released weights from ``path`` (a file or folder, per docs/models.md)."""
+        from embedkit.models.base import CheckpointError
+
         path = Path(path)
         if not path.exists():
             raise MissingWeightsError(self.missing_message(path))
+        problem = self.unusable(path) if path.is_dir() else file_problem(path) and f"{path} {file_problem(path)}"
+        if problem:
+            raise CheckpointError(problem)
         model = self.family.load(self, path)
         _refuse_non_finite(model, path)
         return model
@@ -110,15 +146,46 @@ class ModelSpec:
                     f"$EMBEDKIT_WEIGHTS/{self.name}/; or {by_hand}")
         return by_hand
 
-    def missing_message(self, where: Path | None) -> str:
-        """The one-line error for absent weights: what is needed, how to get it, and the random-init way out."""
-        hub = " and the Hugging Face cache" if self.hf_repo else ""
-        place = f" at {where}" if where else f" (looked in $EMBEDKIT_WEIGHTS/{self.name}/{hub})"
+    def missing_message(self, where: Path | None, weights_dir: str | Path | None = None) -> str:
+        """The one-line error for absent weights: what is needed, how to get it, and the random-init way out.
+        ``where``: the path that lacks them; None: every place :meth:`locate_weights` looked (with ``weights_dir``)."""
+        place = f" at {where}" if where else f" (looked in {' and '.join(self.looked_in(weights_dir))})"
         return (
             f"No weights for model '{self.name}'{place}. "
             f"It needs: {', '.join(self.weight_files)}. To get them: {self.how_to_get()}; "
             f"or run with --random-init for random weights (labelled random-init in the store)."
         )
+
+    def unusable(self, folder: Path) -> str | None:
+        """The first of this model's files in ``folder`` that is not what it should be (:func:`file_problem`),
+        as "<path> <what it is>"; None when every file there looks right (absent files are not looked at)."""
+        for name in self.weight_files:
+            path = folder / name
+            problem = file_problem(path) if path.exists() else None
+            if problem:
+                pull = f"; `embedkit models pull {self.name}` fetches it" if self.hf_repo or self.releases else ""
+                return f"{path} {problem}{pull}"
+        return None
+
+    def unusable_copy(self, weights_dir: str | Path | None = None) -> str | None:
+        """What is wrong with a copy of the files that is there but not used (:meth:`unusable`: the weights folder's,
+        then the Hugging Face cache's); None when there is none."""
+        folder = self.weights_folder(weights_dir)
+        for place in (folder if folder is not None and folder.is_dir() else None, self._hf_cache_snapshot()):
+            problem = self.unusable(place) if place is not None else None
+            if problem:
+                return problem
+        return None
+
+    def looked_in(self, weights_dir: str | Path | None = None) -> list[str]:
+        """Where :meth:`locate_weights` looks without a --weights path, in words (for "not found")."""
+        folder = self.weights_folder(weights_dir)
+        places = [f"{folder}/" if folder else f"${WEIGHTS_ENV}/{self.name}/ (not set; nor is --weights-dir)"]
+        if self.hf_repo:
+            from huggingface_hub import constants
+
+            places.append(f"the Hugging Face cache {constants.HF_HUB_CACHE} ({self.hf_repo})")
+        return places
 
     def weights_folder(self, weights_dir: str | Path | None = None) -> Path | None:
         """This model's folder ``<root>/<name>``, root ``weights_dir`` or $EMBEDKIT_WEIGHTS; None if neither is set."""
@@ -130,17 +197,19 @@ class ModelSpec:
         """Where this model's weights are, and which place that is; ``(None, None)`` when nowhere.
 
         The order: ``weights`` (--weights PATH, taken as given: loading checks it); ``weights_dir`` (or
-        $EMBEDKIT_WEIGHTS) ``/<name>/`` holding every weight file; the snapshot folder of the standard Hugging Face
+        $EMBEDKIT_WEIGHTS) ``/<name>/`` holding every weight file, each what it should be (:meth:`unusable`: not
+        a Git LFS pointer, ...); the snapshot folder of the standard Hugging Face
         cache (HF_HUB_CACHE / HF_HOME) holding them, for models published on the hub. Only local files are read:
         nothing here reaches the network (fetching is `embedkit models pull`).
         """
         if weights:
             return Path(weights), "--weights"
         folder = self.weights_folder(weights_dir)
-        if folder is not None and folder.is_dir() and all((folder / f).exists() for f in self.weight_files):
+        if folder is not None and folder.is_dir() and all((folder / f).exists() for f in self.weight_files) \
+                and self.unusable(folder) is None:
             return folder, "weights-dir"
         snapshot = self._hf_cache_snapshot()
-        if snapshot is not None:
+        if snapshot is not None and self.unusable(snapshot) is None:
             return snapshot, "hf-cache"
         return None, None
 
@@ -226,11 +295,15 @@ MODELS: dict[str, ModelSpec] = {s.name: s for s in _SPECS}
 
 
 def get_spec(name: str) -> ModelSpec:
-    """Return the spec of model ``name``; unknown names raise with the list of known ones."""
+    """Return the spec of model ``name``; an unknown name raises with the nearest known one and the full list."""
     try:
         return MODELS[name]
     except KeyError:
-        raise UnknownModelError(f"Unknown model '{name}'. Known models: {', '.join(MODELS)}") from None
+        import difflib
+
+        near = difflib.get_close_matches(str(name), list(MODELS), n=1, cutoff=0.6)
+        guess = f"; did you mean {near[0]}?" if near else ""
+        raise UnknownModelError(f"unknown model '{name}'{guess} (known models: {', '.join(MODELS)})") from None
 
 
 def random_init_id(name: str, seed: int) -> str:
@@ -254,7 +327,12 @@ def instantiate(spec: ModelSpec, weights: str | Path | None = None, random_init:
         raise MissingWeightsError(f"'{spec.name}' is a test configuration with no released weights: use --random-init")
     path, _place = spec.locate_weights(weights, weights_dir)
     if path is None:
-        raise MissingWeightsError(spec.missing_message(None))
+        problem = spec.unusable_copy(weights_dir)
+        if problem:  # the files are there but are not what they should be: say that, not "no weights"
+            from embedkit.models.base import CheckpointError
+
+            raise CheckpointError(problem)
+        raise MissingWeightsError(spec.missing_message(None, weights_dir))
     model = spec.load(path)
     return model, state_dict_hash(model), str(path)
 

@@ -9,6 +9,9 @@ What it looks for (each a :class:`Finding`):
   vectors. Nothing reads them (heads join ``images``); the count of rows where they disagree with ``images``
   says how stale they are, and repair drops the columns.
 - duplicate runs: two ``runs`` rows with one run_id. Repair keeps the first.
+- missing data files: a table's current version lists a data file that is not on disk (deleted or moved by
+  hand). Its rows are gone and every read of the table fails; nothing repairs that, so the finding says how to
+  rebuild the table, and the other checks skip it.
 """
 
 from __future__ import annotations
@@ -18,18 +21,23 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from embedkit.store.store import RUN_COMMIT_WAIT_S, Store, sql_in
+from embedkit.store.store import CORE_TABLES, RUN_COMMIT_WAIT_S, Store, sql_in
 
 STALE_COLUMNS = ("label", "age", "age_group", "sex", "view", "patient_id", "split")
 
 
 @dataclass
 class Finding:
-    kind: str  # orphan_predictions | duplicate_vectors | stale_copies | duplicate_runs
+    kind: str  # orphan_predictions | duplicate_vectors | stale_copies | duplicate_runs | missing_data_file
     table: str
     rows: int
     detail: str
     repaired: bool = False
+
+    @property
+    def repairable(self) -> bool:
+        """Whether ``--repair`` removes it (a lost data file's rows are gone: only a rebuild brings them back)."""
+        return self.kind != "missing_data_file"
 
     def line(self) -> str:
         state = " (repaired)" if self.repaired else ""
@@ -38,11 +46,26 @@ class Finding:
 
 def examine(store: Store, repair: bool = False) -> list[Finding]:
     """Every finding in ``store`` (repaired when ``repair``); an empty list means the store is sound."""
-    findings = _runs_and_predictions(store, repair)
+    findings = [Finding("missing_data_file", table, rows, f"{file} is not on disk: {_rebuild(table)}")
+                for table, file, rows in store.missing_data_files()]
+    damaged = {f.table for f in findings}
+    if not damaged & {"runs", "predictions"}:
+        findings += _runs_and_predictions(store, repair)
     for name in store.table_names():
-        if name.startswith("emb_"):
+        if name.startswith("emb_") and name not in damaged:
             findings += _embeddings(store, name, repair)
     return findings
+
+
+def _rebuild(table: str) -> str:
+    """How to get a table whose rows are lost back: what wrote it, run again, or a backup of what nothing rebuilds."""
+    if table.startswith(("emb_", "prompts_", "localsim_", "embedding_settings")):
+        return (f"drop it (`embedkit doctor --drop-table {table}`) and run `embedkit embed` again (embedding "
+                "tables are rebuilt from the images)")
+    if table in CORE_TABLES:
+        return (f"restore the store from a backup, or drop it (`embedkit doctor --drop-table {table} --yes`: "
+                f"{CORE_TABLES[table]}) and rebuild it")
+    return f"drop it (`embedkit doctor --drop-table {table}`) and rerun the command that wrote it"
 
 
 def _runs_and_predictions(store: Store, repair: bool) -> list[Finding]:

@@ -47,6 +47,9 @@ class StoreBusy(StoreError):
 
 _WRITE_REFUSALS = {errno.ENOSPC: "No space left on device", errno.EDQUOT: "Disk quota exceeded",
                    errno.EROFS: "Read-only file system", errno.EACCES: "Permission denied"}
+_WRITE_FIXES = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space",
+                errno.EROFS: "copy the store to a writable file system (or remount it read-write)",
+                errno.EACCES: "fix the permissions"}
 LOCKS_DIR = "_locks"
 JOURNAL_DIR = "_journal"
 RUN_COMMIT_WAIT_S = 120.0  # a run commit takes milliseconds to seconds; waiting longer means a stuck writer
@@ -60,11 +63,15 @@ CORE_TABLES: dict[str, str] = {
     "studies": "the studies and their settings",
 }
 
+LOGS_DIR = "_logs"  # the CLI's "this is a bug" tracebacks (embedkit/cli.py); not store content
 # Fault injection for the crash tests (tests/test_store_faults.py): with EMBEDKIT_FAULT="kill:N" the process
-# SIGKILLs itself at the N-th fault point, with "enospc:N" that point raises "No space left on device". Every
-# table write is preceded and followed by a fault point, so N = 1, 2, ... visits every gap between two writes.
+# SIGKILLs itself at the N-th fault point, with "enospc:N" that point raises "No space left on device", with
+# "erofs:N" "Read-only file system" (a read-only store where the tests run as root, whom chmod does not stop), with
+# "bug:N" it raises an exception no code expects (the CLI's "this is a bug" path, tests/hostile_store.py).
+# Every table write is preceded and followed by a fault point, so N = 1, 2, ... visits every gap between two writes.
 FAULT_ENV = "EMBEDKIT_FAULT"
 _fault_count = 0
+_INJECTED = {"enospc": errno.ENOSPC, "erofs": errno.EROFS}
 
 
 def _lock_holder(fd: int) -> str:
@@ -88,12 +95,32 @@ def _fault_point() -> None:
     if _fault_count == int(at or 0):
         if kind == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
-        raise OSError(errno.ENOSPC, f"No space left on device (injected at fault point {at})")
+        if kind == "bug":
+            raise RuntimeError(f"injected bug at fault point {at}")
+        code = _INJECTED[kind]
+        raise OSError(code, f"{_WRITE_REFUSALS[code]} (injected at fault point {at})")
 
 
 def resolve_store_path(path: str | Path | None = None) -> Path:
     """The store directory: an explicit path, else $EMBEDKIT_STORE, else ./embedkit-store."""
     return Path(path or os.environ.get(STORE_ENV) or DEFAULT_STORE)
+
+
+# How Lance, pyarrow and DuckDB each word a table's data file gone from disk (DuckDB drops the leading '/').
+_MISSING_FILE = re.compile(r"Not found: /?(?P<path>[^\s,]*?(?P<table>[^/\s,]+)\.lance/data/(?P<file>[^/\s,]+\.lance))")
+
+
+def missing_data_file(exc: BaseException) -> StoreError | None:
+    """The one-line error for an exception that says a table's data file is gone (deleted or moved by hand; the
+    table's manifest still lists it), whoever raised it; None for any other exception. Reads write nothing, so
+    nothing was changed."""
+    match = _MISSING_FILE.search(str(exc))
+    if match is None:
+        return None
+    store = Path("/" + match["path"].lstrip("/")).parent.parent.parent  # Lance names files by absolute path
+    return StoreError(f"table '{match['table']}' in the store {store} is missing its data file data/{match['file']} "
+                      f"(deleted or moved): nothing was changed; `embedkit --store {store} doctor` lists the damaged "
+                      "tables and how to rebuild them")
 
 
 def embeddings_table(model: str) -> str:
@@ -134,6 +161,29 @@ class Store:
             raise StoreError(f"the store {self.path} is a file, not a folder: point --store / ${STORE_ENV} at a "
                              "folder (a new one is created on the first write)")
         self._db = None
+
+    def require(self) -> "Store":
+        """This store, or StoreError when it does not exist yet (no folder, or a folder without tables): a reader
+        would otherwise answer as if it were empty."""
+        if not self.table_names():
+            state = "the folder does not exist" if not self.path.exists() else "the folder holds no tables"
+            raise StoreError(f"no store at {self.path} ({state}): create one with `embedkit data import MANIFEST "
+                             f"--images DIR --cohort NAME` or `embedkit demo`, or point --store / ${STORE_ENV} at "
+                             "an existing one")
+        return self
+
+    def missing_data_files(self) -> list[tuple[str, str, int]]:
+        """(table, data file, rows) for each data file a table's current version lists that is not on disk."""
+        import lance
+
+        missing = []
+        for name in self.table_names():
+            folder = self.path / f"{name}.lance"
+            for fragment in lance.dataset(str(folder)).get_fragments():
+                for data_file in fragment.data_files():
+                    if not (folder / "data" / data_file.path).is_file():
+                        missing.append((name, f"data/{data_file.path}", fragment.metadata.physical_rows))
+        return missing
 
     @property
     def db(self):
@@ -280,8 +330,7 @@ class Store:
                 raise
             raise StoreError(f"{_WRITE_REFUSALS[code]} while writing table '{name}' in {self.path}: this write was "
                              "not recorded, and a run is stored whole or not at all; "
-                             f"{'free some space' if code in (errno.ENOSPC, errno.EDQUOT) else 'fix the permissions'}"
-                             " and run the command again (it picks up where it stopped)") from exc
+                             f"{_WRITE_FIXES[code]} and run the command again (it picks up where it stopped)") from exc
 
     # ---- locks ----------------------------------------------------------------------------------
     @contextmanager
