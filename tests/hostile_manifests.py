@@ -37,6 +37,21 @@ def _both(*setups: Callable[[Path, Path], None]) -> Callable[[Path, Path], None]
     return setup
 
 
+def _bomb(tmp: Path, store: Path) -> None:
+    """A 30000 x 30000 PNG of a few hundred bytes (a decompression bomb's header) and a manifest naming it."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    (tmp / "images").mkdir(exist_ok=True)
+    header = struct.pack(">IIBBBBB", 30000, 30000, 8, 0, 0, 0, 0)
+    (tmp / "images" / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+                                              + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    (tmp / "m.csv").write_text("image_id,label,age,sex\nbomb.png,Effusion,40,M\n")
+
+
 def _import(*extra: str, name: str = "m.csv") -> tuple[str, ...]:
     return ("data", "import", f"{{tmp}}/{name}", "--images", "{tmp}/images", "--cohort", "c", "--no-verify", *extra)
 
@@ -66,4 +81,8 @@ CASES = [
          names="row 1 (link.png)", setup=_both(_outside("link.png"), _manifest("image_id,label,age,sex\nlink.png,Effusion,40,M\n"))),
     Case("manifest-symlink-outside-verified", _import()[:-1], "lies outside the images folder", names="row 1 (link.png)",
          store="cohort", setup=_both(_outside("link.png"), _manifest("image_id,label,age,sex\nlink.png,Effusion,40,M\n"))),
+    # labels that differ only in case are not new classes; a bomb is a named row, not a crash
+    Case("manifest-labels-differing-in-case", _import(), "differs only in case from 'Effusion'", names="row 3 (c.png)",
+         setup=_manifest("image_id,label,age,sex\na.png,Effusion,40,M\nb.png,Effusion,41,F\nc.png,effusion,42,M\n")),
+    Case("manifest-decompression-bomb", _import()[:-1], "decompression bomb", names="bomb.png", setup=_bomb),
 ]
