@@ -233,6 +233,16 @@ def test_supported_values_are_the_authors_pretraining_config():
     assert {k for k in supported if supported[k] != tiny[k]} == set(R.TINY_OVERRIDES)
 
 
+
+def _store_with_a_cohort(tmp_path):
+    from conftest import write_cohort_images
+    from embedkit.data.cohort import import_cohort, validate_cohort
+    from embedkit.store.store import Store
+
+    frame = write_cohort_images(tmp_path / "images", n_per_class=1)
+    import_cohort(Store(tmp_path / "s"), validate_cohort(frame, "c", images_dir=tmp_path / "images"), "c")
+
+
 @pytest.mark.parametrize("key, value", [
     ("model.text.last_n_layers", 1),
     ("model.text.aggregate_method", "mean"),
@@ -253,6 +263,7 @@ def test_unsupported_hyper_parameter_is_one_error_line(tiny, tmp_path, monkeypat
     expected = G.inference_hyper_parameters(G.ARCHS["tiny-resnet50"])[key]
     # Through the CLI: tiny-gloria stands in for gloria (which refuses --weights only because it is a test model).
     monkeypatch.setitem(registry.MODELS, "tiny-gloria", replace(registry.MODELS["tiny-gloria"], tiny=False))
+    _store_with_a_cohort(tmp_path)  # embed refuses a store that does not exist before it loads any weights
     code, out, err = main_cli(monkeypatch, capsys, "--store", str(tmp_path / "s"), "embed", "--model", "tiny-gloria",
                               "--weights", str(path), "--cohort", "c")
     assert code == 1 and out == ""
