@@ -233,7 +233,6 @@ def test_supported_values_are_the_authors_pretraining_config():
     assert {k for k in supported if supported[k] != tiny[k]} == set(R.TINY_OVERRIDES)
 
 
-
 def _store_with_a_cohort(tmp_path):
     from conftest import write_cohort_images
     from embedkit.data.cohort import import_cohort, validate_cohort
