@@ -148,9 +148,11 @@ def test_files_that_are_not_checkpoints_are_named_as_what_they_are_not_found(hf_
                                            "text file standing for the real one, which was never downloaded): fetch "
                                            "the file itself (`git lfs pull` in the clone it came from); `embedkit "
                                            "models pull clip` fetches it")
-    assert "is an HTML page" in listing["chexzero"]["unusable"] and "models pull" not in listing["chexzero"]["unusable"]
+    assert "is an HTML page" in listing["chexzero"]["unusable"]  # a Drive folder's file: the user's link
+    assert "`embedkit models pull chexzero --url LINK` fetches it" in listing["chexzero"]["unusable"]
     assert listing["medclip-vit"]["unusable"].endswith("pytorch_model.bin is not a checkpoint (it opens with "
-                                                       "b'not a checkpoint', not a zip, pickle or safetensors header)")
+                                                       "b'not a checkpoint', not a zip, pickle or safetensors header); "
+                                                       "`embedkit models pull medclip-vit` fetches it")
     # the cache's copy is looked at too; not found, the listing says where it looked
     assert listing["biomedclip"]["unusable"].startswith(f"{hf_cache}/models--microsoft--BiomedCLIP")
     assert "open_clip_config.json is a Git LFS pointer" in listing["biomedclip"]["unusable"]

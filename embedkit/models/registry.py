@@ -163,7 +163,10 @@ class ModelSpec:
             path = folder / name
             problem = file_problem(path) if path.exists() else None
             if problem:
-                pull = f"; `embedkit models pull {self.name}` fetches it" if self.hf_repo or self.releases else ""
+                release = next((r for r in self.releases if r.file == name), None)
+                pull = (f"; `embedkit models pull {self.name}` fetches it" if self.hf_repo or (release and release.url)
+                        else f"; `embedkit models pull {self.name} --url LINK` fetches it from its download link"
+                        if release else "")
                 return f"{path} {problem}{pull}"
         return None
 
