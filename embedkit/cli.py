@@ -325,7 +325,8 @@ def models_cmd(
         listing.append({"model": spec.name, "embed_dim": spec.embed_dim, "description": spec.description,
                         "files": [] if spec.tiny else list(spec.weight_files),
                         "source": "random init only (test configuration)" if spec.tiny else spec.weight_source,
-                        "hf_repo": spec.hf_repo, "pullable": bool(spec.hf_repo or spec.releases) and all(r.url for r in spec.releases),
+                        "hf_repo": spec.hf_repo,
+                        "pullable": bool(spec.hf_repo or spec.releases) and all(r.url for r in spec.releases),
                         "found": str(found) if found else None, "found_in": place,
                         "unusable": None if spec.tiny or found else spec.unusable_copy(weights_dir),
                         "looked_in": None if spec.tiny or found else spec.looked_in(weights_dir),
@@ -848,11 +849,10 @@ def demo_cmd(
     epochs: int = typer.Option(_DEMO("epochs"), help="Probe epochs (the paper's 100)"),
 ) -> None:
     """The embedded default end to end, no downloads: synthetic X-rays, tiny models, heads, fairness, report."""
+    import shlex
     import time
 
     from embedkit.demo import run_demo
-
-    import shlex
 
     start = time.perf_counter()
     result = run_demo(out, models=tuple(m.strip() for m in models.split(",") if m.strip()), bias=bias or None,

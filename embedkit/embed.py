@@ -471,6 +471,7 @@ def _embed_paths(store: Store, passes: list[_ModelPass], paths: list[str], dev: 
         with Progress(*columns, disable=not progress or report is not None, transient=False) as bar, \
                 torch.inference_mode():
             tasks = [bar.add_task(one.spec.name.ljust(width), total=len(one.paths), rate=0.0) for one in passes]
+            embedded = [0] * len(passes)  # images each model has been given
             if report:
                 report(0, len(paths))
             batches = iter(loader)
@@ -483,7 +484,7 @@ def _embed_paths(store: Store, passes: list[_ModelPass], paths: list[str], dev: 
                 except ImageDecodeError as exc:  # from a worker: its message carries the worker's traceback
                     raise ImageDecodeError(_decode_failure(exc)) from None
                 computing = time.perf_counter()
-                for one, task, (chosen, pixels) in zip(passes, tasks, per_model):
+                for m, (one, task, (chosen, pixels)) in enumerate(zip(passes, tasks, per_model)):
                     if not len(chosen):
                         continue
                     with autocast:
@@ -493,8 +494,8 @@ def _embed_paths(store: Store, passes: list[_ModelPass], paths: list[str], dev: 
                         one.pending_sim[name].append(sim)
                     one.pending_idx.append(index[chosen].numpy())
                     one.pending_vec.append(vectors.float().cpu().numpy())
-                    done = bar.tasks[task].completed + len(chosen)
-                    bar.update(task, completed=done, rate=done / (time.perf_counter() - start))
+                    embedded[m] += len(chosen)
+                    bar.update(task, completed=embedded[m], rate=embedded[m] / (time.perf_counter() - start))
                     if one.pending >= chunk_images:
                         _flush(store, one, paths)
                 threads.observe(computing - waited, time.perf_counter() - computing)

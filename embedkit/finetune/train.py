@@ -363,7 +363,8 @@ def _prepare(store: Store, config: FinetuneConfig, run_id: str) -> _Session:
                  preprocess=config.preprocess or model.default_preprocessing())
 
     sampler = KeySampler()
-    dataset = AugmentedImageFiles(paths, model.image_transform(extra["preprocess"]), Augment() if config.augment else None, config.seed)
+    dataset = AugmentedImageFiles(paths, model.image_transform(extra["preprocess"]),
+                                  Augment() if config.augment else None, config.seed)
     workers = config.workers
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=config.batch_size, sampler=sampler, num_workers=workers,

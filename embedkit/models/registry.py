@@ -115,7 +115,11 @@ class ModelSpec:
         path = Path(path)
         if not path.exists():
             raise MissingWeightsError(self.missing_message(path))
-        problem = self.unusable(path) if path.is_dir() else file_problem(path) and f"{path} {file_problem(path)}"
+        if path.is_dir():
+            problem = self.unusable(path)
+        else:
+            problem = file_problem(path)
+            problem = problem and f"{path} {problem}"
         if problem:
             raise CheckpointError(problem)
         model = self.family.load(self, path)

@@ -105,6 +105,13 @@ class StudyConfig:
             raise StudyError(f"--amp {self.amp} is autocast on CUDA, and this study runs on the CPU (--device "
                              f"{self.device}): drop --amp or run it on a GPU")
 
+    def preprocessing_of(self, model: str) -> str:
+        """The preprocessing ``model``'s passes use in this study (its family's of the study's name, else its only
+        one: ModelFamily.preprocessing_for)."""
+        from embedkit.models.registry import get_spec
+
+        return get_spec(model).family.preprocessing_for(self.preprocess)
+
     def to_json(self) -> dict:
         """The matrix and settings as stored in the ``studies`` table (the study file's text under ``file``)."""
         out = {k: v for k, v in asdict(self).items() if k != "file_text"}

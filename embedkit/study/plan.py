@@ -171,7 +171,6 @@ def _embedded(store: Store, model: str, weights_id: str | None, config: StudyCon
     """(every cohort row has a vector for these weights and the prompts are there, why the stored vectors do not
     suit this study: computed with other amp / preprocess settings, or None)."""
     from embedkit.embed import EmbeddingSettings, embedding_settings
-    from embedkit.models.registry import get_spec
     from embedkit.store.store import prompts_table
 
     if weights_id is None or not facts.imported or not store.has(embeddings_table(model)):
@@ -181,7 +180,7 @@ def _embedded(store: Store, model: str, weights_id: str | None, config: StudyCon
     if not have:
         return False, None
     stored = embedding_settings(store, model, weights_id, config.cohort)
-    wanted = EmbeddingSettings(config.amp, get_spec(model).family.preprocessing_for(config.preprocess))
+    wanted = EmbeddingSettings(config.amp, config.preprocessing_of(model))
     if not stored.same_as(wanted):
         return False, (f"the stored {model} vectors ({weights_id}, cohort {config.cohort}) were computed with "
                        f"{stored.describe()}, and this study asks for {wanted.describe()}: re-embed them with "

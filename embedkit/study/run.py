@@ -130,7 +130,7 @@ def _run_one(store: Store, config: StudyConfig, step: Step, weights: dict[str, s
         net, weights_id, source = instantiate(spec, None, config.random_init, SEED_INIT, config.weights_dir)
         summary = embed_cohort(store, spec, net, weights_id, source, config.cohort, device=config.device,
                                workers=config.workers, progress=progress, amp=config.amp,
-                               preprocess=spec.family.preprocessing_for(config.preprocess))
+                               preprocess=config.preprocessing_of(step.model))
         weights[step.model] = step.weights_id = weights_id
         step.note = summary.line()
         del net
@@ -159,7 +159,6 @@ def _finetune_step(store: Store, config: StudyConfig, step: Step, progress: bool
     import shutil
 
     from embedkit.finetune import train
-    from embedkit.models.registry import get_spec
 
     run_id = _finetune_run_id(config.name, step.key)
     folder = train.checkpoint_dir(store, run_id)
@@ -173,8 +172,7 @@ def _finetune_step(store: Store, config: StudyConfig, step: Step, progress: bool
                                    weights_dir=config.weights_dir, random_init=config.random_init,
                                    seed_init=SEED_INIT, epochs=config.ft_epochs, seed=step.seed,
                                    device=config.device, workers=config.workers, study_id=config.name,
-                                   amp=config.amp, preprocess=get_spec(step.model).family.preprocessing_for(
-                                       config.preprocess))
+                                   amp=config.amp, preprocess=config.preprocessing_of(step.model))
         result = train.finetune(store, cfg, progress=progress, run_id=run_id)
     return result.run_id
 
