@@ -21,7 +21,7 @@ import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -55,6 +55,40 @@ class TowerLayout:
 # The preprocessing named after the model's authors (their released code's); the only one of most families.
 UPSTREAM = "upstream"
 
+class Preprocessing:
+    """A family's preprocessing in its two stages: decoded image -> the model's 8-bit pixels -> its input tensor.
+
+    :meth:`pixels` is the deterministic geometric part (channel conversion, resize, pad, crop) and ends in the
+    uint8 array ``[H, W, C]`` the model sees before anything else is done to it; :meth:`tensor` is the rest
+    (scaling, normalisation, a resize some families make in float). Calling the object runs both, so
+    ``p(image) == p.tensor(p.pixels(image))`` bit for bit. What lies between the two stages is where the training
+    augmentations act (embedkit/finetune/augment.py) and what the pixel cache stores (embedkit/data/pixels.py),
+    keyed by :meth:`recipe`. Subclasses are picklable (DataLoader workers run them).
+    """
+
+    def pixels(self, image) -> np.ndarray:
+        """The decoded PIL image's 8-bit pixels as the model sees them before its tensor conversion: uint8
+        ``[H, W, C]``, the same shape for every image."""
+        raise NotImplementedError
+
+    def tensor(self, pixels: np.ndarray) -> torch.Tensor:
+        """The model's input tensor ``[C', H', W']`` (float32) from :meth:`pixels`' array."""
+        raise NotImplementedError
+
+    def recipe(self) -> str:
+        """What :meth:`pixels` computes, in words with every parameter: two preprocessings with the same recipe
+        give the same pixels (CLIP's and BiomedCLIP's do), so the pixel cache keys its entries by it."""
+        raise NotImplementedError
+
+    def __call__(self, image) -> torch.Tensor:
+        return self.tensor(self.pixels(image))
+
+
+def gray_pixels(image) -> np.ndarray:
+    """A PIL ``L`` image as uint8 ``[H, W, 1]``."""
+    return np.asarray(image, dtype=np.uint8)[:, :, None].copy()
+
+
 # torchvision-style ResNets (MedCLIP-RN50, GLoRIA): the bottleneck convolutions of every block; the stem is left alone.
 # The study and embedkit agree here.
 RESNET_LAYOUT = TowerLayout("resnet", r"(?:.+\.)?layer[1-4]\.\d+", ("conv1", "conv2", "conv3"),
@@ -69,13 +103,13 @@ class VisionLanguageModel(nn.Module):
 
     embed_dim: int
 
-    def image_transforms(self) -> dict[str, Callable]:
-        """Every preprocessing the family offers, by name, the default first: picklable callables PIL.Image ->
-        float tensor [C, H, W]. A family whose authors and the study preprocess alike has one, :data:`UPSTREAM`
+    def image_transforms(self) -> dict[str, "Preprocessing"]:
+        """Every preprocessing the family offers, by name, the default first: :class:`Preprocessing` objects
+        (picklable callables PIL.Image -> float tensor [C, H, W], in two stages). A family whose authors and the study preprocess alike has one, :data:`UPSTREAM`
         (the authors'); MedCLIP has ``study`` and ``upstream`` (docs/models.md)."""
         raise NotImplementedError
 
-    def image_transform(self, preprocess: str | None = None) -> Callable:
+    def image_transform(self, preprocess: str | None = None) -> "Preprocessing":
         """The preprocessing named ``preprocess`` (None: the family's default); a name the family does not offer
         raises :class:`PreprocessingError` listing those it does."""
         transforms = self.image_transforms()

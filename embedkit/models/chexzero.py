@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from embedkit.models import openclip
-from embedkit.models.base import ModelFamily, load_strict, read_tensor_file
+from embedkit.models.base import ModelFamily, Preprocessing, gray_pixels, load_strict, read_tensor_file
 from embedkit.models.registry import MissingWeightsError, ModelSpec
 
 STORED_SIZE = 320  # the authors' HDF5 images: longest side resized to this, zero-padded square
@@ -40,12 +40,13 @@ NEGATION = "no {}"
 
 
 @dataclass(frozen=True)
-class CheXzeroTransform:
-    """PIL image -> [3, size, size]: the authors' 320 px grayscale square, normalised, then resized (picklable)."""
+class CheXzeroTransform(Preprocessing):
+    """PIL image -> [3, size, size]: the authors' 320 px grayscale square (the pixels), normalised, then resized
+    bicubic in float (the tensor stage). Picklable."""
 
     size: int = 224
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
+    def pixels(self, image: Image.Image) -> np.ndarray:
         if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
             raise ValueError(f"image mode {image.mode} is not 8-bit; decode files with "
                              "embedkit.data.images.decode_image, which rescales 16-bit images to 8-bit")
@@ -56,10 +57,17 @@ class CheXzeroTransform:
         resized = rgb.resize(tuple(int(side * ratio) for side in rgb.size), Image.Resampling.LANCZOS)
         square = Image.new("L", (STORED_SIZE, STORED_SIZE))
         square.paste(resized, ((STORED_SIZE - resized.width) // 2, (STORED_SIZE - resized.height) // 2))
-        pixels = torch.from_numpy(np.asarray(square, dtype=np.float32).copy())
-        pixels = ((pixels - PIXEL_MEAN) / PIXEL_STD).expand(1, 3, STORED_SIZE, STORED_SIZE)
-        return F.interpolate(pixels, size=(self.size, self.size), mode="bicubic", align_corners=False,
+        return gray_pixels(square)
+
+    def tensor(self, pixels: np.ndarray) -> torch.Tensor:
+        square = torch.from_numpy(np.ascontiguousarray(pixels[:, :, 0], dtype=np.float32))
+        square = ((square - PIXEL_MEAN) / PIXEL_STD).expand(1, 3, STORED_SIZE, STORED_SIZE)
+        return F.interpolate(square, size=(self.size, self.size), mode="bicubic", align_corners=False,
                              antialias=False)[0]
+
+    def recipe(self) -> str:
+        return (f"chexzero: RGB, longest side {STORED_SIZE} lanczos (PIL), pasted as grayscale centred on a black "
+                f"{STORED_SIZE} square")
 
 
 def _wrap(spec: ModelSpec, model: torch.nn.Module, config: dict) -> openclip.OpenClipModel:

@@ -28,9 +28,9 @@ from PIL import Image
 from torch import nn
 
 from embedkit.models import bert
-from embedkit.models.base import (RESNET_LAYOUT, UPSTREAM, CheckpointError, ModelFamily, RefusedGlobal, TowerLayout,
-                                  VisionLanguageModel, load_strict, read_checkpoint_state_dict,
-                                  read_lightning_checkpoint)
+from embedkit.models.base import (RESNET_LAYOUT, UPSTREAM, CheckpointError, ModelFamily, Preprocessing,
+                                  RefusedGlobal, TowerLayout, VisionLanguageModel, load_strict,
+                                  read_checkpoint_state_dict, read_lightning_checkpoint)
 
 # --- constants of the released model (docs/models.md; the authors' chexpert pretraining config) ---
 WORD_NUM = 97  # text max length, in word pieces, [CLS] and [SEP] included
@@ -434,17 +434,17 @@ def zeroshot_scores(global_sim, local_sim, prompt_class, n_classes: int):
 _EIGHT_BIT_MODES = ("L", "RGB", "1", "LA", "La", "P", "RGBA", "RGBa", "CMYK", "YCbCr", "LAB", "HSV")
 
 
-class GloriaImageTransform:
+class GloriaImageTransform(Preprocessing):
     """PIL image -> float tensor [3, 224, 224], GLoRIA's test-time preprocessing (picklable).
 
-    8-bit grayscale; resize so the longest side is 256 with OpenCV's INTER_AREA, as the authors' ``_resize_img``
-    (PIL's BOX filter differs: by a grey level at integer factors, more at others); zero-pad centred to 256 x 256
-    (odd padding: the extra pixel right/bottom, as the authors); gray -> 3 channels; center crop 224; scale to
-    [0, 1]; normalise with mean 0.5, std 0.5. 16-bit images must be decoded with
+    Pixels: 8-bit grayscale; resize so the longest side is 256 with OpenCV's INTER_AREA, as the authors'
+    ``_resize_img`` (PIL's BOX filter differs: by a grey level at integer factors, more at others); zero-pad centred
+    to 256 x 256 (odd padding: the extra pixel right/bottom, as the authors); center crop 224. Tensor: scale to
+    [0, 1]; normalise with mean 0.5, std 0.5; gray -> 3 channels. 16-bit images must be decoded with
     ``embedkit.data.images.decode_image`` first (it rescales them).
     """
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
+    def pixels(self, image: Image.Image) -> np.ndarray:
         import cv2
 
         if image.mode not in _EIGHT_BIT_MODES:
@@ -464,9 +464,16 @@ class GloriaImageTransform:
         top, left = (RESIZE_SIZE - new_h) // 2, (RESIZE_SIZE - new_w) // 2
         canvas[top : top + new_h, left : left + new_w] = resized
         crop = int(round((RESIZE_SIZE - CROP_SIZE) / 2.0))  # torchvision CenterCrop's offset
-        x = torch.from_numpy(canvas[crop : crop + CROP_SIZE, crop : crop + CROP_SIZE].astype(np.float32) / 255.0)
+        return canvas[crop : crop + CROP_SIZE, crop : crop + CROP_SIZE, None].copy()
+
+    def tensor(self, pixels: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(pixels[:, :, 0], dtype=np.float32) / 255.0)
         x = (x - NORM_MEAN) / NORM_STD
         return x.unsqueeze(0).repeat(3, 1, 1)  # gray -> RGB replicates the channel
+
+    def recipe(self) -> str:
+        return (f"gloria: grayscale, longest side {RESIZE_SIZE} cv2 INTER_AREA, zero-padded centred to "
+                f"{RESIZE_SIZE} square, center crop {CROP_SIZE}")
 
     def __repr__(self) -> str:
         return "GloriaImageTransform(resize_long=256 cv2.INTER_AREA, pad=256, crop=224, norm=0.5/0.5)"

@@ -13,14 +13,15 @@ import re
 from pathlib import Path
 from typing import Mapping
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
 from embedkit.models import bert
-from embedkit.models.base import (RESNET_LAYOUT, UPSTREAM, CheckpointError, ModelFamily, TowerLayout,
-                                  VisionLanguageModel, key_mismatches, read_tensor_file)
+from embedkit.models.base import (RESNET_LAYOUT, UPSTREAM, CheckpointError, ModelFamily, Preprocessing, TowerLayout,
+                                  VisionLanguageModel, gray_pixels, key_mismatches, read_tensor_file)
 from embedkit.models.registry import MissingWeightsError, ModelSpec
 
 # LoRA in every Swin block: the study's the query/key/value projections (the attention input), embedkit's also the
@@ -76,38 +77,41 @@ def _gray(image: Image.Image) -> Image.Image:
     return image.convert("L")
 
 
-def _normalised(gray: Image.Image, mean: float, std: float) -> torch.Tensor:
-    width, height = gray.size
-    pixels = torch.frombuffer(bytearray(gray.tobytes()), dtype=torch.uint8)
-    return (pixels.view(1, height, width).to(torch.float32) / 255.0 - mean) / std
-
-
-class MedCLIPTransform:
-    """``upstream``: PIL image -> float tensor [1, 224, 224], the README feature extractor's pad-to-square,
-    bicubic resize and normalisation.
-
-    A module-level class (not a closure) so DataLoader workers can pickle it.
-    """
+class _MedCLIPPreprocessing(Preprocessing):
+    """What MedCLIP's two preprocessings share: grayscale pixels, then [0, 1] and the feature extractor's mean and
+    std on one channel. A module-level class (not a closure) so DataLoader workers can pickle it."""
 
     def __init__(self, size: int = IMAGE_SIZE, mean: float = PIXEL_MEAN, std: float = PIXEL_STD) -> None:
         self.size = size
         self.mean = mean
         self.std = std
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
+    def tensor(self, pixels: np.ndarray) -> torch.Tensor:
+        gray = torch.from_numpy(np.ascontiguousarray(pixels[:, :, 0]))
+        return ((gray.to(torch.float32) / 255.0 - self.mean) / self.std).unsqueeze(0)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size}, mean={self.mean}, std={self.std})"
+
+
+class MedCLIPTransform(_MedCLIPPreprocessing):
+    """``upstream``: PIL image -> float tensor [1, 224, 224], the README feature extractor's pad-to-square,
+    bicubic resize and normalisation."""
+
+    def pixels(self, image: Image.Image) -> np.ndarray:
         gray = _gray(image)
         width, height = gray.size
         # Centre on a black square canvas at least 224 wide, so small images are padded rather than upscaled.
         side = max(self.size, width, height)
         canvas = Image.new("L", (side, side), 0)
         canvas.paste(gray, ((side - width) // 2, (side - height) // 2))
-        return _normalised(canvas.resize((self.size, self.size), Image.Resampling.BICUBIC), self.mean, self.std)
+        return gray_pixels(canvas.resize((self.size, self.size), Image.Resampling.BICUBIC))
 
-    def __repr__(self) -> str:
-        return f"MedCLIPTransform(size={self.size}, mean={self.mean}, std={self.std})"
+    def recipe(self) -> str:
+        return f"medclip upstream: grayscale, centred on a black square, resize {self.size} bicubic (PIL)"
 
 
-class MedCLIPStudyTransform:
+class MedCLIPStudyTransform(_MedCLIPPreprocessing):
     """``study``: PIL image -> float tensor [1, 224, 224] as the study's code preprocesses: grayscale, shortest side
     to 224 (bilinear; the long side truncated, as torchvision's Resize(224) computes it), centre crop 224
     (torchvision's rounded offsets), [0, 1], the feature extractor's mean and std.
@@ -116,12 +120,7 @@ class MedCLIPStudyTransform:
     (224, 224) bilinear: the two agree on square images only.
     """
 
-    def __init__(self, size: int = IMAGE_SIZE, mean: float = PIXEL_MEAN, std: float = PIXEL_STD) -> None:
-        self.size = size
-        self.mean = mean
-        self.std = std
-
-    def __call__(self, image: Image.Image) -> torch.Tensor:
+    def pixels(self, image: Image.Image) -> np.ndarray:
         gray = _gray(image)
         width, height = gray.size
         short, long = sorted((width, height))
@@ -130,10 +129,11 @@ class MedCLIPStudyTransform:
         resized = gray.resize((new_w, new_h), Image.Resampling.BILINEAR)
         left = int(round((new_w - self.size) / 2.0))
         top = int(round((new_h - self.size) / 2.0))
-        return _normalised(resized.crop((left, top, left + self.size, top + self.size)), self.mean, self.std)
+        return gray_pixels(resized.crop((left, top, left + self.size, top + self.size)))
 
-    def __repr__(self) -> str:
-        return f"MedCLIPStudyTransform(size={self.size}, bilinear, centre crop, mean={self.mean}, std={self.std})"
+    def recipe(self) -> str:
+        return (f"medclip study: grayscale, shortest side {self.size} bilinear (PIL, long side truncated), "
+                f"center crop {self.size}")
 
 
 # ---------------------------------------------------------------------------------------------------------------

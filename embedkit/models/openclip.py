@@ -32,8 +32,8 @@ from PIL import Image
 from torch import nn
 
 from embedkit.models import bert
-from embedkit.models.base import (UPSTREAM, CheckpointError, ModelFamily, TowerLayout, VisionLanguageModel,
-                                  load_strict, read_tensor_file)
+from embedkit.models.base import (UPSTREAM, CheckpointError, ModelFamily, Preprocessing, TowerLayout,
+                                  VisionLanguageModel, load_strict, read_tensor_file)
 from embedkit.models.registry import MissingWeightsError, ModelSpec
 
 __all__ = [
@@ -90,18 +90,18 @@ TIMM_VIT_LAYOUT = TowerLayout("timm-vit", r"trunk\.blocks\.\d+", ("attn.qkv",),
 
 
 @dataclass(frozen=True)
-class ClipImageTransform:
+class ClipImageTransform(Preprocessing):
     """PIL image -> normalised float tensor [3, size, size], as open_clip's eval transform does it.
 
-    Resize the shortest side to ``size`` (bicubic), center crop, convert to RGB (grayscale is repeated on three
-    channels), scale to [0, 1], normalise. A frozen dataclass so that DataLoader workers can pickle it.
+    Pixels: resize the shortest side to ``size`` (bicubic), center crop, convert to RGB (grayscale is repeated on
+    three channels). Tensor: scale to [0, 1], normalise. A frozen dataclass so that DataLoader workers can pickle it.
     """
 
     size: int = 224
     mean: tuple[float, ...] = OPENAI_MEAN
     std: tuple[float, ...] = OPENAI_STD
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
+    def pixels(self, image: Image.Image) -> np.ndarray:
         from torchvision.transforms import InterpolationMode
         from torchvision.transforms import functional as TF
 
@@ -115,8 +115,15 @@ class ClipImageTransform:
             image = image.convert("RGB")
         image = TF.resize(image, self.size, interpolation=InterpolationMode.BICUBIC)
         image = TF.center_crop(image, self.size)
-        image = image.convert("RGB")
-        return TF.normalize(TF.to_tensor(image), self.mean, self.std)
+        return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
+
+    def tensor(self, pixels: np.ndarray) -> torch.Tensor:
+        from torchvision.transforms import functional as TF
+
+        return TF.normalize(TF.to_tensor(pixels), self.mean, self.std)
+
+    def recipe(self) -> str:
+        return f"clip: shortest side {self.size} bicubic (torchvision), center crop {self.size}, RGB"
 
 
 @lru_cache(maxsize=4)
