@@ -28,6 +28,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+# Defaults stated once, in the library (read when the command runs or shows its --help).
+_EMBED = partial(LibraryDefault, "embedkit.embed", "embed_cohort")
+
 data_app = typer.Typer(help="Cohorts: NIH protocols, manifest import, synthetic X-rays, counts.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
@@ -289,14 +292,71 @@ def data_info(
         rejects = store.read("rejects", sql_eq("cohort", name)).to_pandas() if store.has("rejects") else None
         counts = cohort_counts(rows)
         problems = cohort_problems(rows, rejects)
+        cache = _pixel_cache_state(store, name, rows)
         report[name] = {"rows": len(rows), "problems": problems,
-                        "counts": {" / ".join(map(str, k)): v for k, v in counts.stack(["age_group", "sex"]).items()}}
+                        "counts": {" / ".join(map(str, k)): v for k, v in counts.stack(["age_group", "sex"]).items()},
+                        "pixel_cache": cache}
         if not as_json:
             typer.echo(f"cohort '{name}': {len(rows)} rows")
             typer.echo(counts.to_string())
             typer.echo("problems: " + ("; ".join(problems) if problems else "none found"))
+            if not cache:
+                typer.echo("pixel cache: none (embedkit data cache; fine-tuning builds its own)")
+            for entry in cache:
+                typer.echo(f"pixel cache: {entry['recipe']}: {entry['images']} images, {entry['bytes'] / 2**20:.1f} "
+                           f"MiB, {entry['state']}, in {entry['folder']}")
     if as_json:
         echo_json(report)
+
+
+def _pixel_cache_state(store, cohort: str, rows) -> list[dict]:
+    """The cohort's pixel-cache entries: recipe, size, folder, and whether they still match the image files."""
+    from embedkit.data import pixels
+
+    paths = list(dict.fromkeys(rows["path"]))
+    out = []
+    for entry in pixels.entries(store.path):
+        if entry.cohort != cohort:
+            continue
+        stale = entry.stale(paths)
+        state = ("current" if stale == [] else "out of date: the cohort's images changed" if stale is None
+                 else f"out of date: {len(stale)} image file(s) changed since")
+        out.append({"recipe": entry.recipe, "images": len(entry.paths), "bytes": entry.nbytes,
+                    "folder": str(entry.folder), "state": state, "created_at": entry.created_at})
+    return out
+
+@data_app.command("cache")
+def data_cache(
+    ctx: typer.Context,
+    cohort: str = typer.Option("nih6x200", help="Cohort in the store"),
+    model: str = typer.Option("all", help="Model(s) whose preprocessing to cache, comma-separated, or all (every "
+                              "model whose weights are found; with --random-init every tiny model: the same recipes)"),
+    weights: Optional[Path] = typer.Option(None, help="Weights file or folder in the authors' format (one model)"),
+    weights_dir: Optional[Path] = typer.Option(None, envvar="EMBEDKIT_WEIGHTS", help="Folder with one sub-folder per model"),
+    random_init: bool = typer.Option(False, help="Take the preprocessing of randomly initialised models"),
+    seed: int = typer.Option(0, help="Seed of --random-init"),
+    preprocess: Optional[str] = typer.Option(None, help="study | upstream where a family has both (MedCLIP)"),
+    workers: int = typer.Option(_EMBED("workers"), help="DataLoader worker processes decoding images"),
+    quiet: bool = typer.Option(False, help="No progress lines"),
+) -> None:
+    """Decode the cohort's images once and store, for each distinct preprocessing, the 8-bit pixels the models see
+    before their tensor stage: fine-tuning epochs and embedding passes read them instead of the image files
+    (`finetune` builds its own entry on first use)."""
+    from embedkit.data import pixels
+    from embedkit.data.cohort import load_cohort
+
+    store = get_store(ctx)
+    rows = load_cohort(store, cohort)
+    paths = list(dict.fromkeys(rows["path"]))
+    preprocessings = [m.model.image_transform(m.preprocess) for m in
+                      _models_for(model, weights, weights_dir, random_init, seed, preprocess)]
+
+    def progress(done: int, total: int) -> None:
+        if not quiet and (done == total or done % 256 < 16):
+            typer.echo(f"pixel cache: {done}/{total} images decoded", err=True)
+
+    for summary in pixels.build(store, cohort, paths, preprocessings, workers=workers, progress=progress):
+        typer.echo(summary.line())
 
 
 # ---- models and embedding --------------------------------------------------------------------------------------
@@ -363,9 +423,6 @@ def models_pull_cmd(
     typer.echo(f"{name}: {pull(get_spec(name), weights_dir, progress=not quiet, url=url)}")
 
 
-# Defaults stated once, in the library (read when the command runs or shows its --help).
-_EMBED = partial(LibraryDefault, "embedkit.embed", "embed_cohort")
-
 
 @app.command("embed")
 def embed_cmd(
@@ -396,28 +453,38 @@ def embed_cmd(
 ) -> None:
     """Embed a cohort's images and its class prompts with one model, or several at once, into the store."""
     from embedkit.device import resolve_device
-    from embedkit.embed import ToEmbed, check_amp, embed_models
-    from embedkit.models.registry import get_spec, instantiate
+    from embedkit.embed import check_amp, embed_models
 
-    if weights and random_init:
-        raise typer.BadParameter("--weights and --random-init exclude each other")
     check_amp(amp.value, resolve_device(device))  # before the weights load
     store = get_store(ctx)  # a missing store is refused before any weights load
-    specs = [get_spec(name) for name in _embed_model_names(model, random_init, weights_dir)]
-    if weights and len(specs) > 1:
-        raise typer.BadParameter("--weights names one model's files; with several models use --weights-dir (one "
-                                 "sub-folder per model)")
-    models = []
-    for spec in specs:  # every model's weights load before anything is written
-        net, weights_id, source = instantiate(spec, weights, random_init, seed, weights_dir)
-        # One model: exactly the preprocessing asked for; several: each family's of that name, else its only one.
-        chosen = preprocess if len(specs) == 1 or preprocess is None else spec.family.preprocessing_for(preprocess)
-        models.append(ToEmbed(spec, net, weights_id, source, chosen))
+    models = _models_for(model, weights, weights_dir, random_init, seed, preprocess)
     summaries = embed_models(store, models, cohort, device=device, batch_size=batch_size, workers=workers,
                              force=force, extra_prompt_sets=prompts, chunk_images=chunk_images, progress=not quiet,
                              amp=amp.value)
     for summary in summaries:
         typer.echo(summary.line())
+
+
+def _models_for(model: str, weights: Optional[Path], weights_dir: Optional[Path], random_init: bool, seed: int,
+                preprocess: Optional[str]) -> list:
+    """The models ``--model`` names, built with their weights (every one loads before anything is written), each
+    with its preprocessing: exactly ``--preprocess`` for one model; for several, each family's of that name, else its
+    only one."""
+    from embedkit.embed import ToEmbed
+    from embedkit.models.registry import get_spec, instantiate
+
+    if weights and random_init:
+        raise typer.BadParameter("--weights and --random-init exclude each other")
+    specs = [get_spec(name) for name in _embed_model_names(model, random_init, weights_dir)]
+    if weights and len(specs) > 1:
+        raise typer.BadParameter("--weights names one model's files; with several models use --weights-dir (one "
+                                 "sub-folder per model)")
+    models = []
+    for spec in specs:
+        net, weights_id, source = instantiate(spec, weights, random_init, seed, weights_dir)
+        chosen = preprocess if len(specs) == 1 or preprocess is None else spec.family.preprocessing_for(preprocess)
+        models.append(ToEmbed(spec, net, weights_id, source, chosen))
+    return models
 
 
 def _embed_model_names(model: str, random_init: bool, weights_dir: Optional[Path]) -> list[str]:
@@ -483,6 +550,9 @@ def finetune_cmd(
     preprocess: Optional[str] = typer.Option(None, help="study | upstream where a family has both (MedCLIP; default "
                                              "study); recorded in the run's config"),
     workers: int = typer.Option(_FINETUNE("workers"), help="DataLoader worker processes decoding images"),
+    pixel_cache: bool = typer.Option(True, "--pixel-cache/--no-pixel-cache",
+                                     help="Read the images' pixels from the store's pixel cache, built on first use "
+                                          "(the same tensors as decoding the files every epoch)"),
     resume: Optional[str] = typer.Option(None, help="Continue this run from its last completed epoch (its own settings)"),
     stop_after: Optional[int] = typer.Option(None, hidden=True, help="Stop (resumably) after this many epochs"),
     quiet: bool = typer.Option(False, help="No progress output"),
@@ -505,7 +575,7 @@ def finetune_cmd(
             if value is not None and value != getattr(saved, name):
                 raise train.FinetuneError(f"run '{resume}' is --{name} {getattr(saved, name)}, not {value}")
         result = train.resume(store, resume, device=device, workers=workers, progress=not quiet,
-                              stop_after=stop_after)
+                              stop_after=stop_after, pixel_cache=pixel_cache)
     else:
         if model is None or method is None:
             raise typer.BadParameter("--model and --method are needed (or --resume RUN)")
@@ -516,7 +586,7 @@ def finetune_cmd(
             epochs=epochs, lr=lr, wd=wd, batch_size=batch_size, seed=seed, schedule=schedule.value,
             early_stopping=early_stopping, augment=augment, amp=amp.value, preprocess=preprocess, device=device,
             workers=workers)
-        result = train.finetune(store, config, progress=not quiet, stop_after=stop_after)
+        result = train.finetune(store, config, progress=not quiet, stop_after=stop_after, pixel_cache=pixel_cache)
     if as_json:
         echo_json({"run_id": result.run_id, "finished": result.finished, "epochs_done": result.epochs_done,
                    "best_epoch": result.best_epoch, "best_val_loss": result.best_val_loss,

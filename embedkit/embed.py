@@ -26,6 +26,7 @@ import pyarrow as pa
 import torch
 
 from embedkit.constants import AMP_MODES
+from embedkit.data import pixels
 from embedkit.data.cohort import CohortError, cohort_classes, load_cohort
 from embedkit.data.images import ImageDecodeError, decode_image
 from embedkit.device import autocast_context, resolve_device
@@ -136,17 +137,32 @@ class ImageFiles(torch.utils.data.Dataset):
 
 class MultiImageFiles(torch.utils.data.Dataset):
     """Each image decoded once and preprocessed for every model that needs it (``needs[i][m]``): item ``i`` is
-    ``(i, [tensor, or None where model m does not need image i])``. Batched by :func:`collate_images`."""
+    ``(i, [tensor, or None where model m does not need image i])``. Batched by :func:`collate_images`.
 
-    def __init__(self, paths: list[str], transforms: list, needs: list[tuple[bool, ...]]):
+    ``sources[m]``: model m's pixel-cache entry (embedkit/data/pixels.py), or None; an image every model that needs
+    it finds in its entry is not decoded at all (``transforms[m].tensor`` of the cached pixels: the same tensor).
+    """
+
+    def __init__(self, paths: list[str], transforms: list, needs: list[tuple[bool, ...]], sources: list | None = None):
         self.paths, self.transforms, self.needs = paths, transforms, needs
+        self.sources = sources or [None] * len(transforms)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int):
-        image = decode_image(self.paths[index])
-        return index, [t(image) if need else None for t, need in zip(self.transforms, self.needs[index])]
+        path = self.paths[index]
+        image = None
+        out = []
+        for transform, source, need in zip(self.transforms, self.sources, self.needs[index]):
+            if not need:
+                out.append(None)
+            elif source is not None and path in source:
+                out.append(transform.tensor(source.pixels(path)))
+            else:
+                image = decode_image(path) if image is None else image
+                out.append(transform(image))
+        return index, out
 
 
 def collate_images(items: list) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor | None]]]:
@@ -170,6 +186,7 @@ class EmbedSummary:
     skipped: int  # rows already embedded with this weights_id
     seconds: float
     table: str
+    cached: bool = False  # the pixels came from the pixel cache (embedkit data cache), not from decoding
 
     @property
     def images_per_second(self) -> float:
@@ -177,16 +194,17 @@ class EmbedSummary:
 
     def line(self) -> str:
         return (f"{self.images} images ({self.rows} rows, {self.skipped} already there) in {self.seconds:.1f} s, "
-                f"{self.images_per_second:.1f} images/s -> table {self.table}, weights_id {self.weights_id}")
+                f"{self.images_per_second:.1f} images/s{' (pixels from the cache)' if self.cached else ''} -> "
+                f"table {self.table}, weights_id {self.weights_id}")
 
 
-def _decode_failure(exc: Exception) -> str:
-    """One line for an image that failed to decode during the pass (a DataLoader worker wraps the message in its
-    traceback; the reason is its last line)."""
+def decode_failure(exc: Exception, kept: str = "the chunks embedded before it are kept") -> str:
+    """One line for an image that failed to decode in a DataLoader worker (which wraps the message in its
+    traceback; the reason is its last line), saying what was kept."""
     lines = [line for line in str(exc).splitlines() if line.strip()]
     reason = lines[-1].split("ImageDecodeError: ", 1)[-1] if lines else str(exc)
-    return (f"{reason}; the chunks embedded before it are kept. Fix or remove the file (or re-import the cohort "
-            "with verification and --skip-bad) and run the same command again: it resumes")
+    return (f"{reason}; {kept}. Fix or remove the file (or re-import the cohort with verification and --skip-bad) "
+            "and run the same command again: it resumes")
 
 
 def _record_weights(store: Store, spec: ModelSpec, model, weights_id: str, source: str) -> None:
@@ -349,7 +367,7 @@ def embed_models(store: Store, models: list[ToEmbed], cohort: str, device: str =
             _embed_paths(store, passes, paths, dev, batch_size, workers, chunk_images, progress, amp)
         seconds = time.perf_counter() - start
         return [EmbedSummary(one.spec.name, one.weights_id, cohort, len(one.paths), len(one.todo), one.skipped,
-                             seconds, one.table) for one in passes]
+                             seconds, one.table, one.source is not None) for one in passes]
 
 
 @dataclass
@@ -360,6 +378,7 @@ class _ModelPass:
     model: object
     weights_id: str
     transform: object
+    source: object  # the pixel cache's entry for ``transform`` (None: decode the files)
     sets: dict[str, dict[str, list[str]]]
     table: str
     schema: pa.Schema
@@ -404,7 +423,8 @@ def _prepare(store: Store, m: ToEmbed, rows: pd.DataFrame, classes, cohort: str,
     _record_weights(store, spec, model, weights_id, m.source)
     embed_prompts(store, spec, model, weights_id, sets, changed, dev)
     todo = rows[~rows["row_id"].isin(done)]
-    one = _ModelPass(spec, model, weights_id, transform, sets, table, schema, todo, len(done),
+    source = pixels.usable_source(store.path, cohort, transform.recipe(), list(dict.fromkeys(rows["path"])))
+    one = _ModelPass(spec, model, weights_id, transform, source, sets, table, schema, todo, len(done),
                      paths=list(dict.fromkeys(todo["path"])))
     # What the family's per-image extras need of the prompts (GLoRIA: word features), encoded once for the pass.
     one.local_inputs = model.prompt_context({name: [t for ts in by_class.values() for t in ts]
@@ -454,7 +474,8 @@ def _embed_paths(store: Store, passes: list[_ModelPass], paths: list[str], dev: 
     wanted = [set(one.paths) for one in passes]
     needs = [tuple(path in w for w in wanted) for path in paths]
     loader = torch.utils.data.DataLoader(
-        MultiImageFiles(paths, [one.transform for one in passes], needs), batch_size=batch_size, num_workers=workers,
+        MultiImageFiles(paths, [one.transform for one in passes], needs, [one.source for one in passes]),
+        batch_size=batch_size, num_workers=workers,
         collate_fn=collate_images, pin_memory=dev.type == "cuda", prefetch_factor=4 if workers else None,
         # lancedb holds an async runtime that fork() can leave mid-operation: start workers fresh instead.
         multiprocessing_context="forkserver" if workers else None,
@@ -482,7 +503,7 @@ def _embed_paths(store: Store, passes: list[_ModelPass], paths: list[str], dev: 
                 except StopIteration:
                     break
                 except ImageDecodeError as exc:  # from a worker: its message carries the worker's traceback
-                    raise ImageDecodeError(_decode_failure(exc)) from None
+                    raise ImageDecodeError(decode_failure(exc)) from None
                 computing = time.perf_counter()
                 for m, (one, task, (chosen, pixels)) in enumerate(zip(passes, tasks, per_model)):
                     if not len(chosen):

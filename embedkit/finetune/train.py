@@ -52,7 +52,8 @@ from embedkit.constants import AMP_MODES, FINETUNE_METHODS, LORA_PRESETS, LR_SCH
 from embedkit.data.cohort import cohort_fingerprint
 from embedkit.device import autocast_context
 from embedkit.errors import EmbedkitError
-from embedkit.finetune.augment import Augment, AugmentedImageFiles, KeySampler, epoch_order, torch_seed
+from embedkit.finetune.augment import (AUGMENT_WHERE, AUGMENT_WHERE_BEFORE, Augment, AugmentedImageFiles, KeySampler,
+                                       epoch_order, torch_seed)
 from embedkit.models.base import CheckpointError
 from embedkit.store.store import Store, new_run_id, sql_eq
 
@@ -303,6 +304,7 @@ class _Session:
     sampler: KeySampler
     trainable_params: int
     extra_config: dict
+    pixels_from: str  # where the training images' pixels come from: the pixel cache or the image files
     # training state (what last.pt holds besides the tensors)
     epochs_done: int = 0
     best_epoch: int = -1
@@ -316,7 +318,8 @@ def checkpoint_dir(store: Store, run_id: str) -> Path:
     return Path(store.path) / "checkpoints" / run_id
 
 
-def _prepare(store: Store, config: FinetuneConfig, run_id: str) -> _Session:
+def _prepare(store: Store, config: FinetuneConfig, run_id: str, pixel_cache: bool = True,
+             progress: bool = True) -> _Session:
     from embedkit.data.cohort import cohort_classes, load_cohort
     from embedkit.device import resolve_device
     from embedkit.models.registry import get_spec, instantiate
@@ -357,14 +360,15 @@ def _prepare(store: Store, config: FinetuneConfig, run_id: str) -> _Session:
     scheduler = _make_scheduler(optimizer, config.schedule, config.epochs)
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and config.amp == "fp16" else None
     extra.update(augmentations=asdict(Augment()) if config.augment else None,
-                 augment_where="decoded 8-bit image, before the model's preprocessing",
+                 augment_where=AUGMENT_WHERE,
                  optimizer="AdamW", loss="cross_entropy", selection="lowest val loss (ties keep the earlier epoch)",
                  amp_effective=config.amp if device.type == "cuda" else "none (cpu)",
                  preprocess=config.preprocess or model.default_preprocessing())
 
     sampler = KeySampler()
-    dataset = AugmentedImageFiles(paths, model.image_transform(extra["preprocess"]),
-                                  Augment() if config.augment else None, config.seed)
+    transform = model.image_transform(extra["preprocess"])
+    source, pixels_from = _pixel_source(store, config, paths, transform, pixel_cache, progress)
+    dataset = AugmentedImageFiles(paths, transform, Augment() if config.augment else None, config.seed, source)
     workers = config.workers
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=config.batch_size, sampler=sampler, num_workers=workers,
@@ -374,7 +378,34 @@ def _prepare(store: Store, config: FinetuneConfig, run_id: str) -> _Session:
     )
     return _Session(store, config, run_id, checkpoint_dir(store, run_id), spec, weights_id, rows, classes, y,
                     path_index, paths, train_rows, val_rows, model, net, tower, lora, optimizer, scheduler, scaler,
-                    device, loader, sampler, n_trainable, extra)
+                    device, loader, sampler, n_trainable, extra, pixels_from)
+
+
+def _pixel_source(store: Store, config: FinetuneConfig, paths: list[str], transform, pixel_cache: bool,
+                  progress: bool):
+    """The pixel cache's entry for the run's preprocessing (built now when missing or out of date), and a phrase
+    for the run's first line. Without ``pixel_cache``, or while another process builds the entry, the run decodes
+    the image files: the tensors are the same either way."""
+    from rich.console import Console
+
+    from embedkit.data import pixels
+    from embedkit.store.store import StoreBusy
+
+    if not pixel_cache:
+        return None, "pixels decoded from the image files (--no-pixel-cache)"
+    recipe = transform.recipe()
+    source = pixels.usable_source(store.path, config.cohort, recipe, paths)
+    if source is not None:
+        return source, f"pixels from the cache ({source.entry.folder})"
+    console = Console(stderr=True, quiet=not progress)
+    console.print(f"pixel cache: decoding the {len(paths)} images of cohort '{config.cohort}' once for every epoch "
+                  f"({recipe})")
+    try:
+        pixels.build(store, config.cohort, paths, [transform], workers=config.workers)
+    except StoreBusy as exc:
+        return None, f"pixels decoded from the image files ({exc})"
+    source = pixels.usable_source(store.path, config.cohort, recipe, paths)
+    return source, f"pixels from the cache ({source.entry.folder}, built now)"
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------------------
@@ -547,6 +578,7 @@ def _run(session: _Session, progress: bool, stop_after: int | None) -> FinetuneR
     live = Live(Text(""), console=console, transient=True, refresh_per_second=4) if progress else None
     report = (lambda line: live.update(Text(line))) if live is not None else (lambda line: None)
     stopped_early = False
+    console.print(f"run {session.run_id}: {session.pixels_from}")
     with live or contextlib.nullcontext():
         while session.epochs_done < cfg.epochs:
             if cfg.early_stopping and session.bad_epochs >= cfg.early_stopping:
@@ -607,19 +639,21 @@ def _finish(session: _Session, stopped_early: bool) -> FinetuneResult:
 
 
 def finetune(store: Store, config: FinetuneConfig, progress: bool = True, stop_after: int | None = None,
-             run_id: str | None = None) -> FinetuneResult:
+             run_id: str | None = None, pixel_cache: bool = True) -> FinetuneResult:
     """Fine-tune ``config.model`` on ``config.cohort`` and record the run; see the module docstring.
 
     ``stop_after`` stops (checkpointed, resumable) once that many epochs are done: for tests and for splitting
-    long runs across sessions.
+    long runs across sessions. ``pixel_cache``: read the images' pixels from the store's pixel cache, built on
+    first use (embedkit/data/pixels.py); False decodes the files every epoch. Both feed the same tensors.
     """
     run_id = run_id or new_run_id(config.method)
     folder = checkpoint_dir(store, run_id)
     if folder.exists():
         raise FinetuneError(f"checkpoints for run '{run_id}' already exist in {folder}: use --resume {run_id}")
-    session = _prepare(store, config, run_id)
+    session = _prepare(store, config, run_id, pixel_cache, progress)
     folder.mkdir(parents=True)
     meta = {"run_id": run_id, "config": asdict(config), "weights_id": session.weights_id,
+            "augment_where": AUGMENT_WHERE,
             "classes": list(session.classes),
             "cohort_fingerprint": cohort_fingerprint(session.rows, FINGERPRINT_COLUMNS)}
     (folder / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
@@ -649,7 +683,7 @@ def resumable_config(store: Store, run_id: str) -> FinetuneConfig:
 
 
 def resume(store: Store, run_id: str, device: str | None = None, workers: int | None = None,
-           progress: bool = True, stop_after: int | None = None) -> FinetuneResult:
+           progress: bool = True, stop_after: int | None = None, pixel_cache: bool = True) -> FinetuneResult:
     """Continue run ``run_id`` from its last completed epoch, with the settings it started with.
 
     Only where it runs may change (``device``, ``workers``); the weights, cohort and class order must be the
@@ -662,7 +696,11 @@ def resume(store: Store, run_id: str, device: str | None = None, workers: int | 
     if workers is not None:
         config.workers = workers
     last = _read_last(checkpoint_dir(store, run_id), run_id)  # a damaged file fails before the model is built
-    session = _prepare(store, config, run_id)
+    started = meta.get("augment_where", AUGMENT_WHERE_BEFORE)
+    if config.augment and started != AUGMENT_WHERE:
+        raise FinetuneError(f"run '{run_id}' was started by an embedkit that augmented the {started}; this one "
+                            f"augments {AUGMENT_WHERE}, so the run cannot be resumed exactly: start a new run")
+    session = _prepare(store, config, run_id, pixel_cache, progress)
     for what, saved, now in (("weights", meta["weights_id"], session.weights_id),
                              ("class order", meta["classes"], list(session.classes)),
                              ("cohort rows", meta["cohort_fingerprint"],
