@@ -199,6 +199,8 @@ def data_nih(
     manifest_out: Optional[Path] = typer.Option(None, help="Also write the cohort as CSV here"),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Check every image exists and decodes"),
     skip_bad: bool = typer.Option(False, help="Import the good rows and record the bad ones in the rejects table"),
+    split_lists: Optional[Path] = typer.Option(None, help="--protocol nih: folder with NIH's train_val_list.txt and "
+                                                          "test_list.txt (default: a seeded patient-level split)"),
 ) -> None:
     """NIH ChestX-ray14 cohorts: the paper's 6x200 (exact, leaks), a clean 6x200, or all 112,120 images."""
     from embedkit.data import nih
@@ -206,8 +208,10 @@ def data_nih(
 
     if protocol not in nih.PROTOCOLS:
         raise typer.BadParameter(f"unknown protocol '{protocol}'; choose one of {', '.join(nih.PROTOCOLS)}")
+    if split_lists is not None and protocol != nih.PROTOCOL_FULL:
+        raise typer.BadParameter(f"--split-lists applies to --protocol {nih.PROTOCOL_FULL} only")
     if metadata is not None:
-        frame = nih.cohort_for(protocol, nih.read_metadata(metadata))
+        frame = nih.cohort_for(protocol, nih.read_metadata(metadata), split_lists)
     elif protocol == nih.PROTOCOL_FULL:
         raise typer.BadParameter("--protocol nih needs --metadata Data_Entry_2017_v2020.csv[.gz]")
     else:
