@@ -202,6 +202,8 @@ def data_nih(
     manifest_out: Optional[Path] = typer.Option(None, help="Also write the cohort as CSV here"),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Check every image exists and decodes"),
     skip_bad: bool = typer.Option(False, help="Import the good rows and record the bad ones in the rejects table"),
+    split_lists: Optional[Path] = typer.Option(None, help="--protocol nih: folder with NIH's train_val_list.txt and "
+                                                          "test_list.txt (default: a seeded patient-level split)"),
 ) -> None:
     """NIH ChestX-ray14 cohorts: the paper's 6x200 (exact, leaks), a clean 6x200, or all 112,120 images."""
     from embedkit.data import nih
@@ -209,8 +211,10 @@ def data_nih(
 
     if protocol not in nih.PROTOCOLS:
         raise typer.BadParameter(f"unknown protocol '{protocol}'; choose one of {', '.join(nih.PROTOCOLS)}")
+    if split_lists is not None and protocol != nih.PROTOCOL_FULL:
+        raise typer.BadParameter(f"--split-lists applies to --protocol {nih.PROTOCOL_FULL} only")
     if metadata is not None:
-        frame = nih.cohort_for(protocol, nih.read_metadata(metadata))
+        frame = nih.cohort_for(protocol, nih.read_metadata(metadata), split_lists)
     elif protocol == nih.PROTOCOL_FULL:
         raise typer.BadParameter("--protocol nih needs --metadata Data_Entry_2017_v2020.csv[.gz]")
     else:
@@ -253,17 +257,40 @@ def data_import(
 @data_app.command("synth")
 def data_synth(
     ctx: typer.Context,
-    out: Path = typer.Option(..., help="Folder for the PNGs"),
-    cohort: str = typer.Option("nih6x200", help="Manifest to synthesise: nih6x200, nih6x200-paper or a CSV path"),
+    out: Optional[Path] = typer.Option(None, help="Folder for the PNGs (needed unless --vectors)"),
+    cohort: str = typer.Option("nih6x200", help="Manifest to synthesise: nih6x200, nih6x200-paper, a CSV path, or "
+                                                "nih (multi-label, from --metadata)"),
     name: str = typer.Option("synthetic", help="Cohort name in the store"),
     size: int = typer.Option(256, help="Image side in pixels"),
     seed: int = typer.Option(0, help="Seed (same seed, same bytes)"),
     bias: Optional[str] = typer.Option(None, help="Planted unfairness, e.g. 'sex=F:signal=0.3' or 'age_group=old:label_noise=0.4'"),
     manifest_out: Optional[Path] = typer.Option(None, help="Also write the cohort as CSV here"),
+    metadata: Optional[Path] = typer.Option(None, help="--cohort nih: Data_Entry_2017_v2020.csv[.gz], whose label "
+                                                       "lists, ages, sexes and views the images take"),
+    limit: Optional[int] = typer.Option(None, help="--cohort nih: only the first N images of the metadata"),
+    vectors: Optional[int] = typer.Option(None, help="--cohort nih: draw no images; write vectors of this width "
+                                                     "directly (model synthetic-vectors)"),
 ) -> None:
-    """Synthetic chest X-rays for every row of a manifest (real ages and sexes), imported as a cohort."""
-    from embedkit.data.build import import_synthetic
+    """Synthetic chest X-rays for every row of a manifest (real ages and sexes), imported as a cohort.
 
+    --cohort nih: a multi-label cohort from the real metadata (all findings, patient-level split)."""
+    from embedkit.data import nih
+    from embedkit.data.build import import_synthetic, import_synthetic_multilabel
+
+    if cohort == nih.PROTOCOL_FULL:
+        if metadata is None:
+            raise typer.BadParameter("--cohort nih needs --metadata Data_Entry_2017_v2020.csv[.gz]")
+        built = import_synthetic_multilabel(get_store(ctx, create=True), metadata, out, limit=limit, cohort=name,
+                                            size=size, seed=seed, bias=bias, vectors=vectors)
+        what = f"{built.images} synthetic images written to {out}" if vectors is None else \
+            f"{built.result.imported} rows with synthesised {vectors}-d vectors (model synthetic-vectors)"
+        typer.echo(f"{what} in {built.seconds:.1f} s" + (f" (bias: {built.bias})" if built.bias else ""))
+        _imported(ctx, built, manifest_out)
+        return
+    if limit is not None or vectors is not None or metadata is not None:
+        raise typer.BadParameter("--metadata, --limit and --vectors apply to --cohort nih only")
+    if out is None:
+        raise typer.BadParameter("--out DIR is needed for the PNGs")
     built = import_synthetic(get_store(ctx, create=True), out, manifest=cohort, cohort=name, size=size, seed=seed,
                              bias=bias)
     typer.echo(f"{built.images} synthetic images written to {out} in {built.seconds:.1f} s"

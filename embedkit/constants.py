@@ -14,6 +14,13 @@ NIH_CLASSES: tuple[str, ...] = (
     "Pneumothorax",
 )
 
+# The 14 findings of NIH ChestX-ray14 (the multi-label task; "No Finding" is none of them), alphabetical.
+NIH_FINDINGS: tuple[str, ...] = (
+    "Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Effusion", "Emphysema", "Fibrosis", "Hernia",
+    "Infiltration", "Mass", "Nodule", "Pleural_Thickening", "Pneumonia", "Pneumothorax",
+)
+NO_FINDING = "No Finding"
+
 # One age boundary for every age-group computation (cohorts, SQL views, reports): 60 counts as old.
 AGE_OLD_FROM = 60
 AGE_GROUPS: tuple[str, ...] = ("young", "old")

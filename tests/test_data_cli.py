@@ -72,3 +72,27 @@ def test_synth_imports_a_cohort_with_the_planted_bias_recorded(tmp_path):
     assert (extra.map(lambda e: e.get("bias")) == "sex=F:signal=0.3").all()
     biased = extra.map(lambda e: str(e.get("biased")) == "True")
     assert (biased == (rows["sex"] == "F")).all()
+
+
+def test_nih_full_protocol_with_split_lists(tmp_path):
+    rows = [{"Image Index": f"{p:08d}_{k:03d}.png", "Finding Labels": "Effusion|Mass" if k else "No Finding",
+             "Patient Age": 30 + p, "Patient Gender": "MF"[p % 2], "View Position": "PA"}
+            for p in range(1, 21) for k in range(2)]
+    meta = tmp_path / "Data_Entry_2017_v2020.csv"
+    pd.DataFrame(rows).to_csv(meta, index=False)
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    ids = [r["Image Index"] for r in rows]
+    (lists / "train_val_list.txt").write_text("\n".join(ids[:30]))
+    (lists / "test_list.txt").write_text("\n".join(ids[30:]))
+    out = tmp_path / "cohort.csv"
+    result = _run("--store", str(tmp_path / "s"), "data", "nih", "--protocol", "nih", "--metadata", str(meta),
+                  "--split-lists", str(lists), "--manifest-out", str(out), "--no-verify")
+    assert "40 rows imported" in result.output
+    written = pd.read_csv(out, dtype=str)
+    assert written.loc[written["split"] == "test", "image_id"].tolist() == ids[30:]
+    assert (written.groupby("patient_id")["split"].nunique() == 1).all()
+    assert set(written["split"]) == {"train", "val", "test"}
+    bad = runner.invoke(app, ["--store", str(tmp_path / "s"), "data", "nih", "--protocol", "nih6x200",
+                              "--split-lists", str(lists), "--no-verify"])
+    assert bad.exit_code != 0 and "--split-lists applies to --protocol nih only" in bad.output

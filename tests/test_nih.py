@@ -171,7 +171,9 @@ def test_full_cohort(meta: pd.DataFrame) -> None:
     full = nih.full_cohort(meta)
     _check_frame(full)
     assert len(full) == 112_120
-    assert full["split"].isna().all()
+    assert (full.groupby("patient_id")["split"].nunique() == 1).all()
+    patients = full.drop_duplicates("patient_id")["split"].value_counts()
+    assert abs(patients["train"] / patients.sum() - 0.7) < 1e-4 and abs(patients["val"] / patients.sum() - 0.1) < 1e-4
     n = full["labels"].str.len()
     assert (full["label"].notna() == (n == 1)).all()
     single = full[n == 1]
@@ -267,6 +269,59 @@ def test_full_cohort_synthetic_labels() -> None:
     assert len(multi) > 0 and multi["label"].isna().all()
     assert multi["labels"].iloc[0] == ["Atelectasis", "Mass"]
     assert full.loc[full["labels"].str.len() == 1, "label"].notna().all()
+
+
+def test_full_cohort_patient_split_is_seeded_and_order_free() -> None:
+    meta = _synthetic_metadata()
+    full = nih.full_cohort(meta)
+    assert (full.groupby("patient_id")["split"].nunique() == 1).all()
+    n_patients = full["patient_id"].nunique()
+    per_patient = full.drop_duplicates("patient_id")["split"].value_counts()
+    assert per_patient["train"] == round(0.7 * n_patients) and per_patient["val"] == round(0.1 * n_patients)
+    shuffled = nih.full_cohort(meta.sample(frac=1.0, random_state=3))
+    assert shuffled.set_index("image_id")["split"].sort_index().equals(full.set_index("image_id")["split"].sort_index())
+    other = nih.full_cohort(meta, seed=7)
+    assert not other["split"].equals(full["split"])
+
+
+def _write_lists(folder: Path, train_val: list[str], test: list[str]) -> Path:
+    folder.mkdir(exist_ok=True)
+    (folder / "train_val_list.txt").write_text("\n".join(train_val) + "\n")
+    (folder / "test_list.txt").write_text("\n".join(test) + "\n\n")
+    return folder
+
+
+def test_full_cohort_official_lists(tmp_path: Path) -> None:
+    meta = _synthetic_metadata()
+    ids = meta["Image Index"].tolist()
+    patients = sorted({i[:8] for i in ids})
+    test_patients = set(patients[::4])
+    test = [i for i in ids if i[:8] in test_patients]
+    train_val = [i for i in ids if i[:8] not in test_patients] + ["99999999_000.png"]  # not in the metadata: ignored
+    full = nih.full_cohort(meta, split_lists=_write_lists(tmp_path / "lists", train_val, test))
+    assert set(full.loc[full["split"] == "test", "image_id"]) == set(test)
+    assert (full.groupby("patient_id")["split"].nunique() == 1).all()
+    val_patients = full.loc[full["split"] == "val", "patient_id"].nunique()
+    assert val_patients == round(0.1 * (len(patients) - len(test_patients)))
+    assert nih.leak_report(full)["patients_in_several_splits"] == 0
+
+
+def test_official_lists_refuse_leaks_and_gaps(tmp_path: Path) -> None:
+    meta = _synthetic_metadata()
+    ids = meta["Image Index"].tolist()
+    with pytest.raises(nih.MetadataError, match="neither split list in .*, e.g. " + ids[-1]):
+        nih.full_cohort(meta, split_lists=_write_lists(tmp_path / "a", ids[:-1], []))
+    leak = [i for i in ids if i.endswith("_005.png")][:1]  # a patient whose other image is in train_val
+    with pytest.raises(nih.MetadataError, match="both split lists.*patient " + leak[0][:8]):
+        nih.full_cohort(meta, split_lists=_write_lists(tmp_path / "b", [i for i in ids if i not in leak], leak))
+    with pytest.raises(nih.MetadataError, match="on both"):
+        nih.full_cohort(meta, split_lists=_write_lists(tmp_path / "c", ids, ids[:1]))
+    with pytest.raises(nih.MetadataNotFoundError, match="test_list.txt"):
+        (tmp_path / "d").mkdir()
+        (tmp_path / "d" / "train_val_list.txt").write_text("x\n")
+        nih.full_cohort(meta, split_lists=tmp_path / "d")
+    with pytest.raises(EmbedkitError, match="applies to protocol 'nih' only"):
+        nih.cohort_for("nih6x200", meta, tmp_path / "a")
 
 
 # ------------------------------------------------------------------------------------- bad input

@@ -84,3 +84,37 @@ def import_synthetic(store: Store, out: str | Path, manifest: str | Path = SYNTH
     frame = frame.merge(written[["image_id", "biased"]], on="image_id", how="left").assign(bias=text)
     built = import_rows(store, frame, cohort, out, allow_repeats=bool(frame["image_id"].duplicated().any()))
     return SyntheticCohort(built.rows, built.result, images=len(written), seconds=seconds, bias=text)
+
+
+def import_synthetic_multilabel(store: Store, metadata: str | Path, out: str | Path | None, limit: int | None = None,
+                                cohort: str = SYNTHETIC_COHORT, size: int = 64, seed: int = 0,
+                                bias: str | None = None, vectors: int | None = None) -> SyntheticCohort:
+    """A synthetic multi-label cohort from the real NIH metadata (``data synth --cohort nih``): the first ``limit``
+    images' label lists, ages, sexes and views, split by patient (protocol ``nih``), imported as ``cohort``.
+
+    Without ``vectors`` an X-ray is drawn per image into ``out`` (:func:`synth_multilabel.synthesize_multilabel`);
+    with ``vectors`` (a width) no image is drawn and vectors are written directly as model ``synthetic-vectors``
+    (:func:`synth_multilabel.write_synthetic_vectors`). ``bias`` takes ``signal`` rules, optionally scoped to one
+    finding (``sex=F:signal=0.2:label=Effusion``).
+    """
+    from embedkit.data import synth, synth_multilabel
+
+    spec = synth.parse_bias(bias) if bias else None
+    frame = synth_multilabel.multilabel_cohort(metadata, limit)
+    synth_multilabel.finding_strengths(frame.head(1), spec)  # refuses label_noise before anything is written
+    text = str(spec) if spec else None
+    start = time.perf_counter()
+    if vectors is None:
+        if out is None:
+            raise synth.SynthError("--out DIR is needed to draw images (or pass --vectors DIM)")
+        written = synth_multilabel.synthesize_multilabel(frame, out, size=size, seed=seed, bias=spec)
+        frame = frame.merge(written[["image_id", "biased"]], on="image_id", how="left").assign(bias=text)
+        seconds = time.perf_counter() - start
+        built = import_rows(store, frame, cohort, out)
+        return SyntheticCohort(built.rows, built.result, images=len(written), seconds=seconds, bias=text)
+    strengths = synth_multilabel.finding_strengths(frame, spec)
+    plain = synth_multilabel.finding_strengths(frame, None)
+    frame = frame.assign(biased=(strengths != plain).any(axis=1), bias=text)
+    built = import_rows(store, frame, cohort, None, verify=False)
+    synth_multilabel.write_synthetic_vectors(store, cohort, dim=vectors, seed=seed, bias=spec)
+    return SyntheticCohort(built.rows, built.result, images=0, seconds=time.perf_counter() - start, bias=text)

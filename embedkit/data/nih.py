@@ -8,7 +8,9 @@ Three protocols, all pure functions of the NIH metadata table (``Data_Entry_2017
 - ``nih6x200`` (:func:`clean_cohort`, the default): 200 single-label images per class, balanced over age group x
   sex, 35/5/10 train/val/test per (label, age group, sex) cell where the data allows, no repeated image and no
   patient in two splits.
-- ``nih`` (:func:`full_cohort`): every image, multi-label, no split.
+- ``nih`` (:func:`full_cohort`): every image, multi-label, split by patient: NIH's official
+  ``train_val_list.txt`` / ``test_list.txt`` when given (val drawn by patient from train_val), else a seeded
+  patient-level split (:data:`FULL_SPLIT_FRACTIONS`). No patient is ever in two splits.
 
 Every cohort frame has the columns of :data:`COLUMNS`; row order is the cohort's order. The two 6x200 cohorts
 ship as manifests (``embedkit/data/manifests/<protocol>.csv.gz``), regenerated with
@@ -50,6 +52,13 @@ PER_CELL = 50  # images per (label, age group, sex) cell; 4 cells x 50 = 200 per
 CELL_TARGETS: dict[str, int] = {"train": 35, "val": 5, "test": 10}
 PAPER_SEED = 42  # the paper's random_state for sample() and both train_test_split() calls
 CLEAN_SEED = 42
+# The full protocol's seeded patient-level split, as fractions of patients. NIH's official test list holds 22.8%
+# of the images (25,596 of 112,120); 70/10/20 of patients comes close without the lists.
+FULL_SPLIT_FRACTIONS: dict[str, float] = {"train": 0.7, "val": 0.1, "test": 0.2}
+# With the official lists, this fraction of the train_val patients becomes val (NIH ships no val list).
+FULL_VAL_FRACTION = 0.1
+FULL_SEED = 42
+SPLIT_LIST_NAMES: tuple[str, str] = ("train_val_list.txt", "test_list.txt")
 
 COLUMNS: tuple[str, ...] = ("image_id", "label", "labels", "age", "age_group", "sex", "view", "patient_id", "split")
 _STRING_COLUMNS = ("image_id", "label", "age_group", "sex", "view", "patient_id", "split")
@@ -146,16 +155,84 @@ def _single_label_six(frame: pd.DataFrame) -> pd.DataFrame:
 # ------------------------------------------------------------------------------------------- the protocols
 
 
-def full_cohort(meta: pd.DataFrame) -> pd.DataFrame:
+def full_cohort(meta: pd.DataFrame, split_lists: str | Path | None = None, seed: int = FULL_SEED) -> pd.DataFrame:
     """Protocol ``nih``: every image, ``labels`` = all findings, ``label`` = the finding when there is exactly one.
 
-    ``split`` is None: NIH's official train_val/test lists are not part of the metadata file.
+    ``split`` is by patient. With ``split_lists`` (a folder holding NIH's ``train_val_list.txt`` and
+    ``test_list.txt``) test is the official test list and val a seeded :data:`FULL_VAL_FRACTION` of the train_val
+    patients (:func:`official_split`); without it, :func:`patient_split` with :data:`FULL_SPLIT_FRACTIONS`.
     """
     frame = _base_frame(meta)
     n_labels = frame["labels"].str.len()
     frame["label"] = frame["labels"].str[0].where(n_labels == 1, None)
-    frame["split"] = None
+    if split_lists is not None:
+        frame["split"] = official_split(frame, split_lists, seed)
+    else:
+        frame["split"] = patient_split(frame["patient_id"].to_numpy(dtype=object), FULL_SPLIT_FRACTIONS, seed)
     return _finish(frame)
+
+
+def patient_split(patients: np.ndarray, fractions: dict[str, float], seed: int) -> np.ndarray:
+    """One split name per row, every patient's rows in one split.
+
+    The distinct patient ids, sorted, are shuffled by ``numpy.random.default_rng(seed)``; the first
+    ``round(fraction * n_patients)`` go to the first split of ``fractions``, and so on, the last split taking the
+    rest. The result depends only on the set of patient ids and the seed, not on row order.
+    """
+    names, inverse = np.unique(patients.astype(str), return_inverse=True)
+    order = np.random.default_rng(seed).permutation(len(names))
+    assignment = np.empty(len(names), dtype=object)
+    start = 0
+    splits = list(fractions)
+    for k, split in enumerate(splits):
+        stop = len(names) if k == len(splits) - 1 else start + round(fractions[split] * len(names))
+        assignment[order[start:stop]] = split
+        start = stop
+    return assignment[inverse]
+
+
+def read_split_list(path: Path) -> list[str]:
+    """The image names of one NIH split list (one ``Image Index`` per line; blank lines ignored)."""
+    if not path.is_file():
+        raise MetadataNotFoundError(
+            f"split list not found: {path}. --split-lists DIR must hold NIH's {' and '.join(SPLIT_LIST_NAMES)} "
+            "(from the ChestX-ray14 release, beside Data_Entry_2017_v2020.csv)."
+        )
+    names = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines()]
+    return [n for n in names if n]
+
+
+def official_split(frame: pd.DataFrame, folder: str | Path, seed: int = FULL_SEED) -> np.ndarray:
+    """Splits from NIH's official lists: test_list.txt is test; train_val_list.txt's patients are divided into
+    val (a seeded :data:`FULL_VAL_FRACTION` of them, :func:`patient_split`) and train.
+
+    Every image of ``frame`` must be on exactly one list, and no patient on both (the official lists are
+    patient-disjoint); :class:`MetadataError` names the first offending image otherwise. Images on a list but
+    not in the metadata are ignored (a metadata file limited to some rows is fine).
+    """
+    folder = Path(folder)
+    train_val, test = (set(read_split_list(folder / name)) for name in SPLIT_LIST_NAMES)
+    both = train_val & test
+    if both:
+        raise MetadataError(f"{len(both)} image(s) are on both {' and '.join(SPLIT_LIST_NAMES)} in {folder}, "
+                            f"e.g. {sorted(both)[0]}")
+    ids = frame["image_id"].to_numpy(dtype=object)
+    in_test = np.fromiter((i in test for i in ids), dtype=bool, count=len(ids))
+    in_train_val = np.fromiter((i in train_val for i in ids), dtype=bool, count=len(ids))
+    missing = ~(in_test | in_train_val)
+    if missing.any():
+        raise MetadataError(f"{int(missing.sum())} image(s) of the metadata are on neither split list in {folder}, "
+                            f"e.g. {ids[np.flatnonzero(missing)[0]]}; give the lists of the same NIH release")
+    patients = frame["patient_id"].to_numpy(dtype=object)
+    shared = set(patients[in_test]) & set(patients[in_train_val])
+    if shared:
+        example = sorted(shared)[0]
+        raise MetadataError(f"{len(shared)} patient(s) have images on both split lists in {folder}, e.g. patient "
+                            f"{example}; a patient-level split needs every patient on one list")
+    split = np.where(in_test, "test", None).astype(object)
+    rows = np.flatnonzero(in_train_val)
+    split[rows] = patient_split(patients[rows], {"val": FULL_VAL_FRACTION, "train": 1 - FULL_VAL_FRACTION}, seed)
+    return split
 
 
 def paper_cohort(meta: pd.DataFrame) -> pd.DataFrame:
@@ -379,11 +456,19 @@ def unfilled_cells(cohort: pd.DataFrame, targets: dict[str, int] = CELL_TARGETS)
 # ----------------------------------------------------------------------------------------------- manifests
 
 
-def cohort_for(protocol: str, meta: pd.DataFrame) -> pd.DataFrame:
-    """Build the cohort of ``protocol`` (``nih6x200``, ``nih6x200-paper`` or ``nih``) from the metadata."""
+def cohort_for(protocol: str, meta: pd.DataFrame, split_lists: str | Path | None = None) -> pd.DataFrame:
+    """Build the cohort of ``protocol`` (``nih6x200``, ``nih6x200-paper`` or ``nih``) from the metadata.
+
+    ``split_lists`` (NIH's official train_val/test lists) applies to ``nih`` only.
+    """
     builders = {PROTOCOL_CLEAN: clean_cohort, PROTOCOL_PAPER: paper_cohort, PROTOCOL_FULL: full_cohort}
     if protocol not in builders:
         raise EmbedkitError(f"unknown NIH protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+    if split_lists is not None:
+        if protocol != PROTOCOL_FULL:
+            raise EmbedkitError(f"--split-lists applies to protocol {PROTOCOL_FULL!r} only; {protocol!r} has its own "
+                                "split")
+        return full_cohort(meta, split_lists)
     return builders[protocol](meta)
 
 

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from embedkit.constants import AGE_MAX, AGE_MIN, NIH_CLASSES, SEXES, age_group
+from embedkit.constants import AGE_MAX, AGE_MIN, NIH_CLASSES, NIH_FINDINGS, SEXES, age_group
 from embedkit.errors import EmbedkitError
 
 if TYPE_CHECKING:  # pandas is imported lazily: pool workers only need numpy and PIL
@@ -48,9 +48,9 @@ N_CLASSES = len(NIH_CLASSES)
 MIN_SIZE, MAX_SIZE = 64, 512
 BIAS_EFFECTS: tuple[str, ...] = ("signal", "label_noise")
 BIAS_SYNTAX = (
-    "expected 'column=value:effect=amount' clauses joined by ';', effect one of "
-    f"{', '.join(BIAS_EFFECTS)}, amount a number in [0, 1], "
-    "e.g. 'sex=F:signal=0.3' or 'sex=F:signal=0.3;age_group=old:label_noise=0.4'"
+    "expected 'column=value:effect=amount' clauses joined by ';', each optionally ending ':label=NAME', effect one of "
+    f"{', '.join(BIAS_EFFECTS)}, amount a number in [0, 1], NAME a finding whose pattern alone the rule changes, "
+    "e.g. 'sex=F:signal=0.3', 'sex=F:signal=0.3;age_group=old:label_noise=0.4' or 'sex=F:signal=0:label=Effusion'"
 )
 
 
@@ -75,15 +75,21 @@ def _fmt_amount(x: float) -> str:
 
 @dataclass(frozen=True)
 class BiasRule:
-    """One clause: rows whose ``column`` equals ``value`` (compared as strings) get ``effect`` of ``amount``."""
+    """One clause: rows whose ``column`` equals ``value`` (compared as strings) get ``effect`` of ``amount``.
+
+    With ``label`` the rule touches that class's pattern only: in a single-label cohort, rows of that label; in a
+    multi-label cohort (:func:`synthesize_multilabel`), that finding's strength in every matching image.
+    """
 
     column: str
     value: str
     effect: str
     amount: float
+    label: str | None = None
 
     def __str__(self) -> str:
-        return f"{self.column}={self.value}:{self.effect}={_fmt_amount(self.amount)}"
+        scope = f":label={self.label}" if self.label else ""
+        return f"{self.column}={self.value}:{self.effect}={_fmt_amount(self.amount)}{scope}"
 
 
 @dataclass(frozen=True)
@@ -114,9 +120,15 @@ def parse_bias(spec: str) -> BiasSpec:
     for clause in spec.split(";"):
         clause = clause.strip()
         parts = clause.split(":")
-        if len(parts) != 2:
+        if len(parts) not in (2, 3):
             raise BiasSpecError(f"bad bias clause {clause!r}: {BIAS_SYNTAX}")
-        selector, effect_part = (p.strip() for p in parts)
+        label = None
+        if len(parts) == 3:
+            key, _, label = (t.strip() for t in parts[2].partition("="))
+            if key != "label" or label not in NIH_FINDINGS:
+                raise BiasSpecError(f"bad label scope {parts[2]!r} in {clause!r} (findings: "
+                                    f"{', '.join(NIH_FINDINGS)}): {BIAS_SYNTAX}")
+        selector, effect_part = (p.strip() for p in parts[:2])
         if selector.count("=") != 1 or effect_part.count("=") != 1:
             raise BiasSpecError(f"bad bias clause {clause!r}: {BIAS_SYNTAX}")
         column, value = (s.strip() for s in selector.split("="))
@@ -131,7 +143,7 @@ def parse_bias(spec: str) -> BiasSpec:
             raise BiasSpecError(f"bad amount {amount_text!r} in {clause!r}: {BIAS_SYNTAX}") from None
         if not (0.0 <= amount <= 1.0):  # also rejects nan
             raise BiasSpecError(f"amount {amount_text!r} in {clause!r} is outside [0, 1]: {BIAS_SYNTAX}")
-        rules.append(BiasRule(column, value, effect, amount))
+        rules.append(BiasRule(column, value, effect, amount, label))
     return BiasSpec(tuple(rules))
 
 
@@ -295,17 +307,24 @@ _POSE_MARGIN = 0.07  # covers the largest rotation + shift + zoom-out of the pos
 
 
 def render_image(
-    label_index: int, age: int, sex: str, rng_seed: int, size: int = 256, signal: float = 1.0
+    label_index: int, age: int, sex: str, rng_seed: int, size: int = 256, signal: float = 1.0,
+    patterns: dict[str, float] | None = None,
 ) -> np.ndarray:
     """Draw one synthetic frontal chest X-ray as a ``size`` x ``size`` uint8 grayscale array.
 
     ``label_index`` indexes :data:`NIH_CLASSES` and picks the class pattern; ``signal`` in [0, 1] scales it
     (0: the image is identical whatever the label). ``rng_seed`` fixes every random draw (see :func:`image_seed`).
+    ``patterns`` (multi-label images) replaces both: ``{class: strength}`` draws every named class's pattern at
+    its own strength (an empty dict: no finding); ``{NIH_CLASSES[i]: signal}`` draws what ``label_index=i`` does.
     The image is the patient facing the viewer: the patient's right (side -1 below) is on the image's left.
     """
     _check_inputs(label_index, age, sex, size, signal)
-    n, s = int(size), float(signal)
-    cls = NIH_CLASSES[int(label_index)]
+    if patterns is None:
+        patterns = {NIH_CLASSES[int(label_index)]: float(signal)}
+    elif any(c not in NIH_CLASSES or not 0.0 <= float(v) <= 1.0 for c, v in patterns.items()):
+        raise SynthError(f"patterns {patterns} must map classes of {NIH_CLASSES} to strengths in [0, 1]")
+    n = int(size)
+    strength = {c: float(patterns.get(c, 0.0)) for c in NIH_CLASSES}
     rng = np.random.default_rng(int(rng_seed))
     p = _draw_params(rng, float(age), sex)
     g = _Grid.make(n, _POSE_MARGIN)
@@ -313,7 +332,7 @@ def render_image(
     ax = np.abs(xs - 0.5)
 
     # Volume loss of atelectasis raises one hemidiaphragm and pulls the mediastinum toward that side.
-    atel = s if cls == "Atelectasis" else 0.0
+    atel = strength["Atelectasis"]
     shift = 0.02 * atel * p["atel_side"]
 
     # Body: neck, sloping shoulders, trunk; brightness follows the path length through an elliptic trunk.
@@ -377,7 +396,7 @@ def render_image(
             _segment(markings, g, (mx, my), (bx, by), width, 0.04, 0.008)
 
     # Pneumothorax: the lung rim beyond a pleural line holds air only: dark, no markings.
-    ptx = s if cls == "Pneumothorax" else 0.0
+    ptx = strength["Pneumothorax"]
     if ptx > 0:
         side = p["ptx_side"]
         mask, cx, cy, a, b, r = lung_side[side]
@@ -432,7 +451,7 @@ def render_image(
     knob = np.sqrt(((mid - 0.05) / (0.03 + p["aorta"])) ** 2 + ((ys - 0.3) / 0.035) ** 2)
     _lerp(img, 0.57, _soft(knob - 1.0, 0.06) * body)
 
-    cardio = s if cls == "Cardiomegaly" else 0.0
+    cardio = strength["Cardiomegaly"]
     grow = 1.0 + p["cardio_scale"] * cardio
     hw, hh = p["heart_w"] * grow, p["heart_h"] * (1.0 + 0.35 * (grow - 1.0))
     hcx = p["heart_cx"] + 0.3 * (hw - p["heart_w"]) + shift
@@ -444,7 +463,7 @@ def render_image(
     _lerp(img, 0.6, heart * body)
 
     # The remaining class patterns (cardiomegaly, pneumothorax and atelectatic volume loss are above).
-    if cls == "Atelectasis" and atel > 0:
+    if atel > 0:
         side = p["atel_side"]
         mask, cx, cy, a, b, _ = lung_side[side]
         sz = p["atel_size"]
@@ -457,7 +476,8 @@ def render_image(
         yb = float(domes[side].min()) - 0.07
         _segment(img, g, (cx - side * 0.5 * a, yb + 0.03), (cx + side * 0.95 * a, yb - 0.025),
                  0.02 * sz, 0.2 * atel)
-    elif cls == "Consolidation":
+    if strength["Consolidation"] > 0:
+        s = strength["Consolidation"]
         side = p["cons_side"]
         _, cx, cy, a, b, _ = lung_side[side]
         px = cx + side * p["cons_lat"] * a
@@ -476,7 +496,8 @@ def render_image(
             end = (start[0] + side * math.cos(ang) * rad * 1.6 * length, py + math.sin(ang) * rad * 1.6 * length)
             _segment(tubes, g, start, end, max(0.007, 1.2 / n), 0.1, 0.02)
         img -= np.minimum(tubes, 0.12) * patch * s
-    elif cls == "Edema":
+    if strength["Edema"] > 0:
+        s = strength["Edema"]
         w = p["edema_w"]
         haze = np.zeros(g.shape, dtype=np.float32)
         for side in (-1, 1):
@@ -489,7 +510,8 @@ def render_image(
             for j in range(4):
                 yk = y_base - 0.015 - 0.022 * j
                 _segment(img, g, (cx + side * 0.55 * a, yk), (cx + side * 0.95 * a, yk), 0.004, 0.07 * s)
-    elif cls == "Effusion":
+    if strength["Effusion"] > 0:
+        s = strength["Effusion"]
         side = p["eff_side"]
         mask, cx, cy, a, b, _ = lung_side[side]
         lateral = np.clip((xs - cx) * side / a, -1.0, 1.0)
@@ -538,13 +560,15 @@ def _label_index(label: Any) -> int:
     raise SynthError(f"label {label!r} is neither one of {NIH_CLASSES} nor an index 0..{N_CLASSES - 1}")
 
 
-Job = tuple[str, int, int, str, int, int, float]  # path, pattern index, age, sex, rng seed, size, signal
+# path, pattern index, age, sex, rng seed, size, signal[, {class: strength} of a multi-label image]
+Job = tuple[Any, ...]
 
 
 def _render_job(job: Job) -> str:
     """Render one image and write it atomically (a crash never leaves a half-written PNG)."""
-    path, label_index, age, sex, rng_seed, size, signal = job
-    array = render_image(label_index, age, sex, rng_seed, size=size, signal=signal)
+    path, label_index, age, sex, rng_seed, size, signal = job[:7]
+    patterns = job[7] if len(job) > 7 else None
+    array = render_image(label_index, age, sex, rng_seed, size=size, signal=signal, patterns=patterns)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         Image.fromarray(array).save(tmp, format="PNG", compress_level=1)  # speed over a few % of file size
@@ -622,6 +646,10 @@ def _apply_bias(images: pd.DataFrame, bias: BiasSpec | None, seed: int, signal: 
     noised = np.zeros(len(out), dtype=bool)
     for k, rule in enumerate(bias.rules):
         match = (_selector_values(out, rule.column) == rule.value).to_numpy()
+        if rule.label is not None:
+            if rule.label not in NIH_CLASSES:
+                raise SynthError(f"bias rule {rule}: {rule.label} is not a class of this cohort ({NIH_CLASSES})")
+            match &= (out["label_index"] == NIH_CLASSES.index(rule.label)).to_numpy()
         if rule.effect == "signal":
             out.loc[match, "signal"] *= rule.amount
             if rule.amount != 1.0:  # a factor of 1 changes nothing
