@@ -815,6 +815,52 @@ def fairness_cmd(
     table.print_tables(con, rows, runs, attributes, split, ci, seed, min_n)
 
 
+@app.command("compare")
+def compare_cmd(
+    ctx: typer.Context,
+    runs: Optional[list[str]] = typer.Argument(None, help="RUN_A RUN_B (B - A is reported); with --matrix, any "
+                                                           "number of runs, every pair."),
+    matrix: bool = typer.Option(False, "--matrix", help="Every pair of the runs named (or of --model/--method), "
+                                                       "p-values Holm-adjusted over the pairs."),
+    model: Optional[str] = typer.Option(None, "--model", help="With --matrix: every run of this model."),
+    method: Optional[Method] = typer.Option(None, "--method", help="With --matrix: every run of this method."),
+    split: Split = typer.Option(Split.test, "--split", help="Split both runs were scored on."),
+    by: str = by_option("sex,age_group", "The attributes whose groups and gaps to show (besides the whole split)."),
+    ci: int = typer.Option(1000, "--ci", help="Paired bootstrap resamples of patients within groups."),
+    level: float = typer.Option(0.95, "--level", help="Confidence level of the intervals."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap."),
+    auc: bool = typer.Option(False, "--auc", help="Also AUC and classwise ECE (the costly metrics)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON rows instead of tables."),
+) -> None:
+    """Paired comparison: the difference B - A of every metric and gap, with a paired bootstrap interval."""
+    from embedkit.fairness import catalogue, compare, db
+
+    attributes, split_name = parse_by(by), split.value
+    store = get_store(ctx)
+    names = list(runs or [])
+    if matrix:
+        if not names and not (model or method):
+            raise typer.BadParameter("--matrix needs run ids, or --model/--method to select runs")
+        selected = db.scored_runs(store, names or None, model, method and method.value, split_name)
+        pairs = compare.all_pairs([r["run_id"] for r in selected])
+        if not pairs:
+            raise typer.BadParameter("--matrix needs at least two runs with predictions on the split")
+    else:
+        if len(names) != 2 or model or method:
+            raise typer.BadParameter("name two runs, RUN_A RUN_B (or use --matrix for every pair of several)")
+        selected = db.scored_runs(store, names, None, None, split_name)
+        pairs = [(names[0], names[1])]
+    con = db.connect(store, catalogue.attributes_to_slice(attributes))
+    rows = compare.paired_differences(con, pairs, split_name, ci, seed, level, class_scores=auc)
+    info = {r["run_id"]: r for r in selected}
+    if as_json:
+        echo_json({"split": split_name, "pairs": [list(p) for p in pairs], "n_resamples": ci, "seed": seed,
+                   "level": level, "correction": "holm over pairs, per metric" if matrix else "none (one pair)",
+                   "runs": selected, "rows": rows})
+        return
+    compare.print_comparison(rows, info, attributes, level, ci, seed, matrix)
+
+
 _VIEWS_BY = f"The views' attributes (default: {', '.join(DEFAULT_ATTRIBUTES)})."
 
 

@@ -54,6 +54,9 @@ WHERE replicate <> 0 AND value IS NOT NULL
 ORDER BY run_id, attribute, group_or_gap, metric, replicate
 """
 
+# Shared with the paired comparisons (embedkit/fairness/compare.py), which load the same draws for two runs.
+MEMBERS_SQL, REPLICATES_SQL = _MEMBERS_SQL, _REPLICATES_SQL
+
 WEIGHTS_SCHEMA = pa.schema(
     [
         pa.field("replicate", pa.int32()),
@@ -256,3 +259,6 @@ def _load_weights(con, weights: pa.Table) -> None:
         con.execute(f"INSERT INTO {RESAMPLE_WEIGHTS} SELECT * FROM _embedkit_draws")
     finally:
         con.unregister("_embedkit_draws")
+
+
+load_weights = _load_weights  # the draws as the views read them (compare.py loads them for two runs at once)
