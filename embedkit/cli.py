@@ -450,7 +450,6 @@ def models_pull_cmd(
     typer.echo(f"{name}: {pull(get_spec(name), weights_dir, progress=not quiet, url=url)}")
 
 
-
 @app.command("embed")
 def embed_cmd(
     ctx: typer.Context,
@@ -476,6 +475,10 @@ def embed_cmd(
     preprocess: Optional[str] = typer.Option(None, help="study | upstream where a family has both (MedCLIP; "
                                              "default study); other families have one (docs/models.md). Recorded "
                                              "with the vectors"),
+    shard: Optional[str] = typer.Option(None, help="I/N: embed only shard I of N (every N-th image) into "
+                                        "uncommitted Lance fragments, for N workers on any scheduler; one model"),
+    commit_shards: Optional[int] = typer.Option(None, help="N: commit the fragments of shards 0..N-1 (all "
+                                                "finished) in one commit, with the prompts and settings"),
     quiet: bool = typer.Option(False, help="No progress bar"),
 ) -> None:
     """Embed a cohort's images and its class prompts with one model, or several at once, into the store."""
@@ -485,9 +488,13 @@ def embed_cmd(
     check_amp(amp.value, resolve_device(device))  # before the weights load
     store = get_store(ctx)  # a missing store is refused before any weights load
     models = _models_for(model, weights, weights_dir, random_init, seed, preprocess)
-    summaries = embed_models(store, models, cohort, device=device, batch_size=batch_size, workers=workers,
-                             force=force, extra_prompt_sets=prompts, chunk_images=chunk_images, progress=not quiet,
-                             amp=amp.value)
+    if shard is not None or commit_shards is not None:
+        summaries = [_embed_sharded(store, models, cohort, shard, commit_shards, force, device, batch_size, workers,
+                                    prompts, chunk_images, quiet, amp.value)]
+    else:
+        summaries = embed_models(store, models, cohort, device=device, batch_size=batch_size, workers=workers,
+                                 force=force, extra_prompt_sets=prompts, chunk_images=chunk_images,
+                                 progress=not quiet, amp=amp.value)
     for summary in summaries:
         typer.echo(summary.line())
 
@@ -512,6 +519,24 @@ def _models_for(model: str, weights: Optional[Path], weights_dir: Optional[Path]
         chosen = preprocess if len(specs) == 1 or preprocess is None else spec.family.preprocessing_for(preprocess)
         models.append(ToEmbed(spec, net, weights_id, source, chosen))
     return models
+
+
+def _embed_sharded(store, models, cohort: str, shard: Optional[str], commit_shards: Optional[int], force: bool,
+                   device: str, batch_size: int, workers: int, prompts: list[str], chunk_images: int, quiet: bool,
+                   amp: str):
+    """``embed --shard I/N`` (one shard's fragments) or ``embed --commit-shards N`` (their one commit)."""
+    from embedkit.shard import Shard, ShardError, commit_shards as commit, embed_shard
+
+    if shard is not None and commit_shards is not None:
+        raise ShardError("--shard embeds one shard and --commit-shards commits them all: give one of the two")
+    if len(models) > 1 or force:
+        raise ShardError("a sharded pass embeds one model and resumes (no --force): name one --model")
+    if commit_shards is not None:
+        if commit_shards < 1:
+            raise ShardError(f"--commit-shards must be the number of shards (1 or more), not {commit_shards}")
+        return commit(store, models[0], cohort, commit_shards, device=device, extra_prompt_sets=prompts, amp=amp)
+    return embed_shard(store, models[0], cohort, Shard.parse(shard), device=device, batch_size=batch_size,
+                       workers=workers, chunk_images=chunk_images, progress=not quiet, amp=amp)
 
 
 def _embed_model_names(model: str, random_init: bool, weights_dir: Optional[Path]) -> list[str]:

@@ -12,6 +12,10 @@ PYTHON=${PYTHON:-python3}
     "$PYTHON" -m venv .venv-lock
     .venv-lock/bin/python -m pip install -q "uv==$UV_VERSION"
 }
+# Seed the output with the current lock: uv keeps the versions already pinned in its output file, so adding a
+# dependency adds its packages without moving every other pin (delete requirements.lock to re-resolve afresh).
+# The seed is the lock's body, without the two header lines this script writes above it.
+if [ -f requirements.lock ]; then grep -v '^# The lock\|^# with hashes' requirements.lock > requirements.lock.new; fi
 .venv-lock/bin/uv pip compile pyproject.toml --extra test -c constraints.txt --generate-hashes \
     --python-version 3.11 --python-platform x86_64-manylinux_2_28 --no-header --quiet -o requirements.lock.new
 {

@@ -215,6 +215,11 @@ class Store:
             return table
         return self.db.create_table(name, schema=schema, exist_ok=True)
 
+    def ensure_table(self, name: str, schema: pa.Schema) -> None:
+        """Create table ``name`` empty when it does not exist (a sharded pass writes fragments into its folder)."""
+        with self._writing(name):
+            self._open_or_create(name, schema)
+
     def check_vector_width(self, name: str, schema: pa.Schema) -> None:
         """Raise before any work when table ``name`` exists with vectors of another width than ``schema``'s."""
         if self.has(name):
