@@ -2,7 +2,8 @@
 
 One pass serves one model or several (``embed --model a,b,c`` / ``all``): each image is decoded once, in
 DataLoader workers, and given to every model still lacking it through that model's own preprocessing
-(``--preprocess``), so each model sees exactly the tensor a one-model pass feeds it. The models run under inference
+(``--preprocess``), so each model sees exactly the tensor a one-model pass feeds it; a model whose
+pixels the pixel cache holds (``embedkit data cache``, embedkit/data/pixels.py) reads them instead of a decode. The models run under inference
 mode in fp32, as every upstream path does (``--amp bf16|fp16``: autocast on CUDA, asked for); each model's vectors
 are appended to its own table in chunks keyed by (row_id, weights_id), each chunk one atomic commit. A killed run
 therefore leaves whole chunks only, and the next run embeds just the rows still missing. Rows that repeat an image
