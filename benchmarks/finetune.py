@@ -7,11 +7,19 @@ registry), builds the network the way ``embedkit finetune`` does (LP head on the
 model's default rank and targets, or every tower weight trainable), then times AdamW steps (forward, cross-entropy,
 backward, update) on a fixed batch of random 224 px images, after one warm-up step. Prints the step time, images/s
 and trainable parameters of each, and the ratios full FT / LoRA. Images are not decoded here: the step alone.
+
+    .venv/bin/python benchmarks/finetune.py --cache [--models tiny-medclip-rn50] [--images 120] [--size 1024]
+
+An epoch from the PNGs against an epoch from the pixel cache: ``embedkit finetune`` (LoRA, 2 epochs, DataLoader
+workers) on synthetic X-rays at ``--size`` px, once with ``pixel_cache=False`` and once reading the cache (its
+one-off build timed apart); prints each second epoch's seconds (the first includes the workers' start) and the
+ratio, and checks that both runs end with the same validation losses.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import torch
@@ -40,12 +48,61 @@ def step_seconds(name: str, method: str, batch_size: int, steps: int) -> tuple[f
     return (time.perf_counter() - start) / steps, info["trainable_params"]
 
 
+def cache_epochs(names: list[str], images: int, size: int, batch_size: int, workers: int) -> None:
+    """Epoch seconds from PNGs vs from the pixel cache, per model (see the module docstring)."""
+    import tempfile
+    from pathlib import Path
+
+    from embedkit.data import nih, pixels
+    from embedkit.data.cohort import import_cohort, load_cohort, validate_cohort
+    from embedkit.finetune.train import FinetuneConfig, finetune
+    from embedkit.store.store import Store
+    from embedkit.models.registry import get_spec
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from embed import synthesize_at  # the embedding benchmark's 1024 px synthetic X-rays
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "images"
+        frame = nih.shipped_manifest("nih6x200").groupby(["split", "label"]).head(max(1, images // 18))
+        frame = frame.reset_index(drop=True)
+        synthesize_at(frame, folder, size)
+        store = Store(Path(tmp) / "store")
+        import_cohort(store, validate_cohort(frame, "c", images_dir=folder), "c")
+        paths = list(dict.fromkeys(load_cohort(store, "c")["path"]))
+        print(f"{len(paths)} images of {size} px (train {sum(frame.split == 'train')}), batch {batch_size}, "
+              f"{workers} DataLoader workers, torch threads {torch.get_num_threads()}")
+        for name in names:
+            start = time.perf_counter()
+            pixels.build(store, "c", paths, [get_spec(name).build(0).image_transform()], workers=workers)
+            build_s = time.perf_counter() - start
+            epochs = {}
+            for cached in (False, True):
+                config = FinetuneConfig(model=name, method="lora", cohort="c", random_init=True, epochs=2,
+                                        batch_size=batch_size, workers=workers, lora_preset="embedkit")
+                result = finetune(store, config, progress=False, pixel_cache=cached)
+                epochs[cached] = result.history
+            png, cache = epochs[False][1]["seconds"], epochs[True][1]["seconds"]
+            same = [e["val_loss"] for e in epochs[False]] == [e["val_loss"] for e in epochs[True]]
+            print(f"{name:<18} epoch from PNGs {png:6.2f} s, from the cache {cache:6.2f} s: x{png / cache:.2f} "
+                  f"(cache built once in {build_s:.1f} s; same val losses: {same})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="tiny-clip,clip", help="comma-separated model names")
+    parser.add_argument("--models", default=None, help="comma-separated model names")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per configuration (after one warm-up)")
+    parser.add_argument("--cache", action="store_true", help="an epoch from PNGs vs from the pixel cache")
+    parser.add_argument("--images", type=int, default=120, help="--cache: images in the cohort")
+    parser.add_argument("--size", type=int, default=1024, help="--cache: image side in px (NIH's are 1024)")
+    parser.add_argument("--workers", type=int, default=2, help="--cache: DataLoader workers")
     args = parser.parse_args()
+    if args.cache:
+        cache_epochs((args.models or "tiny-medclip-rn50").split(","), args.images, args.size, args.batch_size,
+                     args.workers)
+        return
+    args.models = args.models or "tiny-clip,clip"
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, batch {args.batch_size}, "
           f"{args.steps} timed steps after 1 warm-up")
     for name in args.models.split(","):
