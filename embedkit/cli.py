@@ -485,6 +485,8 @@ def embed_cmd(
     from embedkit.device import resolve_device
     from embedkit.embed import check_amp, embed_models
 
+    if weights and random_init:  # a usage error, before anything else is looked at
+        raise typer.BadParameter("--weights and --random-init exclude each other")
     check_amp(amp.value, resolve_device(device))  # before the weights load
     store = get_store(ctx)  # a missing store is refused before any weights load
     models = _models_for(model, weights, weights_dir, random_init, seed, preprocess)
