@@ -379,7 +379,6 @@ class _ModelPass:
     model: object
     weights_id: str
     transform: object
-    source: object  # the pixel cache's entry for ``transform`` (None: decode the files)
     sets: dict[str, dict[str, list[str]]]
     table: str
     schema: pa.Schema
@@ -390,6 +389,7 @@ class _ModelPass:
     pending_idx: list[np.ndarray] = field(default_factory=list)  # positions in the pass's path list
     pending_vec: list[np.ndarray] = field(default_factory=list)
     pending_sim: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    source: object = None  # the pixel cache's entry for ``transform`` (None: decode the files)
 
     @property
     def pending(self) -> int:
@@ -425,8 +425,8 @@ def _prepare(store: Store, m: ToEmbed, rows: pd.DataFrame, classes, cohort: str,
     embed_prompts(store, spec, model, weights_id, sets, changed, dev)
     todo = rows[~rows["row_id"].isin(done)]
     source = pixels.usable_source(store.path, cohort, transform.recipe(), list(dict.fromkeys(rows["path"])))
-    one = _ModelPass(spec, model, weights_id, transform, source, sets, table, schema, todo, len(done),
-                     paths=list(dict.fromkeys(todo["path"])))
+    one = _ModelPass(spec, model, weights_id, transform, sets, table, schema, todo, len(done),
+                     paths=list(dict.fromkeys(todo["path"])), source=source)
     # What the family's per-image extras need of the prompts (GLoRIA: word features), encoded once for the pass.
     one.local_inputs = model.prompt_context({name: [t for ts in by_class.values() for t in ts]
                                              for name, by_class in sets.items()})
