@@ -140,13 +140,16 @@ class MultiImageFiles(torch.utils.data.Dataset):
     """Each image decoded once and preprocessed for every model that needs it (``needs[i][m]``): item ``i`` is
     ``(i, [tensor, or None where model m does not need image i])``. Batched by :func:`collate_images`.
 
-    ``sources[m]``: model m's pixel-cache entry (embedkit/data/pixels.py), or None; an image every model that needs
-    it finds in its entry is not decoded at all (``transforms[m].tensor`` of the cached pixels: the same tensor).
+    Models with equal preprocessings (``transforms[m] == transforms[k]``: CLIP and BiomedCLIP, MedCLIP's two towers)
+    are given the same tensor object, computed once. ``sources[m]``: model m's pixel-cache entry
+    (embedkit/data/pixels.py), or None; an image every model that needs it finds in its entry is not decoded at all
+    (``transforms[m].tensor`` of the cached pixels: the same tensor).
     """
 
     def __init__(self, paths: list[str], transforms: list, needs: list[tuple[bool, ...]], sources: list | None = None):
         self.paths, self.transforms, self.needs = paths, transforms, needs
         self.sources = sources or [None] * len(transforms)
+        self.first = [transforms.index(t) for t in transforms]  # the first model with an equal preprocessing
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -154,25 +157,38 @@ class MultiImageFiles(torch.utils.data.Dataset):
     def __getitem__(self, index: int):
         path = self.paths[index]
         image = None
+        made: dict[int, torch.Tensor] = {}
         out = []
-        for transform, source, need in zip(self.transforms, self.sources, self.needs[index]):
+        for m, (transform, source, need) in enumerate(zip(self.transforms, self.sources, self.needs[index])):
             if not need:
                 out.append(None)
-            elif source is not None and path in source:
-                out.append(transform.tensor(source.pixels(path)))
-            else:
-                image = decode_image(path) if image is None else image
-                out.append(transform(image))
+                continue
+            key = self.first[m]
+            if key not in made:
+                if source is not None and path in source:
+                    made[key] = transform.tensor(source.pixels(path))
+                else:
+                    image = decode_image(path) if image is None else image
+                    made[key] = transform(image)
+            out.append(made[key])
         return index, out
 
 
 def collate_images(items: list) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor | None]]]:
-    """A batch of :class:`MultiImageFiles` items: (positions, per model (the batch rows it has, their pixels))."""
+    """A batch of :class:`MultiImageFiles` items: (positions, per model (the batch rows it has, their pixels)).
+
+    Models given the same tensors (equal preprocessings) share one stacked batch, so it crosses from the worker
+    once."""
     index = torch.tensor([i for i, _ in items])
     per_model = []
     for m in range(len(items[0][1])):
         chosen = [k for k, (_, tensors) in enumerate(items) if tensors[m] is not None]
-        pixels = torch.stack([items[k][1][m] for k in chosen]) if chosen else None
+        mine = [items[k][1][m] for k in chosen]
+        pixels = next((stacked for j, (earlier, stacked) in enumerate(per_model) if stacked is not None
+                       and earlier.tolist() == chosen and all(items[k][1][j] is t for k, t in zip(chosen, mine))),
+                      None)
+        if pixels is None and chosen:
+            pixels = torch.stack(mine)
         per_model.append((torch.tensor(chosen, dtype=torch.long), pixels))
     return index, per_model
 
@@ -188,6 +204,7 @@ class EmbedSummary:
     seconds: float
     table: str
     cached: bool = False  # the pixels came from the pixel cache (embedkit data cache), not from decoding
+    group: tuple[int, int] = (1, 1)  # (k, of n): the device group of the pass it ran in (embed.device_groups)
 
     @property
     def images_per_second(self) -> float:
@@ -195,7 +212,8 @@ class EmbedSummary:
 
     def line(self) -> str:
         return (f"{self.images} images ({self.rows} rows, {self.skipped} already there) in {self.seconds:.1f} s, "
-                f"{self.images_per_second:.1f} images/s{' (pixels from the cache)' if self.cached else ''} -> "
+                f"{self.images_per_second:.1f} images/s{' (pixels from the cache)' if self.cached else ''}"
+                f"{f' (device group {self.group[0]} of {self.group[1]})' if self.group[1] > 1 else ''} -> "
                 f"table {self.table}, weights_id {self.weights_id}")
 
 
@@ -345,10 +363,14 @@ class ToEmbed:
 def embed_models(store: Store, models: list[ToEmbed], cohort: str, device: str = "auto", batch_size: int = 64,
                  workers: int = 2, force: bool = False, extra_prompt_sets: list[str] | None = None,
                  chunk_images: int = 256, progress: bool | Callable[[int, int], None] = True,
-                 amp: str = "none") -> list[EmbedSummary]:
+                 amp: str = "none", device_memory: int | None = None) -> list[EmbedSummary]:
     """:func:`embed_cohort` for several models at once: each image is decoded once and given to every model that
     lacks it, through that model's own preprocessing (the same tensor a one-model pass feeds it); each model's
-    vectors go to its own table in its own chunks, written as a one-model pass writes them."""
+    vectors go to its own table in its own chunks, written as a one-model pass writes them.
+
+    Models whose weights do not fit on the device together run in groups (:func:`device_groups`), one after the
+    other, each group decoding the images once; ``device_memory`` (bytes) overrides the budget the device reports.
+    """
     names = [m.spec.name for m in models]
     if len(set(names)) != len(names):
         raise EmbedSettingsError(f"--model names a model twice ({', '.join(names)})")
@@ -361,14 +383,63 @@ def embed_models(store: Store, models: list[ToEmbed], cohort: str, device: str =
         classes = cohort_classes(rows)
         if not classes:
             raise CohortError(f"cohort '{cohort}' has no single-label rows: no classes to embed prompts for")
-        passes = [_prepare(store, m, rows, classes, cohort, dev, force, extra_prompt_sets or [], amp) for m in models]
-        paths = list(dict.fromkeys(p for one in passes for p in one.todo["path"]))  # cohort order, once each
-        start = time.perf_counter()
-        if paths:
-            _embed_paths(store, passes, paths, dev, batch_size, workers, chunk_images, progress, amp)
-        seconds = time.perf_counter() - start
-        return [EmbedSummary(one.spec.name, one.weights_id, cohort, len(one.paths), len(one.todo), one.skipped,
-                             seconds, one.table, one.source is not None) for one in passes]
+        cohort_paths = list(dict.fromkeys(rows["path"]))
+        groups = device_groups([m.model for m in models], dev, device_memory)
+        summaries = []
+        for number, group in enumerate(groups, 1):
+            passes = [_prepare(store, models[k], rows, classes, cohort, dev, force, extra_prompt_sets or [], amp,
+                               cohort_paths) for k in group]
+            paths = list(dict.fromkeys(p for one in passes for p in one.todo["path"]))  # cohort order, once each
+            start = time.perf_counter()
+            if paths:
+                _embed_paths(store, passes, paths, dev, batch_size, workers, chunk_images, progress, amp)
+            seconds = time.perf_counter() - start
+            summaries += [EmbedSummary(one.spec.name, one.weights_id, cohort, len(one.paths), len(one.todo),
+                                       one.skipped, seconds, one.table, one.source is not None,
+                                       (number, len(groups))) for one in passes]
+            if len(groups) > 1:  # give the device back to the next group
+                for one in passes:
+                    one.model.to("cpu")
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+        return summaries
+
+
+def weight_bytes(model) -> int:
+    """Bytes of a model's parameters and buffers: what it holds on the device between batches."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+# Of the memory a CUDA device reports free, the share the models' weights may take together; the rest is for one
+# model's activations at a time (the models of a group run one after the other on each batch), the batch and the
+# allocator's slack.
+WEIGHTS_SHARE = 0.6
+
+
+def device_groups(models: list, dev: torch.device, budget: int | None = None) -> list[list[int]]:
+    """Positions of ``models`` split into consecutive groups whose weights fit the device together.
+
+    ``budget`` (bytes; default: ``WEIGHTS_SHARE`` of the free memory a CUDA device reports, unlimited on the
+    CPU). A group is closed when the next model would take it over the budget; a model larger than the budget
+    runs alone (and may still fit: the budget keeps room for activations).
+    """
+    if budget is None:
+        if dev.type != "cuda":
+            return [list(range(len(models)))]
+        free, _ = torch.cuda.mem_get_info(dev)
+        budget = int(free * WEIGHTS_SHARE)
+    groups: list[list[int]] = []
+    used = 0
+    for k, model in enumerate(models):
+        size = weight_bytes(model)
+        if groups and used + size <= budget:
+            groups[-1].append(k)
+            used += size
+        else:
+            groups.append([k])
+            used = size
+    return groups
 
 
 @dataclass
@@ -397,7 +468,7 @@ class _ModelPass:
 
 
 def _prepare(store: Store, m: ToEmbed, rows: pd.DataFrame, classes, cohort: str, dev: torch.device, force: bool,
-             extra_prompt_sets: list[str], amp: str) -> _ModelPass:
+             extra_prompt_sets: list[str], amp: str, cohort_paths: list[str] | None = None) -> _ModelPass:
     """Check one model's settings against its stored vectors, record them, embed its prompts: everything before
     its first image vector."""
     spec, weights_id = m.spec, m.weights_id
@@ -424,7 +495,9 @@ def _prepare(store: Store, m: ToEmbed, rows: pd.DataFrame, classes, cohort: str,
     _record_weights(store, spec, model, weights_id, m.source)
     embed_prompts(store, spec, model, weights_id, sets, changed, dev)
     todo = rows[~rows["row_id"].isin(done)]
-    source = pixels.usable_source(store.path, cohort, transform.recipe(), list(dict.fromkeys(rows["path"])))
+    if cohort_paths is None:
+        cohort_paths = list(dict.fromkeys(rows["path"]))
+    source = pixels.usable_source(store.path, cohort, transform.recipe(), cohort_paths)
     one = _ModelPass(spec, model, weights_id, transform, sets, table, schema, todo, len(done),
                      paths=list(dict.fromkeys(todo["path"])), source=source)
     # What the family's per-image extras need of the prompts (GLoRIA: word features), encoded once for the pass.

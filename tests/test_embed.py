@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from embedkit.cli import app
@@ -384,9 +385,15 @@ def test_a_five_model_pass_writes_what_five_one_model_passes_write(tmp_path, sma
         spec = get_spec(model)
         net, weights_id, source = instantiate(spec, random_init=True, seed=0)
         models.append(ToEmbed(spec, net, weights_id, source))
+    # A device budget of MedCLIP-RN50's weights splits the five into groups: [CLIP, BiomedCLIP] [RN50] [ViT, GLoRIA].
+    from embedkit.embed import weight_bytes
+
+    budget = weight_bytes(models[2].model)
     summaries = embed_models(together, models, "c", device="cpu", batch_size=5, workers=0, chunk_images=7,
-                             progress=False)
+                             progress=False, device_memory=budget)
     assert [s.model for s in summaries] == list(TINY_FIVE)
+    assert [s.group for s in summaries] == [(1, 3), (1, 3), (2, 3), (3, 3), (3, 3)]
+    assert "(device group 2 of 3)" in summaries[2].line()
     medclip = summaries[2]
     assert medclip.skipped > 0 and medclip.rows + medclip.skipped == len(frame)
     for model, summary in zip(TINY_FIVE, summaries):
@@ -430,3 +437,38 @@ def test_cli_embeds_several_models_and_all_tiny_ones(tmp_path, small_cohort):
                           (["--model", "clip,gloria", "--weights", str(tmp_path)], "one model's files")):
         result = CliRunner().invoke(app, [*[a for a in base if a != "--random-init"], *args])
         assert result.exit_code != 0 and message in result.output + str(result.exception), result.output
+
+
+def test_models_with_equal_preprocessings_share_one_tensor_and_one_batch(small_cohort):
+    """CLIP and BiomedCLIP preprocess alike, as MedCLIP's two towers do: one tensor per image and one stacked batch
+    for each pair; GLoRIA's differs."""
+    from embedkit.embed import MultiImageFiles, collate_images
+
+    frame, folder = small_cohort
+    names = ("tiny-clip", "tiny-biomedclip", "tiny-medclip-rn50", "tiny-medclip-vit", "tiny-gloria")
+    transforms = [instantiate(get_spec(n), random_init=True, seed=0)[0].image_transform() for n in names]
+    assert transforms[0] == transforms[1] and transforms[2] == transforms[3] and transforms[0] != transforms[2]
+    assert transforms[4] != transforms[2] and hash(transforms[2]) == hash(transforms[3])
+    paths = [str(folder / i) for i in frame["image_id"][:3]]
+    needs = [(True,) * 5, (True,) * 5, (True, False, True, True, True)]
+    data = MultiImageFiles(paths, transforms, needs)
+    _, first = data[0]
+    assert first[0] is first[1] and first[2] is first[3] and first[0] is not first[4]
+    _, per_model = collate_images([data[i] for i in range(3)])
+    assert per_model[2][1] is per_model[3][1]  # the MedCLIP pair: the same rows, one batch
+    assert per_model[1][0].tolist() == [0, 1] and per_model[1][1] is not per_model[0][1]  # BiomedCLIP lacks row 2
+    torch.testing.assert_close(per_model[1][1], per_model[0][1][:2], rtol=0, atol=0)
+
+
+def test_device_groups_pack_consecutive_models_into_the_budget():
+    from torch import nn
+
+    from embedkit.embed import device_groups, weight_bytes
+
+    models = [nn.Linear(10, 10), nn.Linear(20, 20), nn.Linear(5, 5), nn.Linear(40, 40)]
+    sizes = [weight_bytes(m) for m in models]
+    assert sizes[0] == (100 + 10) * 4
+    cpu = torch.device("cpu")
+    assert device_groups(models, cpu) == [[0, 1, 2, 3]]  # the CPU: one group
+    assert device_groups(models, cpu, sizes[1] + sizes[2]) == [[0], [1, 2], [3]]  # the 40x40 alone, over budget
+    assert device_groups(models, cpu, sum(sizes)) == [[0, 1, 2, 3]]

@@ -83,6 +83,15 @@ class Preprocessing:
     def __call__(self, image) -> torch.Tensor:
         return self.tensor(self.pixels(image))
 
+    # Two preprocessings of the same class and parameters are equal: a pass that feeds several models computes
+    # their tensor once (MedCLIP's two towers share theirs, as CLIP and BiomedCLIP do). Dataclass subclasses
+    # compare their fields instead, to the same effect.
+    def __eq__(self, other) -> bool:
+        return type(self) is type(other) and vars(self) == vars(other)
+
+    def __hash__(self) -> int:
+        return hash((type(self), repr(sorted(vars(self).items()))))
+
 
 def gray_pixels(image) -> np.ndarray:
     """A PIL ``L`` image as uint8 ``[H, W, 1]``."""
