@@ -472,3 +472,32 @@ def test_device_groups_pack_consecutive_models_into_the_budget():
     assert device_groups(models, cpu) == [[0, 1, 2, 3]]  # the CPU: one group
     assert device_groups(models, cpu, sizes[1] + sizes[2]) == [[0], [1, 2], [3]]  # the 40x40 alone, over budget
     assert device_groups(models, cpu, sum(sizes)) == [[0, 1, 2, 3]]
+
+
+def test_cnn_towers_get_channels_last_batches_on_cuda_and_the_same_vectors(tmp_path, small_cohort, monkeypatch):
+    """The rule (CNN towers on CUDA only), then the pass with it forced on this CPU: the same vectors to float
+    rounding for the two ResNet towers, so no model code depends on contiguous NCHW input."""
+    from embedkit import embed
+    from embedkit.store.store import Store
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    built = {n: instantiate(get_spec(n), random_init=True, seed=0)[0]
+             for n in ("tiny-medclip-rn50", "tiny-medclip-vit", "tiny-gloria", "tiny-clip")}
+    assert [embed.channels_last(m, cuda) for m in built.values()] == [True, False, True, False]
+    assert not any(embed.channels_last(m, cpu) for m in built.values())
+    frame, folder = small_cohort
+    plain, nhwc = Store(tmp_path / "plain"), Store(tmp_path / "nhwc")
+    for store in (plain, nhwc):
+        _import(store, frame.head(6), folder)
+    for model in ("tiny-medclip-rn50", "tiny-gloria"):
+        _embed(plain, model)
+    seen = []
+    monkeypatch.setattr(embed, "channels_last", lambda model, dev: model.convolutional())
+    for model in ("tiny-medclip-rn50", "tiny-gloria"):
+        net, weights_id, source = instantiate(get_spec(model), random_init=True, seed=0)
+        net.encode_image_extras = lambda pixels, ctx, f=net.encode_image_extras: (
+            seen.append(pixels.is_contiguous(memory_format=torch.channels_last)) or f(pixels, ctx))
+        embed_cohort(nhwc, get_spec(model), net, weights_id, source, "c", device="cpu", workers=0, progress=False)
+        want, got = _stored(plain, model), _stored(nhwc, model)
+        np.testing.assert_allclose(np.stack(got[0]["vector"]), np.stack(want[0]["vector"]), atol=1e-5, rtol=0)
+    assert seen and all(seen)

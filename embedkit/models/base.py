@@ -169,6 +169,11 @@ class VisionLanguageModel(nn.Module):
         :meth:`encode_image_extras`; computed once per pass. Empty: the family stores no extras."""
         return {}
 
+    def convolutional(self) -> bool:
+        """Whether the image tower is a CNN: on CUDA its convolutions run faster on channels-last tensors (cuDNN's
+        NHWC kernels), which the embedding pass then gives it; a ViT gains nothing from them."""
+        return False
+
     def encode_image_extras(self, pixels: torch.Tensor, context: dict[str, Any]
                             ) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
         """Image vectors [B, embed_dim] and, per prompt set of ``context``, a [B, P] per-prompt local similarity

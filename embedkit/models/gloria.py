@@ -205,6 +205,9 @@ class Gloria(VisionLanguageModel):
         """Tokenize prompts as the authors did (see :func:`tokenize_prompts`)."""
         return tokenize_prompts(self.tokenizer, texts)
 
+    def convolutional(self) -> bool:
+        return True
+
     def encode_image_raw(self, pixels: torch.Tensor) -> torch.Tensor:
         """Global image embeddings [B, D] (the global embedder's output), before L2 normalisation."""
         return self.img_encoder(pixels)

@@ -249,6 +249,9 @@ class MedCLIP(VisionLanguageModel):
     def _param_like(self) -> torch.Tensor:
         return self.text_model.projection_head.weight
 
+    def convolutional(self) -> bool:
+        return isinstance(self.vision_model, ResNetVision)
+
     def encode_image_raw(self, pixels: torch.Tensor) -> torch.Tensor:
         """Projected image embeddings [B, embed_dim] from [B, 1 or 3, 224, 224], before L2 normalisation."""
         ref = self._param_like()
