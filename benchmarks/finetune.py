@@ -48,8 +48,10 @@ def step_seconds(name: str, method: str, batch_size: int, steps: int) -> tuple[f
     return (time.perf_counter() - start) / steps, info["trainable_params"]
 
 
-def cache_epochs(names: list[str], images: int, size: int, batch_size: int, workers: int) -> None:
-    """Epoch seconds from PNGs vs from the pixel cache, per model (see the module docstring)."""
+def cache_epochs(names: list[str], images: int, size: int, batch_size: int, workers: int, device: str = "cpu",
+                 amp: str = "none") -> None:
+    """Epoch seconds from PNGs vs from the pixel cache, per model (see the module docstring); also run by
+    benchmarks/gpu_finetune.py --cache on a GPU."""
     import tempfile
     from pathlib import Path
 
@@ -71,7 +73,7 @@ def cache_epochs(names: list[str], images: int, size: int, batch_size: int, work
         import_cohort(store, validate_cohort(frame, "c", images_dir=folder), "c")
         paths = list(dict.fromkeys(load_cohort(store, "c")["path"]))
         print(f"{len(paths)} images of {size} px (train {sum(frame.split == 'train')}), batch {batch_size}, "
-              f"{workers} DataLoader workers, torch threads {torch.get_num_threads()}")
+              f"{workers} DataLoader workers, torch threads {torch.get_num_threads()}, device {device}, amp {amp}")
         for name in names:
             start = time.perf_counter()
             pixels.build(store, "c", paths, [get_spec(name).build(0).image_transform()], workers=workers)
@@ -79,7 +81,8 @@ def cache_epochs(names: list[str], images: int, size: int, batch_size: int, work
             epochs = {}
             for cached in (False, True):
                 config = FinetuneConfig(model=name, method="lora", cohort="c", random_init=True, epochs=2,
-                                        batch_size=batch_size, workers=workers, lora_preset="embedkit")
+                                        batch_size=batch_size, workers=workers, lora_preset="embedkit",
+                                        device=device, amp=amp)
                 result = finetune(store, config, progress=False, pixel_cache=cached)
                 epochs[cached] = result.history
             png, cache = epochs[False][1]["seconds"], epochs[True][1]["seconds"]

@@ -11,6 +11,11 @@ val pass, prediction of every row, run written. Prints per run: the train pass's
 batch, so worker start-up is left out), the whole run's wall time (model build, start-up, val and prediction passes
 included), trainable parameters and ``torch.cuda.max_memory_allocated`` (reset before each run), then the LoRA/FT
 ratios per model. The first run also pays for CUDA/cuDNN warm-up (its images/s are a little low).
+
+    .venv/bin/python benchmarks/gpu_finetune.py --cache [--cache-images 360] [--size 1024]
+
+Instead: an epoch from the PNGs against an epoch from the pixel cache (benchmarks/finetune.py --cache, run on this
+device), LoRA, per model.
 """
 
 from __future__ import annotations
@@ -47,7 +52,18 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=8, help="DataLoader worker processes")
     parser.add_argument("--size", type=int, default=256, help="side of the synthetic PNGs")
     parser.add_argument("--dir", type=Path, default=None, help="working folder (default: a temporary one)")
+    parser.add_argument("--cache", action="store_true", help="an epoch from PNGs vs from the pixel cache")
+    parser.add_argument("--cache-images", type=int, default=360, help="--cache: images in the cohort")
     args = parser.parse_args()
+    if args.cache:
+        import sys
+
+        sys.path.insert(0, str(Path(__file__).parent))
+        from finetune import cache_epochs
+
+        cache_epochs(args.models.split(","), args.cache_images, args.size, args.batch_size, args.workers,
+                     device=args.device, amp=args.amp)
+        return
 
     from embedkit.data.cohort import import_cohort, validate_cohort
     from embedkit.device import resolve_device
