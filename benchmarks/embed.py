@@ -12,7 +12,9 @@ and the pipeline's ratio to the lower of the two bounds (target: at least 0.8).
 
 The five tiny study models (issue 15): five one-model passes against one five-model pass (each image decoded once;
 target: at least 3.5x faster, where decoding dominates), and the five-model pass against its bound (decoding once
-+ the five preprocessings, or the five forwards, whichever is slower; target: at least 0.8).
++ the five preprocessings, or the five forwards, whichever is slower; target: at least 0.8). Then each part's
+milliseconds per image on one core, and the speed-up those costs allow: on a CPU, where the models' forwards take
+the same cores as decoding, and for decoding + preprocessing alone (what bounds a GPU pass).
 """
 
 from __future__ import annotations
@@ -140,6 +142,44 @@ def bench_five(folder: Path, frame, batch_size: int, workers: int) -> None:
     print(f"five-model pass {r_pipe:.1f} img/s | five forwards {r_fwd:.1f} | decode once + five preprocessings "
           f"{r_dec:.1f} | bound ({limit}) {bound:.1f} | pass/bound {r_pipe / bound:.2f} "
           f"({'meets' if r_pipe / bound >= 0.8 else 'misses'} the 0.8 target)")
+    per_image_costs(built, paths, batch_size)
+
+
+def per_image_costs(built: list, paths: list[str], batch_size: int) -> None:
+    """Milliseconds per image on one core of each part of the pass, and the speed-ups they allow: on a CPU, where
+    the forwards share the cores with decoding, and where the forwards cost nothing (a GPU's case)."""
+    from embedkit.data.images import decode_image
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        sample = paths[:8]
+        start = time.perf_counter()
+        images = [decode_image(p) for p in sample]
+        decode = (time.perf_counter() - start) / len(sample) * 1000
+        transforms = [m.model.image_transform() for m in built]
+        prep, forward = [], []
+        with torch.inference_mode():
+            for m, transform in zip(built, transforms):
+                transform(images[0])  # warm-up (GLoRIA's first call imports OpenCV)
+                start = time.perf_counter()
+                batch = torch.stack([transform(image) for image in images])
+                prep.append((time.perf_counter() - start) / len(images) * 1000)
+                batch = torch.cat([batch] * max(1, batch_size // len(images)))
+                m.model.encode_image(batch)  # warm-up
+                start = time.perf_counter()
+                m.model.encode_image(batch)
+                forward.append((time.perf_counter() - start) / len(batch) * 1000)
+    finally:
+        torch.set_num_threads(threads)
+    distinct = sum(p for k, p in enumerate(prep) if transforms.index(transforms[k]) == k)
+    parts = ", ".join(f"{m.spec.name} {p:.1f} + {f:.1f}" for m, p, f in zip(built, prep, forward))
+    print(f"ms per image on one core: decode {decode:.1f}; preprocess + forward: {parts}")
+    n = len(built)
+    cpu = (n * decode + sum(prep) + sum(forward)) / (decode + distinct + sum(forward))
+    data = (n * decode + sum(prep)) / (decode + distinct)
+    print(f"speed-up these costs allow (equal preprocessings computed once): x{cpu:.2f} on a CPU, where the forwards "
+          f"share the cores; x{data:.2f} for decoding + preprocessing alone (a GPU pass, whose forwards are cheap)")
 
 
 def main() -> None:
