@@ -1065,6 +1065,10 @@ def study_cmd(
     stop_after: Optional[int] = typer.Option(None, hidden=True, help="Stop (resumably) after this many steps"),
     quiet: bool = typer.Option(False, help="No progress output"),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable plan / result"),
+    executor: str = typer.Option("local", help="local (default: the steps in this process) | ray (each step a Ray "
+                                 "task; pip install 'embedkit[ray]'; docs/scaleout.md)"),
+    address: Optional[str] = typer.Option(None, help="Ray cluster to join with --executor ray (auto, "
+                                          "ray://HOST:10001; default: $RAY_ADDRESS, else a local one)"),
 ) -> None:
     """The paper's whole matrix (models x regimes x seeds), resumable, ending in its report."""
     from embedkit.study import make_config, plan_lines, run_study
@@ -1074,7 +1078,7 @@ def study_cmd(
                          probe_epochs=probe_epochs, ft_epochs=ft_epochs, images=images, report=report, ci=ci,
                          workers=workers, amp=amp, preprocess=preprocess)
     result = run_study(get_store(ctx, create=True), config, plan_only=plan, progress=not quiet and not as_json,
-                       stop_after=stop_after)
+                       stop_after=stop_after, executor=executor, address=address)
     if as_json:
         echo_json(result.to_json())
     elif plan:
