@@ -42,14 +42,15 @@ def _version(value: bool) -> None:
 
 
 # The --store this invocation named, kept for main(): an internal error's log goes into that store.
-_invocation: dict[str, Optional[Path]] = {}
+_invocation: dict[str, Optional[str]] = {}
 
 
 @app.callback()
 def _main(
     ctx: typer.Context,
-    store: Optional[Path] = typer.Option(
-        None, "--store", envvar=STORE_ENV, help="Store directory (LanceDB). Default: ./embedkit-store"
+    store: Optional[str] = typer.Option(  # text, not a Path: an s3:// location must keep its '//'
+        None, "--store", envvar=STORE_ENV, help="Store directory (LanceDB), or s3://bucket/prefix (docs/scaleout.md). "
+        "Default: ./embedkit-store"
     ),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ) -> None:

@@ -20,7 +20,7 @@ from embedkit.study import ray_exec
 from embedkit.study.plan import Step
 
 CHEAP = dict(cohort="c", random_init=True, probe_epochs=2, ft_epochs=1, ci=0, workers=0, cpu_ok=True)
-MATRIX = dict(models="tiny-clip,tiny-gloria", methods="zeroshot,lp,mlp,lora", seeds="1,2")
+MATRIX = dict(models="tiny-clip,tiny-gloria", methods="zeroshot,lp,mlp,lora", seeds="1")
 
 
 def _store_with_cohort(root: Path, images):
@@ -95,7 +95,7 @@ def test_the_ray_executor_leaves_the_store_the_in_process_one_does_and_retries_a
     assert result.report.is_file()
 
     local, remote = _runs(local_store, "r"), _runs(ray_store, "r")
-    assert sorted(local) == sorted(remote) and len(local) == 2 * (1 + 2 + 2 + 2)
+    assert sorted(local) == sorted(remote) and len(local) == 2 * 4
     for key, run in local.items():
         other = remote[key]
         assert (other["weights_id"], other["cohort"]) == (run["weights_id"], run["cohort"]), key

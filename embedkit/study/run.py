@@ -199,6 +199,7 @@ def run_study(store: Store, config: StudyConfig, plan_only: bool = False, progre
     question and wall-time estimate are the cluster's.
     """
     config.validate()
+    store.require_local("a study (its synthetic X-rays, checkpoints and report are files beside the tables)")
     if executor not in EXECUTORS:
         raise StudyError(f"--executor must be one of {', '.join(EXECUTORS)}, not '{executor}'")
     if address is not None and executor != "ray":
