@@ -173,13 +173,15 @@ def _fault(kind: str, when: str) -> None:
             os._exit(137)  # as a killed worker: no cleanup, no exception
 
 
-def run_step_task(store_path: str, config: StudyConfig, step: Step, weights_id: str | None) -> StepOutcome:
-    """One step in a Ray worker: idempotent (a step already stored is returned as it is), then ``run._run_one``."""
+def run_step_task(store_path: str, config: StudyConfig, step: Step, parent: StepOutcome | None) -> StepOutcome:
+    """One step in a Ray worker: idempotent (a step already stored is returned as it is), then ``run._run_one``.
+    ``parent``: the outcome of the step this one waits for (Ray passes it once that task is done)."""
     from embedkit.study.run import _run_one
 
     store = Store(store_path)
     if step.kind in RUN_KINDS:
         if step.weights_id is None:  # real weights first hashed by this model's embedding task
+            weights_id = parent.step.weights_id if parent is not None else None
             step.weights_id = weights_id
             step.key = step_key(step.kind, step.model, weights_id, step.seed, step_settings(config, step.kind))
         existing = study_runs(store, config.name)
@@ -209,8 +211,9 @@ def _failure(step: Step, exc: BaseException) -> Exception:
         what = f"{type(cause).__name__}: {' '.join(str(cause).split())[:300]}"
     else:
         what = " ".join(str(exc).split())[:300]
-    return StudyError(f"step '{step.label()}' failed on the Ray cluster after {STEP_RETRIES + 1} attempts ({what}); "
-                      f"the steps that finished are stored: run the same command again to continue")
+    return StudyError(f"step '{step.label()}' failed on the Ray cluster ({what}; a dead worker or an I/O error is "
+                      f"retried {STEP_RETRIES} times); the steps that finished are stored: run the same command "
+                      f"again to continue")
 
 
 def run_steps(store: Store, config: StudyConfig, todo: list[Step], facts: dict, say) -> list[Step]:
@@ -226,7 +229,6 @@ def run_steps(store: Store, config: StudyConfig, todo: list[Step], facts: dict, 
     store_path = str(Path(store.path).resolve())
     if any(s.kind == "embed" for s in todo):
         _shared_tables(store)
-    refs: dict = {}
     pending: dict = {}
     embeds: dict[str, object] = {}
     cohort_ref = None
@@ -239,9 +241,8 @@ def run_steps(store: Store, config: StudyConfig, todo: list[Step], facts: dict, 
             after = cohort_ref
         else:
             after = embeds.get(step.model, cohort_ref)
-        # The argument is the task the step waits for: its weights_id (an embedding's), or nothing (the cohort's).
-        ref = task.options(**options).remote(store_path, config, step, _weights_of(after))
-        refs[ref] = step
+        # The last argument is the task the step waits for: Ray starts this one with that one's outcome.
+        ref = task.options(**options).remote(store_path, config, step, after)
         pending[ref] = step
         if step.kind == "cohort":
             cohort_ref = ref
@@ -265,28 +266,6 @@ def run_steps(store: Store, config: StudyConfig, todo: list[Step], facts: dict, 
         say(f"[green]done[/green] {step.label()}" + (f" ({step.seconds:.1f} s)" if step.seconds else "")
             + (f": run {step.run_id}" if step.run_id else "") + (" (found stored)" if outcome.attempt_skipped else ""))
     return finished
-
-
-def _weights_of(ref):
-    """What a waiting step receives from the task it waits for: the weights_id an embedding task stored."""
-    if ref is None:
-        return None
-    return _weights_id_task().remote(ref)
-
-
-_WEIGHTS_ID_TASK = None
-
-
-def _weights_id_task():
-    """A tiny task mapping a step's outcome to its weights_id (Ray resolves it before the dependent task starts)."""
-    global _WEIGHTS_ID_TASK
-    if _WEIGHTS_ID_TASK is None:
-        _WEIGHTS_ID_TASK = _ray().remote(num_cpus=0)(_outcome_weights_id)
-    return _WEIGHTS_ID_TASK
-
-
-def _outcome_weights_id(outcome: StepOutcome) -> str | None:
-    return outcome.step.weights_id
 
 
 def _shared_tables(store: Store) -> None:
