@@ -135,6 +135,9 @@ def test_executor_ray_without_ray_is_one_error_line(monkeypatch, capsys, tmp_pat
     code, out, err = main_cli(monkeypatch, capsys, "--store", str(tmp_path / "s"), "study", "--executor", "dask",
                               "--plan")
     assert code != 0 and "--executor must be one of local, ray, not 'dask'" in err
+    code, out, err = main_cli(monkeypatch, capsys, "--store", str(tmp_path / "s"), "study", "--address", "auto",
+                              "--plan")
+    assert code != 0 and err.startswith("error: --address names a Ray cluster: pass it with --executor ray")
 
 
 FACTS = {"cpus": 2.0, "gpus": 0.0, "memory": 8.0 * 2 ** 30, "nodes": 1, "node_cpus": 2.0, "node_gpus": 0.0,
