@@ -176,3 +176,16 @@ def test_resource_requests_ask_for_a_gpu_only_where_images_stream_and_the_cluste
     assert ray_exec.step_resources(embed, make_config(**{**CHEAP, "device": "cpu"}), gpus=True)["num_gpus"] == 0
     with pytest.raises(StudyError, match=r"step 'embed clip' asks for 3 CPU\(s\).*lower --workers"):
         ray_exec.check_fits([embed], config, FACTS)
+
+
+def test_a_failed_tasks_embedkit_error_reaches_the_user_as_its_own_line():
+    ray = pytest.importorskip("ray")
+    from embedkit.store.store import StoreError
+
+    step = Step("lp", "tiny-clip", 1)
+    own = StoreError("No space left on device while writing table 'runs'")
+    wrapped = ray.exceptions.RayTaskError("run_step_task", "Traceback ...", own)
+    assert ray_exec._failure(step, wrapped) is own
+    other = ray_exec._failure(step, ray.exceptions.RayTaskError("run_step_task", "Traceback ...", ValueError("bad")))
+    assert isinstance(other, StudyError)
+    assert str(other).startswith("step 'lp tiny-clip seed 1' failed on the Ray cluster (ValueError: bad;")
