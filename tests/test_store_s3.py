@@ -130,3 +130,33 @@ def test_commands_that_need_local_files_say_so(s3, monkeypatch, capsys, tmp_path
     assert code == 1 and err.startswith("error: a study (its synthetic X-rays") and "on object storage" in err
     code, _, err = main_cli(monkeypatch, capsys, "--store", "s3://no-such-bucket-here/x", "runs")
     assert code == 1 and err.startswith("error: ") and "Traceback" not in err
+
+
+WRITER = """
+import sys
+import pyarrow as pa
+from embedkit.store.store import Store
+store, who = Store(sys.argv[1]), sys.argv[2]
+for i in range(4):
+    run_id = f"{who}-{i}"
+    preds = pa.table({"run_id": [run_id] * 3, "row_id": ["a", "b", "c"], "image_id": ["a", "b", "c"],
+                      "split": ["test"] * 3, "y_true": [0, 1, 0], "y_pred": [0, 1, 1],
+                      "probs": [[0.9, 0.1], [0.2, 0.8], [0.4, 0.6]]})
+    store.write_run({"run_id": run_id, "model": "m", "method": "lp"}, preds)
+"""
+
+
+def test_run_commits_of_concurrent_processes_take_turns_on_the_lease(s3):
+    uri = f"s3://{BUCKET}/stores/concurrent"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, uri, who], env=env, stderr=subprocess.PIPE, text=True)
+             for who in ("p", "q", "r")]
+    for proc in procs:
+        assert proc.wait(timeout=240) == 0, proc.stderr.read()
+    store = Store(uri)
+    runs = sorted(store.read("runs", columns=["run_id"])["run_id"].to_pylist())
+    assert runs == sorted(f"{w}-{i}" for w in "pqr" for i in range(4))
+    per_run = {}
+    for row in store.read("predictions", columns=["run_id"]).to_pylist():
+        per_run[row["run_id"]] = per_run.get(row["run_id"], 0) + 1
+    assert per_run == {r: 3 for r in runs} and not store.pending_runs()
