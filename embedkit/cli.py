@@ -42,14 +42,15 @@ def _version(value: bool) -> None:
 
 
 # The --store this invocation named, kept for main(): an internal error's log goes into that store.
-_invocation: dict[str, Optional[Path]] = {}
+_invocation: dict[str, Optional[str]] = {}
 
 
 @app.callback()
 def _main(
     ctx: typer.Context,
-    store: Optional[Path] = typer.Option(
-        None, "--store", envvar=STORE_ENV, help="Store directory (LanceDB). Default: ./embedkit-store"
+    store: Optional[str] = typer.Option(  # text, not a Path: an s3:// location must keep its '//'
+        None, "--store", envvar=STORE_ENV, help="Store directory (LanceDB), or s3://bucket/prefix (docs/scaleout.md). "
+        "Default: ./embedkit-store"
     ),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ) -> None:
@@ -1065,6 +1066,10 @@ def study_cmd(
     stop_after: Optional[int] = typer.Option(None, hidden=True, help="Stop (resumably) after this many steps"),
     quiet: bool = typer.Option(False, help="No progress output"),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable plan / result"),
+    executor: str = typer.Option("local", help="local (default: the steps in this process) | ray (each step a Ray "
+                                 "task; pip install 'embedkit[ray]'; docs/scaleout.md)"),
+    address: Optional[str] = typer.Option(None, help="Ray cluster to join with --executor ray (auto, "
+                                          "ray://HOST:10001; default: $RAY_ADDRESS, else a local one)"),
 ) -> None:
     """The paper's whole matrix (models x regimes x seeds), resumable, ending in its report."""
     from embedkit.study import make_config, plan_lines, run_study
@@ -1074,7 +1079,7 @@ def study_cmd(
                          probe_epochs=probe_epochs, ft_epochs=ft_epochs, images=images, report=report, ci=ci,
                          workers=workers, amp=amp, preprocess=preprocess)
     result = run_study(get_store(ctx, create=True), config, plan_only=plan, progress=not quiet and not as_json,
-                       stop_after=stop_after)
+                       stop_after=stop_after, executor=executor, address=address)
     if as_json:
         echo_json(result.to_json())
     elif plan:

@@ -67,6 +67,7 @@ class Shard:
 def staging_dir(store: Store, model: str, weights_id: str, cohort: str) -> Path:
     """Where the shards of one embedding slice (model, weights_id, cohort) keep their uncommitted fragments."""
     key = hashlib.sha256(f"{weights_id}\0{cohort}".encode()).hexdigest()[:16]
+    store.require_local("a sharded embedding pass (its staged fragments and manifests are local files)")
     return store.path / SHARDS_DIR / f"{embeddings_table(model)}-{key}"
 
 

@@ -315,6 +315,7 @@ class _Session:
 
 def checkpoint_dir(store: Store, run_id: str) -> Path:
     """Where the checkpoints of ``run_id`` live: ``<store>/checkpoints/<run_id>/``."""
+    store.require_local("fine-tuning (its checkpoints are files beside the tables)")
     return Path(store.path) / "checkpoints" / run_id
 
 

@@ -12,6 +12,10 @@ Writers go through :class:`Store` so that keys, schemas and atomicity rules live
 - writers that must not interleave take a lock file under ``_locks/`` (``flock``: released when the process
   dies, however it dies): run commits wait for each other, a second embedding pass of the same model is refused;
 - an embeddings table refuses vectors of a different width with a message naming both widths.
+
+The store may live on object storage (``s3://bucket/prefix``): the tables are the same Lance datasets, and the
+locks and the journal are objects written with S3 conditional requests (:mod:`embedkit.store.objectstore`, which
+states what that guarantees).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import pyarrow as pa
 from embedkit.constants import DEFAULT_STORE, STORE_ENV
 from embedkit.errors import EmbedkitError
 from embedkit.store import schemas
+from embedkit.store.objectstore import StoreURI, is_object_store
 
 
 class StoreError(EmbedkitError):
@@ -101,9 +106,11 @@ def _fault_point() -> None:
         raise OSError(code, f"{_WRITE_REFUSALS[code]} (injected at fault point {at})")
 
 
-def resolve_store_path(path: str | Path | None = None) -> Path:
-    """The store directory: an explicit path, else $EMBEDKIT_STORE, else ./embedkit-store."""
-    return Path(path or os.environ.get(STORE_ENV) or DEFAULT_STORE)
+def resolve_store_path(path: str | Path | None = None) -> Path | StoreURI:
+    """The store directory: an explicit path, else $EMBEDKIT_STORE, else ./embedkit-store; an ``s3://`` location
+    stays a URI (:class:`~embedkit.store.objectstore.StoreURI`)."""
+    location = path or os.environ.get(STORE_ENV) or DEFAULT_STORE
+    return StoreURI(location) if is_object_store(location) else Path(location)
 
 
 # How Lance, pyarrow and DuckDB each word a table's data file gone from disk (DuckDB drops the leading '/').
@@ -157,16 +164,40 @@ class Store:
 
     def __init__(self, path: str | Path | None = None):
         self.path = resolve_store_path(path)
-        if self.path.exists() and not self.path.is_dir():
+        self._objects = None
+        if not self.remote and self.path.exists() and not self.path.is_dir():
             raise StoreError(f"the store {self.path} is a file, not a folder: point --store / ${STORE_ENV} at a "
                              "folder (a new one is created on the first write)")
         self._db = None
+
+    @property
+    def remote(self) -> bool:
+        """On object storage (``s3://``), not a local folder."""
+        return isinstance(self.path, StoreURI)
+
+    @property
+    def objects(self):
+        """The object operations of a remote store (locks, journal): :class:`~embedkit.store.objectstore.Objects`."""
+        if self._objects is None:
+            from embedkit.store.objectstore import Objects
+
+            self._objects = Objects(self.path)
+        return self._objects
+
+    def require_local(self, what: str) -> "Store":
+        """This store, or StoreError when it is on object storage and ``what`` needs a local folder."""
+        if self.remote:
+            raise StoreError(f"{what} needs a store on a local disk, and {self.path} is on object storage; on an "
+                             "object store embedkit runs data import, embed, probe, sweep, fairness, sql, export and "
+                             "report (docs/scaleout.md)")
+        return self
 
     def require(self) -> "Store":
         """This store, or StoreError when it does not exist yet (no folder, or a folder without tables): a reader
         would otherwise answer as if it were empty."""
         if not self.table_names():
-            state = "the folder does not exist" if not self.path.exists() else "the folder holds no tables"
+            state = ("no tables under that prefix" if self.remote else "the folder does not exist"
+                     if not self.path.exists() else "the folder holds no tables")
             raise StoreError(f"no store at {self.path} ({state}): create one with `embedkit data import MANIFEST "
                              f"--images DIR --cohort NAME` or `embedkit demo`, or point --store / ${STORE_ENV} at "
                              "an existing one")
@@ -177,6 +208,8 @@ class Store:
         import lance
 
         missing = []
+        if self.remote:  # Lance reports a missing object itself when it is read; nothing to stat here
+            return missing
         for name in self.table_names():
             folder = self.path / f"{name}.lance"
             for fragment in lance.dataset(str(folder)).get_fragments():
@@ -190,18 +223,41 @@ class Store:
         if self._db is None:
             import lancedb
 
-            self._db = lancedb.connect(str(self.path))
+            if self.remote:
+                from embedkit.store.objectstore import storage_options
+
+                self._db = lancedb.connect(str(self.path), storage_options=storage_options())
+            else:
+                self._db = lancedb.connect(str(self.path))
         return self._db
 
     # ---- generic table operations -------------------------------------------------------------
     def table_names(self) -> list[str]:
+        if self.remote:
+            return self._remote_table_names()
         if not self.path.is_dir():
             return []
         return sorted(p.name[: -len(".lance")] for p in self.path.glob("*.lance") if p.is_dir())
 
     def has(self, name: str) -> bool:
-        # The store is a local directory; each table is <name>.lance inside it.
+        # A local store is a directory; each table is <name>.lance inside it.
+        if self.remote:
+            return name in self._remote_table_names()
         return (self.path / f"{name}.lance").is_dir()
+
+    def _remote_table_names(self) -> list[str]:
+        names, token = [], None
+        try:
+            while True:
+                page = self.db.list_tables(page_token=token)
+                names += list(page.tables)
+                token = page.page_token
+                if not token:
+                    return sorted(names)
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise StoreError(f"cannot list the tables of the store {self.path}: "
+                             f"{' '.join(str(exc).split())[:300]}; check the bucket and the AWS_* settings "
+                             "(AWS_ENDPOINT_URL for an S3-compatible server)") from None
 
     def open(self, name: str):
         if not self.has(name):
@@ -301,8 +357,8 @@ class Store:
                     self.db.drop_table(table)
                     _fault_point()
             if name in ("runs", "predictions"):
-                for entry in (self.path / JOURNAL_DIR).glob("*.json"):  # they name runs that are gone now
-                    entry.unlink(missing_ok=True)
+                for entry in self._journal_entries():  # they name runs that are gone now
+                    self._journal_remove(entry)
         return tables
 
     def _embedding_locks_of(self, name: str) -> list[str]:
@@ -310,10 +366,14 @@ class Store:
         ``name`` is: table names spell the model with '_' for '-', so models are compared that way."""
         prefix = next((p for p in ("emb_", "prompts_", "localsim_") if name.startswith(p)), None)
         folder = self.path / LOCKS_DIR
-        if prefix is None or not folder.is_dir():
+        if prefix is None or not (self.remote or folder.is_dir()):
             return []
         model = name[len(prefix):]
-        stems = (p.stem for p in folder.glob("embed-*.lock"))
+        if self.remote:  # the leases that exist now (one is there only while its pass runs, or its holder died)
+            stems = (k.rsplit("/", 1)[-1][:-len(".lock")] for k in self.objects.list(f"{LOCKS_DIR}/embed-")
+                     if k.endswith(".lock"))
+        else:
+            stems = (p.stem for p in folder.glob("embed-*.lock"))
         # embed-<model>-<16 hex digits>: the model is what lies between
         return sorted(s for s in stems if s[len("embed-"):-17].replace("-", "_") == model)
 
@@ -343,8 +403,13 @@ class Store:
         """Hold the exclusive lock ``_locks/<name>.lock`` for the block; wait up to ``wait_s`` seconds for it.
 
         ``flock`` locks die with their process, so a killed writer never leaves the store locked. Raises
-        StoreBusy naming the holder (its pid and what it does) when the lock stays taken.
+        StoreBusy naming the holder (its pid and what it does) when the lock stays taken. On object storage the lock
+        is a lease (:meth:`embedkit.store.objectstore.Objects.lease`).
         """
+        if self.remote:
+            with self.objects.lease(name, wait_s, holder or name, StoreBusy):
+                yield
+            return
         folder = self.path / LOCKS_DIR
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{name}.lock"
@@ -413,7 +478,7 @@ class Store:
                 self.delete("predictions", sql_in("run_id", ids))
             self.append("predictions", predictions, schemas.PREDICTIONS)
             self.append("runs", pa.Table.from_pylist(rows, schema=schemas.RUNS), schemas.RUNS)
-            entry.unlink()
+            self._journal_remove(entry)
         return result
 
     def delete_run(self, run_id: str) -> None:
@@ -425,10 +490,15 @@ class Store:
             entry = self._journal_open([run_id])
             self.delete("runs", sql_eq("run_id", run_id))
             self.delete("predictions", sql_eq("run_id", run_id))
-            entry.unlink()
+            self._journal_remove(entry)
 
-    def _journal_open(self, run_ids: list[str]) -> Path:
-        """Write (and fsync) the journal entry naming runs whose predictions are about to change."""
+    def _journal_open(self, run_ids: list[str]):
+        """Write (and fsync) the journal entry naming runs whose predictions are about to change; returns what
+        :meth:`_journal_remove` takes. On object storage the entry is one object (a put is atomic)."""
+        if self.remote:
+            relative = f"{JOURNAL_DIR}/{uuid.uuid4().hex}.json"
+            self.objects.put(relative, json.dumps({"run_ids": run_ids, "pid": os.getpid()}).encode())
+            return relative
         folder = self.path / JOURNAL_DIR
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{uuid.uuid4().hex}.json"
@@ -440,24 +510,40 @@ class Store:
         os.replace(tmp, path)
         return path
 
+    def _journal_entries(self) -> list:
+        """The journal's entries (local paths, or object keys relative to a remote store), torn ones included."""
+        if self.remote:
+            return sorted(self.objects.list(f"{JOURNAL_DIR}/"))
+        folder = self.path / JOURNAL_DIR
+        return sorted(folder.glob("*.json")) + sorted(folder.glob("*.tmp")) if folder.is_dir() else []
+
+    def _journal_remove(self, entry) -> None:
+        if self.remote:
+            self.objects.delete(entry)
+        else:
+            Path(entry).unlink(missing_ok=True)
+
     def pending_runs(self) -> list[str]:
         """Run ids named by journal entries of writers that did not finish (killed, or failed on I/O)."""
-        folder = self.path / JOURNAL_DIR
         ids: list[str] = []
-        for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        for entry in self._journal_entries():
             try:
-                ids += json.loads(path.read_text())["run_ids"]
-            except (OSError, ValueError, KeyError):
+                if self.remote:
+                    found = self.objects.get(entry)
+                    text = found[0].decode() if found else "{}"
+                else:
+                    text = "{}" if entry.suffix == ".tmp" else entry.read_text()
+                ids += json.loads(text).get("run_ids", [])
+            except (OSError, ValueError, AttributeError):
                 pass  # a torn entry: the writer died before its first commit (os.replace makes this rare)
         return ids
 
     def _recover_journal(self) -> int:
         """Delete the predictions of unfinished writers' runs that never got a ``runs`` row; clear the journal.
         Call with the ``runs`` lock held. Returns how many runs' leftovers were removed."""
-        folder = self.path / JOURNAL_DIR
-        if not folder.is_dir():
+        entries = self._journal_entries()
+        if not entries:
             return 0
-        entries = list(folder.glob("*.json")) + list(folder.glob("*.tmp"))
         ids = self.pending_runs()
         if ids and self.has("predictions"):
             committed = set(self.read("runs", sql_in("run_id", ids), ["run_id"])["run_id"].to_pylist()) \
@@ -467,8 +553,8 @@ class Store:
                 self.delete("predictions", sql_in("run_id", orphans))
         else:
             orphans = []
-        for path in entries:
-            path.unlink(missing_ok=True)
+        for entry in entries:
+            self._journal_remove(entry)
         return len(orphans)
 
 

@@ -216,11 +216,15 @@ def _estimate(step: Step, config: StudyConfig, facts: _CohortFacts, gpu: bool) -
 # ---- the plan ----------------------------------------------------------------------------------------------
 
 
-def plan_study(store: Store, config: StudyConfig) -> list[Step]:
-    """Every step of the study in order with its status (done / todo / skipped / blocked) and a rough estimate."""
+def plan_study(store: Store, config: StudyConfig, gpu: bool | None = None) -> list[Step]:
+    """Every step of the study in order with its status (done / todo / skipped / blocked) and a rough estimate.
+
+    ``gpu``: whether the steps will find a CUDA device (None: this machine's, ``has_gpu``; the Ray executor passes
+    whether its cluster reports GPUs)."""
     facts = _cohort_facts(store, config)
     existing = study_runs(store, config.name)
-    gpu = has_gpu(config.device)
+    where = "here" if gpu is None else "on the Ray cluster"
+    gpu = has_gpu(config.device) if gpu is None else gpu and config.device != "cpu"
     steps = [_cohort_plan(config, facts, store)]
     cohort_blocked = steps[0].status == "blocked"
     weights: dict[str, str | None] = {}
@@ -251,7 +255,7 @@ def plan_study(store: Store, config: StudyConfig) -> list[Step]:
             step.status, step.note = "blocked", blocked_models[model]
         elif method in GPU_METHODS and not gpu and not config.cpu_ok:
             step.status = "skipped"
-            step.note = (f"{method} needs a GPU (device {config.device}: no CUDA device here); pass --cpu-ok to "
+            step.note = (f"{method} needs a GPU (device {config.device}: no CUDA device {where}); pass --cpu-ok to "
                          f"run it on the CPU anyway (slow at full size)")
         elif weights[model] is None:
             step.note = "weights_id known once the model is embedded"

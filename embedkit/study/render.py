@@ -48,6 +48,19 @@ def plan_lines(result: StudyResult) -> list[str]:
         lines.append(f"estimated time of the steps to do: {duration(sum(known))} (rough estimates from images x "
                      f"a per-model images/s figure for {'GPU' if has_gpu(config.device) else 'CPU'}"
                      + (f"; {unknown} step(s) not estimated until the cohort is imported" if unknown else "") + ")")
+    if todo and result.cluster is not None:
+        lines.append(_cluster_line(result))
     if result.blocked:
         lines.append("blocked steps must be fixed before the study can run (see their notes)")
     return lines
+
+
+def _cluster_line(result: StudyResult) -> str:
+    """The Ray executor's estimate: the steps to do scheduled on the resources the cluster reports."""
+    c = result.cluster
+    where = (f"the Ray cluster ({c['nodes']} node{'s' * (c['nodes'] != 1)}, {c['cpus']:g} CPUs, {c['gpus']:g} GPUs, "
+             f"{c['memory'] / 1024 ** 3:.0f} GiB)")
+    if result.wall_estimate_s is None:
+        return f"estimated wall time on {where}: not estimated until the cohort is imported"
+    return (f"estimated wall time on {where}: {duration(result.wall_estimate_s)} (steps run in parallel as "
+            f"their resource requests fit; same rough per-step figures)")

@@ -30,6 +30,9 @@ class StudyResult:
     report: Path | None = None
     stopped: bool = False  # stop_after ended the call before every step ran
     plan_only: bool = False
+    executor: str = "local"  # local (in this process) | ray (embedkit/study/ray_exec.py)
+    cluster: dict | None = None  # what the Ray cluster reports (CPUs, GPUs, memory, nodes); ray only
+    wall_estimate_s: float | None = None  # the steps to do, scheduled on the Ray cluster's resources; ray only
 
     @property
     def todo(self) -> list[Step]:
@@ -54,7 +57,8 @@ class StudyResult:
     def to_json(self) -> dict:
         return {"study": self.config.name, "config": self.config.to_json(), "plan_only": self.plan_only,
                 "stopped": self.stopped, "report": str(self.report) if self.report else None,
-                "steps": [s.to_json() for s in self.steps], "run": [s.key for s in self.run]}
+                "steps": [s.to_json() for s in self.steps], "run": [s.key for s in self.run],
+                "executor": self.executor, "cluster": self.cluster, "wall_estimate_s": self.wall_estimate_s}
 
 
 # ---- the studies table -------------------------------------------------------------------------------------
@@ -181,24 +185,56 @@ def _default_report_dir(store: Store, name: str) -> Path:
     return Path(store.path).resolve().parent / f"study-{name}"
 
 
+EXECUTORS = ("local", "ray")
+
+
 def run_study(store: Store, config: StudyConfig, plan_only: bool = False, progress: bool = True,
-              stop_after: int | None = None) -> StudyResult:
+              stop_after: int | None = None, executor: str = "local", address: str | None = None) -> StudyResult:
     """Plan the study and (unless ``plan_only``) run every missing step, then write its report.
 
     ``stop_after`` stops after that many steps have run (the study resumes from there on the next call).
     Blocked steps (no cohort, no weights) raise :class:`StudyError` before anything runs.
+    ``executor``: ``local`` runs the steps one after the other in this process; ``ray`` runs each as a Ray task on
+    the cluster at ``address`` (a local one when None; :mod:`embedkit.study.ray_exec`), and the plan's GPU
+    question and wall-time estimate are the cluster's.
     """
     config.validate()
+    store.require_local("a study (its synthetic X-rays, checkpoints and report are files beside the tables)")
+    if executor not in EXECUTORS:
+        raise StudyError(f"--executor must be one of {', '.join(EXECUTORS)}, not '{executor}'")
+    if address is not None and executor != "ray":
+        raise StudyError("--address names a Ray cluster: pass it with --executor ray")
     stored = stored_study(store, config.name)
     _check_fixed(stored, config)
-    steps = plan_study(store, config)
-    result = StudyResult(config, steps, plan_only=plan_only)
+    cluster = None
+    if executor == "ray":
+        from embedkit.study import ray_exec
+
+        cluster = ray_exec.connect(address)
+    steps = plan_study(store, config, gpu=None if cluster is None else cluster["gpus"] > 0)
+    result = StudyResult(config, steps, plan_only=plan_only, executor=executor, cluster=cluster)
+    if cluster is not None:
+        result.wall_estimate_s = ray_exec.estimate_wall(result.todo, config, cluster)
     if plan_only:
         return result
     if result.blocked:
         reasons = list(dict.fromkeys(s.note for s in result.blocked if not s.note.startswith("waits for")))
         raise StudyError(f"study '{config.name}' cannot run; nothing was done:\n  " + "\n  ".join(reasons))
     _record_study(store, config, stored)
+    if cluster is not None:
+        todo = result.todo if stop_after is None else result.todo[:stop_after]
+        result.stopped = len(todo) < len(result.todo)
+        _say(progress, f"[bold]{len(todo)} step(s) as Ray tasks[/bold] on {cluster['nodes']} node(s), "
+                       f"{cluster['cpus']:g} CPUs, {cluster['gpus']:g} GPUs")
+        result.run = ray_exec.run_steps(store, config, todo, cluster, lambda line: _say(progress, line))
+    else:
+        _run_local(store, config, result, steps, progress, stop_after)
+    return _finish(store, config, result, steps, progress)
+
+
+def _run_local(store: Store, config: StudyConfig, result: StudyResult, steps: list[Step], progress: bool,
+               stop_after: int | None) -> None:
+    """The in-process executor: every step to do, in plan order, in this process."""
     existing: dict[str, str] | None = None
     weights = {s.model: s.weights_id for s in steps if s.kind == "embed"}
     todo = result.todo
@@ -222,6 +258,11 @@ def run_study(store: Store, config: StudyConfig, plan_only: bool = False, progre
         result.run.append(step)
         _say(progress, f"[green]done[/green] {step.label()} ({step.seconds:.1f} s)"
              + (f": run {step.run_id}" if step.run_id else ""))
+
+
+def _finish(store: Store, config: StudyConfig, result: StudyResult, steps: list[Step], progress: bool) -> StudyResult:
+    """After the steps: the skipped ones said, then the report of the study's runs (when something ran, or it is
+    missing)."""
     if result.stopped:
         return result
     for step in result.skipped:
