@@ -84,9 +84,42 @@ class _Objective:
         return loss, grad
 
 
+class _MultilabelObjective(_Objective):
+    """One binary logistic regression per label (``y`` [n, L] 0/1), all labels of all models in the same products:
+    mean_i sum_l BCE(x_i w_l + b_l, y_il) + wd/2 * ||W||^2. Labels do not interact, so each label's optimum is
+    scikit-learn's binary ``LogisticRegression(C=1/(wd*n))`` on that label."""
+
+    def __init__(self, X: np.ndarray, y: np.ndarray, n_classes: int, l2: torch.Tensor):
+        self.Xa = _augment(torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32)))
+        self.XaT = self.Xa.T.contiguous()
+        self.targets = torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32))  # [n, L]
+        self.n, self.d1 = self.Xa.shape
+        self.c = n_classes
+        self.l2 = l2
+        self.evaluations = 0
+
+    def __call__(self, theta: torch.Tensor, models: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k = theta.shape[0]
+        self.evaluations += k
+        flat = theta.permute(1, 0, 2).reshape(self.d1, k * self.c)
+        logits64 = (self.Xa @ flat).reshape(self.n, k, self.c).double()
+        y = self.targets.unsqueeze(1).double()
+        l2 = self.l2[models]
+        body = theta[:, :-1]
+        # BCE with logits: softplus(z) - y z, summed over labels, averaged over rows
+        loss = (torch.nn.functional.softplus(logits64) - y * logits64).sum(dim=2).mean(dim=0)
+        loss = loss + 0.5 * l2.double() * _dots(body, body)
+        resid = (torch.sigmoid(logits64) - y).float() / self.n
+        grad = (self.XaT @ resid.reshape(self.n, k * self.c)).reshape(self.d1, k, self.c).permute(1, 0, 2)
+        grad = grad.contiguous()
+        grad[:, :-1] += _per_model(l2) * body
+        return loss, grad
+
+
 def fit_logreg(X: np.ndarray, y: np.ndarray, n_classes: int, l2, max_iter: int = 100, tol: float = 1e-4,
                history: int = HISTORY) -> LogregFit:
-    """Fit one multinomial logistic regression per entry of ``l2`` (L2 strengths), all at once."""
+    """Fit one multinomial logistic regression per entry of ``l2`` (L2 strengths), all at once; ``y`` [n, L] of 0/1
+    label lists fits one binary logistic regression per label instead (multi-label)."""
     from embedkit.heads.probe import flush_denormals  # tiny probabilities must not take the slow subnormal path
 
     with flush_denormals():
@@ -97,7 +130,7 @@ def _lbfgs(X: np.ndarray, y: np.ndarray, n_classes: int, l2, max_iter: int, tol:
            history: int) -> LogregFit:
     l2 = torch.as_tensor(np.asarray(l2, dtype=np.float32))
     m = len(l2)
-    obj = _Objective(X, y, n_classes, l2)
+    obj = (_MultilabelObjective if np.ndim(y) == 2 else _Objective)(X, y, n_classes, l2)
     d1, c = obj.d1, n_classes
     theta = torch.zeros(m, d1, c)
     everyone = torch.arange(m)
