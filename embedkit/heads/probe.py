@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from embedkit.constants import HEADS, MULTILABEL
+from embedkit.heads import multilabel
 from embedkit.heads.vectors import CohortVectors, HeadsError, load_vectors
 from embedkit.store.runs import record_run, softmax
 from embedkit.store.store import Store
@@ -157,7 +158,7 @@ def train_reference(X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray,
     generator = torch.Generator().manual_seed(int(seed))
     Xt, yt = torch.from_numpy(X_train), torch.from_numpy(y_train)
     Xv, yv = torch.from_numpy(X_val), torch.from_numpy(y_val)
-    multilabel = y_train.ndim == 2  # [n, L] 0/1 label lists: one sigmoid per label (embedkit/heads/multilabel.py)
+    is_multilabel = y_train.ndim == 2  # [n, L] 0/1 label lists: one sigmoid per label (embedkit/heads/multilabel.py)
     model = head_module(cfg.head, Xt.shape[1], cfg.hidden, n_classes)
     params = init_head_params(cfg.head, Xt.shape[1], cfg.hidden, n_classes, generator)
     with torch.no_grad():
@@ -165,7 +166,7 @@ def train_reference(X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray,
         first.weight.copy_(params["W1"]), first.bias.copy_(params["b1"])
         last.weight.copy_(params["W2"]), last.bias.copy_(params["b2"])
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=cfg.wd)
-    loss_fn = nn.BCEWithLogitsLoss() if multilabel else nn.CrossEntropyLoss()
+    loss_fn = nn.BCEWithLogitsLoss() if is_multilabel else nn.CrossEntropyLoss()
     best_loss, best_epoch, best_state = math.inf, -1, None
     with flush_denormals():
         for epoch in range(cfg.epochs):
@@ -211,17 +212,14 @@ def fit_head(vectors: CohortVectors, cfg: HeadConfig, seed: int) -> TrainedHead:
 
 def run_probe(store: Store, model: str, cfg: HeadConfig, seed: int = 77, cohort: str | None = None,
               weights_id: str | None = None, study_id: str | None = None, allow_partial: bool = False,
-              task: str | None = None, threshold_rule: str = "max_f1") -> dict:
+              task: str | None = None, threshold_rule: str = multilabel.MAX_F1) -> dict:
     """Train one head on the stored vectors and record the run and its predictions; returns the ``runs`` row.
 
     ``task`` (default: the cohort's) multilabel trains one sigmoid per label and records the run by the
     multi-label contract, with per-label thresholds chosen on val by ``threshold_rule`` (embedkit/heads/multilabel.py).
     """
-    from embedkit.heads import multilabel
-
     multilabel.check_task(task)
-    if task == MULTILABEL or task is None:
-        multilabel.parse_threshold_rule(threshold_rule)  # a bad rule fails before any training
+    multilabel.parse_threshold_rule(threshold_rule)  # a bad rule fails before any training
     vectors = load_vectors(store, model, cohort, weights_id, allow_partial, task)
     trained = fit_head(vectors, cfg, seed)
     trainer = "batched L-BFGS (one model)" if cfg.head == "logreg" else "reference (torch.nn + torch.optim.AdamW)"

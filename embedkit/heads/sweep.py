@@ -29,6 +29,7 @@ import numpy as np
 
 from embedkit.fairness.attributes import columns_of
 from embedkit.heads.probe import HeadConfig, training_arrays
+from embedkit.heads import multilabel
 from embedkit.heads.vectors import CohortVectors, HeadsError, load_vectors
 from embedkit.store.runs import make_run, predictions_table, softmax
 from embedkit.store.store import Store, new_run_id
@@ -285,7 +286,7 @@ def run_sweep(store: Store, model: str, head: str, grid: dict[str, list], seeds:
               base: HeadConfig | None = None, select: str = "val_macro_f1", by: list[str] | tuple = ("sex",),
               cohort: str | None = None, weights_id: str | None = None,
               models_per_slice: int | str | None = "auto", progress=None,
-              allow_partial: bool = False, task: str | None = None, threshold_rule: str = "max_f1") -> SweepOutcome:
+              allow_partial: bool = False, task: str | None = None, threshold_rule: str = multilabel.MAX_F1) -> SweepOutcome:
     """Train the grid x seeds, store every run with its predictions, and pick a configuration on val only.
 
     ``by``: attribute names, a cell by its column (``age_group_sex``; the command line's ``age_group*sex`` is read by
@@ -298,8 +299,6 @@ def run_sweep(store: Store, model: str, head: str, grid: dict[str, list], seeds:
     if not seeds:
         raise HeadsError("no seeds: pass --seeds, e.g. 0-9")
     configs = expand(base, grid)
-    from embedkit.heads import multilabel
-
     multilabel.check_task(task)
     vectors = load_vectors(store, model, cohort, weights_id, allow_partial, task)
     if vectors.task == multilabel.MULTILABEL:
@@ -355,8 +354,6 @@ def run_multilabel_sweep(store: Store, vectors: CohortVectors, head: str, grid: 
     multi-label contract with its own val thresholds, the pick on val only: ``val_macro_auc`` (mean over labels of
     the val AUC), ``val_loss`` (val BCE) or ``val_macro_f1`` (mean over labels of the val F1 at the run's val
     thresholds). ``fair:`` selection reads the multi-class views and is refused here."""
-    from embedkit.heads import multilabel
-
     if selection.criterion == "fair":
         raise HeadsError("fair:f1_gap<=B selects multi-class sweeps; a multi-label sweep selects by val_macro_auc, "
                          "val_loss or val_macro_f1")
@@ -419,8 +416,8 @@ def render_table(outcome: SweepOutcome):
     for k in keys:
         table.add_column(k, justify="right")
     table.add_column("val macro-F1 (mean ± std)", justify="right")
-    multilabel = outcome.task == "multilabel"  # per-label AUC and F1 averaged over labels; no F1 gap selection
-    if multilabel:
+    is_multilabel = outcome.task == "multilabel"  # per-label AUC and F1 averaged over labels; no F1 gap selection
+    if is_multilabel:
         table.add_column("val macro-AUC (mean ± std)", justify="right")
     else:
         table.add_column(f"val F1 gap by {by} (mean ± std)", justify="right")
@@ -429,7 +426,7 @@ def render_table(outcome: SweepOutcome):
     table.add_column("pick", justify="center")
     for i, s in enumerate(outcome.summary):
         cells = [f"{s['swept'][k]:g}" for k in outcome.grid] or ["-"]
-        second = pm(s["val_macro_auc_mean"], s["val_macro_auc_std"]) if multilabel else \
+        second = pm(s["val_macro_auc_mean"], s["val_macro_auc_std"]) if is_multilabel else \
             pm(s["val_f1_gap_mean"], s["val_f1_gap_std"])
         table.add_row(str(i), *cells, pm(s["val_macro_f1_mean"], s["val_macro_f1_std"]),
                       second, pm(s["val_loss_mean"], None),
@@ -438,7 +435,7 @@ def render_table(outcome: SweepOutcome):
     table.caption = (f"Pareto front (*): no other configuration has both higher val macro-F1 and lower val F1 gap. "
                      f"Pick: {outcome.reason}. Trained in {outcome.train_seconds:.2f} s "
                      f"({outcome.n_runs / outcome.train_seconds:.1f} runs/s).")
-    if multilabel:
+    if is_multilabel:
         table.caption = (f"Multi-label: macro = mean over the labels; val F1 at each run's val thresholds; val loss "
                          f"is BCE. Pick: {outcome.reason}. Trained in {outcome.train_seconds:.2f} s "
                          f"({outcome.n_runs / outcome.train_seconds:.1f} runs/s).")

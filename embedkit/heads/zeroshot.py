@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from embedkit.heads import multilabel
 from embedkit.heads.vectors import CohortVectors, HeadsError, load_vectors
 from embedkit.models.base import ModelFamily
 from embedkit.store.runs import record_run, softmax
@@ -108,14 +109,13 @@ def class_scores(family: ModelFamily, image: np.ndarray, prompts: np.ndarray, pr
 def run_zeroshot(store: Store, model: str, cohort: str | None = None, weights_id: str | None = None,
                  prompt_set: str | None = None, ensemble: str | None = None, logit_scale: float | None = None,
                  study_id: str | None = None, allow_partial: bool = False, task: str | None = None,
-                 threshold_rule: str = "max_f1") -> dict:
+                 threshold_rule: str = multilabel.MAX_F1) -> dict:
     """Score every row of the cohort zero-shot and record the run; returns the ``runs`` row.
 
     ``ensemble`` (how a class's prompts combine) defaults to the family's first; a family with one refuses others.
     ``task`` (default: the cohort's) multilabel scores each label by its (positive, negative) prompt pair
     (:func:`run_zeroshot_multilabel`).
     """
-    from embedkit.heads import multilabel
     from embedkit.models.registry import get_spec
 
     family = get_spec(model).family
@@ -171,8 +171,6 @@ def run_zeroshot_multilabel(store: Store, vectors: CohortVectors, family: ModelF
     """Multi-label zero-shot: every label's probability is the softmax over its (positive, negative) prompt pair
     of the family's own prompt scores (:meth:`ModelFamily.label_probabilities`; CheXzero's is the authors' rule),
     off a pair set (``pairs``, or the family's ``multilabel_prompt_sets``); recorded by the multi-label contract."""
-    from embedkit.heads import multilabel
-
     multilabel.parse_threshold_rule(threshold_rule)
     model = vectors.model
     prompt_set, prompt_classes, _, prompt_vecs = load_prompts(store, model, vectors.weights_id, prompt_set,
