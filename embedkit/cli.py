@@ -788,6 +788,16 @@ def sweep_cmd(
         echo_json(outcome.to_json())
     else:
         Console().print(render_table(outcome))
+        _print_pick_label_auc(outcome)
+
+
+def _print_pick_label_auc(outcome) -> None:
+    """A multi-label sweep's pick: its AUC per label on val and test (mean over its seeds)."""
+    if outcome.task != "multilabel" or outcome.pick is None:
+        return
+    for split, aucs in outcome.summary[outcome.pick]["label_auc_mean"].items():
+        typer.echo(f"pick, {split} AUC per label: " + ", ".join(
+            f"{label} {'-' if v is None else f'{v:.3f}'}" for label, v in aucs.items()))
 
 
 @runs_app.callback(invoke_without_command=True)

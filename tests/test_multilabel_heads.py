@@ -234,7 +234,7 @@ def test_cli_probe_sweep_zeroshot_and_runs_print_per_label_auc(ml_store):
                                  "--seeds", "0", "--epochs", "2", "--hidden", "16", "--select", "val_macro_auc",
                                  "--quiet"])
     assert result.exit_code == 0, result.output
-    assert "val macro-AUC" in result.output and "pick" in result.output
+    assert "val macro-AUC" in result.output and "pick, test AUC per label: Atelectasis" in result.output
     result = runner.invoke(app, [*base, "runs"])
     assert result.exit_code == 0 and "AUC" in result.output
     listing = json.loads(runner.invoke(app, [*base, "runs", "--json"]).output)

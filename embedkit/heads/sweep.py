@@ -362,7 +362,7 @@ def run_multilabel_sweep(store: Store, vectors: CohortVectors, head: str, grid: 
     probs = multilabel.sigmoid(fit.logits)
     sweep_id = new_run_id("sweep")
     va = vectors.index("val")  # thresholds and selection see the val rows and nothing else
-    runs, val_auc, val_f1 = [], [], []
+    runs, val_auc, val_f1, reports = [], [], [], []
     for r in range(len(probs)):
         cfg, seed = configs[r // len(seeds)], seeds[r % len(seeds)]
         config = {**multilabel.head_settings(cfg.settings()), "trainer": "batched L-BFGS" if head == "logreg"
@@ -372,6 +372,7 @@ def run_multilabel_sweep(store: Store, vectors: CohortVectors, head: str, grid: 
         report = multilabel.split_report(vectors, probs[r], config["thresholds"])
         val_auc.append(np.nan if report["val"]["macro_auc"] is None else report["val"]["macro_auc"])
         val_f1.append(np.nan if report["val"]["macro_f1"] is None else report["val"]["macro_f1"])
+        reports.append(report)
         runs.append(make_run(vectors, head, config, seed, {**fit.extras[r], "label_metrics": report}))
     run_ids = store.write_runs(runs, predictions_table([r["run_id"] for r in runs], vectors.meta, vectors.y, probs,
                                                        np.full(probs.shape[:2], -1)))
@@ -389,13 +390,23 @@ def run_multilabel_sweep(store: Store, vectors: CohortVectors, head: str, grid: 
                         "val_macro_auc_mean": auc_mean, "val_macro_auc_std": auc_std,
                         "val_f1_gap_mean": float("nan"), "val_f1_gap_std": None,
                         "val_loss_mean": loss_mean, "val_loss_std": loss_std, "run_ids": run_ids[rs],
-                        "pareto": False})
+                        "pareto": False, "label_auc_mean": _label_auc_means(reports[rs], vectors.classes)})
     pick, reason = choose(summary, selection)
     for i, s in enumerate(summary):
         s["picked"] = i == pick
     return SweepOutcome(sweep_id, vectors.model, vectors.cohort, vectors.weights_id, head, grid, list(seeds),
                         str(selection), [], summary, pick, reason, len(runs), fit.seconds,
                         time.perf_counter() - total_start, fit.flops, [], multilabel.MULTILABEL)
+
+
+def _label_auc_means(reports: list[dict], classes: tuple[str, ...]) -> dict:
+    """{split: {label: mean over the seeds' runs of its AUC}} for val and test (reported, never selected on test)."""
+    out = {}
+    for split in ("val", "test"):
+        if all(split in r for r in reports):
+            values = {c: [r[split]["auc"][c] for r in reports if r[split]["auc"][c] is not None] for c in classes}
+            out[split] = {c: (float(np.mean(v)) if v else None) for c, v in values.items()}
+    return out
 
 
 def render_table(outcome: SweepOutcome):
