@@ -242,3 +242,22 @@ def test_cli_probe_sweep_zeroshot_and_runs_print_per_label_auc(ml_store):
     assert all(len(r["metrics"]["label_metrics"]["test"]["auc"]) == len(r["config"]["classes"]) for r in listing)
     bad = runner.invoke(app, [*base, "probe", "--model", VEC, "--head", "logreg", "--threshold-rule", "fpr@2"])
     assert bad.exit_code != 0 and "threshold-rule" in str(bad.exception or bad.output)
+
+
+def test_multilabel_logreg_is_scikit_learns_binary_regression_per_label():
+    from sklearn.linear_model import LogisticRegression
+
+    from embedkit.heads.logreg import fit_logreg
+
+    rng = np.random.default_rng(4)
+    X = rng.normal(size=(400, 8)).astype(np.float32)
+    Y = (X[:, :3] + rng.normal(size=(400, 3)) > [0.0, 0.8, -0.5]).astype(np.float32)  # three labels
+    wd = 1e-2
+    fit = fit_logreg(X, Y, 3, [wd, 1e-1], max_iter=500, tol=1e-5)
+    assert fit.converged.all()
+    probs = ml.sigmoid(fit.logits(X))  # [2 models, 400, 3]
+    for m, strength in enumerate((wd, 1e-1)):
+        for c in range(3):
+            ref = LogisticRegression(C=1 / (strength * len(X)), max_iter=5000, tol=1e-10).fit(X.astype(np.float64),
+                                                                                              Y[:, c])
+            np.testing.assert_allclose(probs[m, :, c], ref.predict_proba(X)[:, 1], atol=1e-4)
