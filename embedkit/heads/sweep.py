@@ -286,7 +286,8 @@ def run_sweep(store: Store, model: str, head: str, grid: dict[str, list], seeds:
               base: HeadConfig | None = None, select: str = "val_macro_f1", by: list[str] | tuple = ("sex",),
               cohort: str | None = None, weights_id: str | None = None,
               models_per_slice: int | str | None = "auto", progress=None,
-              allow_partial: bool = False, task: str | None = None, threshold_rule: str = multilabel.MAX_F1) -> SweepOutcome:
+              allow_partial: bool = False, task: str | None = None,
+              threshold_rule: str = multilabel.MAX_F1) -> SweepOutcome:
     """Train the grid x seeds, store every run with its predictions, and pick a configuration on val only.
 
     ``by``: attribute names, a cell by its column (``age_group_sex``; the command line's ``age_group*sex`` is read by

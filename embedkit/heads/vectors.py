@@ -175,7 +175,8 @@ def load_vectors(store: Store, model: str, cohort: str | None = None, weights_id
     Raises HeadsError when some rows of the cohort have no vector under these weights (an unfinished pass), unless
     ``allow_partial``; and when a row has two vectors (a store written by two passes at once: `embedkit doctor`).
     """
-    from embedkit.data.cohort import cohort_classes, cohort_task, load_cohort  # the one class order
+    # the one definition of a cohort's class order (and task)
+    from embedkit.data.cohort import cohort_classes, cohort_task, load_cohort
 
     cohort, weights_id = choose_slice(store, model, cohort, weights_id)
     where = f"{sql_eq('cohort', cohort)} AND {sql_eq('weights_id', weights_id)}"
