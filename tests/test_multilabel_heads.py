@@ -235,10 +235,18 @@ def test_cli_probe_sweep_zeroshot_and_runs_print_per_label_auc(ml_store):
                                  "--quiet"])
     assert result.exit_code == 0, result.output
     assert "val macro-AUC" in result.output and "pick, test AUC per label: Atelectasis" in result.output
+    weights = write_synthetic_vectors(ml_store, "nihv", dim=32, seed=0, model="tiny-clip")
+    labels = load_vectors(ml_store, "tiny-clip").classes
+    rng = np.random.default_rng(5)
+    write_prompts(ml_store, "tiny-clip", {c: rng.normal(size=(2, 32)) for c in labels}, "pairs", weights_id=weights)
+    result = runner.invoke(app, [*base, "zeroshot", "--model", "tiny-clip"])
+    assert result.exit_code == 0, result.output
+    assert "zeroshot tiny-clip on nihv" in result.output and "val AUC per label: Atelectasis" in result.output
     result = runner.invoke(app, [*base, "runs"])
     assert result.exit_code == 0 and "AUC" in result.output
     listing = json.loads(runner.invoke(app, [*base, "runs", "--json"]).output)
     assert {r["config"]["threshold_rule"] for r in listing} == {"fpr@0.1", "max_f1"}
+    assert {r["method"] for r in listing} == {"logreg", "lp", "zeroshot"}
     assert all(len(r["metrics"]["label_metrics"]["test"]["auc"]) == len(r["config"]["classes"]) for r in listing)
     bad = runner.invoke(app, [*base, "probe", "--model", VEC, "--head", "logreg", "--threshold-rule", "fpr@2"])
     assert bad.exit_code != 0 and "threshold-rule" in str(bad.exception or bad.output)
