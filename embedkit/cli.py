@@ -20,6 +20,7 @@ from embedkit.errors import EmbedkitError
 from embedkit.fairness.db import DEFAULT_ATTRIBUTES
 from embedkit.options import (Amp, Ensemble, FinetuneMethod, Head, LibraryDefault, LoraPreset, Method, Schedule, Split,
                               by_option, parse_by)
+from embedkit.options import Task, task_option, threshold_rule_option  # multi-label heads (docs/multilabel.md)
 from embedkit.output import OutputFormat, echo_json, print_run
 
 app = typer.Typer(
@@ -679,13 +680,17 @@ def zeroshot_cmd(
     logit_scale: Optional[float] = typer.Option(None, help="Override the logit scale recorded in the store"),
     allow_partial: bool = typer.Option(False, help="Go on when some cohort rows have no vectors (recorded in the run)"),
     as_json: bool = typer.Option(False, "--json", help="Print the run as JSON"),
+    task: Optional[Task] = task_option(),
+    threshold_rule: str = threshold_rule_option(),
 ) -> None:
-    """Zero-shot classification of every cohort row off the stored image and prompt vectors; one run."""
+    """Zero-shot classification of every cohort row off the stored image and prompt vectors; one run.
+
+    Multi-label cohorts: each label's probability is the softmax over its (positive, negative) prompt pair."""
     from embedkit.heads.zeroshot import run_zeroshot
 
     run = run_zeroshot(get_store(ctx), model, cohort, weights_id, prompt_set, ensemble and ensemble.value,
                        logit_scale,
-                       allow_partial=allow_partial)
+                       allow_partial=allow_partial, task=task and task.value, threshold_rule=threshold_rule)
     print_run(run, as_json)
 
 
@@ -709,14 +714,19 @@ def probe_cmd(
     threads: int = typer.Option(0, help="torch CPU threads (0: torch's default)"),
     allow_partial: bool = typer.Option(False, help="Go on when some cohort rows have no vectors (recorded in the run)"),
     as_json: bool = typer.Option(False, "--json", help="Print the run as JSON"),
+    task: Optional[Task] = task_option(),
+    threshold_rule: str = threshold_rule_option(),
 ) -> None:
-    """Train one head on the train split's stored vectors (best epoch on val); predictions for every row."""
+    """Train one head on the train split's stored vectors (best epoch on val); predictions for every row.
+
+    Multi-label cohorts: one sigmoid per label (BCE), per-label thresholds chosen on val."""
     from embedkit.heads.probe import HeadConfig, run_probe
 
     _set_threads(threads)
     cfg = HeadConfig(head.value, lr=lr, wd=wd, epochs=epochs, batch_size=batch_size, hidden=hidden,
                      max_iter=max_iter, tol=tol)
-    run = run_probe(get_store(ctx), model, cfg, seed, cohort, weights_id, allow_partial=allow_partial)
+    run = run_probe(get_store(ctx), model, cfg, seed, cohort, weights_id, allow_partial=allow_partial,
+                    task=task and task.value, threshold_rule=threshold_rule)
     print_run(run, as_json)
 
 
@@ -748,6 +758,8 @@ def sweep_cmd(
     quiet: bool = typer.Option(False, help="No progress bar"),
     allow_partial: bool = typer.Option(False, help="Go on when some cohort rows have no vectors (recorded in the run)"),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable summary"),
+    task: Optional[Task] = task_option(),
+    threshold_rule: str = threshold_rule_option(),
 ) -> None:
     """Train every grid configuration x seed at once (one batched model), store each as a run, pick on val."""
     from rich.console import Console
@@ -769,14 +781,24 @@ def sweep_cmd(
     columns = [TextColumn(f"sweep {model} {head.value}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("model-epochs"), TimeElapsedColumn()]
     with Progress(*columns, console=Console(stderr=True), disable=quiet or not work, transient=True) as bar:
-        task = bar.add_task("sweep", total=work)
+        bar_task = bar.add_task("sweep", total=work)
         outcome = run_sweep(store, model, head.value, parsed, seed_list, base, select, attributes, cohort,
-                            weights_id, per_slice, progress=lambda n: bar.update(task, advance=n),
-                            allow_partial=allow_partial)
+                            weights_id, per_slice, progress=lambda n: bar.update(bar_task, advance=n),
+                            allow_partial=allow_partial, task=task and task.value, threshold_rule=threshold_rule)
     if as_json:
         echo_json(outcome.to_json())
     else:
         Console().print(render_table(outcome))
+        _print_pick_label_auc(outcome)
+
+
+def _print_pick_label_auc(outcome) -> None:
+    """A multi-label sweep's pick: its AUC per label on val and test (mean over its seeds)."""
+    if outcome.task != "multilabel" or outcome.pick is None:
+        return
+    for split, aucs in outcome.summary[outcome.pick]["label_auc_mean"].items():
+        typer.echo(f"pick, {split} AUC per label: " + ", ".join(
+            f"{label} {'-' if v is None else f'{v:.3f}'}" for label, v in aucs.items()))
 
 
 @runs_app.callback(invoke_without_command=True)

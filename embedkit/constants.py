@@ -38,6 +38,9 @@ SCORED_SPLITS: tuple[str, ...] = (*SPLITS, NO_SPLIT)
 
 # What a run can be: heads off stored vectors, then fine-tuning regimes streaming images (the CLI's choices too).
 HEADS: tuple[str, ...] = ("lp", "mlp", "logreg")
+# What a head predicts: one class per image (softmax), or every label of an image's label list (one sigmoid each).
+MULTICLASS, MULTILABEL = "multiclass", "multilabel"
+TASKS: tuple[str, ...] = (MULTICLASS, MULTILABEL)
 FINETUNE_METHODS: tuple[str, ...] = ("lora", "ft")
 RUN_METHODS: tuple[str, ...] = ("zeroshot", *HEADS, *FINETUNE_METHODS)
 LR_SCHEDULES: tuple[str, ...] = ("cosine", "step", "constant")  # fine-tuning's, stepped once per epoch

@@ -28,7 +28,7 @@ import torch
 
 from embedkit.constants import AMP_MODES
 from embedkit.data import pixels
-from embedkit.data.cohort import CohortError, cohort_classes, load_cohort
+from embedkit.data.cohort import CohortError, cohort_classes, cohort_labels, cohort_task, load_cohort
 from embedkit.data.images import ImageDecodeError, decode_image
 from embedkit.device import autocast_context, resolve_device
 from embedkit.errors import EmbedkitError
@@ -249,6 +249,30 @@ def _refuse_other_settings(store: Store, model: str, weights_id: str, cohort: st
 def _prompt_sets_for(spec: ModelSpec, extra: list[str]) -> list[str]:
     sets = list(spec.family.prompt_sets)
     return sets + [s for s in extra if s not in sets]
+
+
+def _prompt_sets_of(spec: ModelSpec, rows: pd.DataFrame, classes: tuple[str, ...],
+                    extra: list[str]) -> dict[str, dict[str, list[str]]]:
+    """{set: {class: prompts}} a pass embeds: the family's sets (and ``extra``) for the single-label classes; over a
+    multi-label cohort (:func:`cohort_task`) also its multi-label pair sets for every label, and a family set that
+    has no prompts for those classes (CheXpert-style sets cover six findings) is left out rather than refused."""
+    from embedkit.constants import MULTILABEL
+    from embedkit.models.prompts import PromptError
+
+    if cohort_task(rows) != MULTILABEL:
+        return dict(spec.family.prompts(raw, classes) for raw in _prompt_sets_for(spec, extra))
+    labels = cohort_labels(rows)
+    sets = {}
+    for raw in _prompt_sets_for(spec, [s for s in extra if s not in spec.family.multilabel_prompt_sets]):
+        try:
+            name, by_class = spec.family.prompts(raw, classes)
+        except PromptError:
+            if raw in extra:
+                raise
+            continue
+        sets[name] = by_class
+    sets.update(spec.family.prompts(raw, labels) for raw in spec.family.multilabel_prompt_sets)
+    return sets
 
 
 def _prompt_pairs(by_class: dict[str, list[str]]) -> list[tuple[str, str]]:
@@ -496,7 +520,7 @@ def _prepare(store: Store, m: ToEmbed, rows: pd.DataFrame, classes, cohort: str,
     if done:
         _refuse_other_settings(store, spec.name, weights_id, cohort, settings, len(done))
     # {set: {class: prompts}} in prompt_index order; the sets whose stored strings differ are embedded again.
-    sets = dict(spec.family.prompts(raw, classes) for raw in _prompt_sets_for(spec, extra_prompt_sets))
+    sets = _prompt_sets_of(spec, rows, classes, extra_prompt_sets)
     changed = list(sets) if force else _changed_sets(store, spec.name, weights_id, sets)
     if done and spec.family.uses_local_similarity:
         _refuse_stale_extras(cohort, weights_id, changed)

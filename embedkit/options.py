@@ -16,7 +16,7 @@ from typing import Any, Optional
 import typer
 
 from embedkit.constants import (AMP_MODES, FINETUNE_METHODS, HEADS, LORA_PRESETS, LR_SCHEDULES, RUN_METHODS,
-                                SCORED_SPLITS)
+                                SCORED_SPLITS, TASKS)
 
 
 def _choices(name: str, values: tuple[str, ...], doc: str) -> type[Enum]:
@@ -32,6 +32,19 @@ FinetuneMethod = _choices("FinetuneMethod", FINETUNE_METHODS, "Fine-tuning regim
 Schedule = _choices("Schedule", LR_SCHEDULES, "Learning-rate schedules of fine-tuning.")
 Amp = _choices("Amp", AMP_MODES, "Autocast modes on CUDA (fine-tuning, the embedding pass).")
 LoraPreset = _choices("LoraPreset", LORA_PRESETS, "Where LoRA goes, how it is scaled, what the head reads.")
+Task = _choices("Task", TASKS, "What a head predicts: one class per image, or each label of its label list.")
+
+
+def task_option():
+    """``--task``: multiclass or multilabel; by default the cohort's (multi-label when a row lists several labels)."""
+    return typer.Option(None, help="multiclass | multilabel (default: the cohort's; multi-label when a row lists "
+                                   "several labels, docs/multilabel.md)")
+
+
+def threshold_rule_option():
+    """``--threshold-rule``: how multi-label runs choose each label's threshold on val (never on test)."""
+    return typer.Option("max_f1", help="Multi-label: per-label threshold chosen on val: max_f1 | fpr@X (e.g. "
+                                       "fpr@0.1)")
 
 
 class Ensemble(str, Enum):

@@ -67,9 +67,29 @@ def _parsed(value: Any) -> Any:
     return json.loads(value) if isinstance(value, str) else value
 
 
+def _score(value) -> str:
+    return f"{value:.3f}" if isinstance(value, (int, float)) else "-"
+
+
+def label_auc_lines(metrics: dict) -> str:
+    """A multi-label run's figures: ``val macro-AUC 0.81, test macro-AUC 0.79``, then one line per split of the
+    AUC of every label (its ``label_metrics``, embedkit/heads/multilabel.py)."""
+    report = metrics.get("label_metrics") or {}
+    head = ", ".join(f"{s} macro-AUC {_score(report[s]['macro_auc'])}, macro-F1 {_score(report[s]['macro_f1'])}"
+                     for s in ("val", "test") if s in report) or "no labelled val or test rows"
+    lines = [head] + [f"  {s} AUC per label: " + ", ".join(f"{k} {_score(v)}" for k, v in report[s]["auc"].items())
+                      for s in ("val", "test") if s in report]
+    return "\n".join(lines)
+
+
 def run_line(run: dict) -> str:
-    """One line per run: id, what ran, and test (else val) accuracy and macro-F1."""
+    """One line per run: id, what ran, and test (else val) accuracy and macro-F1 (multi-label: per-label AUC)."""
     metrics = _parsed(run["metrics"])
+    if "label_metrics" in metrics:
+        again = " (already recorded: same inputs, settings and seed; nothing new stored)" \
+            if run.get("already_recorded") else ""
+        return (f"run {run['run_id']}: {run['method']} {run['model']} on {run['cohort']} (weights "
+                f"{run['weights_id']}), multi-label{again}: {label_auc_lines(metrics)}")
     split = _scored_split(metrics)
     score = (f"{split} accuracy {metrics[split]['accuracy']:.4f}, macro-F1 {metrics[split]['macro_f1']:.4f}"
              if split else "no labelled rows")
@@ -118,14 +138,22 @@ def print_runs(runs: list[dict], where: str) -> None:
         table.add_column(col, overflow="fold")
     for col in ("acc", "F1"):
         table.add_column(col, justify="right", no_wrap=True)
+    multilabel = any("label_metrics" in r["metrics"] for r in runs)
+    if multilabel:  # multi-label runs: macro-AUC over the labels (per label: --json, label_metrics)
+        table.add_column("AUC", justify="right", no_wrap=True)
     random = False
     for r in runs:
         split = _scored_split(r["metrics"])
         scores = r["metrics"].get(split, {}) if split else {}
+        labels = r["metrics"].get("label_metrics")
+        if labels:
+            split = next((s for s in ("test", "val", "train") if s in labels), split)
+            scores = {"macro_f1": labels[split]["macro_f1"], "auc": labels[split]["macro_auc"]} if split else {}
         mark = "*" if is_random_weights(r["weights_id"]) else ""
         random = random or bool(mark)
         table.add_row(r["run_id"], r["method"], r["model"] + mark, r["cohort"], split or "-",
-                      score(scores.get("accuracy")), score(scores.get("macro_f1")))
+                      score(scores.get("accuracy")), score(scores.get("macro_f1")),
+                      *([score(scores.get("auc"))] if multilabel else []))
     Console().print(table)
     if random:
         typer.echo(textwrap.fill(f"* the model {RANDOM_WEIGHTS_NOTE}", 80, subsequent_indent="  "))

@@ -397,6 +397,25 @@ def cohort_classes(rows: pd.DataFrame) -> tuple[str, ...]:
     return tuple(sorted(rows["label"].dropna().unique()))
 
 
+def cohort_labels(rows: pd.DataFrame) -> tuple[str, ...]:
+    """The label order of a multi-label cohort: every label of its label lists, alphabetically, with NO_FINDING
+    last. For NIH this is NIH_FINDINGS (alphabetical already) then "No Finding" (docs/multilabel.md)."""
+    from embedkit.constants import NO_FINDING
+
+    found = {v for ls in rows["labels"] for v in _split_labels(ls)} if "labels" in rows.columns else set()
+    return tuple(sorted(found - {NO_FINDING})) + ((NO_FINDING,) if NO_FINDING in found else ())
+
+
+def cohort_task(rows: pd.DataFrame) -> str:
+    """A cohort's default task: multi-label when some row lists more than one label (NIH's full protocol, the
+    synthetic ``--cohort nih``), else multi-class (every row one label: the 6x200 protocols)."""
+    from embedkit.constants import MULTICLASS, MULTILABEL
+
+    if "labels" not in rows.columns:
+        return MULTICLASS
+    return MULTILABEL if any(len(_split_labels(ls)) > 1 for ls in rows["labels"]) else MULTICLASS
+
+
 def cohort_names(store: Store) -> list[str]:
     if not store.has("images"):
         return []

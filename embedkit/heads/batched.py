@@ -92,8 +92,10 @@ def _per_model(values: Sequence[float]) -> torch.Tensor:
 class _Slice:
     """The training state of K heads (one slice of the batch)."""
 
-    def __init__(self, head: str, dim: int, hidden: int, n_classes: int, lrs, wds, seeds, fused: bool = True):
+    def __init__(self, head: str, dim: int, hidden: int, n_classes: int, lrs, wds, seeds, fused: bool = True,
+                 multilabel: bool = False):
         self.head, self.k = head, len(seeds)
+        self.multilabel = multilabel  # one sigmoid per label and BCE (targets [K, b, L]) instead of softmax CE
         self.fused = fused and fused_adamw_available()
         self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
         self.lr, self.wd = _per_model(lrs), _per_model(wds)
@@ -153,9 +155,12 @@ class _Slice:
         else:
             A = Z
         logits = torch.baddbmm(self.b2, A, self.W2.transpose(1, 2))  # [K, b, C]
-        dlogits = torch.softmax(logits, dim=2)  # d(mean CE)/d logits = (softmax - onehot) / b
-        dlogits.scatter_add_(2, yb.unsqueeze(2), self._minus_ones(b))
-        dlogits.div_(b)
+        if self.multilabel:  # d(mean BCE over b*L)/d logits = (sigmoid - y) / (b * L)
+            dlogits = torch.sigmoid(logits).sub_(yb).div_(b * logits.shape[2])
+        else:
+            dlogits = torch.softmax(logits, dim=2)  # d(mean CE)/d logits = (softmax - onehot) / b
+            dlogits.scatter_add_(2, yb.unsqueeze(2), self._minus_ones(b))
+            dlogits.div_(b)
         torch.bmm(dlogits.transpose(1, 2), A, out=g["W2"])
         torch.sum(dlogits, dim=1, keepdim=True, out=g["b2"])
         dA = torch.bmm(dlogits, self.W2)  # [K, b, H]
@@ -223,9 +228,13 @@ class _Slice:
     def validate(self, X_val: torch.Tensor, y_val: torch.Tensor, epoch: int) -> None:
         """Validation loss per model; models that strictly improved keep this epoch's weights."""
         logits = self.forward_eval(X_val)
-        loss = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[2]), y_val.repeat(self.k), reduction="none"
-        ).view(self.k, -1).mean(dim=1).double()
+        if self.multilabel:
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(
+                logits, y_val.expand_as(logits), reduction="none").flatten(1).mean(dim=1).double()
+        else:
+            loss = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[2]), y_val.repeat(self.k), reduction="none"
+            ).view(self.k, -1).mean(dim=1).double()
         better = loss < self.best_loss
         if bool(better.any()):
             idx = better.nonzero().squeeze(1)
@@ -243,6 +252,7 @@ def train_batched(X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray, y
     """Train ``len(seeds)`` heads (model k: lrs[k], wds[k], seeds[k]) as one batched model; see module docstring.
 
     ``fused``: AdamW through torch's fused kernel (one pass over memory) when available, else plain tensor ops.
+    ``y_train``/``y_val`` of shape [n, L] (0/1 label lists) train one sigmoid per label with BCE (multi-label).
     ``progress(n)`` is called with the number of model-epochs just completed.
     """
     if head not in ("lp", "mlp"):
@@ -251,10 +261,12 @@ def train_batched(X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray, y
     if not (len(lrs) == len(wds) == n_models):
         raise ValueError("lrs, wds and seeds must have one entry per model")
     start, cpu_start = time.perf_counter(), time.process_time()
+    multilabel = np.ndim(y_train) == 2
+    target_type = np.float32 if multilabel else np.int64
     Xt = torch.from_numpy(np.ascontiguousarray(X_train, dtype=np.float32))
-    yt = torch.from_numpy(np.asarray(y_train, dtype=np.int64))
+    yt = torch.from_numpy(np.ascontiguousarray(y_train, dtype=target_type))
     Xv = torch.from_numpy(np.ascontiguousarray(X_val, dtype=np.float32))
-    yv = torch.from_numpy(np.asarray(y_val, dtype=np.int64))
+    yv = torch.from_numpy(np.ascontiguousarray(y_val, dtype=target_type))
     Xa = torch.from_numpy(np.ascontiguousarray(X_all, dtype=np.float32))
     n, dim = Xt.shape
     if models_per_slice == "auto":
@@ -266,13 +278,14 @@ def train_batched(X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray, y
     best_epoch = np.empty(n_models, dtype=np.int64)
     for lo in range(0, n_models, per_slice):
         hi = min(lo + per_slice, n_models)
-        sl = _Slice(head, dim, hidden, n_classes, lrs[lo:hi], wds[lo:hi], seeds[lo:hi], fused)
+        sl = _Slice(head, dim, hidden, n_classes, lrs[lo:hi], wds[lo:hi], seeds[lo:hi], fused, multilabel)
         with torch.no_grad(), flush_denormals():
             for epoch in range(epochs):
                 order = torch.stack([epoch_order(n, g) for g in sl.generators])  # [K, n]: one shuffle per model
                 for a, b in bounds:
                     idx = order[:, a:b].reshape(-1)
-                    sl.step(Xt.index_select(0, idx).view(hi - lo, b - a, dim), yt[idx].view(hi - lo, b - a))
+                    sl.step(Xt.index_select(0, idx).view(hi - lo, b - a, dim),
+                            yt[idx].view(hi - lo, b - a, *yt.shape[1:]))
                 sl.validate(Xv, yv, epoch)
                 if progress:
                     progress(hi - lo)

@@ -84,21 +84,68 @@ class _Objective:
         return loss, grad
 
 
+class _MultilabelObjective(_Objective):
+    """Binary logistic regressions, one per (L2 strength, label): model k fits label ``k % L`` of ``y`` [n, L]
+    (0/1) with strength ``l2[k]``: mean_i BCE(x_i w + b, y_il) + wd/2 * ||w||^2, scikit-learn's binary
+    ``LogisticRegression(C=1/(wd*n))``. Each label is a model of its own, with its own history, step and stop."""
+
+    def __init__(self, X: np.ndarray, y: np.ndarray, n_classes: int, l2: torch.Tensor):
+        self.Xa = _augment(torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32)))
+        self.XaT = self.Xa.T.contiguous()
+        self.targets = torch.from_numpy(np.ascontiguousarray(y, dtype=np.float64))  # [n, L]
+        self.n, self.d1 = self.Xa.shape
+        self.n_labels = n_classes
+        self.c = 1  # one logit per model
+        self.l2 = l2
+        self.evaluations = 0
+
+    def __call__(self, theta: torch.Tensor, models: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k = theta.shape[0]
+        self.evaluations += k
+        logits64 = (self.Xa @ theta[:, :, 0].T).double()  # [n, k]
+        y = self.targets[:, models % self.n_labels]
+        l2 = self.l2[models]
+        body = theta[:, :-1]
+        # BCE with logits: softplus(z) - y z, averaged over rows
+        loss = (torch.nn.functional.softplus(logits64) - y * logits64).mean(dim=0)
+        loss = loss + 0.5 * l2.double() * _dots(body, body)
+        resid = (torch.sigmoid(logits64) - y).float() / self.n
+        grad = (self.XaT @ resid).T.unsqueeze(2).contiguous()  # [k, d+1, 1]
+        grad[:, :-1] += _per_model(l2) * body
+        return loss, grad
+
+
 def fit_logreg(X: np.ndarray, y: np.ndarray, n_classes: int, l2, max_iter: int = 100, tol: float = 1e-4,
                history: int = HISTORY) -> LogregFit:
-    """Fit one multinomial logistic regression per entry of ``l2`` (L2 strengths), all at once."""
+    """Fit one multinomial logistic regression per entry of ``l2`` (L2 strengths), all at once; ``y`` [n, L] of 0/1
+    label lists fits one binary logistic regression per label instead (multi-label)."""
     from embedkit.heads.probe import flush_denormals  # tiny probabilities must not take the slow subnormal path
 
     with flush_denormals():
+        if np.ndim(y) == 2:
+            return _fit_multilabel(X, y, l2, max_iter, tol, history)
         return _lbfgs(X, y, n_classes, l2, max_iter, tol, history)
 
 
+def _fit_multilabel(X: np.ndarray, Y: np.ndarray, l2, max_iter: int, tol: float, history: int) -> LogregFit:
+    """Every (strength, label) as one binary model of the batched L-BFGS, then the labels regrouped per strength:
+    theta [M, d+1, L]; a strength's iterations are its slowest label's, converged when every label is."""
+    n_labels = Y.shape[1]
+    strengths = np.repeat(np.asarray(l2, dtype=np.float32), n_labels)  # model k: strength k // L, label k % L
+    fit = _lbfgs(X, Y, n_labels, strengths, max_iter, tol, history, _MultilabelObjective)
+    m = len(strengths) // n_labels
+    theta = fit.theta[:, :, 0].reshape(m, n_labels, -1).permute(0, 2, 1).contiguous()
+    return LogregFit(theta, fit.n_iter.reshape(m, n_labels).max(axis=1),
+                     fit.converged.reshape(m, n_labels).all(axis=1), fit.loss.reshape(m, n_labels).sum(axis=1),
+                     -(-fit.evaluations // n_labels))  # in evaluations of all L labels, as logreg_flops counts
+
+
 def _lbfgs(X: np.ndarray, y: np.ndarray, n_classes: int, l2, max_iter: int, tol: float,
-           history: int) -> LogregFit:
+           history: int, objective: type[_Objective] = _Objective) -> LogregFit:
     l2 = torch.as_tensor(np.asarray(l2, dtype=np.float32))
     m = len(l2)
-    obj = _Objective(X, y, n_classes, l2)
-    d1, c = obj.d1, n_classes
+    obj = objective(X, y, n_classes, l2)
+    d1, c = obj.d1, obj.c
     theta = torch.zeros(m, d1, c)
     everyone = torch.arange(m)
     loss, grad = obj(theta, everyone)

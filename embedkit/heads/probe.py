@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from embedkit.constants import HEADS
+from embedkit.constants import HEADS, MULTILABEL
+from embedkit.heads import multilabel
 from embedkit.heads.vectors import CohortVectors, HeadsError, load_vectors
 from embedkit.store.runs import record_run, softmax
 from embedkit.store.store import Store
@@ -157,6 +158,7 @@ def train_reference(X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray,
     generator = torch.Generator().manual_seed(int(seed))
     Xt, yt = torch.from_numpy(X_train), torch.from_numpy(y_train)
     Xv, yv = torch.from_numpy(X_val), torch.from_numpy(y_val)
+    is_multilabel = y_train.ndim == 2  # [n, L] 0/1 label lists: one sigmoid per label (embedkit/heads/multilabel.py)
     model = head_module(cfg.head, Xt.shape[1], cfg.hidden, n_classes)
     params = init_head_params(cfg.head, Xt.shape[1], cfg.hidden, n_classes, generator)
     with torch.no_grad():
@@ -164,7 +166,7 @@ def train_reference(X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray,
         first.weight.copy_(params["W1"]), first.bias.copy_(params["b1"])
         last.weight.copy_(params["W2"]), last.bias.copy_(params["b2"])
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=cfg.wd)
-    loss_fn = nn.CrossEntropyLoss()
+    loss_fn = nn.BCEWithLogitsLoss() if is_multilabel else nn.CrossEntropyLoss()
     best_loss, best_epoch, best_state = math.inf, -1, None
     with flush_denormals():
         for epoch in range(cfg.epochs):
@@ -188,10 +190,11 @@ def train_reference(X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray,
 
 
 def training_arrays(vectors: CohortVectors) -> tuple[np.ndarray, ...]:
-    """(X_train, y_train, X_val, y_val): labelled train and val rows, in row_id order."""
+    """(X_train, y_train, X_val, y_val): labelled train and val rows, in row_id order (multi-label: y is [n, L])."""
     vectors.require_splits("train", "val")
     tr, va = vectors.index("train"), vectors.index("val")
-    return vectors.X[tr], vectors.y[tr], vectors.X[va], vectors.y[va]
+    y = vectors.Y if vectors.task == MULTILABEL else vectors.y
+    return vectors.X[tr], y[tr], vectors.X[va], y[va]
 
 
 def fit_head(vectors: CohortVectors, cfg: HeadConfig, seed: int) -> TrainedHead:
@@ -208,12 +211,22 @@ def fit_head(vectors: CohortVectors, cfg: HeadConfig, seed: int) -> TrainedHead:
 
 
 def run_probe(store: Store, model: str, cfg: HeadConfig, seed: int = 77, cohort: str | None = None,
-              weights_id: str | None = None, study_id: str | None = None, allow_partial: bool = False) -> dict:
-    """Train one head on the stored vectors and record the run and its predictions; returns the ``runs`` row."""
-    vectors = load_vectors(store, model, cohort, weights_id, allow_partial)
+              weights_id: str | None = None, study_id: str | None = None, allow_partial: bool = False,
+              task: str | None = None, threshold_rule: str = multilabel.MAX_F1) -> dict:
+    """Train one head on the stored vectors and record the run and its predictions; returns the ``runs`` row.
+
+    ``task`` (default: the cohort's) multilabel trains one sigmoid per label and records the run by the
+    multi-label contract, with per-label thresholds chosen on val by ``threshold_rule`` (embedkit/heads/multilabel.py).
+    """
+    multilabel.check_task(task)
+    multilabel.parse_threshold_rule(threshold_rule)  # a bad rule fails before any training
+    vectors = load_vectors(store, model, cohort, weights_id, allow_partial, task)
     trained = fit_head(vectors, cfg, seed)
     trainer = "batched L-BFGS (one model)" if cfg.head == "logreg" else "reference (torch.nn + torch.optim.AdamW)"
     config = {**cfg.settings(), "trainer": trainer, "train_split": "train", "val_split": "val",
               **({"study_id": study_id} if study_id else {})}  # make_run copies it to the runs row
+    if vectors.task == MULTILABEL:
+        return multilabel.record_multilabel_run(store, vectors, cfg.head, multilabel.head_settings(config), seed,
+                                                trained.logits, trained.extra, threshold_rule)
     return record_run(store, vectors, cfg.head, config, seed, softmax(trained.logits),
                       trained.logits.argmax(axis=1), trained.extra)

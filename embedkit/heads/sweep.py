@@ -29,6 +29,7 @@ import numpy as np
 
 from embedkit.fairness.attributes import columns_of
 from embedkit.heads.probe import HeadConfig, training_arrays
+from embedkit.heads import multilabel
 from embedkit.heads.vectors import CohortVectors, HeadsError, load_vectors
 from embedkit.store.runs import make_run, predictions_table, softmax
 from embedkit.store.store import Store, new_run_id
@@ -38,7 +39,7 @@ GRID_KEYS: dict[str, dict[str, type]] = {
     "mlp": {"lr": float, "wd": float, "hidden": int, "epochs": int, "batch_size": int},
     "logreg": {"wd": float, "max_iter": int, "tol": float},
 }
-SELECT_FORMS = "val_macro_f1, val_loss or fair:f1_gap<=B (e.g. fair:f1_gap<=0.05)"
+SELECT_FORMS = "val_macro_f1, val_loss, val_macro_auc (multi-label) or fair:f1_gap<=B (e.g. fair:f1_gap<=0.05)"
 
 
 # ---- parsing ----------------------------------------------------------------------------------------------------
@@ -97,7 +98,7 @@ class Selection:
     @classmethod
     def parse(cls, text: str) -> "Selection":
         text = text.replace(" ", "")
-        if text in ("val_macro_f1", "val_loss"):
+        if text in ("val_macro_f1", "val_loss", "val_macro_auc"):
             return cls(text)
         m = re.fullmatch(r"fair:f1_gap<=([0-9.eE+-]+)", text)
         if m:
@@ -224,6 +225,10 @@ def choose(summary: list[dict], selection: Selection) -> tuple[int | None, str]:
     if selection.criterion == "val_macro_f1":
         i = int(np.nanargmax(f1))
         return i, f"highest mean val macro-F1 ({f1[i]:.4f})"
+    if selection.criterion == "val_macro_auc":  # multi-label sweeps (run_multilabel_sweep)
+        auc = np.array([s.get("val_macro_auc_mean", np.nan) for s in summary], dtype=float)
+        i = int(np.nanargmax(auc))
+        return i, f"highest mean val macro-AUC ({auc[i]:.4f})"
     gap = np.array([s["val_f1_gap_mean"] for s in summary])
     if np.all(np.isnan(gap)):
         raise HeadsError("fair selection needs at least two groups with val rows in --by; none has a val F1 gap")
@@ -255,6 +260,7 @@ class SweepOutcome:
     total_seconds: float
     flops: float
     groups: list[str] = field(default_factory=list)
+    task: str = "multiclass"
 
     def to_json(self) -> dict:
         """A JSON-ready dict (the ``--json`` output)."""
@@ -268,6 +274,7 @@ class SweepOutcome:
             "configs": [_clean(s) for s in self.summary],
             "pick": _clean(self.summary[self.pick]) if self.pick is not None else None,
             "reason": self.reason,
+            "task": self.task,
         }
 
 
@@ -279,11 +286,13 @@ def run_sweep(store: Store, model: str, head: str, grid: dict[str, list], seeds:
               base: HeadConfig | None = None, select: str = "val_macro_f1", by: list[str] | tuple = ("sex",),
               cohort: str | None = None, weights_id: str | None = None,
               models_per_slice: int | str | None = "auto", progress=None,
-              allow_partial: bool = False) -> SweepOutcome:
+              allow_partial: bool = False, task: str | None = None,
+              threshold_rule: str = multilabel.MAX_F1) -> SweepOutcome:
     """Train the grid x seeds, store every run with its predictions, and pick a configuration on val only.
 
     ``by``: attribute names, a cell by its column (``age_group_sex``; the command line's ``age_group*sex`` is read by
-    :func:`embedkit.fairness.attributes.parse_by`).
+    :func:`embedkit.fairness.attributes.parse_by`). ``task`` (default: the cohort's) multilabel sweeps sigmoid heads
+    (:func:`run_multilabel_sweep`).
     """
     total_start = time.perf_counter()
     selection = Selection.parse(select)
@@ -291,7 +300,14 @@ def run_sweep(store: Store, model: str, head: str, grid: dict[str, list], seeds:
     if not seeds:
         raise HeadsError("no seeds: pass --seeds, e.g. 0-9")
     configs = expand(base, grid)
-    vectors = load_vectors(store, model, cohort, weights_id, allow_partial)
+    multilabel.check_task(task)
+    vectors = load_vectors(store, model, cohort, weights_id, allow_partial, task)
+    if vectors.task == multilabel.MULTILABEL:
+        return run_multilabel_sweep(store, vectors, head, grid, configs, seeds, selection, models_per_slice,
+                                    progress, threshold_rule, total_start)
+    if selection.criterion == "val_macro_auc":
+        raise HeadsError("--select val_macro_auc picks multi-label sweeps; this cohort is multi-class: use "
+                         f"{SELECT_FORMS.split(', val_macro_auc')[0]} or fair:f1_gap<=B")
     by = list(by)
     for attribute in by:  # validates the column names before any training
         vectors.groups(columns_of(attribute))
@@ -331,6 +347,69 @@ def run_sweep(store: Store, model: str, head: str, grid: dict[str, list], seeds:
                         fit.flops, metrics["groups"])
 
 
+def run_multilabel_sweep(store: Store, vectors: CohortVectors, head: str, grid: dict[str, list],
+                         configs: list[HeadConfig], seeds: list[int], selection: Selection,
+                         models_per_slice: int | str | None, progress, threshold_rule: str,
+                         total_start: float) -> SweepOutcome:
+    """A sweep of multi-label heads (one sigmoid per label): the same batched training, every run recorded by the
+    multi-label contract with its own val thresholds, the pick on val only: ``val_macro_auc`` (mean over labels of
+    the val AUC), ``val_loss`` (val BCE) or ``val_macro_f1`` (mean over labels of the val F1 at the run's val
+    thresholds). ``fair:`` selection reads the multi-class views and is refused here."""
+    if selection.criterion == "fair":
+        raise HeadsError("fair:f1_gap<=B selects multi-class sweeps; a multi-label sweep selects by val_macro_auc, "
+                         "val_loss or val_macro_f1")
+    multilabel.parse_threshold_rule(threshold_rule)
+    fit = train_grid(vectors, configs, seeds, models_per_slice, progress)
+    probs = multilabel.sigmoid(fit.logits)
+    sweep_id = new_run_id("sweep")
+    va = vectors.index("val")  # thresholds and selection see the val rows and nothing else
+    runs, val_auc, val_f1, reports = [], [], [], []
+    for r in range(len(probs)):
+        cfg, seed = configs[r // len(seeds)], seeds[r % len(seeds)]
+        config = {**multilabel.head_settings(cfg.settings()), "trainer": "batched L-BFGS" if head == "logreg"
+                  else "batched", "sweep_id": sweep_id, "sweep_grid": grid, "sweep_select": str(selection),
+                  "train_split": "train", "val_split": "val", **multilabel.multilabel_config(vectors, probs[r],
+                                                                                             threshold_rule)}
+        report = multilabel.split_report(vectors, probs[r], config["thresholds"])
+        val_auc.append(np.nan if report["val"]["macro_auc"] is None else report["val"]["macro_auc"])
+        val_f1.append(np.nan if report["val"]["macro_f1"] is None else report["val"]["macro_f1"])
+        reports.append(report)
+        runs.append(make_run(vectors, head, config, seed, {**fit.extras[r], "label_metrics": report}))
+    run_ids = store.write_runs(runs, predictions_table([r["run_id"] for r in runs], vectors.meta, vectors.y, probs,
+                                                       np.full(probs.shape[:2], -1)))
+    loss = multilabel.bce_loss(probs[:, va], vectors.Y[va][None])
+    val_auc, val_f1 = np.array(val_auc).round(12), np.array(val_f1).round(12)
+    summary = []
+    for i, cfg in enumerate(configs):
+        rs = slice(i * len(seeds), (i + 1) * len(seeds))
+        f1_mean, f1_std = _mean_std(val_f1[rs])
+        auc_mean, auc_std = _mean_std(val_auc[rs])
+        loss_mean, loss_std = _mean_std(loss[rs])
+        summary.append({"config": {k: getattr(cfg, k) for k in GRID_KEYS[head]},
+                        "swept": {k: getattr(cfg, k) for k in grid}, "n_seeds": len(seeds),
+                        "val_macro_f1_mean": f1_mean, "val_macro_f1_std": f1_std,
+                        "val_macro_auc_mean": auc_mean, "val_macro_auc_std": auc_std,
+                        "val_f1_gap_mean": float("nan"), "val_f1_gap_std": None,
+                        "val_loss_mean": loss_mean, "val_loss_std": loss_std, "run_ids": run_ids[rs],
+                        "pareto": False, "label_auc_mean": _label_auc_means(reports[rs], vectors.classes)})
+    pick, reason = choose(summary, selection)
+    for i, s in enumerate(summary):
+        s["picked"] = i == pick
+    return SweepOutcome(sweep_id, vectors.model, vectors.cohort, vectors.weights_id, head, grid, list(seeds),
+                        str(selection), [], summary, pick, reason, len(runs), fit.seconds,
+                        time.perf_counter() - total_start, fit.flops, [], multilabel.MULTILABEL)
+
+
+def _label_auc_means(reports: list[dict], classes: tuple[str, ...]) -> dict:
+    """{split: {label: mean over the seeds' runs of its AUC}} for val and test (reported, never selected on test)."""
+    out = {}
+    for split in ("val", "test"):
+        if all(split in r for r in reports):
+            values = {c: [r[split]["auc"][c] for r in reports if r[split]["auc"][c] is not None] for c in classes}
+            out[split] = {c: (float(np.mean(v)) if v else None) for c, v in values.items()}
+    return out
+
+
 def render_table(outcome: SweepOutcome):
     """A rich Table: one row per configuration (mean and seed-to-seed std on val), Pareto front and pick marked."""
     from rich.table import Table
@@ -349,17 +428,27 @@ def render_table(outcome: SweepOutcome):
     for k in keys:
         table.add_column(k, justify="right")
     table.add_column("val macro-F1 (mean ± std)", justify="right")
-    table.add_column(f"val F1 gap by {by} (mean ± std)", justify="right")
+    is_multilabel = outcome.task == "multilabel"  # per-label AUC and F1 averaged over labels; no F1 gap selection
+    if is_multilabel:
+        table.add_column("val macro-AUC (mean ± std)", justify="right")
+    else:
+        table.add_column(f"val F1 gap by {by} (mean ± std)", justify="right")
     table.add_column("val loss", justify="right")
     table.add_column("Pareto", justify="center")
     table.add_column("pick", justify="center")
     for i, s in enumerate(outcome.summary):
         cells = [f"{s['swept'][k]:g}" for k in outcome.grid] or ["-"]
+        second = pm(s["val_macro_auc_mean"], s["val_macro_auc_std"]) if is_multilabel else \
+            pm(s["val_f1_gap_mean"], s["val_f1_gap_std"])
         table.add_row(str(i), *cells, pm(s["val_macro_f1_mean"], s["val_macro_f1_std"]),
-                      pm(s["val_f1_gap_mean"], s["val_f1_gap_std"]), pm(s["val_loss_mean"], None),
+                      second, pm(s["val_loss_mean"], None),
                       "*" if s["pareto"] else "", "<- pick" if s["picked"] else "",
                       style="bold green" if s["picked"] else None)
     table.caption = (f"Pareto front (*): no other configuration has both higher val macro-F1 and lower val F1 gap. "
                      f"Pick: {outcome.reason}. Trained in {outcome.train_seconds:.2f} s "
                      f"({outcome.n_runs / outcome.train_seconds:.1f} runs/s).")
+    if is_multilabel:
+        table.caption = (f"Multi-label: macro = mean over the labels; val F1 at each run's val thresholds; val loss "
+                         f"is BCE. Pick: {outcome.reason}. Trained in {outcome.train_seconds:.2f} s "
+                         f"({outcome.n_runs / outcome.train_seconds:.1f} runs/s).")
     return table

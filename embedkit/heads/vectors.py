@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from embedkit.constants import NO_SPLIT
+from embedkit.constants import MULTICLASS, MULTILABEL, NO_SPLIT
 from embedkit.errors import EmbedkitError
 from embedkit.store.store import Store, embeddings_table, sql_eq
 
@@ -34,7 +34,9 @@ class HeadsError(EmbedkitError):
 class CohortVectors:
     """The stored vectors of one cohort under one weights_id, in row_id order.
 
-    ``y`` holds indices into ``classes`` (the cohort's class order), -1 where a row has no single label.
+    ``y`` holds indices into ``classes`` (the cohort's class order), -1 where a row has no single label. A
+    multi-label slice (``task`` multilabel, embedkit/heads/multilabel.py) has ``classes`` = the cohort's labels,
+    ``Y`` [N, L] its 0/1 label lists, and ``y`` all -1 (no single class: predictions store y_true NULL).
     """
 
     model: str
@@ -46,12 +48,16 @@ class CohortVectors:
     meta: pd.DataFrame = field(repr=False)  # META_COLUMNS, one row per vector
     missing_rows: int = 0  # cohort rows without a vector (only with allow_partial)
     embedding: dict = field(default_factory=dict)  # how the vectors were computed (EmbeddingSettings.config())
+    task: str = MULTICLASS
+    Y: np.ndarray | None = field(default=None, repr=False)  # [N, L] float32 0/1 (multi-label only)
 
     @functools.cached_property
     def fingerprint(self) -> str:
         """The cohort fingerprint of these rows (row ids, labels, splits), computed once for all the runs of a sweep."""
         from embedkit.data.cohort import cohort_fingerprint
 
+        if self.task == MULTILABEL:  # the label lists, not the single label, are what its heads train on
+            return cohort_fingerprint(self.meta, ("row_id", "labels", "split"))
         return cohort_fingerprint(self.meta)
 
     @property
@@ -74,7 +80,7 @@ class CohortVectors:
         """Positions of the rows of ``split`` (only labelled ones unless ``labelled=False``)."""
         mask = self.split == split
         if labelled:
-            mask &= self.y >= 0
+            mask &= (self.Y.any(axis=1) if self.task == MULTILABEL else self.y >= 0)
         return np.flatnonzero(mask)
 
     def groups(self, by: tuple[str, ...] | list[str]) -> np.ndarray:
@@ -160,14 +166,17 @@ def _embed_command(model: str, cohort: str, weights_id: str) -> str:
 
 
 def load_vectors(store: Store, model: str, cohort: str | None = None, weights_id: str | None = None,
-                 allow_partial: bool = False) -> CohortVectors:
+                 allow_partial: bool = False, task: str | None = None) -> CohortVectors:
     """Read the vectors of ``model`` for one cohort and one weights_id (both inferred when unambiguous), with each
     row's label, split and demographics from the images table.
+
+    ``task``: multiclass or multilabel; None takes the cohort's own (:func:`embedkit.data.cohort.cohort_task`).
 
     Raises HeadsError when some rows of the cohort have no vector under these weights (an unfinished pass), unless
     ``allow_partial``; and when a row has two vectors (a store written by two passes at once: `embedkit doctor`).
     """
-    from embedkit.data.cohort import cohort_classes, load_cohort  # the one definition of a cohort's class order
+    # the one definition of a cohort's class order (and task)
+    from embedkit.data.cohort import cohort_classes, cohort_task, load_cohort
 
     cohort, weights_id = choose_slice(store, model, cohort, weights_id)
     where = f"{sql_eq('cohort', cohort)} AND {sql_eq('weights_id', weights_id)}"
@@ -177,6 +186,8 @@ def load_vectors(store: Store, model: str, cohort: str | None = None, weights_id
         raise HeadsError(f"{len(row_ids) - len(set(row_ids))} rows of cohort '{cohort}' have two '{model}' vectors "
                          f"(weights {weights_id}): repair the store with `embedkit doctor --repair`")
     images = load_cohort(store, cohort)
+    task = task or cohort_task(images)
+    labels = images["labels"] if task == MULTILABEL else None
     images = images[[c for c in META_COLUMNS if c in images.columns]]
     embedded = images["row_id"].isin(set(row_ids)).to_numpy()
     missing = int((~embedded).sum())
@@ -200,12 +211,37 @@ def load_vectors(store: Store, model: str, cohort: str | None = None, weights_id
     if not np.isfinite(X).all():
         raise HeadsError(f"non-finite values in '{model}' vectors of cohort '{cohort}' (weights {weights_id}): "
                          f"re-embed with `embedkit embed --model {model} --force`")
+    if task == MULTILABEL:
+        return _multilabel(model, cohort, weights_id, X, meta, labels[embedded].reset_index(drop=True), missing,
+                           embedding_settings_of(store, model, weights_id, cohort))
     classes = cohort_classes(images)
     if len(classes) < 2:
         raise HeadsError(f"cohort '{cohort}' has {len(classes)} distinct label(s); a classifier needs at least 2")
     lookup = {c: i for i, c in enumerate(classes)}
     y = meta["label"].map(lambda v: lookup.get(v, -1) if isinstance(v, str) else -1).to_numpy(dtype=np.int64)
+    settings = embedding_settings_of(store, model, weights_id, cohort)
+    return CohortVectors(model, cohort, weights_id, classes, X, y, meta, missing, settings)
+
+
+def embedding_settings_of(store: Store, model: str, weights_id: str, cohort: str) -> dict:
     from embedkit.embed import embedding_settings  # defined once, by the pass that records them
 
-    settings = embedding_settings(store, model, weights_id, cohort).config()
-    return CohortVectors(model, cohort, weights_id, classes, X, y, meta, missing, settings)
+    return embedding_settings(store, model, weights_id, cohort).config()
+
+
+def _multilabel(model: str, cohort: str, weights_id: str, X: np.ndarray, meta: pd.DataFrame, labels: pd.Series,
+                missing: int, settings: dict) -> CohortVectors:
+    """The multi-label slice: classes = the cohort's labels in order, Y their 0/1 matrix (docs/multilabel.md)."""
+    from embedkit.data.cohort import _split_labels, cohort_labels
+
+    lists = [_split_labels(v) for v in labels]
+    classes = cohort_labels(pd.DataFrame({"labels": lists}))
+    if len(classes) < 2:
+        raise HeadsError(f"cohort '{cohort}' has {len(classes)} distinct label(s); a multi-label head needs at least 2")
+    lookup = {c: i for i, c in enumerate(classes)}
+    Y = np.zeros((len(lists), len(classes)), dtype=np.float32)
+    for i, ls in enumerate(lists):
+        Y[i, [lookup[v] for v in ls]] = 1.0
+    meta = meta.assign(labels=["|".join(ls) for ls in lists])  # what the run's cohort fingerprint hashes
+    return CohortVectors(model, cohort, weights_id, classes, X, np.full(len(lists), -1, dtype=np.int64), meta,
+                         missing, settings, MULTILABEL, Y)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from embedkit.heads import multilabel
 from embedkit.heads.vectors import CohortVectors, HeadsError, load_vectors
 from embedkit.models.base import ModelFamily
 from embedkit.store.runs import record_run, softmax
@@ -107,10 +108,13 @@ def class_scores(family: ModelFamily, image: np.ndarray, prompts: np.ndarray, pr
 
 def run_zeroshot(store: Store, model: str, cohort: str | None = None, weights_id: str | None = None,
                  prompt_set: str | None = None, ensemble: str | None = None, logit_scale: float | None = None,
-                 study_id: str | None = None, allow_partial: bool = False) -> dict:
+                 study_id: str | None = None, allow_partial: bool = False, task: str | None = None,
+                 threshold_rule: str = multilabel.MAX_F1) -> dict:
     """Score every row of the cohort zero-shot and record the run; returns the ``runs`` row.
 
     ``ensemble`` (how a class's prompts combine) defaults to the family's first; a family with one refuses others.
+    ``task`` (default: the cohort's) multilabel scores each label by its (positive, negative) prompt pair
+    (:func:`run_zeroshot_multilabel`).
     """
     from embedkit.models.registry import get_spec
 
@@ -119,7 +123,11 @@ def run_zeroshot(store: Store, model: str, cohort: str | None = None, weights_id
     if ensemble not in family.ensembles:
         raise HeadsError(f"--ensemble {ensemble}: the {family.zeroshot_rule} rule combines a class's prompts by "
                          f"{' or '.join(family.ensembles)}")
-    vectors = load_vectors(store, model, cohort, weights_id, allow_partial)
+    multilabel.check_task(task)
+    vectors = load_vectors(store, model, cohort, weights_id, allow_partial, task)
+    if vectors.task == multilabel.MULTILABEL:
+        return run_zeroshot_multilabel(store, vectors, family, prompt_set, ensemble, logit_scale, study_id,
+                                       threshold_rule)
     prompt_set, prompt_classes, prompt_index, prompt_vecs = load_prompts(
         store, model, vectors.weights_id, prompt_set, family.prompt_sets[0])
     if prompt_vecs.shape[1] != vectors.dim:
@@ -155,3 +163,51 @@ def run_zeroshot(store: Store, model: str, cohort: str | None = None, weights_id
         **({"study_id": study_id} if study_id else {}),  # make_run copies it to the runs row
     }
     return record_run(store, vectors, "zeroshot", config, None, softmax(scores), scores.argmax(axis=1))
+
+
+def run_zeroshot_multilabel(store: Store, vectors: CohortVectors, family: ModelFamily, prompt_set: str | None,
+                            ensemble: str, logit_scale: float | None, study_id: str | None,
+                            threshold_rule: str) -> dict:
+    """Multi-label zero-shot: every label's probability is the softmax over its (positive, negative) prompt pair
+    of the family's own prompt scores (:meth:`ModelFamily.label_probabilities`; CheXzero's is the authors' rule),
+    off a pair set (``pairs``, or the family's ``multilabel_prompt_sets``); recorded by the multi-label contract."""
+    multilabel.parse_threshold_rule(threshold_rule)
+    model = vectors.model
+    prompt_set, prompt_classes, _, prompt_vecs = load_prompts(store, model, vectors.weights_id, prompt_set,
+                                                              family.multilabel_prompt_sets[0])
+    if prompt_vecs.shape[1] != vectors.dim:
+        raise HeadsError(f"prompt vectors have width {prompt_vecs.shape[1]} but image vectors {vectors.dim}: "
+                         f"re-embed model '{model}' (`embedkit embed --model {model} --force`)")
+    absent = [c for c in vectors.classes if c not in prompt_classes]
+    if absent:
+        raise HeadsError(f"prompt set '{prompt_set}' has no prompts for label(s) {absent} of cohort "
+                         f"'{vectors.cohort}': embed the cohort's pair set (`embedkit embed --model {model} "
+                         f"--cohort {vectors.cohort}` embeds '{family.multilabel_prompt_sets[0]}' for its labels)")
+    lookup = {c: i for i, c in enumerate(vectors.classes)}
+    used = np.array([c in lookup for c in prompt_classes])
+    prompt_class = np.array([lookup[c] for c, u in zip(prompt_classes, used) if u], dtype=np.int64)
+    per_label = {c: int(np.sum(prompt_class == i)) for i, c in enumerate(vectors.classes)}
+    odd = {c: n for c, n in per_label.items() if n != 2}
+    if odd:
+        raise HeadsError(f"prompt set '{prompt_set}': multi-label zero-shot needs one (positive, negative) prompt "
+                         f"pair per label, positive first; prompts per label here: {odd}. Use --prompt-set "
+                         f"{family.multilabel_prompt_sets[0]}")
+    local = None
+    if family.uses_local_similarity:
+        local = _load_local_similarity(store, vectors, prompt_set, len(prompt_classes))[:, used]
+    scale, scale_source = resolve_logit_scale(store, model, vectors.weights_id, family, logit_scale)
+    probs = family.label_probabilities(_unit(vectors.X), _unit(prompt_vecs[used]), prompt_class,
+                                       len(vectors.classes), scale, ensemble, local)
+    scored_rows = (f"all {vectors.n} rows of cohort '{vectors.cohort}' stored for weights_id "
+                   f"'{vectors.weights_id}' (all splits)")
+    config = {
+        "rule": family.zeroshot_rule,
+        "prompt_set": prompt_set,
+        "prompts_per_class": per_label,
+        "prompt_classes_unused": sorted({c for c, u in zip(prompt_classes, used) if not u}),
+        **family.zeroshot_settings(ensemble, scale, scale_source, scored_rows),
+        "label_rule": "per label, softmax over its (positive, negative) prompt pair of the rule's prompt scores",
+        **({"study_id": study_id} if study_id else {}),
+    }
+    return multilabel.record_multilabel_run(store, vectors, "zeroshot", config, None, None, None, threshold_rule,
+                                            probs=probs)

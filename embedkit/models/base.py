@@ -196,6 +196,8 @@ class ModelFamily:
     default_logit_scale = 100.0  # used when the store has no weights row to take the learned scale from
     uses_local_similarity = False  # zero-shot reads the stored per-prompt local similarity
     ensembles: tuple[str, ...] = ("mean", "max")  # how a class's prompts combine; the first is the default
+    # Embedded by every pass over a multi-label cohort, for its labels; the first is multi-label zero-shot's default.
+    multilabel_prompt_sets: tuple[str, ...] = ("pairs",)
     # The preprocessing of embedding passes from before the pass recorded its settings (a store's rows without a
     # record): what embedkit then ran. A name no current variant has means those vectors match no new pass.
     legacy_preprocessing = UPSTREAM
@@ -236,12 +238,29 @@ class ModelFamily:
         reduce = np.mean if ensemble == "mean" else np.max
         return np.stack([reduce(logits[:, prompt_class == c], axis=1) for c in range(n_classes)], axis=1)
 
+    def label_probabilities(self, image: np.ndarray, prompts: np.ndarray, prompt_class: np.ndarray, n_labels: int,
+                            logit_scale: float, ensemble: str, local_sim: np.ndarray | None = None) -> np.ndarray:
+        """Multi-label zero-shot [N, L]: per label, the softmax over its (positive, negative) prompt pair (positive
+        first in ``prompt_class`` order) of the family's own prompt scores, each prompt scored as a class of its own
+        by :meth:`class_scores`; the positive's share, sigmoid(score_pos - score_neg)."""
+        own = np.arange(len(prompt_class))
+        scores = self.class_scores(image, prompts, own, len(own), logit_scale, ensemble, local_sim)
+        pairs = [np.flatnonzero(prompt_class == c) for c in range(n_labels)]
+        return _pair_softmax(np.stack([scores[:, pos] - scores[:, neg] for pos, neg in pairs], axis=1))
+
     def zeroshot_settings(self, ensemble: str, logit_scale: float, scale_source: str, scored_rows: str) -> dict:
         """What a zero-shot run records of the rule: ensemble, how a class score is formed, the scale used
         (``scored_rows`` says which rows were scored together, for rules whose scores depend on it)."""
         return {"ensemble": ensemble,
                 "class_score": f"{ensemble} over the class's prompts of logit_scale * cosine (per-prompt logits)",
                 "logit_scale": logit_scale, "logit_scale_source": scale_source}
+
+
+def _pair_softmax(diff: np.ndarray) -> np.ndarray:
+    """softmax([a, b])[0] = sigmoid(a - b), elementwise on a - b (stable), as float32."""
+    z = np.asarray(diff, dtype=np.float64)
+    return np.where(z >= 0, 1 / (1 + np.exp(-np.abs(z))), np.exp(-np.abs(z)) / (1 + np.exp(-np.abs(z)))).astype(
+        np.float32)
 
 
 def state_dict_hash(model: nn.Module) -> str:

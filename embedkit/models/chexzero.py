@@ -116,6 +116,7 @@ class CheXzeroFamily(ModelFamily):
     prompt_sets = (PAIR_SET,)
     default_logit_scale = 1.0  # not used: the authors compare raw cosines
     ensembles = ("pair",)
+    multilabel_prompt_sets = (PAIR_SET,)  # the authors' multi-label rule is this rule, label by label
 
     def build(self, spec: ModelSpec, seed: int) -> openclip.OpenClipModel:
         return build(spec, seed)
@@ -141,6 +142,13 @@ class CheXzeroFamily(ModelFamily):
         cosine = image @ prompts.T
         pairs = [np.flatnonzero(prompt_class == c) for c in range(n_classes)]
         return np.stack([cosine[:, pos] - cosine[:, neg] for pos, neg in pairs], axis=1)
+
+    def label_probabilities(self, image: np.ndarray, prompts: np.ndarray, prompt_class: np.ndarray, n_labels: int,
+                            logit_scale: float, ensemble: str, local_sim: np.ndarray | None = None) -> np.ndarray:
+        """The authors' multi-label probabilities: per label, the softmax over its pair of plain cosines."""
+        from embedkit.models.base import _pair_softmax
+
+        return _pair_softmax(self.class_scores(image, prompts, prompt_class, n_labels, logit_scale, ensemble))
 
     def zeroshot_settings(self, ensemble: str, logit_scale: float, scale_source: str, scored_rows: str) -> dict:
         return {"ensemble": "pair",

@@ -5,6 +5,8 @@
   were trained with) written for NIH's six classes, including Pneumothorax and NIH's "Effusion".
 - ``chexpert-authors``: MedCLIP's draw from the authors' CheXpert prompt table, 10 per class, seeded.
 - ``chexpert-gloria``: GLoRIA's draw from the same table, 5 per class after ``random.seed(6)``: its exact prompts.
+- ``pairs``: multi-label zero-shot's (positive, negative) pair per label, CheXzero / vlm-fairness style:
+  ``"{finding}"`` and ``"no {finding}"`` (NIH's "No Finding": ``"normal chest x-ray"`` / ``"abnormal chest x-ray"``).
 - a YAML or JSON file of ``{class: [prompt, ...]}`` for the user's own (its set name is the file's stem).
 
 In the authors' sets NIH's "Effusion" takes the table's "Pleural Effusion"; the table has no Pneumothorax, so that
@@ -112,7 +114,12 @@ CHEXPERT_NIH = {
     },
 }
 
-BUILTIN_SETS = ("clip", "biomedclip-authors", "chexpert-nih", *AUTHORS_DRAWS)
+PAIR_SET = "pairs"  # multi-label zero-shot: [positive, negative] per label, positive first (docs/multilabel.md)
+PAIR_NEGATION = "no {}"
+# A label whose negation does not read as "no ...": its own pair.
+_PAIR_PHRASES = {"No Finding": ("normal chest x-ray", "abnormal chest x-ray")}
+
+BUILTIN_SETS = ("clip", "biomedclip-authors", "chexpert-nih", *AUTHORS_DRAWS, PAIR_SET)
 _NIH_PER_CLASS = 10
 _NIH_SEED = 0
 
@@ -168,7 +175,17 @@ def prompt_set(name: str, classes: tuple[str, ...]) -> dict[str, list[str]]:
         return {c: _nih_prompts(c) for c in classes}
     if name in AUTHORS_DRAWS:
         return _authors_set(name, classes)
+    if name == PAIR_SET:
+        return {c: list(_pair(c)) for c in classes}
     return _load_file(Path(name), classes)
+
+
+def _pair(cls: str) -> tuple[str, str]:
+    """(positive, negative) prompt of one label: its plain name ("Pleural_Thickening" -> "pleural thickening")."""
+    if cls in _PAIR_PHRASES:
+        return _PAIR_PHRASES[cls]
+    phrase = _CLASS_NAMES.get(cls, cls.replace("_", " ").lower())
+    return phrase, PAIR_NEGATION.format(phrase)
 
 
 def set_name(name: str) -> str:

@@ -54,7 +54,8 @@ def predictions_table(run_ids: Sequence[str], rows: pd.DataFrame, y_true: np.nda
     """Predictions of several runs over the same cohort rows: ``probs`` [R, N, C] -> R*N ``predictions`` rows.
 
     ``rows`` holds the N rows' ``row_id``, ``image_id`` and ``split``; ``y_true`` their class indices (-1: no single
-    label, stored as null); ``y_pred`` defaults to the argmax of ``probs``. Built without Python loops.
+    label, stored as null); ``y_pred`` defaults to the argmax of ``probs`` (-1: no single prediction, stored as
+    null: multi-label runs, whose ``probs`` are one sigmoid per label). Built without Python loops.
     """
     probs = np.asarray(probs, dtype=np.float32)
     if probs.ndim == 2:
@@ -73,7 +74,7 @@ def predictions_table(run_ids: Sequence[str], rows: pd.DataFrame, y_true: np.nda
         "run_id": pa.array(np.repeat(np.asarray(run_ids, dtype=object), n), pa.string()),
         **tiled,
         "y_true": pa.array(y_true.astype(np.int32), pa.int32(), mask=y_true < 0),  # null: no single label
-        "y_pred": pa.array(y_pred.reshape(-1).astype(np.int32), pa.int32()),
+        "y_pred": pa.array(y_pred.reshape(-1).astype(np.int32), pa.int32(), mask=y_pred.reshape(-1) < 0),  # null: multi-label
         "probs": pa.ListArray.from_arrays(pa.array(offsets), pa.array(probs.reshape(-1), pa.float32())),
     }, schema=schemas.PREDICTIONS)
 

@@ -560,7 +560,9 @@ class Store:
 
 # Config keys that label a run (which study or sweep asked for it, the class order it reports) rather than change
 # what it computes: two runs that differ only here, and in the seed, are seeds of one arm.
-NOT_A_SETTING = frozenset({"seed", "study_id", "sweep_id", "sweep_grid", "sweep_select", "trainer", "classes"})
+# A multi-label run's thresholds are chosen from its own val predictions (an outcome, like its metrics), not set.
+NOT_A_SETTING = frozenset({"seed", "study_id", "sweep_id", "sweep_grid", "sweep_select", "trainer", "classes",
+                           "thresholds"})
 
 
 def run_setting(config: str | dict | None) -> dict:
