@@ -688,6 +688,19 @@ def zeroshot_cmd(
     print_run(run, as_json)
 
 
+def _mitigation(text: Optional[str], by: str):
+    """``--mitigate NAME[:k=v]`` with ``--mitigate-by`` as a Mitigation (None without --mitigate)."""
+    from embedkit.heads.mitigate import Mitigation
+
+    return Mitigation.parse(text, by) if text else None
+
+
+_MITIGATE_OPTION = typer.Option(None, "--mitigate", help="In-processing bias mitigation: reweight | resample | "
+                                "groupdro[:eta=0.01] | gap-penalty[:lam=1] (docs/mitigation.md)")
+_MITIGATE_BY_OPTION = typer.Option("age_group_sex", "--mitigate-by",
+                                   help="Groups of --mitigate: sex | age_group | age_group_sex (age group x sex)")
+
+
 @app.command("probe")
 def probe_cmd(
     ctx: typer.Context,
@@ -705,6 +718,8 @@ def probe_cmd(
     tol: float = typer.Option(_HEAD("tol"), help="Stop at max |gradient| <= tol (logreg)"),
     seed: int = typer.Option(LibraryDefault("embedkit.heads.probe", "run_probe", "seed"),
                              help="Seed of the initial weights and the shuffles"),
+    mitigate: Optional[str] = _MITIGATE_OPTION,
+    mitigate_by: str = _MITIGATE_BY_OPTION,
     threads: int = typer.Option(0, help="torch CPU threads (0: torch's default)"),
     allow_partial: bool = typer.Option(False, help="Go on when some cohort rows have no vectors (recorded in the run)"),
     as_json: bool = typer.Option(False, "--json", help="Print the run as JSON"),
@@ -714,7 +729,7 @@ def probe_cmd(
 
     _set_threads(threads)
     cfg = HeadConfig(head.value, lr=lr, wd=wd, epochs=epochs, batch_size=batch_size, hidden=hidden,
-                     max_iter=max_iter, tol=tol)
+                     max_iter=max_iter, tol=tol, mitigate=_mitigation(mitigate, mitigate_by))
     run = run_probe(get_store(ctx), model, cfg, seed, cohort, weights_id, allow_partial=allow_partial)
     print_run(run, as_json)
 
@@ -743,6 +758,8 @@ def sweep_cmd(
     tol: float = typer.Option(_HEAD("tol"), help="logreg gradient tolerance where the grid does not set it"),
     models_per_slice: str = typer.Option("auto", "--slice",
                                          help="Models trained together per cache-sized slice: auto | all | N"),
+    mitigate: Optional[str] = _MITIGATE_OPTION,
+    mitigate_by: str = _MITIGATE_BY_OPTION,
     threads: int = typer.Option(0, help="torch CPU threads (0: torch's default)"),
     quiet: bool = typer.Option(False, help="No progress bar"),
     allow_partial: bool = typer.Option(False, help="Go on when some cohort rows have no vectors (recorded in the run)"),
@@ -762,7 +779,7 @@ def sweep_cmd(
         raise HeadsError(f"--slice must be auto, all or a number, not '{models_per_slice}'")
     per_slice = int(models_per_slice) if models_per_slice.isdigit() else {"all": None, "auto": "auto"}[models_per_slice]
     base = HeadConfig(head.value, lr=lr, wd=wd, epochs=epochs, batch_size=batch_size, hidden=hidden,
-                      max_iter=max_iter, tol=tol)
+                      max_iter=max_iter, tol=tol, mitigate=_mitigation(mitigate, mitigate_by))
     parsed, seed_list, attributes = parse_grid(grid, head.value), parse_seeds(seeds), parse_by(by)
     work = 0 if head is Head.logreg else sum(c.epochs for c in expand(base, parsed)) * len(seed_list)
     columns = [TextColumn(f"sweep {model} {head.value}"), BarColumn(), MofNCompleteColumn(),
@@ -776,6 +793,26 @@ def sweep_cmd(
         echo_json(outcome.to_json())
     else:
         Console().print(render_table(outcome))
+
+
+@app.command("posthoc")
+def posthoc_cmd(
+    ctx: typer.Context,
+    run: str = typer.Argument(..., help="The source run to correct (a new run is recorded; the source stays)"),
+    method: str = typer.Option(..., "--method", help="thresholds (per-group class-score offsets; fairlearn's "
+                                                     "ThresholdOptimizer on binary cohorts) | temperature"),
+    by: str = typer.Option("sex", "--by", help="The attribute whose groups get their own correction"),
+    metric: str = typer.Option("f1", "--metric", help="thresholds: the metric equalised across groups: f1 | tpr "
+                                                      "(| eqodds on binary cohorts)"),
+    tradeoff: float = typer.Option(1.0, "--tradeoff", help="thresholds: weight of the val gap against val "
+                                                           "macro-F1"),
+    seed: int = typer.Option(0, "--seed", help="ThresholdOptimizer's random_state"),
+    as_json: bool = typer.Option(False, "--json", help="Print the run as JSON"),
+) -> None:
+    """Per-group post-hoc correction of a run, fitted on its val rows only; recorded as a new derived run."""
+    from embedkit.heads.posthoc import run_posthoc
+
+    print_run(run_posthoc(get_store(ctx), run, method, by, metric, tradeoff, seed), as_json)
 
 
 @runs_app.callback(invoke_without_command=True)
