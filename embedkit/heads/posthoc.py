@@ -35,7 +35,7 @@ from embedkit.store.store import Store, sql_eq
 POSTHOC_METHODS = ("thresholds", "temperature")
 METRICS = ("f1", "tpr", "eqodds")
 OFFSET_GRID = np.round(np.linspace(-3.0, 3.0, 31), 6)
-ROUNDS = 3
+MAX_STEPS = 40
 TO_CONSTRAINTS = {"tpr": "true_positive_rate_parity", "eqodds": "equalized_odds", "f1": "true_positive_rate_parity"}
 
 
@@ -106,16 +106,18 @@ def offsets_objective(cms: list[np.ndarray], metric: str, tradeoff: float) -> fl
 
 def fit_offsets(logp: np.ndarray, y: np.ndarray, groups: np.ndarray, n_groups: int, metric: str = "f1",
                 tradeoff: float = 1.0) -> np.ndarray:
-    """Per-group class offsets [G, C] maximising :func:`offsets_objective` on the rows given (the val rows):
-    coordinate ascent over ``OFFSET_GRID``, ``ROUNDS`` passes over (group, class), class 0 fixed at 0; a move must
-    strictly improve the objective (ties keep the current offset)."""
+    """Per-group class offsets [G, C] maximising :func:`offsets_objective` on the rows given (the val rows).
+
+    Steepest ascent over single coordinates: each step tries every (group, class >= 1, value of ``OFFSET_GRID``)
+    and takes the best strict improvement (ties: the first in that order), until none is left or ``MAX_STEPS``.
+    Class 0 stays at 0 (only differences move an argmax)."""
     n_classes = logp.shape[1]
     offsets = np.zeros((n_groups, n_classes))
     members = [np.flatnonzero(groups == g) for g in range(n_groups)]
     cms = [_confusion(y[m], (logp[m] + offsets[g]).argmax(axis=1), n_classes) for g, m in enumerate(members)]
     best = offsets_objective(cms, metric, tradeoff)
-    for _ in range(ROUNDS):
-        moved = False
+    for _ in range(MAX_STEPS):
+        move = None
         for g, rows in enumerate(members):
             if len(rows) == 0:
                 continue
@@ -128,9 +130,11 @@ def fit_offsets(logp: np.ndarray, y: np.ndarray, groups: np.ndarray, n_groups: i
                     cm = _confusion(y[rows], (logp[rows] + trial).argmax(axis=1), n_classes)
                     score = offsets_objective(cms[:g] + [cm] + cms[g + 1:], metric, tradeoff)
                     if score > best + 1e-12:
-                        best, offsets[g, c], cms[g], moved = score, value, cm, True
-        if not moved:
+                        best, move = score, (g, c, value, cm)
+        if move is None:
             break
+        g, c, value, cms[g] = move
+        offsets[g, c] = value
     return offsets
 
 
@@ -154,28 +158,23 @@ def fit_temperatures(logp: np.ndarray, y: np.ndarray, groups: np.ndarray, n_grou
     return temps
 
 
-class _PrefitScores:
-    """A fitted 'estimator' whose decision function is column 0 of X (the stored score), for ThresholdOptimizer."""
+def _prefit_scores(score_val: np.ndarray, y_val: np.ndarray):
+    """A fitted scikit-learn classifier whose decision function is column 0 of X (the stored score), the prefit
+    estimator ThresholdOptimizer reads."""
+    from sklearn.base import BaseEstimator, ClassifierMixin
 
-    def fit(self, X, y):
-        self.classes_ = np.array([0, 1])
-        self.fitted_ = True
-        return self
+    class PrefitScores(ClassifierMixin, BaseEstimator):
+        def fit(self, X, y):
+            self.classes_ = np.array([0, 1])
+            return self
 
-    def decision_function(self, X):
-        return np.asarray(X)[:, 0]
+        def decision_function(self, X):
+            return np.asarray(X)[:, 0]
 
-    def predict(self, X):
-        return (self.decision_function(X) > 0).astype(int)
+        def predict(self, X):
+            return (self.decision_function(X) > 0).astype(int)
 
-    def get_params(self, deep: bool = True) -> dict:
-        return {}
-
-    def set_params(self, **params):
-        return self
-
-    def __sklearn_is_fitted__(self) -> bool:
-        return hasattr(self, "fitted_")
+    return PrefitScores().fit(score_val[:, None], y_val)
 
 
 def threshold_optimizer(score_val: np.ndarray, y_val: np.ndarray, groups_val: np.ndarray, score_all: np.ndarray,
@@ -184,7 +183,7 @@ def threshold_optimizer(score_val: np.ndarray, y_val: np.ndarray, groups_val: np
     of every row drawn with ``random_state=seed``)."""
     from fairlearn.postprocessing import ThresholdOptimizer
 
-    estimator = _PrefitScores().fit(score_val[:, None], y_val)
+    estimator = _prefit_scores(score_val, y_val)
     optimizer = ThresholdOptimizer(estimator=estimator, constraints=constraint, prefit=True,
                                    predict_method="decision_function")
     optimizer.fit(score_val[:, None], y_val, sensitive_features=groups_val)
