@@ -270,6 +270,8 @@ def data_synth(
     limit: Optional[int] = typer.Option(None, help="--cohort nih: only the first N images of the metadata"),
     vectors: Optional[int] = typer.Option(None, help="--cohort nih: draw no images; write vectors of this width "
                                                      "directly (model synthetic-vectors)"),
+    sex_differences: bool = typer.Option(True, "--sex-differences/--no-sex-differences",
+                                         help="Draw women's and men's anatomy apart (off: no sex signal in the images)"),
 ) -> None:
     """Synthetic chest X-rays for every row of a manifest (real ages and sexes), imported as a cohort.
 
@@ -292,7 +294,7 @@ def data_synth(
     if out is None:
         raise typer.BadParameter("--out DIR is needed for the PNGs")
     built = import_synthetic(get_store(ctx, create=True), out, manifest=cohort, cohort=name, size=size, seed=seed,
-                             bias=bias)
+                             bias=bias, sex_differences=sex_differences)
     typer.echo(f"{built.images} synthetic images written to {out} in {built.seconds:.1f} s"
                + (f" (bias: {built.bias})" if built.bias else ""))
     _imported(ctx, built, manifest_out)
@@ -720,6 +722,9 @@ def probe_cmd(
                              help="Seed of the initial weights and the shuffles"),
     mitigate: Optional[str] = _MITIGATE_OPTION,
     mitigate_by: str = _MITIGATE_BY_OPTION,
+    target: Optional[str] = typer.Option(None, "--target", help="Predict this images column instead of the label "
+                                                                "(sex, age_group, view, ...): how much of it the "
+                                                                "vectors encode; prints the test AUC [CI]"),
     threads: int = typer.Option(0, help="torch CPU threads (0: torch's default)"),
     allow_partial: bool = typer.Option(False, help="Go on when some cohort rows have no vectors (recorded in the run)"),
     as_json: bool = typer.Option(False, "--json", help="Print the run as JSON"),
@@ -730,8 +735,36 @@ def probe_cmd(
     _set_threads(threads)
     cfg = HeadConfig(head.value, lr=lr, wd=wd, epochs=epochs, batch_size=batch_size, hidden=hidden,
                      max_iter=max_iter, tol=tol, mitigate=_mitigation(mitigate, mitigate_by))
-    run = run_probe(get_store(ctx), model, cfg, seed, cohort, weights_id, allow_partial=allow_partial)
+    store = get_store(ctx)
+    run = run_probe(store, model, cfg, seed, cohort, weights_id, allow_partial=allow_partial, target=target)
     print_run(run, as_json)
+    if target and not as_json:
+        _print_encoding(store, [run["run_id"]], None, 1000, 0)
+
+
+def _print_encoding(store, run_ids, model, ci: int, seed: int) -> None:
+    from embedkit.heads.attribute import encoding_table, print_encoding_table
+
+    print_encoding_table(encoding_table(store, run_ids, model, ci=ci, seed=seed), ci, seed)
+
+
+@app.command("encoding")
+def encoding_cmd(
+    ctx: typer.Context,
+    run: Optional[list[str]] = typer.Option(None, "--run", help="Attribute-probe run id (repeat; default: all)"),
+    model: Optional[str] = typer.Option(None, "--model", help="Only this model's attribute probes"),
+    ci: int = typer.Option(1000, "--ci", help="Bootstrap resamples of patients (0: no intervals)"),
+    seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap"),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON rows"),
+) -> None:
+    """Per model: how well a head recovers each demographic from the vectors (AUC [CI] of `probe --target`)."""
+    from embedkit.heads.attribute import encoding_table
+
+    store = get_store(ctx)
+    if as_json:
+        echo_json(encoding_table(store, run, model, ci=ci, seed=seed))
+    else:
+        _print_encoding(store, run, model, ci, seed)
 
 
 _SWEEP = partial(LibraryDefault, "embedkit.heads.sweep", "run_sweep")

@@ -239,12 +239,21 @@ def fit_head(vectors: CohortVectors, cfg: HeadConfig, seed: int) -> TrainedHead:
 
 
 def run_probe(store: Store, model: str, cfg: HeadConfig, seed: int = 77, cohort: str | None = None,
-              weights_id: str | None = None, study_id: str | None = None, allow_partial: bool = False) -> dict:
-    """Train one head on the stored vectors and record the run and its predictions; returns the ``runs`` row."""
+              weights_id: str | None = None, study_id: str | None = None, allow_partial: bool = False,
+              target: str | None = None) -> dict:
+    """Train one head on the stored vectors and record the run and its predictions; returns the ``runs`` row.
+
+    ``target``: a column of the images table the head predicts instead of the label (an attribute probe,
+    :mod:`embedkit.heads.attribute`; method ``<head>@<target>``)."""
+    from embedkit.heads.attribute import target_method, target_vectors
+
     vectors = load_vectors(store, model, cohort, weights_id, allow_partial)
+    if target not in (None, "label"):
+        vectors = target_vectors(vectors, target)
     trained = fit_head(vectors, cfg, seed)
     trainer = "batched L-BFGS (one model)" if cfg.head == "logreg" else "reference (torch.nn + torch.optim.AdamW)"
     config = {**cfg.settings(), "trainer": trainer, "train_split": "train", "val_split": "val",
-              **({"study_id": study_id} if study_id else {})}  # make_run copies it to the runs row
-    return record_run(store, vectors, cfg.method, config, seed, softmax(trained.logits),
+              **({"study_id": study_id} if study_id else {}),  # make_run copies it to the runs row
+              **({"target": target} if target not in (None, "label") else {})}
+    return record_run(store, vectors, target_method(cfg.method, target), config, seed, softmax(trained.logits),
                       trained.logits.argmax(axis=1), trained.extra)
