@@ -202,3 +202,24 @@ def test_on_the_planted_bias_a_mitigation_and_a_correction_shrink_the_sex_gap_an
     assert shrunk & {f"mlp+{m}" for m in POST_HOC}, biased
     assert next(iter(biased.values()))["baseline"] > 0.1  # the planted gap is there to shrink
     assert not any(r["significant"] for r in found["unbiased"].values()), found["unbiased"]
+
+
+def test_report_shows_what_helps_and_the_attribute_encoding(vec_store, tmp_path):
+    from embedkit.heads.posthoc import run_posthoc
+    from embedkit.report import build_report
+    from embedkit.report.whathelps import baseline_pairs
+    from embedkit.store.runs import select_runs
+
+    cfg = HeadConfig("lp", epochs=2, hidden=8)
+    base = run_probe(vec_store, MODEL, cfg, seed=1)
+    dro = run_probe(vec_store, MODEL, cfg.with_(mitigate=Mitigation.parse("groupdro")), seed=1)
+    other_seed = run_probe(vec_store, MODEL, cfg.with_(mitigate=Mitigation.parse("reweight")), seed=2)
+    fixed = run_posthoc(vec_store, base["run_id"], "thresholds")
+    run_probe(vec_store, MODEL, HeadConfig("logreg"), target="sex")
+    pairs = baseline_pairs(select_runs(vec_store).to_pylist())
+    assert pairs == {base["run_id"]: [dro["run_id"], fixed["run_id"]]}  # seed 2 has no baseline of its own
+    assert other_seed["run_id"] not in pairs
+    text = (build_report(vec_store, tmp_path / "report", ci=20).parent / "report.md").read_text()
+    assert "What helps: each mitigation against its baseline" in text
+    assert "| lp+groupdro |" in text and "| lp+thresholds |" in text
+    assert "Attribute encoding" in text and "logreg@sex" not in text.split("Attribute encoding")[1].split("\n")[0]

@@ -5,7 +5,8 @@
 (:mod:`embedkit.heads.posthoc`); :func:`what_helps` then reads, for each of those runs against the baseline, the
 test macro-F1 (the utility) and each attribute's F1 gap with the paired differences B - A and their intervals from
 `embedkit compare` (:func:`embedkit.fairness.compare.paired_differences`: the same patient draws for both runs).
-``significant``: the interval excludes 0 (one comparison per method, no multiple-comparison correction: say so).
+``significant``: compare's rule for several pairs: the p-value Holm-adjusted over the methods compared (per
+metric) is below 1 - level; with one method, the interval excludes 0.
 """
 
 from __future__ import annotations
@@ -88,8 +89,8 @@ def print_what_helps(rows: list[dict], ci: int, level: float = 0.95, title: str 
     console = Console(width=None if sys.stdout.isatty() else 200)
     console.print(table)
     console.print(f"value (B - baseline [{100 * level:g}% paired bootstrap interval over {ci} patient resamples, "
-                  "the same draws for both runs]); * = the interval excludes 0 (one comparison per method, no "
-                  "multiple-comparison correction).")
+                  "the same draws for both runs]); * = significant: p Holm-adjusted over the methods compared, per "
+                  f"metric, below {1 - level:g} (one method: the interval excludes 0).")
 
 
 def demo_cohort(folder, bias: str | None, size: int = 96, model: str = "tiny-clip", seed: int = 0) -> Store:
