@@ -204,6 +204,7 @@ def test_on_the_planted_bias_a_mitigation_and_a_correction_shrink_the_sex_gap_an
     assert not any(r["significant"] for r in found["unbiased"].values()), found["unbiased"]
 
 
+@pytest.mark.slow
 def test_report_shows_what_helps_and_the_attribute_encoding(vec_store, tmp_path):
     from embedkit.heads.posthoc import run_posthoc
     from embedkit.report import build_report
