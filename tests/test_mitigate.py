@@ -28,6 +28,21 @@ def vec_store(store):
     return store
 
 
+@pytest.fixture
+def skewed_store(vec_store):
+    """The heads vectors with a skewed sex: women are 1 row in 7, plus every class-0 row (cells of unequal size)."""
+    import pyarrow as pa
+
+    from embedkit.store import schemas
+
+    frame = vec_store.read("images").to_pandas()
+    n = frame["row_id"].str.split("/").str[-1].astype(int)
+    frame["sex"] = np.where((n % 7 == 0) | (n % 6 == 0), "F", "M")
+    vec_store.upsert("images", pa.Table.from_pandas(frame[schemas.IMAGES.names], schema=schemas.IMAGES,
+                                                    preserve_index=False), ["row_id"], schemas.IMAGES)
+    return vec_store
+
+
 def _weighting(name: str, groups, y, **params) -> GroupWeighting:
     text = name + (":" + ",".join(f"{k}={v}" for k, v in params.items()) if params else "")
     return GroupWeighting(Mitigation.parse(text), np.asarray(groups), np.asarray(y),
@@ -131,19 +146,32 @@ def test_batched_trainer_equals_the_reference_under_each_mitigation(name, head, 
     assert not np.allclose(plain.logits, fit.logits[0], atol=1e-4)  # the mitigation changed the training
 
 
-def test_logreg_reweight_equals_sklearn_with_the_same_sample_weights(vec_store):
+def test_logreg_reweight_equals_sklearn_with_the_same_sample_weights(skewed_store):
     from sklearn.linear_model import LogisticRegression
 
-    vectors = load_vectors(vec_store, MODEL)
+    vectors = load_vectors(skewed_store, MODEL)
     wd = 1e-2
     cfg = HeadConfig("logreg", wd=wd, max_iter=500, tol=1e-6, mitigate=Mitigation.parse("reweight", "sex"))
     logits = fit_head(vectors, cfg, 0).logits
     tr = vectors.index("train")
     codes, _ = group_codes(vectors.groups(("sex",))[tr])
     sw = cell_weights(codes, vectors.y[tr])
+    assert sw.max() / sw.min() > 3  # unequal cells: the weights matter
     ref = LogisticRegression(C=1 / (wd * len(tr)), max_iter=5000, tol=1e-10).fit(
         vectors.X[tr].astype(np.float64), vectors.y[tr], sample_weight=sw)
     np.testing.assert_allclose(logits, ref.decision_function(vectors.X.astype(np.float64)), atol=2e-3)
+
+
+def test_logreg_sweep_equals_the_single_fit_under_reweight(skewed_store):
+    from embedkit.heads.sweep import expand, train_grid
+
+    vectors = load_vectors(skewed_store, MODEL)
+    base = HeadConfig("logreg", mitigate=Mitigation.parse("reweight", "sex"))
+    fit = train_grid(vectors, expand(base, {"wd": [1e-3, 1e-2]}), [0])
+    for k, wd in enumerate([1e-3, 1e-2]):
+        np.testing.assert_allclose(fit.logits[k], fit_head(vectors, base.with_(wd=wd), 0).logits, atol=1e-5)
+    plain = train_grid(vectors, expand(base.with_(mitigate=None), {"wd": [1e-3]}), [0])
+    assert not np.allclose(plain.logits[0], fit.logits[0], atol=1e-3)
 
 
 def test_probe_and_sweep_record_the_mitigation(vec_store):

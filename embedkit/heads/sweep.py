@@ -135,7 +135,6 @@ def train_grid(vectors: CohortVectors, configs: list[HeadConfig], seeds: list[in
     """Train every configuration x seed on ``vectors``: one batched model per group of equal shapes."""
     from embedkit.heads.batched import train_batched
     from embedkit.heads.logreg import fit_logreg, logreg_flops
-
     from embedkit.heads.mitigate import bind
 
     X_train, y_train, X_val, y_val = training_arrays(vectors)
