@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from embedkit.cli import app
 from embedkit.constants import NIH_CLASSES
-from embedkit.heads.posthoc import fit_offsets, load_source, run_posthoc
+from embedkit.heads.posthoc import fit_offsets, run_posthoc
 from embedkit.heads.probe import HeadConfig, run_probe
 from embedkit.heads.vectors import HeadsError, load_vectors
 from embedkit.store import schemas
