@@ -272,6 +272,8 @@ def data_synth(
     limit: Optional[int] = typer.Option(None, help="--cohort nih: only the first N images of the metadata"),
     vectors: Optional[int] = typer.Option(None, help="--cohort nih: draw no images; write vectors of this width "
                                                      "directly (model synthetic-vectors)"),
+    sex_differences: bool = typer.Option(True, "--sex-differences/--no-sex-differences",
+                                         help="Draw women's and men's anatomy apart (off: no sex signal in the images)"),
 ) -> None:
     """Synthetic chest X-rays for every row of a manifest (real ages and sexes), imported as a cohort.
 
@@ -294,7 +296,7 @@ def data_synth(
     if out is None:
         raise typer.BadParameter("--out DIR is needed for the PNGs")
     built = import_synthetic(get_store(ctx, create=True), out, manifest=cohort, cohort=name, size=size, seed=seed,
-                             bias=bias)
+                             bias=bias, sex_differences=sex_differences)
     typer.echo(f"{built.images} synthetic images written to {out} in {built.seconds:.1f} s"
                + (f" (bias: {built.bias})" if built.bias else ""))
     _imported(ctx, built, manifest_out)
@@ -694,6 +696,19 @@ def zeroshot_cmd(
     print_run(run, as_json)
 
 
+def _mitigation(text: Optional[str], by: str):
+    """``--mitigate NAME[:k=v]`` with ``--mitigate-by`` as a Mitigation (None without --mitigate)."""
+    from embedkit.heads.mitigate import Mitigation
+
+    return Mitigation.parse(text, by) if text else None
+
+
+_MITIGATE_OPTION = typer.Option(None, "--mitigate", help="In-processing bias mitigation: reweight | resample | "
+                                "groupdro[:eta=0.01] | gap-penalty[:lam=1] (docs/mitigation.md)")
+_MITIGATE_BY_OPTION = typer.Option("age_group_sex", "--mitigate-by",
+                                   help="Groups of --mitigate: sex | age_group | age_group_sex (age group x sex)")
+
+
 @app.command("probe")
 def probe_cmd(
     ctx: typer.Context,
@@ -711,6 +726,11 @@ def probe_cmd(
     tol: float = typer.Option(_HEAD("tol"), help="Stop at max |gradient| <= tol (logreg)"),
     seed: int = typer.Option(LibraryDefault("embedkit.heads.probe", "run_probe", "seed"),
                              help="Seed of the initial weights and the shuffles"),
+    mitigate: Optional[str] = _MITIGATE_OPTION,
+    mitigate_by: str = _MITIGATE_BY_OPTION,
+    target: Optional[str] = typer.Option(None, "--target", help="Predict this images column instead of the label "
+                                                                "(sex, age_group, view, ...): how much of it the "
+                                                                "vectors encode; prints the test AUC [CI]"),
     threads: int = typer.Option(0, help="torch CPU threads (0: torch's default)"),
     allow_partial: bool = typer.Option(False, help="Go on when some cohort rows have no vectors (recorded in the run)"),
     as_json: bool = typer.Option(False, "--json", help="Print the run as JSON"),
@@ -724,10 +744,38 @@ def probe_cmd(
 
     _set_threads(threads)
     cfg = HeadConfig(head.value, lr=lr, wd=wd, epochs=epochs, batch_size=batch_size, hidden=hidden,
-                     max_iter=max_iter, tol=tol)
-    run = run_probe(get_store(ctx), model, cfg, seed, cohort, weights_id, allow_partial=allow_partial,
-                    task=task and task.value, threshold_rule=threshold_rule)
+                     max_iter=max_iter, tol=tol, mitigate=_mitigation(mitigate, mitigate_by))
+    store = get_store(ctx)
+    run = run_probe(store, model, cfg, seed, cohort, weights_id, allow_partial=allow_partial,
+                    task=task and task.value, threshold_rule=threshold_rule, target=target)
     print_run(run, as_json)
+    if target and not as_json:
+        _print_encoding(store, [run["run_id"]], None, 1000, 0)
+
+
+def _print_encoding(store, run_ids, model, ci: int, seed: int) -> None:
+    from embedkit.heads.attribute import encoding_table, print_encoding_table
+
+    print_encoding_table(encoding_table(store, run_ids, model, ci=ci, seed=seed), ci, seed)
+
+
+@app.command("encoding")
+def encoding_cmd(
+    ctx: typer.Context,
+    run: Optional[list[str]] = typer.Option(None, "--run", help="Attribute-probe run id (repeat; default: all)"),
+    model: Optional[str] = typer.Option(None, "--model", help="Only this model's attribute probes"),
+    ci: int = typer.Option(1000, "--ci", help="Bootstrap resamples of patients (0: no intervals)"),
+    seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap"),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON rows"),
+) -> None:
+    """Per model: how well a head recovers each demographic from the vectors (AUC [CI] of `probe --target`)."""
+    from embedkit.heads.attribute import encoding_table
+
+    store = get_store(ctx)
+    if as_json:
+        echo_json(encoding_table(store, run, model, ci=ci, seed=seed))
+    else:
+        _print_encoding(store, run, model, ci, seed)
 
 
 _SWEEP = partial(LibraryDefault, "embedkit.heads.sweep", "run_sweep")
@@ -754,6 +802,8 @@ def sweep_cmd(
     tol: float = typer.Option(_HEAD("tol"), help="logreg gradient tolerance where the grid does not set it"),
     models_per_slice: str = typer.Option("auto", "--slice",
                                          help="Models trained together per cache-sized slice: auto | all | N"),
+    mitigate: Optional[str] = _MITIGATE_OPTION,
+    mitigate_by: str = _MITIGATE_BY_OPTION,
     threads: int = typer.Option(0, help="torch CPU threads (0: torch's default)"),
     quiet: bool = typer.Option(False, help="No progress bar"),
     allow_partial: bool = typer.Option(False, help="Go on when some cohort rows have no vectors (recorded in the run)"),
@@ -775,7 +825,7 @@ def sweep_cmd(
         raise HeadsError(f"--slice must be auto, all or a number, not '{models_per_slice}'")
     per_slice = int(models_per_slice) if models_per_slice.isdigit() else {"all": None, "auto": "auto"}[models_per_slice]
     base = HeadConfig(head.value, lr=lr, wd=wd, epochs=epochs, batch_size=batch_size, hidden=hidden,
-                      max_iter=max_iter, tol=tol)
+                      max_iter=max_iter, tol=tol, mitigate=_mitigation(mitigate, mitigate_by))
     parsed, seed_list, attributes = parse_grid(grid, head.value), parse_seeds(seeds), parse_by(by)
     work = 0 if head is Head.logreg else sum(c.epochs for c in expand(base, parsed)) * len(seed_list)
     columns = [TextColumn(f"sweep {model} {head.value}"), BarColumn(), MofNCompleteColumn(),
@@ -799,6 +849,26 @@ def _print_pick_label_auc(outcome) -> None:
     for split, aucs in outcome.summary[outcome.pick]["label_auc_mean"].items():
         typer.echo(f"pick, {split} AUC per label: " + ", ".join(
             f"{label} {'-' if v is None else f'{v:.3f}'}" for label, v in aucs.items()))
+
+
+@app.command("posthoc")
+def posthoc_cmd(
+    ctx: typer.Context,
+    run: str = typer.Argument(..., help="The source run to correct (a new run is recorded; the source stays)"),
+    method: str = typer.Option(..., "--method", help="thresholds (per-group class-score offsets; fairlearn's "
+                                                     "ThresholdOptimizer on binary cohorts) | temperature"),
+    by: str = typer.Option("sex", "--by", help="The attribute whose groups get their own correction"),
+    metric: str = typer.Option("f1", "--metric", help="thresholds: the metric equalised across groups: f1 | tpr "
+                                                      "(| eqodds on binary cohorts)"),
+    tradeoff: float = typer.Option(1.0, "--tradeoff", help="thresholds: weight of the val gap against val "
+                                                           "macro-F1"),
+    seed: int = typer.Option(0, "--seed", help="ThresholdOptimizer's random_state"),
+    as_json: bool = typer.Option(False, "--json", help="Print the run as JSON"),
+) -> None:
+    """Per-group post-hoc correction of a run, fitted on its val rows only; recorded as a new derived run."""
+    from embedkit.heads.posthoc import run_posthoc
+
+    print_run(run_posthoc(get_store(ctx), run, method, by, metric, tradeoff, seed), as_json)
 
 
 @runs_app.callback(invoke_without_command=True)

@@ -66,19 +66,19 @@ def import_nih(store: Store, protocol: str, frame: pd.DataFrame, images: str | P
 
 def import_synthetic(store: Store, out: str | Path, manifest: str | Path = SYNTHETIC_MANIFEST,
                      cohort: str = SYNTHETIC_COHORT, size: int = 256, seed: int = 0,
-                     bias: str | None = None) -> SyntheticCohort:
+                     bias: str | None = None, sex_differences: bool = True) -> SyntheticCohort:
     """Draw a synthetic X-ray into ``out`` for every row of ``manifest`` and import the rows as ``cohort``.
 
     ``manifest`` is a shipped protocol (``nih6x200``, ``nih6x200-paper``) or a CSV path; ``bias`` a planted
     unfairness such as ``sex=F:signal=0.3`` (see :func:`embedkit.data.synth.parse_bias`), checked before anything
-    is drawn. Same seed, same bytes.
+    is drawn. Same seed, same bytes. ``sex_differences=False``: every image drawn with one anatomy (no sex signal).
     """
     from embedkit.data import synth
 
     spec = synth.parse_bias(bias) if bias else None
     frame = nih.shipped_manifest(str(manifest)) if manifest in nih.SHIPPED_PROTOCOLS else read_manifest(manifest)
     start = time.perf_counter()
-    written = synth.synthesize(frame, out, size=size, seed=seed, bias=spec)
+    written = synth.synthesize(frame, out, size=size, seed=seed, bias=spec, sex_differences=sex_differences)
     seconds = time.perf_counter() - start
     text = str(spec) if spec else None
     frame = frame.merge(written[["image_id", "biased"]], on="image_id", how="left").assign(bias=text)

@@ -685,6 +685,7 @@ def synthesize(
     bias: BiasSpec | None = None,
     workers: int | None = None,
     signal: float = 1.0,
+    sex_differences: bool = True,
 ) -> pd.DataFrame:
     """Write one 8-bit grayscale PNG per distinct ``image_id`` of ``cohort`` into ``out_dir``.
 
@@ -692,7 +693,9 @@ def synthesize(
     rule selects on (age_group is derived from age when absent). A repeated image_id is written once; its
     rows must agree on label, age and sex. Each image's randomness comes from (seed, image_id) only, so the
     files are byte-identical for the same inputs whatever ``workers`` is. ``signal`` scales every class
-    pattern before the bias's own factors.
+    pattern before the bias's own factors. ``sex_differences=False`` draws every image with the male anatomy
+    (the recorded sex is unchanged; every random draw is the same), so the images carry no sex signal: the null
+    cohort of the attribute probe (`embedkit probe --target sex`).
 
     Returns one row per distinct image_id, in first-appearance order: ``image_id, path`` (absolute),
     ``label``, ``pattern`` (the class whose pattern was drawn; differs from label where label noise hit),
@@ -733,7 +736,8 @@ def synthesize(
             _check_inputs(row.pattern_index, row.age, row.sex, size, row.signal)
         except (TypeError, ValueError) as exc:
             raise SynthError(f"image {row.image_id!r}: {exc}") from None
-        jobs.append((row.path, int(row.pattern_index), int(row.age), str(row.sex),
+        drawn_sex = str(row.sex) if sex_differences else "M"
+        jobs.append((row.path, int(row.pattern_index), int(row.age), drawn_sex,
                      image_seed(seed, row.image_id), int(size), float(row.signal)))
     folder.mkdir(parents=True, exist_ok=True)
 

@@ -31,6 +31,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from embedkit.heads.mitigate import GroupWeighting
 from embedkit.heads.probe import (ADAM_BETAS, ADAM_EPS, BN_EPS, BN_MOMENTUM, batch_bounds, epoch_order,
                                   flush_denormals, init_head_params)
 
@@ -93,9 +94,11 @@ class _Slice:
     """The training state of K heads (one slice of the batch)."""
 
     def __init__(self, head: str, dim: int, hidden: int, n_classes: int, lrs, wds, seeds, fused: bool = True,
-                 multilabel: bool = False):
+                 multilabel: bool = False, weighting: GroupWeighting | None = None):
         self.head, self.k = head, len(seeds)
         self.multilabel = multilabel  # one sigmoid per label and BCE (targets [K, b, L]) instead of softmax CE
+        self.weighting = weighting  # --mitigate: row weights on the cross-entropy (embedkit.heads.mitigate)
+        self.q = weighting.new_state(len(seeds)) if weighting is not None else None
         self.fused = fused and fused_adamw_available()
         self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
         self.lr, self.wd = _per_model(lrs), _per_model(wds)
@@ -138,8 +141,9 @@ class _Slice:
         return out
 
     # ---- one optimisation step on this slice's own mini-batches ---------------------------------------------
-    def step(self, Xb: torch.Tensor, yb: torch.Tensor) -> None:
-        """Forward, backward and AdamW for K models; ``Xb`` [K, b, d], ``yb`` [K, b]."""
+    def step(self, Xb: torch.Tensor, yb: torch.Tensor, idx: torch.Tensor | None = None) -> None:
+        """Forward, backward and AdamW for K models; ``Xb`` [K, b, d], ``yb`` [K, b]; ``idx`` [K, b] the rows'
+        training indices (read by a mitigation's row weights)."""
         k, b, _ = Xb.shape
         g = self.grads
         Z = torch.baddbmm(self.b1, Xb, self.W1)  # [K, b, H]
@@ -155,12 +159,17 @@ class _Slice:
         else:
             A = Z
         logits = torch.baddbmm(self.b2, A, self.W2.transpose(1, 2))  # [K, b, C]
-        if self.multilabel:  # d(mean BCE over b*L)/d logits = (sigmoid - y) / (b * L)
+        if self.multilabel:  # d(mean BCE over b*L)/d logits = (sigmoid - y) / (b * L); no mitigation (refused)
             dlogits = torch.sigmoid(logits).sub_(yb).div_(b * logits.shape[2])
         else:
+            if self.weighting is not None:
+                ce = torch.logsumexp(logits, dim=2) - logits.gather(2, yb.unsqueeze(2)).squeeze(2)  # [K, b]
             dlogits = torch.softmax(logits, dim=2)  # d(mean CE)/d logits = (softmax - onehot) / b
             dlogits.scatter_add_(2, yb.unsqueeze(2), self._minus_ones(b))
-            dlogits.div_(b)
+            if self.weighting is None:
+                dlogits.div_(b)
+            else:  # d(sum_i w_i CE_i)/d logits = w_i * (softmax - onehot)
+                dlogits.mul_(self.weighting.weights(ce, idx, self.q).unsqueeze(2))
         torch.bmm(dlogits.transpose(1, 2), A, out=g["W2"])
         torch.sum(dlogits, dim=1, keepdim=True, out=g["b2"])
         dA = torch.bmm(dlogits, self.W2)  # [K, b, H]
@@ -248,12 +257,15 @@ def train_batched(X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray, y
                   X_all: np.ndarray, n_classes: int, head: str, hidden: int, epochs: int, batch_size: int,
                   lrs: Sequence[float], wds: Sequence[float], seeds: Sequence[int],
                   models_per_slice: int | str | None = "auto", fused: bool = True,
-                  progress: Callable[[int], None] | None = None) -> BatchedFit:
+                  progress: Callable[[int], None] | None = None,
+                  weighting: GroupWeighting | None = None) -> BatchedFit:
     """Train ``len(seeds)`` heads (model k: lrs[k], wds[k], seeds[k]) as one batched model; see module docstring.
 
     ``fused``: AdamW through torch's fused kernel (one pass over memory) when available, else plain tensor ops.
     ``y_train``/``y_val`` of shape [n, L] (0/1 label lists) train one sigmoid per label with BCE (multi-label).
-    ``progress(n)`` is called with the number of model-epochs just completed.
+    ``progress(n)`` is called with the number of model-epochs just completed. ``weighting``: a mitigation bound to
+    the training rows (:func:`embedkit.heads.mitigate.bind`), the same one the reference trainer takes (multi-class
+    only).
     """
     if head not in ("lp", "mlp"):
         raise ValueError(f"train_batched trains lp and mlp heads, not '{head}'")
@@ -278,14 +290,15 @@ def train_batched(X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray, y
     best_epoch = np.empty(n_models, dtype=np.int64)
     for lo in range(0, n_models, per_slice):
         hi = min(lo + per_slice, n_models)
-        sl = _Slice(head, dim, hidden, n_classes, lrs[lo:hi], wds[lo:hi], seeds[lo:hi], fused, multilabel)
+        sl = _Slice(head, dim, hidden, n_classes, lrs[lo:hi], wds[lo:hi], seeds[lo:hi], fused, multilabel, weighting)
+        draw = epoch_order if weighting is None else weighting.order
         with torch.no_grad(), flush_denormals():
             for epoch in range(epochs):
-                order = torch.stack([epoch_order(n, g) for g in sl.generators])  # [K, n]: one shuffle per model
+                order = torch.stack([draw(n, g) for g in sl.generators])  # [K, n]: one shuffle per model
                 for a, b in bounds:
                     idx = order[:, a:b].reshape(-1)
                     sl.step(Xt.index_select(0, idx).view(hi - lo, b - a, dim),
-                            yt[idx].view(hi - lo, b - a, *yt.shape[1:]))
+                            yt[idx].view(hi - lo, b - a, *yt.shape[1:]), order[:, a:b])
                 sl.validate(Xv, yv, epoch)
                 if progress:
                     progress(hi - lo)

@@ -55,7 +55,8 @@ def _per_model(v: torch.Tensor) -> torch.Tensor:
 class _Objective:
     """Loss and gradient of any subset of the models, evaluated with two matrix products."""
 
-    def __init__(self, X: np.ndarray, y: np.ndarray, n_classes: int, l2: torch.Tensor):
+    def __init__(self, X: np.ndarray, y: np.ndarray, n_classes: int, l2: torch.Tensor,
+                 sample_weight: np.ndarray | None = None):
         self.Xa = _augment(torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32)))
         self.XaT = self.Xa.T.contiguous()
         self.y = torch.from_numpy(np.asarray(y, dtype=np.int64))
@@ -63,6 +64,8 @@ class _Objective:
         self.c = n_classes
         self.onehot = torch.nn.functional.one_hot(self.y, n_classes).to(torch.float32)
         self.l2 = l2
+        # --mitigate reweight: row weights (mean 1) on the cross-entropy; None keeps the plain mean
+        self.w = None if sample_weight is None else torch.from_numpy(np.asarray(sample_weight, dtype=np.float32))
         self.evaluations = 0  # model-evaluations, for FLOP counting
 
     def __call__(self, theta: torch.Tensor, models: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,8 +79,13 @@ class _Objective:
         picked = logits64.gather(2, self.y.view(-1, 1, 1).expand(-1, k, 1)).squeeze(2)
         l2 = self.l2[models]
         body = theta[:, :-1]
-        loss = (lse - picked).mean(dim=0) + 0.5 * l2.double() * _dots(body, body)
+        ce = lse - picked
+        if self.w is not None:
+            ce = ce * self.w.double().view(-1, 1)
+        loss = ce.mean(dim=0) + 0.5 * l2.double() * _dots(body, body)
         resid = (torch.exp(logits64 - lse.unsqueeze(2)).float() - self.onehot.unsqueeze(1)) / self.n
+        if self.w is not None:
+            resid = resid * self.w.view(-1, 1, 1)
         grad = (self.XaT @ resid.reshape(self.n, k * self.c)).reshape(self.d1, k, self.c).permute(1, 0, 2)
         grad = grad.contiguous()
         grad[:, :-1] += _per_model(l2) * body
@@ -116,15 +124,20 @@ class _MultilabelObjective(_Objective):
 
 
 def fit_logreg(X: np.ndarray, y: np.ndarray, n_classes: int, l2, max_iter: int = 100, tol: float = 1e-4,
-               history: int = HISTORY) -> LogregFit:
+               history: int = HISTORY, sample_weight: np.ndarray | None = None) -> LogregFit:
     """Fit one multinomial logistic regression per entry of ``l2`` (L2 strengths), all at once; ``y`` [n, L] of 0/1
-    label lists fits one binary logistic regression per label instead (multi-label)."""
+    label lists fits one binary logistic regression per label instead (multi-label).
+
+    ``sample_weight`` [n] (mean 1): the cross-entropy of row i counts ``sample_weight[i]`` times (--mitigate
+    reweight; multi-class only); None: the plain mean."""
     from embedkit.heads.probe import flush_denormals  # tiny probabilities must not take the slow subnormal path
 
     with flush_denormals():
         if np.ndim(y) == 2:
+            if sample_weight is not None:
+                raise ValueError("row weights (--mitigate) are for multi-class logreg only")
             return _fit_multilabel(X, y, l2, max_iter, tol, history)
-        return _lbfgs(X, y, n_classes, l2, max_iter, tol, history)
+        return _lbfgs(X, y, n_classes, l2, max_iter, tol, history, sample_weight=sample_weight)
 
 
 def _fit_multilabel(X: np.ndarray, Y: np.ndarray, l2, max_iter: int, tol: float, history: int) -> LogregFit:
@@ -141,10 +154,11 @@ def _fit_multilabel(X: np.ndarray, Y: np.ndarray, l2, max_iter: int, tol: float,
 
 
 def _lbfgs(X: np.ndarray, y: np.ndarray, n_classes: int, l2, max_iter: int, tol: float,
-           history: int, objective: type[_Objective] = _Objective) -> LogregFit:
+           history: int, objective: type[_Objective] = _Objective,
+           sample_weight: np.ndarray | None = None) -> LogregFit:
     l2 = torch.as_tensor(np.asarray(l2, dtype=np.float32))
     m = len(l2)
-    obj = objective(X, y, n_classes, l2)
+    obj = objective(X, y, n_classes, l2) if sample_weight is None else objective(X, y, n_classes, l2, sample_weight)
     d1, c = obj.d1, obj.c
     theta = torch.zeros(m, d1, c)
     everyone = torch.arange(m)

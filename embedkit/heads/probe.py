@@ -27,6 +27,7 @@ from torch import nn
 
 from embedkit.constants import HEADS, MULTILABEL
 from embedkit.heads import multilabel
+from embedkit.heads.mitigate import GroupWeighting, Mitigation, bind, method_name
 from embedkit.heads.vectors import CohortVectors, HeadsError, load_vectors
 from embedkit.store.runs import record_run, softmax
 from embedkit.store.store import Store
@@ -49,6 +50,7 @@ class HeadConfig:
     hidden: int = 1024
     max_iter: int = 100  # logreg: L-BFGS iterations (scikit-learn's default)
     tol: float = 1e-4  # logreg: stop when max |gradient| <= tol (scikit-learn's default)
+    mitigate: Mitigation | None = None  # --mitigate: a group-weighted loss (embedkit.heads.mitigate)
 
     def __post_init__(self):
         if self.head not in HEADS:
@@ -61,9 +63,23 @@ class HeadConfig:
             if not (math.isfinite(value) and value >= 0) or (name == "lr" and value == 0):
                 raise HeadsError(f"--{name} must be a {'positive' if name == 'lr' else 'non-negative'} number, "
                                  f"not {value}")
+        if self.mitigate is not None and self.head == "logreg" and self.mitigate.name != "reweight":
+            raise HeadsError(f"--mitigate {self.mitigate.name} needs mini-batch training (lp or mlp); logreg's "
+                             "full-batch L-BFGS takes --mitigate reweight")
+
+    @property
+    def method(self) -> str:
+        """The run's method: the head, ``+`` the mitigation when there is one (``lp+groupdro``)."""
+        return method_name(self.head, self.mitigate)
 
     def settings(self) -> dict:
         """The settings that matter for this head, with the fixed choices spelled out (stored in run configs)."""
+        out = self._head_settings()
+        if self.mitigate is not None:
+            out["mitigation"] = self.mitigate.settings()
+        return out
+
+    def _head_settings(self) -> dict:
         if self.head == "logreg":
             return {"head": "logreg", "wd": self.wd, "max_iter": self.max_iter, "tol": self.tol,
                     "objective": "mean cross-entropy + wd/2 * ||W||^2 (bias unpenalised); "
@@ -153,8 +169,12 @@ def head_module(head: str, dim: int, hidden: int, n_classes: int) -> nn.Sequenti
 
 
 def train_reference(X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray, y_val: np.ndarray,
-                    X_all: np.ndarray, n_classes: int, cfg: HeadConfig, seed: int) -> TrainedHead:
-    """Train one lp/mlp head the plain way (nn.Sequential + torch.optim.AdamW); the reference for the sweep."""
+                    X_all: np.ndarray, n_classes: int, cfg: HeadConfig, seed: int,
+                    weighting: GroupWeighting | None = None) -> TrainedHead:
+    """Train one lp/mlp head the plain way (nn.Sequential + torch.optim.AdamW); the reference for the sweep.
+
+    ``weighting``: the mitigation bound to the training rows (:func:`embedkit.heads.mitigate.bind`): its row order
+    per epoch and its row weights on the cross-entropy."""
     generator = torch.Generator().manual_seed(int(seed))
     Xt, yt = torch.from_numpy(X_train), torch.from_numpy(y_train)
     Xv, yv = torch.from_numpy(X_val), torch.from_numpy(y_val)
@@ -168,14 +188,19 @@ def train_reference(X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray,
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=cfg.wd)
     loss_fn = nn.BCEWithLogitsLoss() if is_multilabel else nn.CrossEntropyLoss()
     best_loss, best_epoch, best_state = math.inf, -1, None
+    q = weighting.new_state(1) if weighting is not None else None
     with flush_denormals():
         for epoch in range(cfg.epochs):
             model.train()
-            order = epoch_order(len(Xt), generator)
+            order = epoch_order(len(Xt), generator) if weighting is None else weighting.order(len(Xt), generator)
             for start, stop in batch_bounds(len(Xt), cfg.batch_size, cfg.head):
                 idx = order[start:stop]
                 opt.zero_grad(set_to_none=True)
-                loss_fn(model(Xt[idx]), yt[idx]).backward()
+                if weighting is None:
+                    loss_fn(model(Xt[idx]), yt[idx]).backward()
+                else:
+                    ce = nn.functional.cross_entropy(model(Xt[idx]), yt[idx], reduction="none")
+                    (weighting.weights(ce.detach()[None], idx[None], q)[0] * ce).sum().backward()
                 opt.step()
             model.eval()
             with torch.no_grad():
@@ -186,7 +211,10 @@ def train_reference(X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray,
     model.eval()
     with torch.no_grad():
         logits = model(torch.from_numpy(X_all)).numpy()
-    return TrainedHead(logits.astype(np.float32), {"val_loss": best_loss, "best_epoch": best_epoch})
+    extra = {"val_loss": best_loss, "best_epoch": best_epoch}
+    if q is not None and weighting.name == "groupdro":
+        extra["groupdro_q"] = dict(zip(weighting.group_names, [round(float(v), 6) for v in q[0]]))
+    return TrainedHead(logits.astype(np.float32), extra)
 
 
 def training_arrays(vectors: CohortVectors) -> tuple[np.ndarray, ...]:
@@ -201,32 +229,46 @@ def fit_head(vectors: CohortVectors, cfg: HeadConfig, seed: int) -> TrainedHead:
     """Train one head of ``cfg`` on the train split (val for selection) and score every row of the cohort."""
     X_train, y_train, X_val, y_val = training_arrays(vectors)
     n_classes = len(vectors.classes)
+    if cfg.mitigate is not None and vectors.task == MULTILABEL:
+        raise HeadsError(f"--mitigate {cfg.mitigate.name} is for multi-class heads; this cohort is multi-label "
+                         "(run with --task multiclass, or without --mitigate)")
+    weighting = bind(cfg.mitigate, vectors, vectors.index("train"), y_train)
     if cfg.head == "logreg":
         from embedkit.heads.logreg import fit_logreg
 
-        fit = fit_logreg(X_train, y_train, n_classes, [cfg.wd], max_iter=cfg.max_iter, tol=cfg.tol)
+        sample_weight = None if weighting is None else weighting.row_weight.numpy()
+        fit = fit_logreg(X_train, y_train, n_classes, [cfg.wd], max_iter=cfg.max_iter, tol=cfg.tol,
+                         sample_weight=sample_weight)
         logits = fit.logits(vectors.X)[0]
         return TrainedHead(logits, {"iterations": int(fit.n_iter[0]), "converged": bool(fit.converged[0])})
-    return train_reference(X_train, y_train, X_val, y_val, vectors.X, n_classes, cfg, seed)
+    return train_reference(X_train, y_train, X_val, y_val, vectors.X, n_classes, cfg, seed, weighting)
 
 
 def run_probe(store: Store, model: str, cfg: HeadConfig, seed: int = 77, cohort: str | None = None,
               weights_id: str | None = None, study_id: str | None = None, allow_partial: bool = False,
-              task: str | None = None, threshold_rule: str = multilabel.MAX_F1) -> dict:
+              task: str | None = None, threshold_rule: str = multilabel.MAX_F1, target: str | None = None) -> dict:
     """Train one head on the stored vectors and record the run and its predictions; returns the ``runs`` row.
 
     ``task`` (default: the cohort's) multilabel trains one sigmoid per label and records the run by the
     multi-label contract, with per-label thresholds chosen on val by ``threshold_rule`` (embedkit/heads/multilabel.py).
+    ``target``: a column of the images table the head predicts instead of the label (an attribute probe,
+    :mod:`embedkit.heads.attribute`; method ``<head>@<target>``), a multi-class task whatever the cohort's.
     """
+    from embedkit.heads.attribute import target_method, target_vectors
+
     multilabel.check_task(task)
     multilabel.parse_threshold_rule(threshold_rule)  # a bad rule fails before any training
+    attribute = target not in (None, "label")
     vectors = load_vectors(store, model, cohort, weights_id, allow_partial, task)
+    if attribute:
+        vectors = target_vectors(vectors, target)
     trained = fit_head(vectors, cfg, seed)
     trainer = "batched L-BFGS (one model)" if cfg.head == "logreg" else "reference (torch.nn + torch.optim.AdamW)"
     config = {**cfg.settings(), "trainer": trainer, "train_split": "train", "val_split": "val",
-              **({"study_id": study_id} if study_id else {})}  # make_run copies it to the runs row
+              **({"study_id": study_id} if study_id else {}),  # make_run copies it to the runs row
+              **({"target": target} if attribute else {})}
     if vectors.task == MULTILABEL:
         return multilabel.record_multilabel_run(store, vectors, cfg.head, multilabel.head_settings(config), seed,
                                                 trained.logits, trained.extra, threshold_rule)
-    return record_run(store, vectors, cfg.head, config, seed, softmax(trained.logits),
+    return record_run(store, vectors, target_method(cfg.method, target), config, seed, softmax(trained.logits),
                       trained.logits.argmax(axis=1), trained.extra)

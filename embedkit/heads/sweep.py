@@ -136,9 +136,11 @@ def train_grid(vectors: CohortVectors, configs: list[HeadConfig], seeds: list[in
     """Train every configuration x seed on ``vectors``: one batched model per group of equal shapes."""
     from embedkit.heads.batched import train_batched
     from embedkit.heads.logreg import fit_logreg, logreg_flops
+    from embedkit.heads.mitigate import bind
 
     X_train, y_train, X_val, y_val = training_arrays(vectors)
     n_classes, n_seeds = len(vectors.classes), len(seeds)
+    weighting = bind(configs[0].mitigate, vectors, vectors.index("train"), y_train)  # the grid shares it
     logits = np.empty((len(configs) * n_seeds, vectors.n, n_classes), dtype=np.float32)
     extras: list[dict] = [{} for _ in range(len(logits))]
     flops, start, cpu_start = 0.0, time.perf_counter(), time.process_time()
@@ -146,7 +148,8 @@ def train_grid(vectors: CohortVectors, configs: list[HeadConfig], seeds: list[in
         groups = _group(configs, ("max_iter", "tol"))
         for (max_iter, tol), members in groups.items():
             strengths = sorted({configs[i].wd for i in members})  # the seed changes nothing: solve each once
-            fit = fit_logreg(X_train, y_train, n_classes, strengths, max_iter=max_iter, tol=tol)
+            fit = fit_logreg(X_train, y_train, n_classes, strengths, max_iter=max_iter, tol=tol,
+                             sample_weight=None if weighting is None else weighting.row_weight.numpy())
             scored = fit.logits(vectors.X)
             flops += logreg_flops(len(X_train), vectors.dim, n_classes, fit.evaluations)
             flops += 2.0 * len(strengths) * vectors.n * (vectors.dim + 1) * n_classes
@@ -160,7 +163,8 @@ def train_grid(vectors: CohortVectors, configs: list[HeadConfig], seeds: list[in
         runs = [(i, s) for i in members for s in range(n_seeds)]
         fit = train_batched(X_train, y_train, X_val, y_val, vectors.X, n_classes, configs[0].head, hidden, epochs,
                             batch_size, [configs[i].lr for i, _ in runs], [configs[i].wd for i, _ in runs],
-                            [seeds[s] for _, s in runs], models_per_slice=models_per_slice, progress=progress)
+                            [seeds[s] for _, s in runs], models_per_slice=models_per_slice, progress=progress,
+                            weighting=weighting)
         flops += fit.flops
         for k, (i, s) in enumerate(runs):
             logits[i * n_seeds + s] = fit.logits[k]
@@ -261,12 +265,14 @@ class SweepOutcome:
     flops: float
     groups: list[str] = field(default_factory=list)
     task: str = "multiclass"
+    method: str = ""  # the runs' method: the head, + a mitigation (lp+groupdro)
 
     def to_json(self) -> dict:
         """A JSON-ready dict (the ``--json`` output)."""
         return {
             "sweep_id": self.sweep_id, "model": self.model, "cohort": self.cohort, "weights_id": self.weights_id,
-            "head": self.head, "grid": self.grid, "seeds": self.seeds, "select": self.select, "by": self.by,
+            "head": self.head, "method": self.method or self.head, "grid": self.grid, "seeds": self.seeds,
+            "select": self.select, "by": self.by,
             "groups": self.groups, "n_runs": self.n_runs, "train_seconds": round(self.train_seconds, 4),
             "total_seconds": round(self.total_seconds, 4),
             "runs_per_second": round(self.n_runs / self.train_seconds, 3) if self.train_seconds else None,
@@ -320,7 +326,7 @@ def run_sweep(store: Store, model: str, head: str, grid: dict[str, list], seeds:
         config = {**cfg.settings(), "trainer": "batched L-BFGS" if head == "logreg" else "batched",
                   "sweep_id": sweep_id, "sweep_grid": grid, "sweep_select": str(selection),
                   "train_split": "train", "val_split": "val"}
-        runs.append(make_run(vectors, head, config, seed, fit.extras[r]))
+        runs.append(make_run(vectors, cfg.method, config, seed, fit.extras[r]))
     # the ids the store holds: a run recorded before with the same inputs keeps its id (and is not stored twice)
     run_ids = store.write_runs(runs, predictions_table([r["run_id"] for r in runs], vectors.meta, vectors.y, probs,
                                                        fit.logits.argmax(axis=2)))
@@ -344,7 +350,7 @@ def run_sweep(store: Store, model: str, head: str, grid: dict[str, list], seeds:
         s["pareto"], s["picked"] = bool(front[i]), i == pick
     return SweepOutcome(sweep_id, model, vectors.cohort, vectors.weights_id, head, grid, list(seeds), str(selection),
                         by, summary, pick, reason, len(runs), fit.seconds, time.perf_counter() - total_start,
-                        fit.flops, metrics["groups"])
+                        fit.flops, groups=metrics["groups"], method=base.method)
 
 
 def run_multilabel_sweep(store: Store, vectors: CohortVectors, head: str, grid: dict[str, list],
@@ -358,6 +364,9 @@ def run_multilabel_sweep(store: Store, vectors: CohortVectors, head: str, grid: 
     if selection.criterion == "fair":
         raise HeadsError("fair:f1_gap<=B selects multi-class sweeps; a multi-label sweep selects by val_macro_auc, "
                          "val_loss or val_macro_f1")
+    if configs[0].mitigate is not None:
+        raise HeadsError(f"--mitigate {configs[0].mitigate.name} is for multi-class heads; this cohort is multi-label "
+                         "(run with --task multiclass, or without --mitigate)")
     multilabel.parse_threshold_rule(threshold_rule)
     fit = train_grid(vectors, configs, seeds, models_per_slice, progress)
     probs = multilabel.sigmoid(fit.logits)
@@ -397,7 +406,7 @@ def run_multilabel_sweep(store: Store, vectors: CohortVectors, head: str, grid: 
         s["picked"] = i == pick
     return SweepOutcome(sweep_id, vectors.model, vectors.cohort, vectors.weights_id, head, grid, list(seeds),
                         str(selection), [], summary, pick, reason, len(runs), fit.seconds,
-                        time.perf_counter() - total_start, fit.flops, [], multilabel.MULTILABEL)
+                        time.perf_counter() - total_start, fit.flops, task=multilabel.MULTILABEL, method=head)
 
 
 def _label_auc_means(reports: list[dict], classes: tuple[str, ...]) -> dict:
@@ -420,7 +429,7 @@ def render_table(outcome: SweepOutcome):
         return f"{mean:.4f}" + (f" ± {std:.4f}" if std is not None else "")
 
     by = ", ".join(outcome.by)
-    table = Table(title=f"sweep {outcome.sweep_id}: {outcome.model} {outcome.head}, {outcome.n_runs} runs "
+    table = Table(title=f"sweep {outcome.sweep_id}: {outcome.model} {outcome.method}, {outcome.n_runs} runs "
                         f"({len(outcome.summary)} configurations x {len(outcome.seeds)} seeds), "
                         f"select {outcome.select}")
     table.add_column("#", justify="right")

@@ -80,7 +80,7 @@ def write_report(data: ReportData, out_dir: str | Path, min_n: int = MIN_GROUP_N
     """Render collected data into ``out_dir`` (HTML, Markdown, PNGs); returns the HTML path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tables = build_tables(data, min_n)
+    tables = build_tables(data, min_n) + what_helps(data)
     figures = render_figures(data, min_n)
     for stale in out.glob(f"{RELIABILITY_PREFIX}*.png"):  # runs of an earlier report in the same folder
         stale.unlink()
@@ -92,6 +92,13 @@ def write_report(data: ReportData, out_dir: str | Path, min_n: int = MIN_GROUP_N
     html_path = out / HTML_NAME
     _write_atomic(html_path, render_html(data, title, header, tables, figures, min_n))
     return html_path
+
+
+def what_helps(data: ReportData) -> list[Table]:
+    """The "what helps" and attribute-encoding tables (embedkit/report/whathelps.py); none without such runs."""
+    from embedkit.report.whathelps import what_helps_tables
+
+    return what_helps_tables(Store(data.store_path), data) if data.store_path else []
 
 
 def render_figures(data: ReportData, min_n: int) -> list[FigureFile]:
