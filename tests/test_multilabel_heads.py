@@ -269,3 +269,21 @@ def test_multilabel_logreg_is_scikit_learns_binary_regression_per_label():
             ref = LogisticRegression(C=1 / (strength * len(X)), max_iter=5000, tol=1e-10).fit(X.astype(np.float64),
                                                                                               Y[:, c])
             np.testing.assert_allclose(probs[m, :, c], ref.predict_proba(X)[:, 1], atol=1e-4)
+
+
+def test_mitigation_is_refused_on_multi_label_heads_and_attribute_probes_run_on_the_cohort(ml_store):
+    """--mitigate trains multi-class heads only: one line for probe and sweep on a multi-label cohort, no run
+    written; `probe --target sex` is a multi-class head over the same vectors."""
+    runner = CliRunner()
+    base = ["--store", str(ml_store.path)]
+    for command in (["probe", "--model", VEC, "--head", "lp", "--epochs", "2", "--mitigate", "reweight"],
+                    ["sweep", "--model", VEC, "--head", "lp", "--epochs", "2", "--seeds", "0",
+                     "--mitigate", "groupdro", "--quiet"]):
+        result = runner.invoke(app, [*base, *command])
+        assert result.exit_code != 0
+        assert "is for multi-class heads; this cohort is multi-label" in str(result.exception)
+    assert not ml_store.has("runs") or ml_store.read("runs").num_rows == 0
+    run = run_probe(ml_store, VEC, HeadConfig("logreg"), target="sex")
+    config = json.loads(run["config"])
+    assert run["method"] == "logreg@sex" and config["target"] == "sex" and "thresholds" not in config
+    assert _predictions(ml_store, run["run_id"])["y_true"].notna().all()
