@@ -480,38 +480,43 @@ class _ModelPass:
     model: object
     weights_id: str
     transform: object
-    sets: dict[str, dict[str, list[str]]]
+    settings: EmbeddingSettings
     table: str
     schema: pa.Schema
-    todo: pd.DataFrame  # the cohort rows without a vector
-    skipped: int  # rows already embedded with these weights
+    memory_format: torch.memory_format  # of the batches on the device (see channels_last)
+    todo: pd.DataFrame = field(default_factory=pd.DataFrame)  # the cohort rows without a vector
+    skipped: int = 0  # rows already embedded with these weights
+    sets: dict[str, dict[str, list[str]]] = field(default_factory=dict)  # the prompt sets it embedded
     paths: list[str] = field(default_factory=list)  # the distinct images of ``todo``
     local_inputs: dict = field(default_factory=dict)
     pending_idx: list[np.ndarray] = field(default_factory=list)  # positions in the pass's path list
     pending_vec: list[np.ndarray] = field(default_factory=list)
     pending_sim: dict[str, list[np.ndarray]] = field(default_factory=dict)
     source: object = None  # the pixel cache's entry for ``transform`` (None: decode the files)
-    memory_format: torch.memory_format = torch.preserve_format  # of the batches on the device (see channels_last)
 
     @property
     def pending(self) -> int:
         return sum(len(i) for i in self.pending_idx)
+
+    @classmethod
+    def on_device(cls, m: ToEmbed, dev: torch.device, amp: str) -> "_ModelPass":
+        """``m``'s share of a pass before its rows are known: the model in eval mode on ``dev`` (channels-last
+        where that helps), its preprocessing, the settings its vectors are computed under, its table and schema."""
+        model = m.model.to(dev).eval()
+        memory_format = torch.channels_last if channels_last(model, dev) else torch.preserve_format
+        model = model.to(memory_format=memory_format)
+        settings = EmbeddingSettings(amp, m.preprocess or model.default_preprocessing())
+        return cls(m.spec, model, m.weights_id, model.image_transform(m.preprocess), settings,
+                   embeddings_table(m.spec.name), schemas.embeddings_schema(model.embed_dim), memory_format)
 
 
 def _prepare(store: Store, m: ToEmbed, rows: pd.DataFrame, classes, cohort: str, dev: torch.device, force: bool,
              extra_prompt_sets: list[str], amp: str, cohort_paths: list[str] | None = None) -> _ModelPass:
     """Check one model's settings against its stored vectors, record them, embed its prompts: everything before
     its first image vector."""
-    spec, weights_id = m.spec, m.weights_id
-    model = m.model
-    transform = model.image_transform(m.preprocess)
-    settings = EmbeddingSettings(amp, m.preprocess or model.default_preprocessing())
-    model = model.to(dev).eval()
-    memory_format = torch.channels_last if channels_last(model, dev) else torch.preserve_format
-    model = model.to(memory_format=memory_format)
-    table = embeddings_table(spec.name)
-    schema = schemas.embeddings_schema(model.embed_dim)
-    store.check_vector_width(table, schema)  # fail before the pass, not at its first write
+    one = _ModelPass.on_device(m, dev, amp)
+    spec, weights_id, model, table, settings = one.spec, one.weights_id, one.model, one.table, one.settings
+    store.check_vector_width(table, one.schema)  # fail before the pass, not at its first write
     where = f"{sql_eq('weights_id', weights_id)} AND {sql_eq('cohort', cohort)}"
     if force:
         store.delete(table, where)
@@ -527,12 +532,11 @@ def _prepare(store: Store, m: ToEmbed, rows: pd.DataFrame, classes, cohort: str,
     _record_settings(store, spec.name, weights_id, cohort, settings)  # before any vector written under them
     _record_weights(store, spec, model, weights_id, m.source)
     embed_prompts(store, spec, model, weights_id, sets, changed, dev)
-    todo = rows[~rows["row_id"].isin(done)]
+    one.todo, one.skipped, one.sets = rows[~rows["row_id"].isin(done)], len(done), sets
+    one.paths = list(dict.fromkeys(one.todo["path"]))
     if cohort_paths is None:
         cohort_paths = list(dict.fromkeys(rows["path"]))
-    source = pixels.usable_source(store.path, cohort, transform.recipe(), cohort_paths)
-    one = _ModelPass(spec, model, weights_id, transform, sets, table, schema, todo, len(done),
-                     paths=list(dict.fromkeys(todo["path"])), source=source, memory_format=memory_format)
+    one.source = pixels.usable_source(store.path, cohort, one.transform.recipe(), cohort_paths)
     # What the family's per-image extras need of the prompts (GLoRIA: word features), encoded once for the pass.
     one.local_inputs = model.prompt_context({name: [t for ts in by_class.values() for t in ts]
                                              for name, by_class in sets.items()})

@@ -36,7 +36,6 @@ from embedkit.device import resolve_device
 from embedkit.embed import (EmbeddingSettings, EmbedSettingsError, EmbedSummary, ToEmbed, _embed_paths, _ModelPass,
                             _prepare, _refuse_other_settings, check_amp)
 from embedkit.errors import EmbedkitError
-from embedkit.store import schemas
 from embedkit.store.store import Store, _fault_point, embeddings_table, sql_eq
 
 SHARDS_DIR = "_shards"
@@ -131,14 +130,10 @@ def embed_shard(store: Store, m: ToEmbed, cohort: str, shard: Shard, device: str
         dev = resolve_device(device)
         check_amp(amp, dev)
         rows = load_cohort(store, cohort)
-        model = m.model
-        transform = model.image_transform(m.preprocess)
-        settings = EmbeddingSettings(amp, m.preprocess or model.default_preprocessing())
-        model = model.to(dev).eval()
-        table = embeddings_table(spec.name)
-        schema = schemas.embeddings_schema(model.embed_dim)
+        one = _ModelPass.on_device(m, dev, amp)
+        table, settings = one.table, one.settings
         with store.lock(f"create-{table}", wait_s=60, holder=f"creating table {table}"):
-            store.ensure_table(table, schema)  # fragments are written into an existing table's folder
+            store.ensure_table(table, one.schema)  # fragments are written into an existing table's folder
         where = f"{sql_eq('weights_id', weights_id)} AND {sql_eq('cohort', cohort)}"
         done = set(store.read(table, where, ["row_id"])["row_id"].to_pylist())
         if done:
@@ -148,9 +143,9 @@ def embed_shard(store: Store, m: ToEmbed, cohort: str, shard: Shard, device: str
         saved = _chunks(folder)
         staged = {r for chunk in saved for r in chunk["row_ids"]}
         mine = set(list(dict.fromkeys(rows["path"]))[shard.index::shard.count])
-        todo = rows[rows["path"].isin(mine) & ~rows["row_id"].isin(done | staged)]
-        one = _ModelPass(spec, model, weights_id, transform, {}, table, schema, todo, len(done) + len(staged),
-                         paths=list(dict.fromkeys(todo["path"])))
+        one.todo = rows[rows["path"].isin(mine) & ~rows["row_id"].isin(done | staged)]
+        one.skipped = len(done) + len(staged)
+        one.paths = list(dict.fromkeys(one.todo["path"]))
         writer = _FragmentWriter(store, folder, len(saved))
         start = time.perf_counter()
         if one.paths:
