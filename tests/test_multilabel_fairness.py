@@ -253,7 +253,7 @@ def _planted_store(tmp_path, planted: float, seed: int) -> Store:
 def _sex_diffs(store: Store) -> dict:
     con = db.connect(store, ["sex"])
     table = bootstrap.bootstrap_intervals(con, ["run"], "test", n_resamples=200, seed=1, suite="multilabel",
-                                          families=["fnr_diff", "tpr_diff", "auc_diff"])
+                                          families=["fnr_diff", "tpr_diff", "auc_diff"], bca=False, batch=100)
     return {r["metric"]: r for r in table.to_pylist() if r["attribute"] == "sex"}
 
 
@@ -275,8 +275,9 @@ def test_planted_underdiagnosis_of_women_is_recovered_and_absent_without_it(tmp_
 def test_bootstrap_replicates_match_a_reweighted_numpy_recomputation(ml, con) -> None:
     """Replicate r of the views is the metric on the rows repeated as the draws say (percentile interval)."""
     _, images, runs = ml
+    # in batches of 7 replicates: the same draws and values as in one pass
     table = bootstrap.bootstrap_intervals(con, ["ml-a"], "test", n_resamples=30, seed=3, suite="multilabel",
-                                          families=["underdiagnosis", "auc"], bca=False)
+                                          families=["underdiagnosis", "auc"], bca=False, batch=7)
     rows = {(r["attribute"], r["group_or_gap"], r["metric"]): r for r in table.to_pylist()}
     members = con.sql("SELECT DISTINCT attribute, split, group_name, row_id, unit_id FROM label_group_rows "
                       "WHERE replicate = 0 AND attribute = 'sex'").to_arrow_table()
@@ -302,7 +303,7 @@ def test_bootstrap_replicates_match_a_reweighted_numpy_recomputation(ml, con) ->
 def test_fairness_cli_prints_the_multilabel_layout(ml, tmp_path) -> None:
     store = ml[0]
     runner = CliRunner()
-    result = runner.invoke(app, ["--store", str(store.path), "fairness", "--run", "ml-a", "--ci", "20",
+    result = runner.invoke(app, ["--store", str(store.path), "fairness", "--run", "ml-a", "--ci", "10",
                                  "--by", "sex,age_decade"])
     assert result.exit_code == 0, result.output
     out = result.output
@@ -315,3 +316,17 @@ def test_fairness_cli_prints_the_multilabel_layout(ml, tmp_path) -> None:
     assert payload["task"] == "multilabel"
     under = [r for r in payload["rows"] if r["metric"] == "underdiagnosis" and r["attribute"] == "sex"]
     assert sorted(r["group_or_gap"] for r in under) == ["F", "M"]
+
+
+def test_report_has_the_multilabel_section_and_underdiagnosis_figure(ml, tmp_path) -> None:
+    from embedkit.report.build import build_report
+
+    html = build_report(ml[0], tmp_path / "report", runs=["ml-a"], ci=0, by=["sex", "age_decade"])
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    assert (tmp_path / "report" / "underdiagnosis.png").stat().st_size > 1000
+    assert "Multi-label: AUC by sex" in markdown and "underdiagnosis by group" in markdown
+    con = db.connect(ml[0], ["sex"])
+    value = con.sql("SELECT value FROM multilabel_summary WHERE run_id = 'ml-a' AND attribute = 'sex' "
+                    "AND group_or_gap = 'F' AND metric = 'underdiagnosis'").fetchall()[0][0]
+    assert f"{value:.3f}" in markdown  # the table prints the view's number
+    assert "underdiagnosis.png" in markdown and "data:image/png" in html.read_text()

@@ -29,10 +29,11 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from embedkit.fairness.db import CI_LEVEL, RESAMPLE_WEIGHTS, FairnessError, scoped
 
-_MEMBERS_SQL = """
+_MEMBERS_TEMPLATE = """
 SELECT DISTINCT attribute, split, group_name, row_id, unit_id
 FROM {rows}
 WHERE replicate = 0 AND split = $split AND list_contains($runs, run_id)
@@ -40,11 +41,18 @@ ORDER BY attribute, group_name, row_id
 """
 
 REPLICATES = "_embedkit_replicates"
-_REPLICATES_SQL = f"""
+_REPLICATES_TEMPLATE = f"""
 CREATE OR REPLACE TEMP TABLE {REPLICATES} AS
 SELECT run_id, split, attribute, group_or_gap, family, metric, replicate, value, n
 FROM {{values}}
 WHERE $families IS NULL OR list_contains($families, family)
+"""
+# Replicates after the first batch (bootstrap_intervals' ``batch``) are appended; the observed sample is in already.
+_MORE_REPLICATES_TEMPLATE = f"""
+INSERT INTO {REPLICATES}
+SELECT run_id, split, attribute, group_or_gap, family, metric, replicate, value, n
+FROM {{values}}
+WHERE replicate <> 0 AND ($families IS NULL OR list_contains($families, family))
 """
 _INTERVALS_SQL = f"SELECT * FROM interval_summary('{REPLICATES}') ORDER BY run_id, attribute, group_or_gap, metric"
 _REPLICATE_VALUES_SQL = f"""
@@ -62,9 +70,11 @@ SUITES: dict[str, tuple[str, str]] = {
     "multilabel": ("label_group_rows", "label_metric_values"),
 }
 
-# Shared with the paired comparisons (embedkit/fairness/compare.py), which load the same draws for two runs.
-MEMBERS_SQL = _MEMBERS_SQL.format(rows=SUITES["multiclass"][0])
-REPLICATES_SQL = _REPLICATES_SQL.format(values=SUITES["multiclass"][1])
+# The multi-class queries, as before the templates. Shared with the paired comparisons
+# (embedkit/fairness/compare.py), which load the same draws for two runs.
+_MEMBERS_SQL = _MEMBERS_TEMPLATE.format(rows=SUITES["multiclass"][0])
+_REPLICATES_SQL = _REPLICATES_TEMPLATE.format(values=SUITES["multiclass"][1])
+MEMBERS_SQL, REPLICATES_SQL = _MEMBERS_SQL, _REPLICATES_SQL
 
 WEIGHTS_SCHEMA = pa.schema(
     [
@@ -193,6 +203,7 @@ def bootstrap_intervals(
     class_scores: bool = True,
     suite: str = "multiclass",
     bca: bool = True,
+    batch: int | None = None,
 ) -> pa.Table:
     """Every metric and gap of ``run_ids`` on ``split`` with its BCa bootstrap interval (see the module docstring).
 
@@ -203,8 +214,10 @@ def bootstrap_intervals(
     ``class_scores=False`` skips AUC and classwise ECE, the costly part. ``suite="multilabel"`` resamples the
     multi-label runs' rows and reads ``label_metric_values`` (per-label metrics, underdiagnosis, their gaps) instead.
     ``bca=False`` skips the jackknife (one replicate per patient: on tens of thousands of patients it costs more than
-    the bootstrap itself): ``ci_low``/``ci_high`` are then the percentile interval. Deterministic for a given seed;
-    the resample table is emptied afterwards.
+    the bootstrap itself): ``ci_low``/``ci_high`` are then the percentile interval. ``batch`` computes that many
+    replicates per query (None: all in one): the same draws and results, in bounded memory (a 200-replicate pass over
+    a 100,000-row multi-label split is a few hundred million label rows). Deterministic for a given seed; the
+    resample table is emptied afterwards.
     """
     if not 0 < level < 1:
         raise FairnessError(f"the confidence level must lie between 0 and 1, got {level}")
@@ -215,16 +228,26 @@ def bootstrap_intervals(
         raise FairnessError(f"unknown metric suite {suite!r}: one of {', '.join(SUITES)}")
     rows_view, values_view = SUITES[suite]
     with scoped(con, runs, split, class_scores):
-        members = con.sql(_MEMBERS_SQL.format(rows=rows_view), params={"split": split, "runs": runs}).to_arrow_table()
+        members = con.sql(_MEMBERS_TEMPLATE.format(rows=rows_view),
+                          params={"split": split, "runs": runs}).to_arrow_table()
         if members.num_rows == 0:
             raise FairnessError(f"no predictions of run(s) {', '.join(runs)} on split {split!r} to resample")
         jackknife, strata = jackknife_weights(members) if bca else (WEIGHTS_SCHEMA.empty_table(), {})
-        weights = pa.concat_tables([draw_weights(members, n_resamples, seed), jackknife])
+        draws = draw_weights(members, n_resamples, seed)
+        step = n_resamples if not batch else max(1, int(batch))
+        params = {"families": list(families) if families is not None else None}
         try:
-            _load_weights(con, weights)
             con.execute(f"SET VARIABLE ci_level = {float(level)!r}")
-            con.execute(_REPLICATES_SQL.format(values=values_view),
-                        {"families": list(families) if families is not None else None})
+            for first in range(1, n_resamples + 1, step):
+                if step == n_resamples:
+                    part = draws
+                else:
+                    replicate = draws.column("replicate")
+                    part = draws.filter(pc.and_(pc.greater_equal(replicate, first),
+                                                pc.less(replicate, first + step)))
+                _load_weights(con, pa.concat_tables([part, jackknife]) if first == 1 else part)
+                sql = _REPLICATES_TEMPLATE if first == 1 else _MORE_REPLICATES_TEMPLATE
+                con.execute(sql.format(values=values_view), params)
             table = con.sql(_INTERVALS_SQL).to_arrow_table()
             replicates = con.sql(_REPLICATE_VALUES_SQL).to_arrow_table()
         finally:
