@@ -19,6 +19,7 @@ from embedkit.constants import NIH_FINDINGS, NO_FINDING
 from embedkit.fairness import bootstrap, db
 from embedkit.store import schemas
 from embedkit.store.store import Store
+from conftest import main_cli
 
 TOL = 1e-9
 LABELS = (*NIH_FINDINGS, NO_FINDING)
@@ -257,6 +258,7 @@ def _sex_diffs(store: Store) -> dict:
     return {r["metric"]: r for r in table.to_pylist() if r["attribute"] == "sex"}
 
 
+@pytest.mark.slow
 def test_planted_underdiagnosis_of_women_is_recovered_and_absent_without_it(tmp_path) -> None:
     planted = _sex_diffs(_planted_store(tmp_path, planted=2.0, seed=5))
     fnr = planted[f"fnr_diff[{PLANTED}]"]
@@ -300,22 +302,48 @@ def test_bootstrap_replicates_match_a_reweighted_numpy_recomputation(ml, con) ->
         assert abs(got["ci_low"] - low) <= TOL and abs(got["ci_high"] - high) <= TOL
 
 
-def test_fairness_cli_prints_the_multilabel_layout(ml, tmp_path) -> None:
+@pytest.mark.slow
+def test_fairness_cli_prints_the_multilabel_layout(ml, con, tmp_path) -> None:
     store = ml[0]
     runner = CliRunner()
     result = runner.invoke(app, ["--store", str(store.path), "fairness", "--run", "ml-a", "--ci", "10",
-                                 "--by", "sex,age_decade"])
+                                 "--by", "sex"])
     assert result.exit_code == 0, result.output
     out = result.output
-    assert "AUC by sex" in out and "underdiagnosis" in out.lower() and f"{PLANTED}" in out
-    assert "10-19" in out and "F-M" in out
+    assert "AUC by sex" in out and "underdiagnosis by sex" in out and PLANTED in out and "F-M [CI]" in out
+    assert "BCa bootstrap interval over 10 resamples" in " ".join(out.split())  # Rich wraps the notes
+    f_value = _summary(con, "ml-a")[("sex", "F", "underdiagnosis")][0]
+    assert f"{f_value:.3f} [" in out  # the view's value, with its interval
     result = runner.invoke(app, ["--store", str(store.path), "fairness", "--run", "ml-a", "--ci", "0", "--json",
-                                 "--by", "sex"])
+                                 "--by", "sex,age_decade"])
     assert result.exit_code == 0, result.output
     payload = json.loads(result.output)
     assert payload["task"] == "multilabel"
     under = [r for r in payload["rows"] if r["metric"] == "underdiagnosis" and r["attribute"] == "sex"]
     assert sorted(r["group_or_gap"] for r in under) == ["F", "M"]
+    decades = {r["group_or_gap"] for r in payload["rows"] if r["attribute"] == "age_decade"}
+    assert {"0-9", "10-19", "gap", "worst"} <= decades
+    assert {r["label_name"] for r in payload["rows"] if r["family"] == "auc"} == set(LABELS)
+
+
+def test_fairness_refuses_a_mix_of_multilabel_and_multiclass_runs(monkeypatch, capsys, tmp_path) -> None:
+    from embedkit.fairness.multilabel import is_multilabel
+
+    rng = np.random.default_rng(2)
+    images = _images(10, rng)
+    store = Store(tmp_path / "mixed")
+    _write(store, images, "ml", _scores(images, rng), _thresholds(rng))
+    predictions = pa.table({"run_id": ["mc"] * 10, "row_id": images["row_id"], "image_id": images["image_id"],
+                            "split": images["split"], "y_true": [0] * 10, "y_pred": [0] * 10,
+                            "probs": [[1.0, 0.0]] * 10}, schema=schemas.PREDICTIONS)
+    store.write_run({"run_id": "mc", "model": "toy", "method": "lp", "config": {"classes": ["a", "b"]}}, predictions)
+    with pytest.raises(db.FairnessError, match="mix multi-label"):
+        is_multilabel(store, [{"run_id": "ml"}, {"run_id": "mc"}])
+    assert is_multilabel(store, [{"run_id": "ml"}]) and not is_multilabel(store, [{"run_id": "mc"}])
+    code, out, err = main_cli(monkeypatch, capsys, "--store", str(store.path), "fairness", "--run", "ml", "--run",
+                              "mc", "--ci", "0")
+    assert code == 1 and out == "" and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    assert "mix multi-label (ml) and multi-class runs" in err and "Traceback" not in err
 
 
 def test_report_has_the_multilabel_section_and_underdiagnosis_figure(ml, tmp_path) -> None:
