@@ -4,7 +4,7 @@
 -- Columns: replicate, run_id, split, attribute, group_name, n (weighted diseased rows: a label other than
 --   getvariable('no_finding') in images.labels), underdiagnosed (those whose No Finding score reaches the No
 --   Finding threshold: predicted 'No Finding'), underdiagnosis = underdiagnosed / n (NULL without diseased rows).
--- With NIH's labels (No Finding exactly when nothing else) this is the No Finding label's FPR in label_confusion.
+-- With NIH's labels (No Finding exactly when nothing else) this is the No Finding label's FPR in label_metrics.
 -- A run whose classes lack No Finding has no row.
 CREATE OR REPLACE VIEW underdiagnosis AS
 SELECT
