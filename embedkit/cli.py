@@ -844,8 +844,8 @@ def fairness_cmd(
     table.print_tables(con, rows, runs, attributes, split, ci, seed, min_n)
 
 
-def _multilabel_fairness(store, con, runs: list[dict], attributes: list[str], split: str, ci: int, seed: int, min_n: int,
-                         as_json: bool) -> bool:
+def _multilabel_fairness(store, con, runs: list[dict], attributes: list[str], split: str, ci: int, seed: int,
+                         min_n: int, as_json: bool) -> bool:
     """`embedkit fairness` on multi-label runs (per-label AUC by group, underdiagnosis): prints and returns True;
     returns False for multi-class runs, which the paper-style table shows."""
     from embedkit.fairness import multilabel
