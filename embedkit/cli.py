@@ -927,12 +927,32 @@ def fairness_cmd(
     store = get_store(ctx)
     con = db.connect(store, catalogue.attributes_to_slice(attributes))
     runs = db.scored_runs(store, run, model, method and method.value, split)
+    if _multilabel_fairness(store, con, runs, attributes, split, ci, seed, min_n, as_json):
+        return
     rows = table.fairness_rows(con, runs, attributes, split, ci, seed, min_n)
     if as_json:
         echo_json({"split": split, "attributes": attributes, "n_resamples": ci, "seed": seed, "min_n": min_n,
                    "runs": runs, "rows": rows})
         return
     table.print_tables(con, rows, runs, attributes, split, ci, seed, min_n)
+
+
+def _multilabel_fairness(store, con, runs: list[dict], attributes: list[str], split: str, ci: int, seed: int,
+                         min_n: int, as_json: bool) -> bool:
+    """`embedkit fairness` on multi-label runs (per-label AUC by group, underdiagnosis): prints and returns True;
+    returns False for multi-class runs, which the paper-style table shows."""
+    from embedkit.fairness import multilabel
+
+    if not multilabel.is_multilabel(store, runs):
+        return False
+    rows, bca = multilabel.multilabel_rows(con, runs, attributes, split, ci, seed, min_n)
+    if as_json:
+        echo_json({"task": multilabel.TASK, "split": split, "attributes": attributes, "n_resamples": ci,
+                   "seed": seed, "min_n": min_n, "interval": "bca" if bca else "percentile", "runs": runs,
+                   "rows": rows})
+    else:
+        multilabel.print_multilabel(con, rows, runs, attributes, split, ci, seed, min_n, bca)
+    return True
 
 
 @app.command("compare")

@@ -29,22 +29,30 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from embedkit.fairness.db import CI_LEVEL, RESAMPLE_WEIGHTS, FairnessError, scoped
 
-_MEMBERS_SQL = """
+_MEMBERS_TEMPLATE = """
 SELECT DISTINCT attribute, split, group_name, row_id, unit_id
-FROM group_rows
+FROM {rows}
 WHERE replicate = 0 AND split = $split AND list_contains($runs, run_id)
 ORDER BY attribute, group_name, row_id
 """
 
 REPLICATES = "_embedkit_replicates"
-_REPLICATES_SQL = f"""
+_REPLICATES_TEMPLATE = f"""
 CREATE OR REPLACE TEMP TABLE {REPLICATES} AS
 SELECT run_id, split, attribute, group_or_gap, family, metric, replicate, value, n
-FROM metric_values
+FROM {{values}}
 WHERE $families IS NULL OR list_contains($families, family)
+"""
+# Replicates after the first batch (bootstrap_intervals' ``batch``) are appended; the observed sample is in already.
+_MORE_REPLICATES_TEMPLATE = f"""
+INSERT INTO {REPLICATES}
+SELECT run_id, split, attribute, group_or_gap, family, metric, replicate, value, n
+FROM {{values}}
+WHERE replicate <> 0 AND ($families IS NULL OR list_contains($families, family))
 """
 _INTERVALS_SQL = f"SELECT * FROM interval_summary('{REPLICATES}') ORDER BY run_id, attribute, group_or_gap, metric"
 _REPLICATE_VALUES_SQL = f"""
@@ -54,7 +62,18 @@ WHERE replicate <> 0 AND value IS NOT NULL
 ORDER BY run_id, attribute, group_or_gap, metric, replicate
 """
 
-# Shared with the paired comparisons (embedkit/fairness/compare.py), which load the same draws for two runs.
+# The views a bootstrap reads: the rows it resamples and the values it collects, per kind of run. A multi-label
+# run's rows are label_group_rows (its y_true is NULL, so group_rows holds none of them); both join the same
+# resample_weights, so a row's draws do not depend on which kind of run it belongs to.
+SUITES: dict[str, tuple[str, str]] = {
+    "multiclass": ("group_rows", "metric_values"),
+    "multilabel": ("label_group_rows", "label_metric_values"),
+}
+
+# The multi-class queries, as before the templates. Shared with the paired comparisons
+# (embedkit/fairness/compare.py), which load the same draws for two runs.
+_MEMBERS_SQL = _MEMBERS_TEMPLATE.format(rows=SUITES["multiclass"][0])
+_REPLICATES_SQL = _REPLICATES_TEMPLATE.format(values=SUITES["multiclass"][1])
 MEMBERS_SQL, REPLICATES_SQL = _MEMBERS_SQL, _REPLICATES_SQL
 
 WEIGHTS_SCHEMA = pa.schema(
@@ -182,6 +201,9 @@ def bootstrap_intervals(
     level: float = CI_LEVEL,
     families: Iterable[str] | None = None,
     class_scores: bool = True,
+    suite: str = "multiclass",
+    bca: bool = True,
+    batch: int | None = None,
 ) -> pa.Table:
     """Every metric and gap of ``run_ids`` on ``split`` with its BCa bootstrap interval (see the module docstring).
 
@@ -189,7 +211,12 @@ def bootstrap_intervals(
     split, attribute, group_or_gap, family, metric, value, n, n_replicates) with ``ci_low``/``ci_high`` the BCa
     interval, ``pct_low``/``pct_high`` the percentile one and ``ci_note`` (why an interval excludes its estimate, else
     null). ``families`` keeps only those metric families (e.g. ``["macro_f1", "f1_gap", "eqodds"]``);
-    ``class_scores=False`` skips AUC and classwise ECE, the costly part. Deterministic for a given seed; the
+    ``class_scores=False`` skips AUC and classwise ECE, the costly part. ``suite="multilabel"`` resamples the
+    multi-label runs' rows and reads ``label_metric_values`` (per-label metrics, underdiagnosis, their gaps) instead.
+    ``bca=False`` skips the jackknife (one replicate per patient: on tens of thousands of patients it costs more than
+    the bootstrap itself): ``ci_low``/``ci_high`` are then the percentile interval. ``batch`` computes that many
+    replicates per query (None: all in one): the same draws and results, in bounded memory (a 200-replicate pass over
+    a 100,000-row multi-label split is a few hundred million label rows). Deterministic for a given seed; the
     resample table is emptied afterwards.
     """
     if not 0 < level < 1:
@@ -197,23 +224,49 @@ def bootstrap_intervals(
     runs = list(run_ids)
     if not runs:
         raise FairnessError("no run to bootstrap: name at least one run_id")
+    if suite not in SUITES:
+        raise FairnessError(f"unknown metric suite {suite!r}: one of {', '.join(SUITES)}")
+    rows_view, values_view = SUITES[suite]
     with scoped(con, runs, split, class_scores):
-        members = con.sql(_MEMBERS_SQL, params={"split": split, "runs": runs}).to_arrow_table()
+        members = con.sql(_MEMBERS_TEMPLATE.format(rows=rows_view),
+                          params={"split": split, "runs": runs}).to_arrow_table()
         if members.num_rows == 0:
             raise FairnessError(f"no predictions of run(s) {', '.join(runs)} on split {split!r} to resample")
-        jackknife, strata = jackknife_weights(members)
-        weights = pa.concat_tables([draw_weights(members, n_resamples, seed), jackknife])
+        jackknife, strata = jackknife_weights(members) if bca else (WEIGHTS_SCHEMA.empty_table(), {})
+        draws = draw_weights(members, n_resamples, seed)
+        step = n_resamples if not batch else max(1, int(batch))
+        params = {"families": list(families) if families is not None else None}
         try:
-            _load_weights(con, weights)
             con.execute(f"SET VARIABLE ci_level = {float(level)!r}")
-            con.execute(_REPLICATES_SQL, {"families": list(families) if families is not None else None})
+            for first in range(1, n_resamples + 1, step):
+                if step == n_resamples:
+                    part = draws
+                else:
+                    replicate = draws.column("replicate")
+                    part = draws.filter(pc.and_(pc.greater_equal(replicate, first),
+                                                pc.less(replicate, first + step)))
+                _load_weights(con, pa.concat_tables([part, jackknife]) if first == 1 else part)
+                sql = _REPLICATES_TEMPLATE if first == 1 else _MORE_REPLICATES_TEMPLATE
+                con.execute(sql.format(values=values_view), params)
             table = con.sql(_INTERVALS_SQL).to_arrow_table()
             replicates = con.sql(_REPLICATE_VALUES_SQL).to_arrow_table()
         finally:
             con.execute(f"DELETE FROM {RESAMPLE_WEIGHTS}")
             con.execute(f"DROP TABLE IF EXISTS {REPLICATES}")
             con.execute(f"SET VARIABLE ci_level = {float(CI_LEVEL)!r}")
+    if not bca:
+        return _percentile_only(table)
     return _with_bca(table, replicates, strata, level)
+
+
+def _percentile_only(table: pa.Table) -> pa.Table:
+    """``table`` (interval_summary rows) in :func:`bootstrap_intervals`' columns with the percentile interval as
+    ci_* (no jackknife: no BCa correction), pct_* the same, and no note."""
+    pct = table.rename_columns(["pct_low" if c == "ci_low" else "pct_high" if c == "ci_high" else c
+                                for c in table.column_names])
+    return (pct.append_column("ci_low", pct.column("pct_low"))
+            .append_column("ci_high", pct.column("pct_high"))
+            .append_column("ci_note", pa.nulls(pct.num_rows, pa.string())))
 
 
 def _with_bca(table: pa.Table, replicates: pa.Table, strata: dict, level: float) -> pa.Table:

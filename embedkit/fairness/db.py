@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from embedkit.constants import AGE_GROUPS, AGE_OLD_FROM, SEXES
+from embedkit.constants import AGE_GROUPS, AGE_OLD_FROM, NO_FINDING, SEXES
 from embedkit.errors import EmbedkitError
 
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
@@ -24,7 +24,7 @@ ECE_BINS = 15  # equal-width bins on [0, 1] for the top-label and classwise ECE
 CI_LEVEL = 0.95
 
 # Views whose grain is one row per prediction (or more): `embedkit export` leaves these as SQL, not Parquet.
-ROW_LEVEL_VIEWS: frozenset[str] = frozenset({"group_rows", "class_scores"})
+ROW_LEVEL_VIEWS: frozenset[str] = frozenset({"group_rows", "class_scores", "label_predictions", "label_group_rows"})
 # Tables the views need; the others found in a store are registered too, for `embedkit sql`.
 REQUIRED_TABLES: tuple[str, ...] = ("images", "runs", "predictions")
 RESAMPLE_WEIGHTS = "resample_weights"
@@ -69,6 +69,7 @@ def settings_sql() -> str:
         "scope_runs": "NULL",  # every run ...
         "scope_split": "NULL",  # ... and split (see 01_predictions_base.sql)
         "class_scores": "true",  # AUC and classwise ECE on (see 08_class_scores.sql)
+        "no_finding": _quote(NO_FINDING),  # the multi-label runs' label of no disease (see 25_underdiagnosis.sql)
     }
     return "\n".join(f"SET VARIABLE {name} = {value};" for name, value in values.items())
 

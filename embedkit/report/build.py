@@ -80,8 +80,9 @@ def write_report(data: ReportData, out_dir: str | Path, min_n: int = MIN_GROUP_N
     """Render collected data into ``out_dir`` (HTML, Markdown, PNGs); returns the HTML path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tables = build_tables(data, min_n) + what_helps(data)
-    figures = render_figures(data, min_n)
+    tables = build_tables(data, min_n) + what_helps(data) if data.has_multiclass else []
+    figures = render_figures(data, min_n) if data.has_multiclass else []
+    tables, figures = tables + multilabel_tables(data, min_n), figures + multilabel_figures(data, min_n)
     for stale in out.glob(f"{RELIABILITY_PREFIX}*.png"):  # runs of an earlier report in the same folder
         stale.unlink()
     for fig in figures:
@@ -133,6 +134,23 @@ def render_figures(data: ReportData, min_n: int) -> list[FigureFile]:
     return out
 
 
+def multilabel_tables(data: ReportData, min_n: int) -> list[Table]:
+    """The multi-label section's tables (embedkit/report/multilabel.py); none without multi-label runs."""
+    from embedkit.report import multilabel
+
+    return [] if data.multilabel is None else multilabel.multilabel_tables(data.multilabel, min_n, data.n_resamples)
+
+
+def multilabel_figures(data: ReportData, min_n: int) -> list[FigureFile]:
+    """The underdiagnosis figure of the multi-label runs; none without them."""
+    from embedkit.report import multilabel
+
+    if data.multilabel is None:
+        return []
+    return [FigureFile(multilabel.FIGURE_NAME, multilabel.FIGURE_TITLE, multilabel.FIGURE_CAPTION,
+                       multilabel.underdiagnosis_figure(data.multilabel, min_n))]
+
+
 def header_facts(data: ReportData, min_n: int, created: datetime) -> list[tuple[str, str]]:
     """(label, text) pairs saying what was audited and how."""
     from embedkit import __version__
@@ -152,7 +170,8 @@ def header_facts(data: ReportData, min_n: int, created: datetime) -> list[tuple[
     facts = [
         ("Cohort", cohorts),
         ("Split", data.split),
-        ("Runs", f"{len(runs)} run(s) in {runs['arm'].nunique()} model x method arm(s){skipped}"),
+        ("Runs", f"{len(runs)} run(s) in {runs['arm'].nunique()} model x method arm(s){skipped}"
+                 + _multilabel_fact(data)),
         ("Study", data.study or "—"),
         ("Attributes", ", ".join(data.attributes)),
         ("Age boundary", f"{young}: age < {AGE_OLD_FROM}; {old}: age ≥ {AGE_OLD_FROM}"),
@@ -163,6 +182,15 @@ def header_facts(data: ReportData, min_n: int, created: datetime) -> list[tuple[
         ("Date", created.strftime("%Y-%m-%d %H:%M UTC")),
     ]
     return facts
+
+
+def _multilabel_fact(data: ReportData) -> str:
+    """What the Runs line adds for multi-label runs: how many, when multi-class runs are reported beside them."""
+    if data.multilabel is None:
+        return ""
+    if not data.has_multiclass:
+        return " (multi-label: per-label metrics and underdiagnosis)"
+    return f"; and {len(data.multilabel.runs)} multi-label run(s) (their own section)"
 
 
 def model_rows(data: ReportData) -> list[list[str]]:
@@ -222,9 +250,10 @@ def render_html(data: ReportData, title: str, header: list[tuple[str, str]], tab
         uri = "data:image/png;base64," + base64.b64encode(fig.png).decode("ascii")
         parts.append(f'<figure><img src="{uri}" alt="{e(fig.title)}"><figcaption><strong>{e(fig.title)}.</strong> '
                      f"{e(fig.caption)}</figcaption></figure>")
-    runs = runs_table(data, min_n)
-    parts.append("<h2>Runs</h2>" + _html_table(runs.columns, runs.rows))
-    parts.extend(f'<p class="note">{e(n)}</p>' for n in runs.notes)
+    if data.has_multiclass:
+        runs = runs_table(data, min_n)
+        parts.append("<h2>Runs</h2>" + _html_table(runs.columns, runs.rows))
+        parts.extend(f'<p class="note">{e(n)}</p>' for n in runs.notes)
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
 
@@ -273,9 +302,10 @@ def render_markdown(data: ReportData, title: str, header: list[tuple[str, str]],
         if fig is _first_reliability(figures):
             lines += ["### Reliability diagrams per run", "", RELIABILITY_INTRO, ""]
         lines += [f"![{fig.title}]({fig.name})", "", f"**{fig.title}.** {fig.caption}", ""]
-    runs = runs_table(data, min_n)
-    lines += ["## Runs", ""] + markdown_table(runs.columns, runs.text_rows()) + [""]
-    lines += [f"_{n}_" for n in runs.notes] + [""]
+    if data.has_multiclass:
+        runs = runs_table(data, min_n)
+        lines += ["## Runs", ""] + markdown_table(runs.columns, runs.text_rows()) + [""]
+        lines += [f"_{n}_" for n in runs.notes] + [""]
     return "\n".join(lines)
 
 

@@ -45,6 +45,14 @@ class ReportData:
     study: str | None = None
     store_path: str = ""
     skipped: list[str] = field(default_factory=list)  # selected runs without predictions on the split
+    # The multi-label runs' section (embedkit/report/multilabel.py); None when no multi-label run is selected.
+    multilabel: object | None = None
+
+    @property
+    def has_multiclass(self) -> bool:
+        """Whether multi-class runs are reported (their tables and figures): a selection may hold only
+        multi-label runs, which ``runs`` then lists for the header."""
+        return self.multilabel is None or not self.values.empty
 
 
 def select_runs(
@@ -114,6 +122,9 @@ def collect(
     if run_table.empty:
         raise ReportError(f"the selected run(s) have no predictions on split {split!r}: pick another --split")
     run_ids = run_table["run_id"].tolist()
+    multilabel, run_table, run_ids = _multilabel_section(store, con, run_table, attributes, split, ci, seed)
+    if not run_ids:  # only multi-label runs: their section, and an empty multi-class part
+        return _multilabel_only(store, run_table, multilabel, split, attributes, ci, seed, study, skipped)
 
     # The report shows no AUC or classwise ECE: class_scores=False skips them, the costly part of every replicate.
     families = catalogue.report_families()
@@ -154,7 +165,43 @@ def collect(
     runs["variant"] = _variants(runs)
     return ReportData(runs=runs, values=values.reset_index(drop=True), bins=bins, classes=classes, split=split,
                       attributes=attributes, n_resamples=int(ci), seed=int(seed), study=study,
-                      store_path=str(store.path), skipped=skipped)
+                      store_path=str(store.path), skipped=skipped, multilabel=multilabel)
+
+
+def _multilabel_section(store: Store, con, run_table: pd.DataFrame, attributes: list[str], split: str, ci: int,
+                        seed: int):
+    """The multi-label runs' section (None without any), the multi-label runs' table when they are all the selection
+    holds (else the multi-class runs'), and the multi-class run ids."""
+    from embedkit.fairness.multilabel import TASK, run_tasks
+    from embedkit.report.multilabel import collect_multilabel
+
+    tasks = run_tasks(store, run_table["run_id"].tolist())
+    is_ml = run_table["run_id"].map(lambda r: tasks.get(r) == TASK)
+    if not is_ml.any():
+        return None, run_table, run_table["run_id"].tolist()
+    ml = run_table[is_ml]
+    section = collect_multilabel(con, ml[["run_id", "model", "method", "weights_id"]].to_dict("records"),
+                                 attributes, split, ci, seed, min_n=0)
+    rest = run_table[~is_ml]
+    return section, (rest if len(rest) else ml), rest["run_id"].tolist()
+
+
+def _multilabel_only(store: Store, run_table: pd.DataFrame, section, split: str, attributes: list[str], ci: int,
+                     seed: int, study: str | None, skipped: list[str]) -> ReportData:
+    """ReportData of a selection of multi-label runs only: the runs for the header, no multi-class values."""
+    runs = run_table.reset_index(drop=True).copy()
+    n = {r["run_id"]: r["n"] for r in section.rows if r["attribute"] == "all" and r["family"] == "positives"}
+    runs["n"] = runs["run_id"].map(n).astype("Int64")
+    runs["random_weights"] = runs["weights_id"].map(is_random_weights)
+    runs["setting"] = runs["config"].map(_setting)
+    runs["arm"] = [ARM_SEPARATOR.join(map(str, [*arm_key(r), r["setting"]])) for _, r in runs.iterrows()]
+    runs["variant"] = ""
+    values = pd.DataFrame(columns=["run_id", "attribute", "group_or_gap", "metric", "value", "n", "ci_low", "ci_high",
+                                   "ci_note"])
+    bins = pd.DataFrame(columns=["run_id", "attribute", "group_name", "bin", "n", "confidence", "accuracy"])
+    return ReportData(runs=runs, values=values, bins=bins, classes=[], split=split, attributes=attributes,
+                      n_resamples=int(ci), seed=int(seed), study=study, store_path=str(store.path), skipped=skipped,
+                      multilabel=section)
 
 
 def arm_key(run: pd.Series) -> tuple:

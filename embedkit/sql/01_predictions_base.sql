@@ -7,6 +7,7 @@
 --   every other column of `images` (cohort, path, labels, label, age, sex, view, patient_id, extra, ...),
 --   age_group (recomputed from age: old from getvariable('age_old_from') on, so 60 is old),
 --   age_group_sex ('old_M', ...),
+--   age_decade (NIH's age decades: '0-9', '10-19', ..., from age), age_decade_sex ('60-69_F', ...),
 --   unit_id (the resampling unit of the bootstrap: the patient, else the row), weight (the row's multiplicity: 1 here;
 --   group_rows multiplies it by a bootstrap replicate's count, so every metric view below is written once for both).
 -- The stored images.age_group is ignored on purpose: one age boundary, set once per connection, decides everywhere.
@@ -17,6 +18,7 @@ CREATE OR REPLACE VIEW predictions_base AS
 SELECT
     j.*,
     j.age_group || '_' || j.sex AS age_group_sex,
+    j.age_decade || '_' || j.sex AS age_decade_sex,
     coalesce(j.patient_id, j.row_id) AS unit_id,
     1::BIGINT AS weight
 FROM (
@@ -39,7 +41,8 @@ FROM (
             WHEN i.age IS NULL THEN NULL
             WHEN i.age >= getvariable('age_old_from') THEN getvariable('age_group_old')
             ELSE getvariable('age_group_young')
-        END AS age_group
+        END AS age_group,
+        (10 * (floor(i.age)::BIGINT // 10))::VARCHAR || '-' || (10 * (floor(i.age)::BIGINT // 10) + 9)::VARCHAR AS age_decade
     FROM predictions AS p
     JOIN images AS i ON i.row_id = p.row_id
     JOIN runs AS r ON r.run_id = p.run_id
