@@ -9,10 +9,8 @@ Stages, each timed:
    NIH metadata (../shared/data/nih/Data_Entry_2017_v2020.csv.gz unless --metadata): every image's label list, age,
    sex and view, split by patient, vectors synthesised directly (no images), with a planted under-diagnosis of
    women on Effusion.
-2. head: the multi-label heads of embedkit/heads when this checkout has them; else a stand-in (the output says
-   which): one numpy logistic regression per label (full-batch gradient descent on the train split), thresholds
-   at max F1 on val, written as a multi-label run through the store's run commit (the contract of
-   docs/multilabel.md: config task/classes/thresholds, y_true/y_pred NULL, probs = sigmoid scores).
+2. head: embedkit's multi-label logreg (`probe --head logreg`: one binary logistic regression per label by the
+   batched L-BFGS, thresholds at max F1 on val), recorded by the multi-label contract of docs/multilabel.md.
 3. fairness: the SQL suite (label_metric_values: per label and group n, positives, AUC, TPR, FPR, FNR, precision,
    F1, ECE; underdiagnosis; gaps, worst groups, signed differences) for sex, age_decade, age_group, view and
    age_group_sex on the test split: observed, then with 200 bootstrap resamples of patients (percentile intervals,
@@ -35,18 +33,15 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from embedkit.constants import NIH_FINDINGS, NO_FINDING  # noqa: E402
+from embedkit.constants import NO_FINDING  # noqa: E402
 from embedkit.fairness import bootstrap, db  # noqa: E402
-from embedkit.store import schemas  # noqa: E402
-from embedkit.store.store import Store, new_run_id  # noqa: E402
+from embedkit.store.store import Store  # noqa: E402
 
 METADATA = ROOT.parent / "shared" / "data" / "nih" / "Data_Entry_2017_v2020.csv.gz"
-LABELS = (*NIH_FINDINGS, NO_FINDING)
 ATTRIBUTES = ["sex", "age_decade", "age_group", "view", "age_group_sex"]
 BIAS = "sex=F:signal=0.5:label=Effusion"
 TOL = 1e-9
@@ -60,75 +55,14 @@ def stage(name: str, times: dict, start: float) -> None:
 # ---- 2. the head ------------------------------------------------------------------------------------------------
 
 
-def standin_head(store: Store, cohort: str, epochs: int = 150, lr: float = 0.5) -> tuple[str, str]:
-    """A numpy logistic regression per label on the stored vectors; thresholds at max F1 on val. Returns
-    (run_id, description)."""
-    from embedkit.data.cohort import load_cohort
-    from embedkit.data.synth_multilabel import VECTOR_MODEL
-    from embedkit.heads.vectors import load_vectors
-    from embedkit.store.runs import code_version
-
-    vectors = load_vectors(store, VECTOR_MODEL, cohort)
-    X = vectors.X
-    meta = vectors.meta
-    lists = load_cohort(store, cohort).set_index("row_id")["labels"]
-    Y = np.array([[label in set(lists[r] if lists[r] is not None else ()) for label in LABELS]
-                  for r in meta["row_id"]], dtype=np.float32)
-    split = meta["split"].to_numpy(dtype=object)
-    train, val = split == "train", split == "val"
-    mean, std = X[train].mean(0), X[train].std(0) + 1e-6
-    Z = ((X - mean) / std).astype(np.float32)
-    W = np.zeros((Z.shape[1], len(LABELS)), np.float32)
-    b = np.zeros(len(LABELS), np.float32)
-    Zt, Yt = Z[train], Y[train]
-    for _ in range(epochs):  # full-batch gradient descent on the mean BCE
-        P = 1 / (1 + np.exp(-(Zt @ W + b)))
-        G = (P - Yt) / len(Zt)
-        W -= lr * (Zt.T @ G + 1e-4 * W)
-        b -= lr * G.sum(0)
-    S = (1 / (1 + np.exp(-(Z @ W + b)))).astype(np.float32)
-    thresholds = [max_f1_threshold(S[val, k], Y[val, k] > 0) for k in range(len(LABELS))]
-    run_id = new_run_id("logreg")
-    n = len(meta)
-    predictions = pa.table({
-        "run_id": [run_id] * n,
-        "row_id": meta["row_id"].astype(str),
-        "image_id": meta["image_id"].astype(str),
-        "split": meta["split"].astype(str),
-        "y_true": pa.nulls(n, pa.int32()),
-        "y_pred": pa.nulls(n, pa.int32()),
-        "probs": pa.FixedSizeListArray.from_arrays(pa.array(S.reshape(-1)), len(LABELS)).cast(pa.list_(pa.float32())),
-    }, schema=schemas.PREDICTIONS)
-    config = {"task": "multilabel", "classes": list(LABELS), "thresholds": thresholds, "threshold_rule": "max_f1_val",
-              "head": "numpy-logreg-standin", "epochs": epochs, "lr": lr}
-    store.write_run({"run_id": run_id, "model": vectors.model, "weights_id": vectors.weights_id, "method": "logreg",
-                     "cohort": cohort, "config": json.dumps(config), "code_version": code_version()}, predictions)
-    return run_id, f"stand-in: numpy logistic regression per label, {epochs} full-batch epochs (not embedkit's heads)"
-
-
-def max_f1_threshold(score: np.ndarray, y: np.ndarray) -> float:
-    """The score threshold (predict score >= t) of the highest F1 on these rows."""
-    order = np.argsort(-score, kind="stable")
-    s, yy = score[order].astype(np.float64), y[order]
-    tp = np.cumsum(yy)
-    fp = np.cumsum(~yy)
-    f1 = 2 * tp / (tp + fp + yy.sum())
-    last = np.r_[s[1:] != s[:-1], True]  # a threshold takes all rows tied at it
-    k = int(np.argmax(np.where(last, f1, -1)))
-    return float(s[k])
-
-
 def head_stage(store: Store, cohort: str) -> tuple[str, str]:
-    """mlh's multi-label heads when present on this checkout; else the stand-in."""
-    try:
-        from embedkit.heads import multilabel as heads_multilabel  # noqa: F401  (helper mlh's module, if merged)
-    except ImportError:
-        return standin_head(store, cohort)
-    train = getattr(heads_multilabel, "train_multilabel", None)
-    if train is None:
-        return standin_head(store, cohort)
-    run = train(store, model="synthetic-vectors", cohort=cohort, method="logreg")
-    return run["run_id"], "embedkit.heads.multilabel.train_multilabel (logreg)"
+    """embedkit's multi-label logreg on the stored vectors (one binary L-BFGS model per label, thresholds at max
+    F1 on val), recorded as `embedkit probe --head logreg` records it. Returns (run_id, description)."""
+    from embedkit.data.synth_multilabel import VECTOR_MODEL
+    from embedkit.heads.probe import HeadConfig, run_probe
+
+    run = run_probe(store, VECTOR_MODEL, HeadConfig("logreg"), cohort=cohort)
+    return run["run_id"], "embedkit probe --head logreg (multi-label: one binary logistic regression per label)"
 
 
 # ---- 4. fairlearn baseline --------------------------------------------------------------------------------------
@@ -143,7 +77,8 @@ def _ece(y: np.ndarray, score: np.ndarray, bins: int = db.ECE_BINS) -> float:
     return float(np.abs(gap).sum() / len(score))
 
 
-def fairlearn_suite(frame: pd.DataFrame, S: np.ndarray, Y: np.ndarray, thresholds: np.ndarray) -> dict:
+def fairlearn_suite(frame: pd.DataFrame, S: np.ndarray, Y: np.ndarray, thresholds: np.ndarray,
+                    labels: tuple[str, ...]) -> dict:
     """The same per-label metrics, per attribute, with MetricFrame; keyed as label_metric_values."""
     from fairlearn.metrics import MetricFrame, false_negative_rate, false_positive_rate
     from sklearn.metrics import f1_score, precision_score, recall_score, roc_auc_score
@@ -152,11 +87,11 @@ def fairlearn_suite(frame: pd.DataFrame, S: np.ndarray, Y: np.ndarray, threshold
         return roc_auc_score(y, s) if 0 < np.sum(y) < len(y) else np.nan
 
     out = {}
-    nf = LABELS.index(NO_FINDING)
+    nf = labels.index(NO_FINDING)
     diseased = np.array([any(label != NO_FINDING for label in row) for row in frame["labels"]])
     for attribute in ["all", *ATTRIBUTES]:
         groups = frame[attribute] if attribute != "all" else pd.Series(["all"] * len(frame))
-        for k, label in enumerate(LABELS):
+        for k, label in enumerate(labels):
             y, s = Y[:, k], S[:, k]
             pred = s >= thresholds[k]
             # undefined is NaN as in the views (fairlearn's rates say 0 for a group without positives or negatives)
@@ -260,11 +195,12 @@ def main() -> None:
                         + " FROM predictions_base ORDER BY row_id").df()
         config = json.loads(con.sql("SELECT config FROM runs WHERE run_id = $r", params={"r": run_id}).fetchall()[0][0])
     S = np.stack(frame["probs"].map(lambda p: np.asarray(p, dtype=np.float32))).astype(np.float64)
-    Y = np.array([[label in set(row) for label in LABELS] for row in frame["labels"]])
+    labels = tuple(config["classes"])  # the run's label order: its probs and thresholds follow it
+    Y = np.array([[label in set(row) for label in labels] for row in frame["labels"]])
     thresholds = np.asarray(config["thresholds"])
 
     start = time.perf_counter()
-    reference = fairlearn_suite(frame, S, Y, thresholds)
+    reference = fairlearn_suite(frame, S, Y, thresholds, labels)
     stage("4a fairlearn MetricFrame over the labels, observed", times, start)
     n, worst, where = compare(sql_values, reference)
     print(f"    agreement: {n} values, largest |SQL - fairlearn| = {worst:.2e}")
@@ -280,9 +216,9 @@ def main() -> None:
         drawn = pd.Series(np.random.default_rng(r).choice(units, len(units))).value_counts()
         repeat = members["unit_id"].map(drawn).fillna(0).astype(int).to_numpy()
         idx = np.repeat(np.arange(len(frame)), repeat)
-        fairlearn_suite(frame.iloc[idx].reset_index(drop=True), S[idx], Y[idx], thresholds)
+        fairlearn_suite(frame.iloc[idx].reset_index(drop=True), S[idx], Y[idx], thresholds, labels)
     per_replicate = (time.perf_counter() - start) / k
-    times["4b fairlearn, 200 resamples (extrapolated)"] = per_replicate * args.resamples
+    times[f"4b fairlearn, {args.resamples} resamples (extrapolated)"] = per_replicate * args.resamples
     print(f"  4b fairlearn MetricFrame per reweighted replicate: {per_replicate:.1f} s (timed on {k}); "
           f"x {args.resamples} = {per_replicate * args.resamples:.0f} s (extrapolated)")
 
@@ -291,10 +227,10 @@ def main() -> None:
         print(f"  {name:60s} {seconds:9.1f} s")
     observed_ratio = times["4a fairlearn MetricFrame over the labels, observed"] / \
         times["3a SQL suite, observed (every label, group, metric, gap)"]
-    boot_ratio = times["4b fairlearn, 200 resamples (extrapolated)"] / \
+    boot_ratio = times[f"4b fairlearn, {args.resamples} resamples (extrapolated)"] / \
         times[f"3b SQL suite with {args.resamples} bootstrap resamples"]
     print(f"  observed suite: SQL {observed_ratio:.1f}x faster than fairlearn MetricFrame looped over "
-          f"{len(LABELS)} labels (target >= 10x)")
+          f"{len(labels)} labels (target >= 10x)")
     print(f"  {args.resamples}-resample bootstrap: SQL {boot_ratio:.1f}x faster than fairlearn (extrapolated from {k})")
     tmp.cleanup()
 
