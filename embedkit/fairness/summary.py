@@ -32,6 +32,28 @@ def split_summaries(store, run_ids: Sequence[str]) -> dict[str, dict[str, dict[s
     return out
 
 
+def label_summaries(store, run_ids: Sequence[str]) -> dict[str, dict[str, dict]]:
+    """``{run_id: {split: {"n", "macro_auc", "macro_f1", "auc": {label: v}, "f1": {label: v}}}}`` for the committed
+    multi-label runs among ``run_ids``, from ``label_metrics`` (the whole split; F1 at the run's val thresholds).
+    The macro values average over the labels whose value is defined (AUC: a label with positives and negatives)."""
+    if not run_ids:
+        return {}
+    con = db.connect(store, ["sex"])
+    with db.scoped(con, list(run_ids), class_scores=True):
+        rows = con.sql(
+            "SELECT run_id, split, label_name, n, auc, f1 FROM label_metrics "
+            "WHERE attribute = 'all' AND replicate = 0 ORDER BY run_id, split, label_index").to_arrow_table().to_pylist()
+    out: dict[str, dict[str, dict]] = {}
+    for r in rows:
+        cell = out.setdefault(r["run_id"], {}).setdefault(r["split"], {"n": int(r["n"]), "auc": {}, "f1": {}})
+        cell["auc"][r["label_name"]], cell["f1"][r["label_name"]] = r["auc"], r["f1"]
+    for cell in (c for splits in out.values() for c in splits.values()):
+        for metric in ("auc", "f1"):
+            kept = [v for v in cell[metric].values() if v is not None]
+            cell[f"macro_{metric}"] = sum(kept) / len(kept) if kept else None
+    return out
+
+
 def selection_metrics(store, run_ids: Sequence[str], attributes: Sequence[str], split: str = "val"):
     """Per run on ``split``: macro-F1 (attribute 'all'), and the F1 gap of each attribute with its groups.
 

@@ -116,36 +116,6 @@ def bce_loss(probs: np.ndarray, truth: np.ndarray) -> np.ndarray:
     return -(y * np.log(p) + (1 - y) * np.log1p(-p)).mean(axis=(-2, -1))
 
 
-def label_f1(probs: np.ndarray, truth: np.ndarray, thresholds: list[float]) -> list[float | None]:
-    """F1 per label of the calls ``probs >= thresholds`` (None where a label has neither positives nor calls)."""
-    called = probs >= np.asarray(thresholds, dtype=probs.dtype)
-    t = truth.astype(bool)
-    tp, fp, fn = (called & t).sum(0), (called & ~t).sum(0), (~called & t).sum(0)
-    return [None if 2 * a + b + c == 0 else float(2 * a / (2 * a + b + c)) for a, b, c in zip(tp, fp, fn)]
-
-
-def _mean(values: list[float | None]) -> float | None:
-    kept = [v for v in values if v is not None]
-    return float(np.mean(kept)) if kept else None
-
-
-def split_report(vectors: CohortVectors, probs: np.ndarray, thresholds: list[float]) -> dict:
-    """What a multi-label run reports per split with labelled rows: n, per-label AUC and F1 (at the run's val
-    thresholds), their means over labels (``macro_auc``, ``macro_f1``) and the BCE. Stored in the run's metrics
-    under ``label_metrics`` (the SQL views' multi-label suite computes the fairness numbers)."""
-    out = {}
-    for split in ("train", "val", "test"):
-        idx = vectors.index(split)
-        if len(idx) == 0:
-            continue
-        truth = vectors.Y[idx]
-        auc, f1 = label_auc(probs[idx], truth), label_f1(probs[idx], truth, thresholds)
-        out[split] = {"n": int(len(idx)), "macro_auc": _mean(auc), "macro_f1": _mean(f1),
-                      "bce": float(bce_loss(probs[idx], truth)),
-                      "auc": dict(zip(vectors.classes, auc)), "f1": dict(zip(vectors.classes, f1))}
-    return out
-
-
 def multilabel_config(vectors: CohortVectors, probs: np.ndarray, rule: str) -> dict:
     """The contract's config keys of a multi-label run: task, thresholds (chosen on val) and their rule."""
     va = vectors.index("val")
@@ -175,11 +145,11 @@ def record_multilabel_run(store: Store, vectors: CohortVectors, method: str, con
                           scores: np.ndarray, extra_metrics: dict | None = None, rule: str = MAX_F1,
                           probs: np.ndarray | None = None) -> dict:
     """Record a multi-label run by the contract: sigmoid ``probs`` of ``scores`` (or ``probs`` as given: zero-shot's
-    pair softmax), thresholds on val, per-label metrics; ``y_true``/``y_pred`` NULL. Returns the ``runs`` row."""
+    pair softmax), thresholds on val; ``y_true``/``y_pred`` NULL. Returns the ``runs`` row, with its per-label AUC and F1 per
+    split from the SQL views (``metrics.label_metrics``)."""
     probs = sigmoid(scores) if probs is None else np.asarray(probs, dtype=np.float32)
     if not np.isfinite(probs).all():
         raise HeadsError(f"non-finite {method} scores on cohort '{vectors.cohort}': nothing was recorded")
     config = {**config, **multilabel_config(vectors, probs, rule)}
-    metrics = {**(extra_metrics or {}), "label_metrics": split_report(vectors, probs, config["thresholds"])}
-    return record_run(store, vectors, method, config, seed, probs, np.full(vectors.n, -1), metrics)
+    return record_run(store, vectors, method, config, seed, probs, np.full(vectors.n, -1), extra_metrics)
 

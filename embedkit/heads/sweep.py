@@ -367,27 +367,35 @@ def run_multilabel_sweep(store: Store, vectors: CohortVectors, head: str, grid: 
     if configs[0].mitigate is not None:
         raise HeadsError(f"--mitigate {configs[0].mitigate.name} is for multi-class heads; this cohort is multi-label "
                          "(run with --task multiclass, or without --mitigate)")
+    from embedkit.fairness.summary import label_summaries
+
     multilabel.parse_threshold_rule(threshold_rule)
     fit = train_grid(vectors, configs, seeds, models_per_slice, progress)
     probs = multilabel.sigmoid(fit.logits)
     sweep_id = new_run_id("sweep")
     va = vectors.index("val")  # thresholds and selection see the val rows and nothing else
-    runs, val_auc, val_f1, reports = [], [], [], []
+    runs = []
     for r in range(len(probs)):
         cfg, seed = configs[r // len(seeds)], seeds[r % len(seeds)]
         config = {**multilabel.head_settings(cfg.settings()), "trainer": "batched L-BFGS" if head == "logreg"
                   else "batched", "sweep_id": sweep_id, "sweep_grid": grid, "sweep_select": str(selection),
                   "train_split": "train", "val_split": "val", **multilabel.multilabel_config(vectors, probs[r],
                                                                                              threshold_rule)}
-        report = multilabel.split_report(vectors, probs[r], config["thresholds"])
-        val_auc.append(np.nan if report["val"]["macro_auc"] is None else report["val"]["macro_auc"])
-        val_f1.append(np.nan if report["val"]["macro_f1"] is None else report["val"]["macro_f1"])
-        reports.append(report)
-        runs.append(make_run(vectors, head, config, seed, {**fit.extras[r], "label_metrics": report}))
+        runs.append(make_run(vectors, head, config, seed, fit.extras[r]))
     run_ids = store.write_runs(runs, predictions_table([r["run_id"] for r in runs], vectors.meta, vectors.y, probs,
                                                        np.full(probs.shape[:2], -1)))
+    # per-label AUC and F1 from the SQL views (the one definition); selection reads their val split only
+    summaries = label_summaries(store, run_ids)
+    reports = [summaries.get(r, {}) for r in run_ids]
     loss = multilabel.bce_loss(probs[:, va], vectors.Y[va][None])
-    val_auc, val_f1 = np.array(val_auc).round(12), np.array(val_f1).round(12)
+
+    def val(report: dict, key: str) -> float:
+        value = report.get("val", {}).get(key)
+        return np.nan if value is None else value
+
+    # Rounded as val_metrics rounds: DuckDB's parallel sums must not turn a tie into a different pick.
+    val_auc = np.array([val(r, "macro_auc") for r in reports], dtype=float).round(12)
+    val_f1 = np.array([val(r, "macro_f1") for r in reports], dtype=float).round(12)
     summary = []
     for i, cfg in enumerate(configs):
         rs = slice(i * len(seeds), (i + 1) * len(seeds))
@@ -414,7 +422,7 @@ def _label_auc_means(reports: list[dict], classes: tuple[str, ...]) -> dict:
     out = {}
     for split in ("val", "test"):
         if all(split in r for r in reports):
-            values = {c: [r[split]["auc"][c] for r in reports if r[split]["auc"][c] is not None] for c in classes}
+            values = {c: [r[split]["auc"][c] for r in reports if r[split]["auc"].get(c) is not None] for c in classes}
             out[split] = {c: (float(np.mean(v)) if v else None) for c, v in values.items()}
     return out
 

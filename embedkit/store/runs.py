@@ -119,17 +119,28 @@ def record_run(store: Store, vectors: CohortVectors, method: str, config: dict, 
 
 def with_summaries(store: Store, runs: list[dict]) -> list[dict]:
     """The runs with accuracy, macro-F1 and n per split, as the SQL views compute them, merged into ``metrics``
-    (a JSON string stays a JSON string)."""
-    from embedkit.fairness.summary import split_summaries
+    (a JSON string stays a JSON string); a multi-label run's per-label AUC and F1 per split under ``label_metrics``.
+    """
+    from embedkit.fairness.summary import label_summaries, split_summaries
 
     summaries = split_summaries(store, [r["run_id"] for r in runs])
+    multilabel = [r["run_id"] for r in runs if _task(r.get("config")) == "multilabel"]
+    labels = label_summaries(store, multilabel) if multilabel else {}
     out = []
     for run in runs:
         text = isinstance(run["metrics"], str)
         metrics = {**(json.loads(run["metrics"] or "{}") if text else run["metrics"] or {}),
                    **summaries.get(run["run_id"], {})}
+        if run["run_id"] in labels:
+            metrics["label_metrics"] = labels[run["run_id"]]
         out.append({**run, "metrics": json.dumps(metrics, sort_keys=True) if text else metrics})
     return out
+
+
+def _task(config) -> str | None:
+    """A run's ``task`` (multiclass when absent) from its config, JSON text or dict."""
+    config = json.loads(config or "{}") if isinstance(config, str) else (config or {})
+    return config.get("task", "multiclass")
 
 
 def select_runs(store: Store, run_ids: Sequence[str] | None = None, models: Sequence[str] | None = None,
