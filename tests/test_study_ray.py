@@ -140,6 +140,22 @@ def test_executor_ray_without_ray_is_one_error_line(monkeypatch, capsys, tmp_pat
     assert code != 0 and err.startswith("error: --address names a Ray cluster: pass it with --executor ray")
 
 
+def test_an_address_nothing_listens_on_is_one_error_line_at_once(monkeypatch, capsys, tmp_path):
+    """Ray retries an unreachable cluster for minutes, logging as it goes: embedkit tries the port first."""
+    import socket
+
+    with socket.socket() as probe:  # a port that was free a moment ago: nothing listens on it
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    base = ["--store", str(tmp_path / "s"), "study", "--models", "tiny-clip", "--cohort", "synthetic",
+            "--random-init", "--executor", "ray", "--plan"]
+    code, out, err = main_cli(monkeypatch, capsys, *base, "--address", f"127.0.0.1:{port}")
+    assert code != 0 and err.startswith(f"error: could not reach a Ray cluster at 127.0.0.1:{port}")
+    assert len(err.strip().splitlines()) == 1
+    code, out, err = main_cli(monkeypatch, capsys, *base, "--address", "nonsense")
+    assert code != 0 and err.startswith("error: --address 'nonsense' is not host:port")
+
+
 FACTS = {"cpus": 2.0, "gpus": 0.0, "memory": 8.0 * 2 ** 30, "nodes": 1, "node_cpus": 2.0, "node_gpus": 0.0,
          "node_memory": 8.0 * 2 ** 30}
 

@@ -55,6 +55,7 @@ def connect(address: str | None) -> dict:
     none is running (``$RAY_ADDRESS`` is honoured by Ray); returns what the cluster reports (:func:`cluster_facts`)."""
     ray = _ray()
     if not ray.is_initialized():
+        _check_reachable(address)
         try:
             ray.init(address=address, include_dashboard=False, log_to_driver=False,
                      logging_level="WARNING")
@@ -63,6 +64,26 @@ def connect(address: str | None) -> dict:
             raise StudyError(f"could not reach a Ray cluster {where}: {' '.join(str(exc).split())[:300]}; start one "
                              f"with `ray start --head` or pass --address") from None
     return cluster_facts()
+
+
+REACH_TIMEOUT_S = 5.0
+
+
+def _check_reachable(address: str | None) -> None:
+    """A ``host:port`` (or ``ray://host:port``) address that takes no TCP connection is one error line at once;
+    Ray itself would retry it for minutes, logging as it goes. ``auto`` and None are left to Ray."""
+    import socket
+
+    if not address or address == "auto":
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise StudyError(f"--address '{address}' is not host:port, ray://host:port or auto")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=REACH_TIMEOUT_S).close()
+    except OSError as exc:
+        raise StudyError(f"could not reach a Ray cluster at {address} ({exc.strerror or exc}); start one with "
+                         "`ray start --head` there, or check the address") from None
 
 
 def cluster_facts() -> dict:
