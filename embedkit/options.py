@@ -87,10 +87,10 @@ class LibraryDefault:
 
 
 def by_option(default: Optional[str], help: str) -> Any:
-    """The ``--by`` option: attributes, comma-separated; a cell of two as ``a*b`` (embedkit.fairness.attributes)."""
+    """The ``--by`` option: attributes, comma-separated; a cell as ``a*b`` (embedkit.fairness.attributes)."""
     return typer.Option(default, "--by", help=f"{help} Comma-separated attributes (columns of images: sex, "
-                                              "age_group, view, ...), each sliced on its own; a cell of two as a*b, "
-                                              "e.g. 'age_group*sex' (quoted for the shell).")
+                                              "age_group, view, ...), each sliced on its own; a cell of two or more "
+                                              "as a*b, e.g. 'age_group*sex' or 'view*sex' (quoted for the shell).")
 
 
 def parse_by(text: Optional[str]) -> list[str]:

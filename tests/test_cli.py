@@ -23,7 +23,7 @@ from embedkit.options import Amp, Ensemble, Head, LibraryDefault, Split
     (["probe", "--model", "x", "--epochs", "many"], 2, "'--epochs'"),
     (["sql", "--format", "xml", "SELECT 1"], 2, "'xml' is not one of 'table', 'csv', 'json'"),
     (["runs", "--delete", "x"], 2, "no such option: --delete"),
-    (["fairness", "--by", "sex*view"], 2, "--by: no cell 'sex*view'"),
+    (["fairness", "--by", "sex*sex"], 2, "--by: no cell 'sex*sex'"),
     (["embed", "--model", "tiny-clip", "--weights", "w.pt", "--random-init"], 2, "exclude each other"),
     (["nonsense"], 2, "no such command 'nonsense'"),
 ])
@@ -83,7 +83,10 @@ def test_by_names_attributes_and_cells():
     assert parse_by(" sex, age_group*sex ,sex*age_group,view,") == ["sex", "age_group_sex", "view"]
     assert parse_by(None) == [] and columns_of("age_group_sex") == ("age_group", "sex")
     assert columns_of("view") == ("view",)
-    with pytest.raises(FairnessError, match="no cell 'sex\\*view'.*age_group\\*sex"):
-        parse_by("sex*view")
+    # any cell: the crossed columns (age_group*sex is the views' own column)
+    assert parse_by("view*sex, age_group*sex*view") == ["view*sex", "age_group*sex*view"]
+    assert columns_of("view*sex") == ("view", "sex")
+    with pytest.raises(FairnessError, match="no cell 'sex\\*sex'.*two or more different attributes"):
+        parse_by("sex*sex")
     with pytest.raises(FairnessError, match="no cell"):
-        parse_by("age_group*sex*view")
+        parse_by("age_group*")

@@ -23,7 +23,7 @@ from conftest import main_cli
 
 TOL = 1e-9
 LABELS = (*NIH_FINDINGS, NO_FINDING)
-ATTRIBUTES = ["sex", "age_group", "age_decade", "view", "age_group_sex", "age_decade_sex"]
+ATTRIBUTES = ["sex", "age_group", "age_decade", "view", "age_group_sex", "age_decade_sex", "view*sex"]
 PLANTED = "Effusion"
 
 
@@ -114,6 +114,7 @@ def _reference_groups(images: pd.DataFrame, attribute: str) -> pd.Series:
     group = pd.Series(np.where(age >= 60, "old", "young"))
     return {"sex": images["sex"], "view": images["view"], "age_decade": decade, "age_group": group,
             "age_group_sex": group + "_" + images["sex"], "age_decade_sex": decade + "_" + images["sex"],
+            "view*sex": images["view"] + "_" + images["sex"],  # any cell: its crossed values joined by '_'
             "all": pd.Series(["all"] * len(images))}[attribute].reset_index(drop=True)
 
 
@@ -172,7 +173,7 @@ def _auc_or_nan(y, s) -> float:
     return roc_auc_score(y, s) if 0 < np.sum(y) < len(y) else np.nan
 
 
-@pytest.mark.parametrize("attribute", ["sex", "age_decade", "age_group_sex"])
+@pytest.mark.parametrize("attribute", ["sex", "age_decade", "age_group_sex", "view*sex"])
 def test_groups_gaps_and_worst_match_fairlearn_metricframe(ml, con, attribute) -> None:
     _, images, runs = ml
     scores, thresholds = runs["ml-a"]

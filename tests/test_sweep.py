@@ -200,8 +200,8 @@ def test_sweep_by_names_attributes_and_cells_as_fairness_does(vec_store):
     for sex, cells in zip(by_sex["configs"], by_cells["configs"]):
         assert sex["run_ids"] == cells["run_ids"] and cells["val_f1_gap_mean"] >= sex["val_f1_gap_mean"]
     assert runner.invoke(app, [*base, "--by", "age_group_sex"]).exit_code == 0  # the cell column by name
-    bad = runner.invoke(app, [*base, "--by", "sex*view"])
-    assert bad.exit_code == 2 and "no cell 'sex*view'" in bad.output
+    bad = runner.invoke(app, [*base, "--by", "sex*sex"])
+    assert bad.exit_code == 2 and "no cell 'sex*sex'" in bad.output
 
 
 def test_a_sweep_repeated_gives_identical_predictions(vec_store, tmp_path):

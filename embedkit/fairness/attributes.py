@@ -1,9 +1,11 @@
 """What ``--by`` names, the same in `fairness`, `report`, `sweep`, `sql` and `export`: attributes, each sliced on
-its own (``sex,age_group``: the sex groups, then the age groups), and cells of two attributes written ``a*b``
-(``age_group*sex``: the four age x sex cells, as one attribute).
+its own (``sex,age_group``: the sex groups, then the age groups), and cells of two or more attributes written
+``a*b`` (``age_group*sex``: the four age x sex cells, as one attribute; ``view*sex``, ``age_decade*view*sex``).
 
-A cell is a column the SQL views compute (``embedkit/sql/01_predictions_base.sql``); ``a*b`` names it by what it
-crosses, in either order.
+``age_group*sex`` (either order) is the column ``age_group_sex`` the SQL views compute
+(``embedkit/sql/01_predictions_base.sql``); any other cell is an attribute named ``a*b`` whose group is the
+crossed values joined by ``_`` (``PA_M``), computed when the connection is made (embedkit/fairness/db.py), NULL
+where any crossed value is.
 """
 
 from __future__ import annotations
@@ -29,15 +31,14 @@ def parse_by(text: str | None) -> list[str]:
 
 def _cell(text: str) -> str:
     crossed = [p.strip() for p in text.split(CELL_SEPARATOR)]
-    found = CELLS.get(frozenset(crossed)) if len(crossed) == 2 and all(crossed) else None
-    if found is None:
-        known = ", ".join(CELL_SEPARATOR.join(sorted(k)) for k in CELLS)
-        raise FairnessError(f"no cell '{text}': the views compute the cells {known} (two attributes joined by "
-                            f"'{CELL_SEPARATOR}'); separate attributes are comma-separated, e.g. sex,age_group")
-    return found
+    if not all(crossed) or len(set(crossed)) < len(crossed):
+        raise FairnessError(f"no cell '{text}': a cell crosses two or more different attributes joined by "
+                            f"'{CELL_SEPARATOR}' (e.g. age_group*sex, view*sex); separate attributes are "
+                            "comma-separated, e.g. sex,age_group")
+    return CELLS.get(frozenset(crossed)) or CELL_SEPARATOR.join(crossed)
 
 
 def columns_of(attribute: str) -> tuple[str, ...]:
-    """The columns of images an attribute is read from: itself, or the two a cell crosses."""
+    """The columns an attribute is read from: itself, or those a cell crosses."""
     crossed = next((k for k, name in CELLS.items() if name == attribute), None)
-    return tuple(sorted(crossed)) if crossed else (attribute,)
+    return tuple(sorted(crossed)) if crossed else tuple(attribute.split(CELL_SEPARATOR))

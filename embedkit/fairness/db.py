@@ -87,12 +87,18 @@ def render_views(attributes: Sequence[str]) -> list[tuple[str, str]]:
     # Each attribute is cast to text under its own alias and unpivoted back to its name: group_rows carries columns
     # of its own (correct, split, ...), which an attribute of the same name would otherwise shadow with its type.
     columns = ", ".join(f"{_ident('by:' + a)} AS {_ident(a)}" for a in attributes)
-    casts = ", ".join(f"CAST({_ident(a)} AS VARCHAR) AS {_ident('by:' + a)}" for a in attributes)
+    casts = ", ".join(f"{_as_text(a)} AS {_ident('by:' + a)}" for a in attributes)
     out = []
     for path in view_files():
         sql = path.read_text().replace("{{attribute_columns}}", columns).replace("{{attribute_casts}}", casts)
         out.append((path.name, sql))
     return out
+
+
+def _as_text(attribute: str) -> str:
+    """An attribute's group as text: the column cast, or a cell's (``a*b``) crossed values joined by '_' (NULL when
+    any is NULL: ``||`` propagates it)."""
+    return " || '_' || ".join(f"CAST({_ident(c)} AS VARCHAR)" for c in attribute.split("*"))
 
 
 def connect(store, attributes: Iterable[str] | None = None, views: bool = True):
@@ -227,8 +233,9 @@ def _check_attribute_names(attributes: Iterable[str] | None) -> list[str]:
             continue
         if a == "all":
             continue  # always present: the whole split as one group
-        if not _NAME.match(a):
-            raise FairnessError(f"attribute {a!r} is not a column name (letters, digits and _ only)")
+        if not all(_NAME.match(c) for c in a.split("*")):
+            raise FairnessError(f"attribute {a!r} is not a column name (letters, digits and _ only) or a cell of "
+                                "them joined by '*'")
         if a not in out:
             out.append(a)
     if not out:
@@ -245,7 +252,8 @@ _NUMBER_TYPES = ("TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "UTINYIN
 def _check_attributes_exist(con, attributes: Sequence[str]) -> None:
     described = con.sql("DESCRIBE predictions_base").to_arrow_table().to_pylist()
     columns = [d["column_name"] for d in described]
-    unknown = [a for a in attributes if a not in columns]
+    crossed = list(dict.fromkeys(c for a in attributes for c in a.split("*")))  # a cell's columns, in its place
+    unknown = [a for a in crossed if a not in columns]
     if unknown:
         usable = [c for c in columns if c not in {"probs", "labels", "weight", "y_true", "y_pred", "confidence",
                                                     "l1_error", "row_id", "unit_id", "run_id"}]
@@ -254,7 +262,7 @@ def _check_attributes_exist(con, attributes: Sequence[str]) -> None:
             f"(or computed by the views). Available: {', '.join(usable)}"
         )
     types = {d["column_name"]: d["column_type"] for d in described}
-    for a in attributes:
+    for a in crossed:
         if not types[a].startswith(_NUMBER_TYPES):
             continue
         distinct = con.sql(f"SELECT count(DISTINCT {_ident(a)}) FROM predictions_base").fetchall()[0][0]
