@@ -145,12 +145,23 @@ def run_zeroshot(store: Store, model: str, cohort: str | None = None, weights_id
         family.check_prompts(prompt_set, per_class)
     except ValueError as exc:
         raise HeadsError(f"prompt set '{prompt_set}': {exc}") from None
+    local, scale, config = _scoring(store, vectors, family, prompt_set, prompt_classes, used, per_class, ensemble,
+                                    logit_scale, study_id)
+    scores = class_scores(family, vectors.X, prompt_vecs[used], prompt_class, len(vectors.classes), scale,
+                          ensemble, local)
+    config["probabilities"] = "softmax of the class scores"
+    return record_run(store, vectors, "zeroshot", config, None, softmax(scores), scores.argmax(axis=1))
+
+
+def _scoring(store: Store, vectors: CohortVectors, family: ModelFamily, prompt_set: str, prompt_classes,
+             used: np.ndarray, per_class: dict, ensemble: str, logit_scale: float | None,
+             study_id: str | None) -> tuple[np.ndarray | None, float, dict]:
+    """What both zero-shot rules share: the stored local similarities of the used prompts (families that score
+    with them; else None), the logit scale, and the run's config (study_id copied to the runs row by make_run)."""
     local = None
     if family.uses_local_similarity:
         local = _load_local_similarity(store, vectors, prompt_set, len(prompt_classes))[:, used]
-    scale, scale_source = resolve_logit_scale(store, model, vectors.weights_id, family, logit_scale)
-    scores = class_scores(family, vectors.X, prompt_vecs[used], prompt_class, len(vectors.classes), scale,
-                          ensemble, local)
+    scale, scale_source = resolve_logit_scale(store, vectors.model, vectors.weights_id, family, logit_scale)
     scored_rows = (f"all {vectors.n} rows of cohort '{vectors.cohort}' stored for weights_id "
                    f"'{vectors.weights_id}' (all splits)")
     config = {
@@ -159,10 +170,9 @@ def run_zeroshot(store: Store, model: str, cohort: str | None = None, weights_id
         "prompts_per_class": per_class,
         "prompt_classes_unused": sorted({c for c, u in zip(prompt_classes, used) if not u}),
         **family.zeroshot_settings(ensemble, scale, scale_source, scored_rows),
-        "probabilities": "softmax of the class scores",
-        **({"study_id": study_id} if study_id else {}),  # make_run copies it to the runs row
+        **({"study_id": study_id} if study_id else {}),
     }
-    return record_run(store, vectors, "zeroshot", config, None, softmax(scores), scores.argmax(axis=1))
+    return local, scale, config
 
 
 def run_zeroshot_multilabel(store: Store, vectors: CohortVectors, family: ModelFamily, prompt_set: str | None,
@@ -192,22 +202,10 @@ def run_zeroshot_multilabel(store: Store, vectors: CohortVectors, family: ModelF
         raise HeadsError(f"prompt set '{prompt_set}': multi-label zero-shot needs one (positive, negative) prompt "
                          f"pair per label, positive first; prompts per label here: {odd}. Use --prompt-set "
                          f"{family.multilabel_prompt_sets[0]}")
-    local = None
-    if family.uses_local_similarity:
-        local = _load_local_similarity(store, vectors, prompt_set, len(prompt_classes))[:, used]
-    scale, scale_source = resolve_logit_scale(store, model, vectors.weights_id, family, logit_scale)
+    local, scale, config = _scoring(store, vectors, family, prompt_set, prompt_classes, used, per_label, ensemble,
+                                    logit_scale, study_id)
     probs = family.label_probabilities(_unit(vectors.X), _unit(prompt_vecs[used]), prompt_class,
                                        len(vectors.classes), scale, ensemble, local)
-    scored_rows = (f"all {vectors.n} rows of cohort '{vectors.cohort}' stored for weights_id "
-                   f"'{vectors.weights_id}' (all splits)")
-    config = {
-        "rule": family.zeroshot_rule,
-        "prompt_set": prompt_set,
-        "prompts_per_class": per_label,
-        "prompt_classes_unused": sorted({c for c, u in zip(prompt_classes, used) if not u}),
-        **family.zeroshot_settings(ensemble, scale, scale_source, scored_rows),
-        "label_rule": "per label, softmax over its (positive, negative) prompt pair of the rule's prompt scores",
-        **({"study_id": study_id} if study_id else {}),
-    }
+    config["label_rule"] = "per label, softmax over its (positive, negative) prompt pair of the rule's prompt scores"
     return multilabel.record_multilabel_run(store, vectors, "zeroshot", config, None, None, None, threshold_rule,
                                             probs=probs)
