@@ -54,8 +54,8 @@ def connect(address: str | None) -> dict:
     """Join the Ray cluster at ``address`` (``auto``, ``ray://host:10001``, ...), or start a local one when None and
     none is running (``$RAY_ADDRESS`` is honoured by Ray); returns what the cluster reports (:func:`cluster_facts`)."""
     ray = _ray()
+    _check_reachable(address)
     if not ray.is_initialized():
-        _check_reachable(address)
         try:
             ray.init(address=address, include_dashboard=False, log_to_driver=False,
                      logging_level="WARNING")
